@@ -1,0 +1,75 @@
+// The network: an ordered list of layers with packed weights, run in one call.
+//
+// Python describes the graph (names, shapes, which outputs to return); this class owns the
+// weights in the kernels' layouts and runs a whole batch without returning to Python.
+// Convolution and pooling run one image at a time (activations of one image stay small and
+// warm in cache); the dense layers then run on the whole batch, so their weights are
+// streamed from memory once per batch instead of once per image.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+#include "tensor.h"
+
+namespace fastvgg {
+
+enum class LayerKind { Conv3x3, MaxPool2x2, Flatten, GlobalPool, Dense };
+enum class Activation { Linear, Relu, Softmax };
+
+struct Layer {
+  LayerKind kind;
+  int in_channels = 0;   // conv: input channels; dense: input features
+  int out_channels = 0;  // conv: filters; dense: units
+  Activation activation = Activation::Linear;
+  GlobalPoolMode pool_mode = GlobalPoolMode::Average;
+  AlignedBuffer weights;  // packed (see weights_pack.cpp)
+  AlignedBuffer bias;     // padded to a whole channel block
+  bool weights_loaded = false;
+
+  bool has_weights() const { return kind == LayerKind::Conv3x3 || kind == LayerKind::Dense; }
+};
+
+// What a layer produces for one image: spatial layers {height, width, channels}, flat ones {features}.
+using LayerShape = std::vector<int>;
+
+class Network {
+ public:
+  explicit Network(int input_channels);
+
+  int add_conv3x3(int filters, Activation activation);
+  int add_max_pool2x2();
+  int add_flatten();
+  int add_global_pool(GlobalPoolMode mode);
+  int add_dense(int in_features, int units, Activation activation);
+
+  int layer_count() const { return int(layers_.size()); }
+  const Layer& layer(int index) const;
+  int input_channels() const { return input_channels_; }
+
+  // Shapes of every layer's output for an input of height x width. Throws std::invalid_argument
+  // when the input is too small or a dense layer's input size does not match.
+  std::vector<LayerShape> shapes(int height, int width) const;
+
+  void set_conv3x3_weights(int index, const float* kernel_hwio, const float* bias);
+  // Dense kernels are large (fc1 is 411 MB): they arrive in row slices so the loader never
+  // holds a second full copy.
+  void set_dense_kernel_rows(int index, int first_row, int row_count, const float* rows);
+  void set_dense_bias(int index, const float* bias);
+  void get_weights(int index, float* kernel, float* bias) const;
+
+  // Runs images (NHWC, float32) through the layers up to the deepest one in output_layers and
+  // writes each requested layer's output for all images to the matching destination.
+  void forward(const float* images, int count, int height, int width, const std::vector<int>& output_layers,
+               const std::vector<float*>& destinations, int threads, const KernelTable& kernels) const;
+
+ private:
+  int add_layer(Layer layer);
+  void check_index(int index, LayerKind expected) const;
+
+  int input_channels_;
+  std::vector<Layer> layers_;
+};
+
+}  // namespace fastvgg

@@ -1,0 +1,85 @@
+// Pooling: 2x2 max-pool with stride 2 (odd sizes floor, as Keras's 'valid' pooling does) and
+// global average / max pooling down to one value per channel.
+#include <algorithm>
+#include <limits>
+
+#include "kernels.h"
+#include "simd.h"
+
+namespace fastvgg {
+namespace FASTVGG_ISA {
+
+void max_pool2x2(const BlockedImage& in, const BlockedImage& out, int threads) {
+  const int items = out.blocks() * out.height;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int item = 0; item < items; ++item) {
+    const int b = item / out.height;
+    const int y = item % out.height;
+    const float* top = in.at(b, 2 * y, 0);
+    const float* bottom = in.at(b, 2 * y + 1, 0);
+    float* dst = out.at(b, y, 0);
+    for (int x = 0; x < out.width; ++x) {
+      const float* t = top + 2 * x * kChannelBlock;
+      const float* u = bottom + 2 * x * kChannelBlock;
+      const Vec16 m = max(max(load(t), load(t + kChannelBlock)), max(load(u), load(u + kChannelBlock)));
+      store(dst + x * kChannelBlock, m);
+    }
+  }
+}
+
+void global_pool(const BlockedImage& in, GlobalPoolMode mode, float* out) {
+  alignas(64) float lanes[kChannelBlock];
+  for (int b = 0; b < in.blocks(); ++b) {
+    Vec16 acc = mode == GlobalPoolMode::Max ? broadcast(-std::numeric_limits<float>::infinity()) : zero();
+    for (int y = 0; y < in.height; ++y) {
+      const float* row = in.at(b, y, 0);
+      for (int x = 0; x < in.width; ++x) {
+        const Vec16 v = load(row + x * kChannelBlock);
+        acc = mode == GlobalPoolMode::Max ? max(v, acc) : add(acc, v);
+      }
+    }
+    store(lanes, acc);
+    const int count = std::min(kChannelBlock, in.channels - b * kChannelBlock);
+    const float scale = 1.0f / float(in.height * in.width);
+    for (int i = 0; i < count; ++i) out[b * kChannelBlock + i] = mode == GlobalPoolMode::Max ? lanes[i] : lanes[i] * scale;
+  }
+}
+
+}  // namespace FASTVGG_ISA
+
+#if FASTVGG_ISA_IS_GENERIC
+namespace reference {
+
+void max_pool2x2(const float* x, int images, int height, int width, int channels, float* y) {
+  const int out_h = height / 2, out_w = width / 2;
+  for (int n = 0; n < images; ++n)
+    for (int oy = 0; oy < out_h; ++oy)
+      for (int ox = 0; ox < out_w; ++ox)
+        for (int c = 0; c < channels; ++c) {
+          float m = -std::numeric_limits<float>::infinity();
+          for (int dy = 0; dy < 2; ++dy)
+            for (int dx = 0; dx < 2; ++dx)
+              m = std::max(m, x[((std::ptrdiff_t(n) * height + 2 * oy + dy) * width + 2 * ox + dx) * channels + c]);
+          y[((std::ptrdiff_t(n) * out_h + oy) * out_w + ox) * channels + c] = m;
+        }
+}
+
+void global_pool(const float* x, int images, int height, int width, int channels, GlobalPoolMode mode,
+                 float* y) {
+  for (int n = 0; n < images; ++n)
+    for (int c = 0; c < channels; ++c) {
+      double sum = 0.0;
+      float m = -std::numeric_limits<float>::infinity();
+      for (int p = 0; p < height * width; ++p) {
+        const float v = x[(std::ptrdiff_t(n) * height * width + p) * channels + c];
+        sum += v;
+        m = std::max(m, v);
+      }
+      y[std::ptrdiff_t(n) * channels + c] = mode == GlobalPoolMode::Max ? m : float(sum / (height * width));
+    }
+}
+
+}  // namespace reference
+#endif
+
+}  // namespace fastvgg

@@ -1,0 +1,159 @@
+"""Layer objects: names, shapes and weights of a model, as Keras users know them.
+
+A layer holds no numbers of its own. Its weights live, packed for the kernels, in the
+model's compiled network; ``get_weights`` and ``set_weights`` convert on the way out and in.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._core import Network
+
+Shape = Tuple[Optional[int], ...]
+
+
+class Layer:
+    """One layer of a VGG model. ``output_shape`` includes the batch dimension as ``None``."""
+
+    class_name = "Layer"
+
+    def __init__(self, name: str, input_shape: Shape, output_shape: Shape) -> None:
+        self.name = name
+        self.input_shape = input_shape
+        self.output_shape = output_shape
+        # Set by the model: the network that runs this layer and the layer's index there.
+        self._network: Optional["Network"] = None
+        self._index: Optional[int] = None
+
+    def weight_shapes(self) -> List[Tuple[int, ...]]:
+        """Shapes of the arrays ``get_weights`` returns, in Keras's order (kernel, bias)."""
+        return []
+
+    def count_params(self) -> int:
+        return int(sum(np.prod(s) for s in self.weight_shapes()))
+
+    def get_weights(self) -> List[np.ndarray]:
+        if not self.weight_shapes():
+            return []
+        kernel, bias = self._network.get_weights(self._index)
+        return [kernel, bias]
+
+    def set_weights(self, weights: Sequence[np.ndarray]) -> None:
+        expected = self.weight_shapes()
+        if len(weights) != len(expected):
+            raise ValueError(
+                f"Layer {self.name!r} expects {len(expected)} weight arrays "
+                f"(kernel and bias), got {len(weights)}."
+            )
+        arrays = [_float_weights(self.name, w, shape) for w, shape in zip(weights, expected)]
+        if arrays:
+            self._assign(*arrays)
+
+    def _assign(self, kernel, bias) -> None:  # pragma: no cover
+        """Packs already checked weights into the network. ``kernel`` may be a numpy array or
+        an h5py dataset of the right shape; it is read slice by slice where that saves memory."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<{self.class_name} name={self.name!r} output_shape={self.output_shape}>"
+
+
+def _float_weights(layer: str, array, shape: Tuple[int, ...]) -> np.ndarray:
+    array = np.asarray(array)
+    if array.dtype.kind != "f":
+        raise TypeError(
+            f"Layer {layer!r}: weights must be floating point, got dtype {array.dtype}."
+        )
+    if tuple(array.shape) != tuple(shape):
+        raise ValueError(
+            f"Layer {layer!r}: expected a weight of shape {tuple(shape)}, "
+            f"found shape {tuple(array.shape)}."
+        )
+    return array
+
+
+def _float32(array) -> np.ndarray:
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+class InputLayer(Layer):
+    class_name = "InputLayer"
+
+
+class Conv2D(Layer):
+    """3x3 convolution, stride 1, 'same' padding, ReLU: the only convolution VGG has."""
+
+    class_name = "Conv2D"
+
+    def __init__(self, name: str, input_shape: Shape, filters: int) -> None:
+        super().__init__(name, input_shape, input_shape[:-1] + (filters,))
+        self.filters = filters
+        self.kernel_size = (3, 3)
+        self.strides = (1, 1)
+        self.padding = "same"
+        self.activation = "relu"
+
+    def weight_shapes(self):
+        return [(3, 3, self.input_shape[-1], self.filters), (self.filters,)]
+
+    def _assign(self, kernel, bias):
+        self._network.set_conv3x3_weights(self._index, _float32(kernel[()]), _float32(bias[()]))
+
+
+class MaxPooling2D(Layer):
+    class_name = "MaxPooling2D"
+
+    def __init__(self, name: str, input_shape: Shape) -> None:
+        n, h, w, c = input_shape
+        half = lambda d: None if d is None else d // 2  # noqa: E731
+        super().__init__(name, input_shape, (n, half(h), half(w), c))
+        self.pool_size = (2, 2)
+        self.strides = (2, 2)
+        self.padding = "valid"
+
+
+class Flatten(Layer):
+    class_name = "Flatten"
+
+    def __init__(self, name: str, input_shape: Shape) -> None:
+        n, h, w, c = input_shape
+        super().__init__(name, input_shape, (n, h * w * c))
+
+
+class GlobalAveragePooling2D(Layer):
+    class_name = "GlobalAveragePooling2D"
+    mode = "avg"
+
+    def __init__(self, name: str, input_shape: Shape) -> None:
+        super().__init__(name, input_shape, (input_shape[0], input_shape[-1]))
+
+
+class GlobalMaxPooling2D(GlobalAveragePooling2D):
+    class_name = "GlobalMaxPooling2D"
+    mode = "max"
+
+
+class Dense(Layer):
+    class_name = "Dense"
+
+    # Dense kernels are written in slices of this many rows: fc1 is 411 MB in float32 and
+    # the loader should never hold a second copy of it.
+    rows_per_slice = 2048
+
+    def __init__(self, name: str, input_shape: Shape, units: int, activation: Optional[str]) -> None:
+        super().__init__(name, input_shape, (input_shape[0], units))
+        self.units = units
+        self.activation = activation or "linear"
+
+    def weight_shapes(self):
+        return [(self.input_shape[-1], self.units), (self.units,)]
+
+    def _assign(self, kernel, bias):
+        for first in range(0, kernel.shape[0], self.rows_per_slice):
+            rows = _float32(kernel[first : first + self.rows_per_slice])
+            self._network.set_dense_kernel_rows(self._index, first, rows)
+        self._network.set_dense_bias(self._index, _float32(bias[()]))

@@ -1,0 +1,370 @@
+"""VGG16 and VGG19 as Keras defines them, run by the compiled core.
+
+The architecture is data: five blocks of 3x3 convolutions with 64, 128, 256, 512, 512
+filters, each closed by a 2x2 max-pool, then either the classifier top (flatten, fc1, fc2,
+predictions) or optional global pooling. Argument checks and their messages follow
+``keras.applications`` so that code moving from Keras fails (or not) the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import _core
+from .layers import (
+    Conv2D,
+    Dense,
+    Flatten,
+    GlobalAveragePooling2D,
+    GlobalMaxPooling2D,
+    InputLayer,
+    Layer,
+    MaxPooling2D,
+)
+
+CONVS_PER_BLOCK = {"vgg16": (2, 2, 3, 3, 3), "vgg19": (2, 2, 4, 4, 4)}
+BLOCK_FILTERS = (64, 128, 256, 512, 512)
+TOP_LAYERS = ("flatten", "fc1", "fc2", "predictions")
+DEFAULT_SIZE = 224
+MIN_SIZE = 32  # five 2x2 pools must leave at least one pixel
+
+# What the kernels can apply after the last dense layer; None means no activation, as in Keras.
+CLASSIFIER_ACTIVATIONS = {None: "linear", "linear": "linear", "softmax": "softmax", "relu": "relu"}
+
+WeightsArg = Union[None, str, "os.PathLike[str]"]
+
+
+class Model:
+    """A VGG network: its layers in order, the outputs it returns, and ``predict``.
+
+    Models are built by :func:`VGG16` and :func:`VGG19`, not by hand.
+    """
+
+    def __init__(self, network, layers: List[Layer], outputs: List[Layer], name: str) -> None:
+        self._network = network
+        self.layers = layers
+        self.outputs = outputs
+        self.name = name
+
+    # Keras's attribute names -------------------------------------------------------------
+    @property
+    def input_shape(self) -> Tuple[Optional[int], ...]:
+        return self.layers[0].output_shape
+
+    @property
+    def output_shape(self):
+        shapes = [layer.output_shape for layer in self.outputs]
+        return shapes[0] if len(shapes) == 1 else shapes
+
+    def get_layer(self, name: Optional[str] = None, index: Optional[int] = None) -> Layer:
+        if (name is None) == (index is None):
+            raise ValueError("Provide either a layer name or a layer index, not both or neither.")
+        if index is not None:
+            if not -len(self.layers) <= index < len(self.layers):
+                raise ValueError(f"Index {index} is out of range: the model has {len(self.layers)} layers.")
+            return self.layers[index]
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise ValueError(
+            f"No such layer: {name!r}. Existing layers are: {[layer.name for layer in self.layers]}."
+        )
+
+    def count_params(self) -> int:
+        return sum(layer.count_params() for layer in self.layers)
+
+    def get_weights(self) -> List[np.ndarray]:
+        return [w for layer in self.layers for w in layer.get_weights()]
+
+    def set_weights(self, weights: Sequence[np.ndarray]) -> None:
+        weighted = [layer for layer in self.layers if layer.weight_shapes()]
+        expected = sum(len(layer.weight_shapes()) for layer in weighted)
+        if len(weights) != expected:
+            raise ValueError(f"The model expects {expected} weight arrays, got {len(weights)}.")
+        it = iter(weights)
+        for layer in weighted:
+            layer.set_weights([next(it) for _ in layer.weight_shapes()])
+
+    def load_weights(self, filepath: Union[str, "os.PathLike[str]"]) -> None:
+        """Loads weights from a Keras HDF5 file, matched to this model's layers by name."""
+        from .weights import load_weights
+
+        load_weights(self, filepath)
+
+    # Inference ----------------------------------------------------------------------------
+    def predict(self, x, batch_size: int = 32) -> Union[np.ndarray, List[np.ndarray]]:
+        """Runs the model on an NHWC batch and returns float32 numpy output(s).
+
+        ``x`` may have any integer or floating dtype and any memory layout; it is never
+        modified. The batch is processed ``batch_size`` images at a time.
+        """
+        x = self._checked_input(x)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+        count, height, width = x.shape[:3]
+        indices = [layer._index for layer in self.outputs]
+        shapes = self._network.output_shapes(height, width)
+        results = [np.empty((count,) + tuple(shapes[i]), dtype=np.float32) for i in indices]
+        for start in range(0, count, int(batch_size)):
+            chunk = np.ascontiguousarray(x[start : start + int(batch_size)], dtype=np.float32)
+            for result, part in zip(results, self._network.forward(chunk, indices)):
+                result[start : start + len(chunk)] = part
+        return results[0] if len(results) == 1 else results
+
+    def _checked_input(self, x) -> np.ndarray:
+        x = np.asarray(x)
+        if x.dtype.kind not in "biuf":
+            raise TypeError(
+                f"Model {self.name!r} expects a numeric array of images, got dtype {x.dtype}. "
+                "Convert the images to a float or integer numpy array first."
+            )
+        expected = self.input_shape
+        if x.ndim != 4:
+            hint = " Add a batch axis, e.g. x[np.newaxis]." if x.ndim == 3 else ""
+            raise ValueError(
+                f"Input of model {self.name!r} must be a 4-D batch (batch, height, width, channels) "
+                f"matching {expected}; got an array of shape {x.shape}.{hint}"
+            )
+        if x.shape[0] == 0:
+            raise ValueError(f"Input of model {self.name!r} is an empty batch (shape {x.shape}).")
+        for axis, (want, got) in enumerate(zip(expected[1:], x.shape[1:]), start=1):
+            if want is not None and want != got:
+                raise ValueError(
+                    f"Input of model {self.name!r} is incompatible: expected shape {expected}, "
+                    f"found shape {x.shape} (axis {axis} differs)."
+                )
+        if x.shape[1] < MIN_SIZE or x.shape[2] < MIN_SIZE:
+            raise ValueError(
+                f"Images must be at least {MIN_SIZE}x{MIN_SIZE} pixels; got {x.shape[1]}x{x.shape[2]}."
+            )
+        return x
+
+    # Presentation -------------------------------------------------------------------------
+    def summary(self, line_length: Optional[int] = None, print_fn=None) -> None:
+        """Prints a Keras-style table of layers, output shapes and parameter counts."""
+        print_fn = print_fn or print
+        widths = (33, 26, 12)
+        if line_length and line_length > sum(widths):
+            widths = (widths[0] + line_length - sum(widths),) + widths[1:]
+        total_width = sum(widths)
+
+        def row(cells):
+            return "".join(str(cell).ljust(w) for cell, w in zip(cells, widths)).rstrip()
+
+        total = self.count_params()
+        print_fn(f'Model: "{self.name}"')
+        print_fn("_" * total_width)
+        print_fn(row(("Layer (type)", "Output Shape", "Param #")))
+        print_fn("=" * total_width)
+        for i, layer in enumerate(self.layers):
+            print_fn(row((f"{layer.name} ({layer.class_name})", layer.output_shape, f"{layer.count_params():,}")))
+            if i != len(self.layers) - 1:
+                print_fn("")
+        print_fn("=" * total_width)
+        print_fn(f"Total params: {total:,} ({_bytes_text(total * 4)})")
+        print_fn(f"Trainable params: {total:,} ({_bytes_text(total * 4)})")
+        print_fn("Non-trainable params: 0 (0.00 B)")
+        print_fn("_" * total_width)
+
+    def __repr__(self) -> str:
+        return f"<fastvgg.Model {self.name!r} input_shape={self.input_shape} output_shape={self.output_shape}>"
+
+
+def _bytes_text(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.2f} {unit}"
+        n /= 1024.0
+    raise AssertionError("unreachable")
+
+
+# Argument checks, in Keras's order and words ------------------------------------------------
+def _check_weights_arg(weights: WeightsArg) -> WeightsArg:
+    if weights is None or (isinstance(weights, str) and weights == "imagenet"):
+        return weights
+    if isinstance(weights, (str, os.PathLike)) and os.path.exists(weights):
+        return weights
+    raise ValueError(
+        "The `weights` argument should be either `None` (random initialization), 'imagenet' "
+        "(pre-training on ImageNet), or the path to the weights file to be loaded. "
+        f"Received: weights={weights!r}"
+        + (" (no file exists at that path)" if isinstance(weights, (str, os.PathLike)) else "")
+    )
+
+
+def _resolve_input_shape(input_shape, include_top: bool, weights: WeightsArg) -> Tuple[Optional[int], ...]:
+    default_shape = (DEFAULT_SIZE, DEFAULT_SIZE, 3)
+    if input_shape is not None:
+        try:
+            input_shape = tuple(None if d is None else int(d) for d in input_shape)
+        except (TypeError, ValueError):
+            raise ValueError(f"`input_shape` must be a tuple of three integers. Received: {input_shape!r}") from None
+    if weights == "imagenet" and include_top:
+        if input_shape is not None and input_shape != default_shape:
+            raise ValueError(
+                "When setting `include_top=True` and loading `imagenet` weights, "
+                f"`input_shape` should be {default_shape}.  Received: input_shape={input_shape}"
+            )
+        return default_shape
+    if input_shape is None:
+        return default_shape if include_top else (None, None, 3)
+    if len(input_shape) != 3:
+        raise ValueError(f"`input_shape` must be a tuple of three integers. Received: {input_shape}")
+    if input_shape[-1] is None or input_shape[-1] < 1:
+        raise ValueError(f"`input_shape` must give a positive channel count. Received: input_shape={input_shape}")
+    if input_shape[-1] != 3 and weights == "imagenet":
+        raise ValueError(f"The input must have 3 channels; Received `input_shape={input_shape}`")
+    if any(d is not None and d < MIN_SIZE for d in input_shape[:2]):
+        raise ValueError(f"Input size must be at least {MIN_SIZE}x{MIN_SIZE}; Received: input_shape={input_shape}")
+    if include_top and None in input_shape:
+        raise ValueError(
+            f"If `include_top` is True, you should specify a static `input_shape`. Received: input_shape={input_shape}"
+        )
+    return input_shape
+
+
+def _build(
+    architecture: str,
+    weights: WeightsArg,
+    include_top: bool,
+    input_shape,
+    pooling: Optional[str],
+    classes: int,
+    classifier_activation: Optional[str],
+    name: str,
+    seed: Optional[int],
+) -> Model:
+    weights = _check_weights_arg(weights)
+    if isinstance(classes, bool) or not isinstance(classes, (int, np.integer)) or classes < 1:
+        raise ValueError(f"`classes` must be a positive integer. Received: classes={classes!r}")
+    if weights == "imagenet" and include_top and classes != 1000:
+        raise ValueError(
+            "If using `weights='imagenet'` with `include_top=True`, `classes` should be 1000.  "
+            f"Received classes={classes}"
+        )
+    shape = _resolve_input_shape(input_shape, include_top, weights)
+    if pooling not in (None, "avg", "max"):
+        raise ValueError(f"`pooling` must be None, 'avg' or 'max'. Received: pooling={pooling!r}")
+    if include_top and pooling is not None:
+        raise ValueError(
+            f"`pooling={pooling!r}` applies only to the convolutional base: pass include_top=False "
+            "to get pooled features, or pooling=None to keep the classifier top."
+        )
+    if include_top:
+        if classifier_activation not in CLASSIFIER_ACTIVATIONS:
+            raise ValueError(
+                f"Unsupported `classifier_activation={classifier_activation!r}`; fastvgg supports "
+                "'softmax', None (logits), 'linear' and 'relu'."
+            )
+        if weights is not None and classifier_activation not in (None, "softmax"):
+            raise ValueError(
+                "Only `None` and `softmax` activations are allowed for the `classifier_activation` "
+                "argument when using pretrained weights, with `include_top=True`; Received: "
+                f"classifier_activation={classifier_activation}"
+            )
+
+    network = _core.Network(shape[-1])
+    layers: List[Layer] = [InputLayer("input_layer", (None,) + shape, (None,) + shape)]
+
+    def add(layer: Layer, index: int) -> None:
+        layer._network, layer._index = network, index
+        layers.append(layer)
+
+    current = layers[0].output_shape
+    for block, (convs, filters) in enumerate(zip(CONVS_PER_BLOCK[architecture], BLOCK_FILTERS), start=1):
+        for i in range(1, convs + 1):
+            layer = Conv2D(f"block{block}_conv{i}", current, filters)
+            add(layer, network.add_conv3x3(filters, "relu"))
+            current = layer.output_shape
+        layer = MaxPooling2D(f"block{block}_pool", current)
+        add(layer, network.add_max_pool2x2())
+        current = layer.output_shape
+    if include_top:
+        flatten = Flatten("flatten", current)
+        add(flatten, network.add_flatten())
+        features = flatten.output_shape[-1]
+        for layer_name, units, activation in (
+            ("fc1", 4096, "relu"),
+            ("fc2", 4096, "relu"),
+            ("predictions", int(classes), CLASSIFIER_ACTIVATIONS[classifier_activation]),
+        ):
+            layer = Dense(layer_name, (None, features), units, activation)
+            add(layer, network.add_dense(features, units, activation))
+            features = units
+    elif pooling is not None:
+        pool_class = GlobalAveragePooling2D if pooling == "avg" else GlobalMaxPooling2D
+        layer = pool_class("global_average_pooling2d" if pooling == "avg" else "global_max_pooling2d", current)
+        add(layer, network.add_global_pool(pooling))
+
+    model = Model(network, layers, [layers[-1]], name)
+    if weights is None:
+        _initialize(model, seed)
+    else:
+        from .weights import imagenet_weights_path, load_weights
+
+        path = imagenet_weights_path(architecture, include_top) if weights == "imagenet" else weights
+        load_weights(model, path)
+    return model
+
+
+def _initialize(model: Model, seed: Optional[int]) -> None:
+    """Keras's default initialisation: Glorot-uniform kernels, zero biases."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        shapes = layer.weight_shapes()
+        if not shapes:
+            continue
+        kernel_shape, bias_shape = shapes
+        receptive = int(np.prod(kernel_shape[:-2])) if len(kernel_shape) > 2 else 1
+        fan_in, fan_out = receptive * kernel_shape[-2], receptive * kernel_shape[-1]
+        limit = np.float32(np.sqrt(6.0 / (fan_in + fan_out)))
+        kernel = rng.random(kernel_shape, dtype=np.float32)
+        kernel *= 2 * limit
+        kernel -= limit
+        layer.set_weights([kernel, np.zeros(bias_shape, dtype=np.float32)])
+
+
+def VGG16(
+    weights: WeightsArg = "imagenet",
+    *,
+    include_top: bool = True,
+    input_shape=None,
+    pooling: Optional[str] = None,
+    classes: int = 1000,
+    classifier_activation: Optional[str] = "softmax",
+    name: str = "vgg16",
+    seed: Optional[int] = None,
+) -> Model:
+    """Builds VGG16 as ``keras.applications.VGG16`` does, with weights first.
+
+    Args:
+        weights: None (Glorot-uniform initialisation, seeded by ``seed``), "imagenet", or the
+            path to a Keras HDF5 weights file.
+        include_top: whether to include flatten, fc1, fc2 and predictions.
+        input_shape: (height, width, channels); defaults to (224, 224, 3) with the top and
+            (None, None, 3) without. Height and width must be at least 32.
+        pooling: None, "avg" or "max": global pooling after block5_pool, only without the top.
+        classes: number of classes of the top (1000 for the ImageNet weights).
+        classifier_activation: "softmax" or None (logits); with random weights also "relu".
+        name: the model's name.
+        seed: seed of the random initialisation when ``weights`` is None.
+    """
+    return _build("vgg16", weights, include_top, input_shape, pooling, classes, classifier_activation, name, seed)
+
+
+def VGG19(
+    weights: WeightsArg = "imagenet",
+    *,
+    include_top: bool = True,
+    input_shape=None,
+    pooling: Optional[str] = None,
+    classes: int = 1000,
+    classifier_activation: Optional[str] = "softmax",
+    name: str = "vgg19",
+    seed: Optional[int] = None,
+) -> Model:
+    """Builds VGG19 as ``keras.applications.VGG19`` does, with weights first (see :func:`VGG16`)."""
+    return _build("vgg19", weights, include_top, input_shape, pooling, classes, classifier_activation, name, seed)
