@@ -9,6 +9,11 @@ namespace fastvgg {
 
 namespace {
 
+struct Workspace {
+  AlignedBuffer ping, pong;          // blocked activations of one image
+  AlignedBuffer flat_in, flat_out;   // rows of the dense part, one per image
+};
+
 bool is_spatial(LayerKind kind) { return kind == LayerKind::Conv3x3 || kind == LayerKind::MaxPool2x2; }
 
 std::string describe(const LayerShape& shape) {
@@ -188,19 +193,26 @@ void Network::forward(const float* images, int count, int height, int width, con
   std::size_t scratch_size = blocked_image_size(input_channels_, height, width);
   for (int i = 0; i < spatial_end; ++i)
     scratch_size = std::max(scratch_size, blocked_image_size(shapes[i][2], shapes[i][0], shapes[i][1]));
-  // Every kernel writes whole vectors and zero_border clears the border, so no zeroing here.
-  AlignedBuffer ping(scratch_size, /*zeroed=*/false), pong(scratch_size, /*zeroed=*/false);
-
   const bool has_flat_part = last >= spatial_end;
   std::size_t widest_flat = 0;
   for (int i = spatial_end; i <= last; ++i) widest_flat = std::max(widest_flat, std::size_t(round_up_to_block(shapes[i][0])));
-  AlignedBuffer flat_in(has_flat_part ? std::size_t(count) * widest_flat : 0, false);
-  AlignedBuffer flat_out(has_flat_part ? std::size_t(count) * widest_flat : 0, false);
+
+  // Scratch is kept per calling thread: fresh buffers would cost page faults and kernel
+  // zeroing of tens of MB on every call, a few percent of a batch-1 prediction.
+  thread_local Workspace workspace;
+  workspace.ping.ensure_capacity(scratch_size);
+  workspace.pong.ensure_capacity(scratch_size);
+  workspace.flat_in.ensure_capacity(std::size_t(count) * widest_flat);
+  workspace.flat_out.ensure_capacity(std::size_t(count) * widest_flat);
+  // Every kernel writes whole vectors and zero_border clears the border, so stale contents
+  // never leak into a result.
+  float* flat_in = workspace.flat_in.data();
+  float* flat_out = workspace.flat_out.data();
 
   const std::size_t input_image = std::size_t(height) * width * input_channels_;
   for (int n = 0; n < count; ++n) {
-    BlockedImage current{ping.data(), input_channels_, height, width};
-    BlockedImage next{pong.data()};
+    BlockedImage current{workspace.ping.data(), input_channels_, height, width};
+    BlockedImage next{workspace.pong.data()};
     kernels.nhwc_to_blocked(images + n * input_image, current);
     for (int i = 0; i < spatial_end; ++i) {
       const Layer& l = layers_[std::size_t(i)];
@@ -217,7 +229,7 @@ void Network::forward(const float* images, int count, int height, int width, con
     }
     if (has_flat_part) {
       const Layer& l = layers_[std::size_t(spatial_end)];
-      float* row = flat_in.data() + std::size_t(n) * std::size_t(shapes[spatial_end][0]);
+      float* row = flat_in + std::size_t(n) * std::size_t(shapes[spatial_end][0]);
       // Flatten in Keras's (h, w, c) order, which is exactly NHWC.
       if (l.kind == LayerKind::Flatten)
         kernels.blocked_to_nhwc(current, row);
@@ -231,20 +243,20 @@ void Network::forward(const float* images, int count, int height, int width, con
   auto copy_out = [&](int i, const float* rows) {
     if (float* dst = wanted[std::size_t(i)]) std::memcpy(dst, rows, sizeof(float) * std::size_t(count) * shapes[i][0]);
   };
-  copy_out(spatial_end, flat_in.data());
+  copy_out(spatial_end, flat_in);
   for (int i = spatial_end + 1; i <= last; ++i) {
     const Layer& l = layers_[std::size_t(i)];
     const int units = l.out_channels;
     const int padded = round_up_to_block(units);
-    kernels.dense(flat_in.data(), count, l.in_channels, l.weights.data(), l.bias.data(), units,
-                  l.activation == Activation::Relu, flat_out.data(), threads);
+    kernels.dense(flat_in, count, l.in_channels, l.weights.data(), l.bias.data(), units,
+                  l.activation == Activation::Relu, flat_out, threads);
     if (padded != units)  // drop the padding columns so rows are tight for the next layer
       for (int r = 0; r < count; ++r)
-        std::memmove(flat_out.data() + std::size_t(r) * units, flat_out.data() + std::size_t(r) * padded,
+        std::memmove(flat_out + std::size_t(r) * units, flat_out + std::size_t(r) * padded,
                      sizeof(float) * std::size_t(units));
-    if (l.activation == Activation::Softmax) softmax_rows(flat_out.data(), count, units, units);
-    copy_out(i, flat_out.data());
-    flat_in.swap(flat_out);
+    if (l.activation == Activation::Softmax) softmax_rows(flat_out, count, units, units);
+    copy_out(i, flat_out);
+    std::swap(flat_in, flat_out);
   }
 }
 

@@ -37,6 +37,10 @@ class AlignedBuffer {
   }
   ~AlignedBuffer() { std::free(data_); }
 
+  // Grows to at least `count` floats without zeroing; contents are undefined after a growth.
+  void ensure_capacity(std::size_t count) {
+    if (count > size_) resize(count, /*zeroed=*/false);
+  }
   // Scratch that every kernel overwrites in full may skip the zeroing.
   void resize(std::size_t count, bool zeroed = true) {
     std::free(data_);
