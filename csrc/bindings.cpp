@@ -8,9 +8,11 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <atomic>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "cpu_features.h"
 #include "network.h"
@@ -77,36 +79,110 @@ void per_blocked_image(const KernelTable& k, const float* x, int images, int h, 
   }
 }
 
-FloatArray test_conv3x3(const FloatArray& x, const FloatArray& kernel, const FloatArray& bias, bool relu,
-                        const std::string& isa) {
+enum class ConvAlgorithm { Direct, Winograd };
+
+ConvAlgorithm parse_conv_algorithm(const std::string& name) {
+  if (name == "direct") return ConvAlgorithm::Direct;
+  if (name == "winograd") return ConvAlgorithm::Winograd;
+  throw py::value_error("unknown convolution algorithm '" + name + "'; expected 'direct' or 'winograd'");
+}
+
+// A 3x3 kernel and bias packed once for one algorithm of one kernel table.
+struct PackedConv3x3 {
+  PackedConv3x3(const KernelTable& k, ConvAlgorithm algorithm, const float* kernel_hwio, const float* bias, int in_c,
+                int out_c)
+      : padded_bias(std::size_t(round_up_to_block(out_c))) {
+    if (algorithm == ConvAlgorithm::Winograd) {
+      weights.resize(packed_winograd_size(in_c, out_c));
+      pack_winograd_f4x4(kernel_hwio, in_c, out_c, weights.data());
+      run = k.conv3x3_winograd;
+    } else {
+      weights.resize(packed_conv3x3_size(in_c, out_c));
+      pack_conv3x3(kernel_hwio, in_c, out_c, weights.data());
+      run = k.conv3x3;
+    }
+    std::copy(bias, bias + out_c, padded_bias.data());
+  }
+  void operator()(const BlockedImage& in, bool relu, const BlockedImage& out, int threads) const {
+    run(in, weights.data(), padded_bias.data(), relu, out, threads);
+  }
+
+  AlignedBuffer weights, padded_bias;
+  decltype(KernelTable::conv3x3) run;
+};
+
+struct ConvShape {
+  int n, h, w, c, f;
+};
+
+ConvShape check_conv3x3_args(const FloatArray& x, const FloatArray& kernel, const FloatArray& bias) {
   require_ndim(x, 4, "x");
   require_ndim(kernel, 4, "kernel");
   require_ndim(bias, 1, "bias");
-  const int n = checked_int(x.shape(0), "batch"), h = checked_int(x.shape(1), "height"),
-            w = checked_int(x.shape(2), "width"), c = checked_int(x.shape(3), "channels");
-  const int f = checked_int(kernel.shape(3), "filters");
+  ConvShape s{checked_int(x.shape(0), "batch"), checked_int(x.shape(1), "height"), checked_int(x.shape(2), "width"),
+              checked_int(x.shape(3), "channels"), checked_int(kernel.shape(3), "filters")};
   require_dim(kernel, 0, 3, "kernel");
   require_dim(kernel, 1, 3, "kernel");
-  require_dim(kernel, 2, c, "kernel");
-  require_dim(bias, 0, f, "bias");
-  FloatArray y({n, h, w, f});
+  require_dim(kernel, 2, s.c, "kernel");
+  require_dim(bias, 0, s.f, "bias");
+  return s;
+}
+
+FloatArray run_conv3x3(const FloatArray& x, const FloatArray& kernel, const FloatArray& bias, bool relu,
+                       const std::string& isa, ConvAlgorithm algorithm) {
+  const ConvShape s = check_conv3x3_args(x, kernel, bias);
+  FloatArray y({s.n, s.h, s.w, s.f});
   const KernelTable* k = table_or_reference(isa);
   const float *xp = x.data(), *kp = kernel.data(), *bp = bias.data();
   float* yp = y.mutable_data();
   {
     py::gil_scoped_release release;
     if (!k) {
-      reference::conv3x3(xp, n, h, w, c, kp, bp, f, relu, yp);
+      reference::conv3x3(xp, s.n, s.h, s.w, s.c, kp, bp, s.f, relu, yp);
     } else {
-      AlignedBuffer packed(packed_conv3x3_size(c, f)), padded_bias(std::size_t(round_up_to_block(f)));
-      pack_conv3x3(kp, c, f, packed.data());
-      std::copy(bp, bp + f, padded_bias.data());
-      per_blocked_image(*k, xp, n, h, w, c, yp, h, w, f, [&](const BlockedImage& in, const BlockedImage& out) {
-        k->conv3x3(in, packed.data(), padded_bias.data(), relu, out, thread_count());
-      });
+      const PackedConv3x3 conv(*k, algorithm, kp, bp, s.c, s.f);
+      per_blocked_image(*k, xp, s.n, s.h, s.w, s.c, yp, s.h, s.w, s.f,
+                        [&](const BlockedImage& in, const BlockedImage& out) { conv(in, relu, out, thread_count()); });
     }
   }
   return y;
+}
+
+FloatArray test_conv3x3(const FloatArray& x, const FloatArray& kernel, const FloatArray& bias, bool relu,
+                        const std::string& isa) {
+  return run_conv3x3(x, kernel, bias, relu, isa, ConvAlgorithm::Direct);
+}
+
+FloatArray test_conv3x3_winograd(const FloatArray& x, const FloatArray& kernel, const FloatArray& bias, bool relu,
+                                 const std::string& isa) {
+  return run_conv3x3(x, kernel, bias, relu, isa, ConvAlgorithm::Winograd);
+}
+
+// Median seconds of one kernel call on the first image of x, weights packed and the image
+// laid out once beforehand (so only the kernel is timed), after one untimed warm-up call.
+double time_conv3x3(const FloatArray& x, const FloatArray& kernel, const FloatArray& bias,
+                    const std::string& algorithm, const std::string& isa, int repeats) {
+  const ConvShape s = check_conv3x3_args(x, kernel, bias);
+  if (s.n < 1) throw py::value_error("x needs at least one image");
+  if (repeats < 1) throw py::value_error("repeats must be at least 1");
+  const ConvAlgorithm a = parse_conv_algorithm(algorithm);
+  const KernelTable& k = kernels_for(isa);
+  const float *xp = x.data(), *kp = kernel.data(), *bp = bias.data();
+  py::gil_scoped_release release;
+  const PackedConv3x3 conv(k, a, kp, bp, s.c, s.f);
+  AlignedBuffer in_buf(blocked_image_size(s.c, s.h, s.w)), out_buf(blocked_image_size(s.f, s.h, s.w));
+  const BlockedImage in{in_buf.data(), s.c, s.h, s.w}, out{out_buf.data(), s.f, s.h, s.w};
+  k.nhwc_to_blocked(xp, in);
+  const int threads = thread_count();
+  conv(in, true, out, threads);
+  std::vector<double> seconds;
+  for (int r = 0; r < repeats; ++r) {
+    const double start = omp_get_wtime();
+    conv(in, true, out, threads);
+    seconds.push_back(omp_get_wtime() - start);
+  }
+  std::nth_element(seconds.begin(), seconds.begin() + repeats / 2, seconds.end());
+  return seconds[std::size_t(repeats / 2)];
 }
 
 FloatArray test_max_pool2x2(const FloatArray& x, const std::string& isa) {
@@ -324,6 +400,11 @@ PYBIND11_MODULE(_core, m) {
 
   py::module_ testing = m.def_submodule("testing", "Single kernels on NHWC arrays, for comparing ISAs with the reference.");
   testing.def("conv3x3", &test_conv3x3, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("relu"), py::arg("isa"));
+  testing.def("conv3x3_winograd", &test_conv3x3_winograd, py::arg("x"), py::arg("kernel"), py::arg("bias"),
+              py::arg("relu"), py::arg("isa"));
+  testing.def("time_conv3x3", &time_conv3x3, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("algorithm"),
+              py::arg("isa"), py::arg("repeats"),
+              "Median seconds of one call of a 3x3 kernel ('direct' or 'winograd') on x[0], packing excluded.");
   testing.def("max_pool2x2", &test_max_pool2x2, py::arg("x"), py::arg("isa"));
   testing.def("global_pool", &test_global_pool, py::arg("x"), py::arg("mode"), py::arg("isa"));
   testing.def("dense", &test_dense, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("relu"), py::arg("isa"));

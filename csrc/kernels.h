@@ -18,6 +18,9 @@ struct KernelTable {
   // out = ReLU?(conv3x3_same(in) + bias). Weights from pack_conv3x3; bias padded to the block.
   void (*conv3x3)(const BlockedImage& in, const float* packed_weights, const float* bias, bool relu,
                   const BlockedImage& out, int threads);
+  // Same contract as conv3x3, by Winograd F(4x4, 3x3). Weights from pack_winograd_f4x4.
+  void (*conv3x3_winograd)(const BlockedImage& in, const float* packed_weights, const float* bias, bool relu,
+                           const BlockedImage& out, int threads);
   // 2x2 window, stride 2; out has floor(h/2) x floor(w/2) pixels.
   void (*max_pool2x2)(const BlockedImage& in, const BlockedImage& out, int threads);
   // out[c] for c < in.channels.
@@ -35,6 +38,8 @@ struct KernelTable {
   namespace isa {                                                                             \
   void conv3x3(const BlockedImage& in, const float* packed_weights, const float* bias,        \
                bool relu, const BlockedImage& out, int threads);                              \
+  void conv3x3_winograd(const BlockedImage& in, const float* packed_weights,                  \
+                        const float* bias, bool relu, const BlockedImage& out, int threads);  \
   void max_pool2x2(const BlockedImage& in, const BlockedImage& out, int threads);             \
   void global_pool(const BlockedImage& in, GlobalPoolMode mode, float* out);                  \
   void dense(const float* x, int rows, int depth, const float* packed_weights,                \
@@ -67,6 +72,9 @@ void softmax_rows(float* y, int rows, int cols, std::ptrdiff_t row_stride);
 std::size_t packed_conv3x3_size(int in_channels, int out_channels);
 void pack_conv3x3(const float* kernel_hwio, int in_channels, int out_channels, float* packed);
 void unpack_conv3x3(const float* packed, int in_channels, int out_channels, float* kernel_hwio);
+// Winograd F(4x4, 3x3): U = G g G^T per channel pair (winograd.cpp has the layout).
+std::size_t packed_winograd_size(int in_channels, int out_channels);
+void pack_winograd_f4x4(const float* kernel_hwio, int in_channels, int out_channels, float* packed);
 std::size_t packed_dense_size(int depth, int cols);
 void pack_dense_rows(const float* kernel_rows, int first_row, int row_count, int depth, int cols,
                      float* packed);

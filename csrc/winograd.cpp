@@ -1,0 +1,433 @@
+// 3x3 convolution by Winograd's minimal filtering F(4x4, 3x3), stride 1, 'same' zero padding,
+// bias, optional fused ReLU. Same contract as conv3x3 (conv3x3.cpp), about 4x fewer
+// multiplications: each 4x4 output tile costs 36 products per (input, output) channel pair
+// instead of 144.
+//
+// Transforms (Lavin & Gray 2015, interpolation points 0, +-1, +-2, infinity):
+//   U = G g G^T      (weights, 3x3 -> 6x6, once at packing, in double precision)
+//   V = B^T d B      (a 6x6 input tile, overlapping its neighbours by 2 pixels)
+//   Y = A^T M A      with M[xi] = sum_ic V[xi][ic] * U[xi][ic][oc] for each of the 36 xi
+//
+// The kernel works on blocks of tiles in three phases:
+//   1. input transform, 16 channels at a time:   V[xi][tile][in channel]
+//   2. 36 GEMMs, one per xi, register-blocked:    M[tile][out block][xi][16]
+//   3. output transform + bias + ReLU, stored straight into the blocked output.
+// U is read once per tile block, which decides how the threads share the work (Schedule,
+// below): the early layers (thousands of tiles, a U of at most a few MB that stays in the
+// L3) give each thread its own small blocks that stay in its L2, with no barrier; the late
+// layers (few tiles, a U of up to 37.7 MB) take every tile in one block that both threads
+// work on, so U is read exactly once, half by each thread.
+//
+// Packed weights (pack_winograd_f4x4): [36 xi][out/16][in][16 out] floats, xi = 6 * row + col
+// of the 6x6 transformed tile. One (xi, output block) panel is contiguous: its rows are the
+// output vectors the GEMM loads, one per input channel, in the order its depth loop visits
+// them. Input channels are not padded (the GEMM depth is the real channel count, 3 for the
+// first layer); output channels are padded to the block with zeros, so the padding lanes of
+// the output come out as exactly 0 (with the zero-padded bias).
+#include <omp.h>
+
+#include <algorithm>
+#include <cstddef>
+
+#include "kernels.h"
+#include "simd.h"
+
+namespace fastvgg {
+
+namespace {
+constexpr int kTileOut = 4;                      // output pixels per tile side
+constexpr int kTileIn = kTileOut + 2;            // input pixels per tile side (3x3 taps)
+constexpr int kPoints = kTileIn * kTileIn;       // 36 transformed values per tile
+}  // namespace
+
+namespace FASTVGG_ISA {
+namespace {
+
+// GEMM register tile: kGemmTiles tiles (rows of V, broadcast) x kGemmBlocks output blocks
+// (vectors of U). AVX-512: 6 x 4 = 24 accumulators + 4 weight vectors of the 32 zmm (the
+// V scalars are broadcast straight from memory into the FMA). AVX2: each Vec16 is two of the
+// 16 ymm: 6 x 1 x 2 = 12 accumulators + 2 weight halves + 1 broadcast.
+#if defined(__AVX512F__)
+constexpr int kGemmTiles = 6;
+constexpr int kGemmBlocks = 4;
+#elif defined(__AVX2__)
+constexpr int kGemmTiles = 6;
+constexpr int kGemmBlocks = 1;
+#else
+constexpr int kGemmTiles = 4;
+constexpr int kGemmBlocks = 1;
+#endif
+
+// simd.h has no subtract or multiply; every transform step is b + c * a with an exact constant.
+inline Vec16 fma_const(float c, Vec16 a, Vec16 b) { return fmadd(broadcast(c), a, b); }
+
+// One 6-point B^T product: r = B^T d.
+inline void input_transform_6(const Vec16 d[6], Vec16 r[6]) {
+  const Vec16 t0 = fma_const(-4.0f, d[2], d[4]);  // d4 - 4 d2
+  const Vec16 t1 = fma_const(-4.0f, d[1], d[3]);  // d3 - 4 d1
+  const Vec16 t2 = fma_const(-1.0f, d[2], d[4]);  // d4 - d2
+  const Vec16 t3 = fma_const(-1.0f, d[1], d[3]);  // d3 - d1
+  r[0] = fma_const(4.0f, d[0], fma_const(-5.0f, d[2], d[4]));
+  r[1] = add(t0, t1);
+  r[2] = fma_const(-1.0f, t1, t0);
+  r[3] = fma_const(2.0f, t3, t2);
+  r[4] = fma_const(-2.0f, t3, t2);
+  r[5] = fma_const(4.0f, d[1], fma_const(-5.0f, d[3], d[5]));
+}
+
+// One 6-point A^T product: r = A^T m (4 values).
+inline void output_transform_6(const Vec16 m[6], Vec16 r[4]) {
+  const Vec16 s12 = add(m[1], m[2]);
+  const Vec16 d12 = fma_const(-1.0f, m[2], m[1]);
+  const Vec16 s34 = add(m[3], m[4]);
+  const Vec16 d34 = fma_const(-1.0f, m[4], m[3]);
+  r[0] = add(add(m[0], s12), s34);
+  r[1] = fma_const(2.0f, d34, d12);
+  r[2] = fma_const(4.0f, s34, s12);
+  r[3] = add(fma_const(8.0f, d34, d12), m[5]);
+}
+
+struct TileGrid {
+  int height, width;      // output (= input) pixels
+  int tiles_x, tiles;     // tiles per row, in the image
+};
+
+// V[xi][tile][channel] for one tile and one block of 16 input channels. Pixels past the
+// image's bottom/right border row (which is zero) read as zero.
+inline void transform_input_tile(const BlockedImage& in, const TileGrid& grid, int tile, int in_block,
+                                 float* v, std::ptrdiff_t v_point_stride) {
+  const int y0 = tile / grid.tiles_x * kTileOut - 1, x0 = tile % grid.tiles_x * kTileOut - 1;
+  // Rows/columns up to height/width are readable (the zero border); beyond them, zeros.
+  const int rows = std::min(kTileIn, grid.height + 1 - y0), cols = std::min(kTileIn, grid.width + 1 - x0);
+  const float* origin = in.at(in_block, y0, x0);
+  const std::ptrdiff_t row_stride = in.row_stride();
+  Vec16 d[kTileIn][kTileIn];
+  if (rows == kTileIn && cols == kTileIn) {
+    for (int i = 0; i < kTileIn; ++i)
+      for (int j = 0; j < kTileIn; ++j) d[i][j] = load(origin + i * row_stride + j * kChannelBlock);
+  } else {
+    for (int i = 0; i < kTileIn; ++i)
+      for (int j = 0; j < kTileIn; ++j)
+        d[i][j] = i < rows && j < cols ? load(origin + i * row_stride + j * kChannelBlock) : zero();
+  }
+  // The next tile along the row starts 4 pixels on: fetch its 4 new columns now, so the
+  // loads of the next call do not wait for the L3 or memory.
+  for (int i = 0; i < kTileIn; ++i)
+    for (int j = kTileIn; j < kTileIn + kTileOut; ++j) __builtin_prefetch(origin + i * row_stride + j * kChannelBlock);
+  // Columns first (B^T d), then rows ((B^T d) B), all in registers/L1.
+  Vec16 column[kTileIn], transformed[kTileIn], half[kTileIn][kTileIn];
+  for (int j = 0; j < kTileIn; ++j) {
+    for (int i = 0; i < kTileIn; ++i) column[i] = d[i][j];
+    input_transform_6(column, transformed);
+    for (int i = 0; i < kTileIn; ++i) half[i][j] = transformed[i];
+  }
+  for (int i = 0; i < kTileIn; ++i) {
+    input_transform_6(half[i], transformed);
+    for (int j = 0; j < kTileIn; ++j) store(v + (i * kTileIn + j) * v_point_stride, transformed[j]);
+  }
+}
+
+// Y = A^T M A + bias for one tile and one output block; stores only the pixels inside the image.
+inline void transform_output_tile(const float* m, const float* bias, bool relu, const BlockedImage& out,
+                                  const TileGrid& grid, int tile, int out_block) {
+  const int y0 = tile / grid.tiles_x * kTileOut, x0 = tile % grid.tiles_x * kTileOut;
+  const int rows = std::min(kTileOut, grid.height - y0), cols = std::min(kTileOut, grid.width - x0);
+  Vec16 column[kTileIn], transformed[kTileOut], half[kTileOut][kTileIn];
+  for (int j = 0; j < kTileIn; ++j) {
+    for (int i = 0; i < kTileIn; ++i) column[i] = load(m + (i * kTileIn + j) * kChannelBlock);
+    output_transform_6(column, transformed);
+    for (int i = 0; i < kTileOut; ++i) half[i][j] = transformed[i];
+  }
+  const Vec16 b = load(bias);
+  float* origin = out.at(out_block, y0, x0);
+  for (int i = 0; i < rows; ++i) {
+    output_transform_6(half[i], transformed);
+    for (int j = 0; j < cols; ++j) {
+      const Vec16 y = add(transformed[j], b);
+      store(origin + i * out.row_stride() + j * kChannelBlock, relu ? FASTVGG_ISA::relu(y) : y);
+    }
+  }
+}
+
+struct GemmArgs {
+  const float* v;                  // first tile's row of V[xi]
+  std::ptrdiff_t v_tile_stride;    // floats between tiles in V (the padded channel count)
+  const float* u;                  // first output block's panel of U[xi]
+  std::ptrdiff_t u_block_stride;   // floats between output-block panels of U (in * 16)
+  int depth;                       // input channels
+  float* m;                        // M[first tile][first block][xi]
+  std::ptrdiff_t m_tile_stride, m_block_stride;
+};
+
+// M[tiles][blocks] = V[tiles][depth] * U[depth][blocks x 16] for one xi.
+template <int kTiles, int kBlocks>
+inline void gemm_tile(const GemmArgs& a) {
+  Vec16 acc[kTiles][kBlocks];
+  for (int t = 0; t < kTiles; ++t)
+    for (int j = 0; j < kBlocks; ++j) acc[t][j] = zero();
+  const float* v = a.v;
+  const float* u = a.u;
+  for (int k = 0; k < a.depth; ++k) {
+    Vec16 w[kBlocks];
+    for (int j = 0; j < kBlocks; ++j) w[j] = load(u + j * a.u_block_stride + k * kChannelBlock);
+    for (int t = 0; t < kTiles; ++t) {
+      const Vec16 x = broadcast(v[t * a.v_tile_stride + k]);
+      for (int j = 0; j < kBlocks; ++j) acc[t][j] = fmadd(x, w[j], acc[t][j]);
+    }
+  }
+  for (int t = 0; t < kTiles; ++t)
+    for (int j = 0; j < kBlocks; ++j) store(a.m + t * a.m_tile_stride + j * a.m_block_stride, acc[t][j]);
+}
+
+// Picks the register tile for the tiles and output blocks left at an edge.
+template <int kTiles, int kBlocks>
+inline void gemm_edge_tile(int tiles, int blocks, const GemmArgs& a) {
+  if constexpr (kTiles > 1) {
+    if (tiles < kTiles) return gemm_edge_tile<kTiles - 1, kBlocks>(tiles, blocks, a);
+  }
+  if constexpr (kBlocks > 1) {
+    if (blocks < kBlocks) return gemm_edge_tile<kTiles, kBlocks - 1>(tiles, blocks, a);
+  }
+  gemm_tile<kTiles, kBlocks>(a);
+}
+
+// How the tiles of a layer are shared between the threads.
+enum class Schedule {
+  // Each thread takes whole tile blocks and runs all three phases on them alone, with its
+  // own V and M: no barrier at all (a barrier costs a whole time slice when the OS preempts
+  // one thread), the blocks stay in the thread's caches, but every block reads all of U.
+  // For block1 to block3 of VGG: many tiles, U of at most 9.4 MB, in the L3.
+  PrivateBlocks,
+  // Blocks of many tiles: the threads share each block's input transform, then after a
+  // barrier each takes whole groups of output blocks (GEMM + output transform: a group's M
+  // is its thread's own), so U is read once per block, half by each thread. For the late
+  // layers: few tiles, U of 19-38 MB from memory.
+  SharedBlocks,
+};
+
+// Measured with bench/conv_layers.py (VGG16 at 224x224, AVX-512, 2 threads, quiet machine):
+// private blocks win on block1 to block3 (U 0.6-9.4 MB: block3_conv2 ~5.8-7.7 ms private vs
+// 7.6-9.3 ms shared); from block4 on U (19-38 MB) no longer fits the L3 and must be read once.
+constexpr std::size_t kSharedWeightBytes = std::size_t(12) << 20;
+
+Schedule winograd_schedule(int in_channels, int out_channels) {
+  const std::size_t weight_bytes = std::size_t(kPoints) * in_channels * round_up_to_block(out_channels) * sizeof(float);
+  return weight_bytes >= kSharedWeightBytes ? Schedule::SharedBlocks : Schedule::PrivateBlocks;
+}
+
+std::size_t transformed_bytes_per_tile(int in_channels, int out_channels) {
+  return std::size_t(kPoints) * sizeof(float) * std::size_t(round_up_to_block(in_channels) + round_up_to_block(out_channels));
+}
+
+// PrivateBlocks: V and M of a block within a quarter of the 1 MB L2, but at least two
+// register tiles. Measured on block1_conv2 to block3_conv2: 12 tiles beat 24 by 0-25% and 96
+// by 2-3x (V and M spill from the L2); U panels are re-read from the L3 cheaply enough.
+int private_block_tiles(int tiles, int in_channels, int out_channels) {
+  constexpr std::size_t kBlockBytes = std::size_t(256) << 10;
+  constexpr int kMinTiles = 2 * kGemmTiles;
+  const int fitting = int(kBlockBytes / transformed_bytes_per_tile(in_channels, out_channels)) / kGemmTiles * kGemmTiles;
+  return std::min(tiles, std::max(kMinTiles, fitting));
+}
+
+// SharedBlocks: every tile at once (U read once) unless V and M would pass 16 MB, half the
+// L3; at 224x224 the largest is block3_conv2, 196 tiles, 14.5 MB. Larger images get blocks.
+int shared_block_tiles(int tiles, int in_channels, int out_channels) {
+  constexpr std::size_t kBlockBytes = std::size_t(16) << 20;
+  const int fitting = int(kBlockBytes / transformed_bytes_per_tile(in_channels, out_channels)) / kGemmTiles * kGemmTiles;
+  return std::min(tiles, std::max(kGemmTiles, fitting));
+}
+
+// Everything about one call that the three phases share.
+class WinogradLayer {
+ public:
+  WinogradLayer(const BlockedImage& in, const float* packed_weights, const float* bias, bool relu,
+                const BlockedImage& out, int block_tiles)
+      : in_(in), out_(out), weights_(packed_weights), bias_(bias), relu_(relu) {
+    grid_.height = out.height;
+    grid_.width = out.width;
+    grid_.tiles_x = (out.width + kTileOut - 1) / kTileOut;
+    grid_.tiles = grid_.tiles_x * ((out.height + kTileOut - 1) / kTileOut);
+    in_blocks_ = in.blocks();
+    out_blocks_ = out.blocks();
+    groups_ = (out_blocks_ + kGemmBlocks - 1) / kGemmBlocks;
+    padded_in_ = std::ptrdiff_t(in_blocks_) * kChannelBlock;
+    v_point_stride_ = std::ptrdiff_t(block_tiles) * padded_in_;
+    m_tile_stride_ = std::ptrdiff_t(out_blocks_) * kMBlockStride;
+    u_block_stride_ = std::ptrdiff_t(in.channels) * kChannelBlock;
+    u_point_stride_ = std::ptrdiff_t(out_blocks_) * u_block_stride_;
+    block_tiles_ = block_tiles;
+  }
+
+  int tiles() const { return grid_.tiles; }
+  int in_blocks() const { return in_blocks_; }
+  int groups() const { return groups_; }
+  // Floats of V and of M for one block of tiles.
+  std::size_t v_size() const { return std::size_t(kPoints) * std::size_t(v_point_stride_); }
+  std::size_t m_size() const { return std::size_t(block_tiles_) * std::size_t(m_tile_stride_); }
+
+  // V[xi][t][16 channels of in_block] for tile first_tile + t of the image.
+  void transform_input(float* v, int first_tile, int t, int in_block) const {
+    transform_input_tile(in_, grid_, first_tile + t, in_block, v + t * padded_in_ + in_block * kChannelBlock,
+                         v_point_stride_);
+  }
+
+  // M[t][group's output blocks][xi] for all `tiles` tiles of the block.
+  void multiply(const float* v, float* m, int tiles, int xi, int group) const {
+    const int first_block = group * kGemmBlocks;
+    const int blocks = std::min(kGemmBlocks, out_blocks_ - first_block);
+    GemmArgs a;
+    a.v_tile_stride = padded_in_;
+    a.u = weights_ + xi * u_point_stride_ + first_block * u_block_stride_;
+    a.u_block_stride = u_block_stride_;
+    a.depth = in_.channels;
+    a.m_tile_stride = m_tile_stride_;
+    a.m_block_stride = kMBlockStride;
+    for (int t = 0; t < tiles; t += kGemmTiles) {
+      a.v = v + xi * v_point_stride_ + t * padded_in_;
+      a.m = m + t * m_tile_stride_ + first_block * kMBlockStride + xi * kChannelBlock;
+      gemm_edge_tile<kGemmTiles, kGemmBlocks>(std::min(kGemmTiles, tiles - t), blocks, a);
+    }
+  }
+
+  // Output pixels of tile first_tile + t, output block out_block.
+  void transform_output(const float* m, int first_tile, int t, int out_block) const {
+    transform_output_tile(m + t * m_tile_stride_ + out_block * kMBlockStride, bias_ + out_block * kChannelBlock,
+                          relu_, out_, grid_, first_tile + t, out_block);
+  }
+
+  // All output blocks of one GEMM group, for every tile of the block.
+  void transform_group_outputs(const float* m, int first_tile, int tiles, int group) const {
+    const int first_block = group * kGemmBlocks, last_block = std::min(out_blocks_, first_block + kGemmBlocks);
+    for (int t = 0; t < tiles; ++t)
+      for (int ob = first_block; ob < last_block; ++ob) transform_output(m, first_tile, t, ob);
+  }
+
+ private:
+  static constexpr std::ptrdiff_t kMBlockStride = std::ptrdiff_t(kPoints) * kChannelBlock;
+
+  const BlockedImage& in_;
+  const BlockedImage& out_;
+  const float* weights_;
+  const float* bias_;
+  bool relu_;
+  TileGrid grid_;
+  int in_blocks_, out_blocks_, groups_, block_tiles_;
+  // V[xi][tile][channel] and M[tile][out block][xi][16], tiles counted within the block.
+  std::ptrdiff_t padded_in_, v_point_stride_, m_tile_stride_, u_block_stride_, u_point_stride_;
+};
+
+struct Scratch {
+  AlignedBuffer transformed_input;  // V
+  AlignedBuffer products;           // M
+};
+
+void grow(AlignedBuffer& buffer, std::size_t count) {
+  if (buffer.size() < count) buffer.resize(count, /*zeroed=*/false);
+}
+
+void run_private_blocks(const WinogradLayer& layer, int block_tiles, float* v_all, float* m_all, int threads) {
+  const int blocks = (layer.tiles() + block_tiles - 1) / block_tiles;
+#pragma omp parallel num_threads(threads)
+  {
+    const int thread = omp_get_thread_num();
+    float* v = v_all + std::size_t(thread) * layer.v_size();
+    float* m = m_all + std::size_t(thread) * layer.m_size();
+    // Dynamic: a thread that the OS preempts (the machine is shared) hands its blocks over.
+#pragma omp for schedule(dynamic, 1)
+    for (int block = 0; block < blocks; ++block) {
+      const int first_tile = block * block_tiles;
+      const int tiles = std::min(block_tiles, layer.tiles() - first_tile);
+      // One channel block at a time: its rows are few streams for the prefetchers.
+      for (int ib = 0; ib < layer.in_blocks(); ++ib)
+        for (int t = 0; t < tiles; ++t) layer.transform_input(v, first_tile, t, ib);
+      // xi outer: one panel of U feeds every tile of the block while it is in L1/L2.
+      for (int xi = 0; xi < kPoints; ++xi)
+        for (int g = 0; g < layer.groups(); ++g) layer.multiply(v, m, tiles, xi, g);
+      for (int g = 0; g < layer.groups(); ++g) layer.transform_group_outputs(m, first_tile, tiles, g);
+    }
+  }
+}
+
+void run_shared_blocks(const WinogradLayer& layer, int block_tiles, float* v, float* m, int threads) {
+#pragma omp parallel num_threads(threads)
+  for (int first_tile = 0; first_tile < layer.tiles(); first_tile += block_tiles) {
+    const int tiles = std::min(block_tiles, layer.tiles() - first_tile);
+#pragma omp for schedule(dynamic, 16)
+    for (int item = 0; item < tiles * layer.in_blocks(); ++item)
+      layer.transform_input(v, first_tile, item % tiles, item / tiles);
+    // Every group needs every V: the barrier above. The barrier below keeps the next
+    // block's input transform from overwriting V while a group still reads it.
+#pragma omp for schedule(dynamic, 1)
+    for (int g = 0; g < layer.groups(); ++g) {
+      for (int xi = 0; xi < kPoints; ++xi) layer.multiply(v, m, tiles, xi, g);
+      layer.transform_group_outputs(m, first_tile, tiles, g);
+    }
+  }
+}
+
+}  // namespace
+
+void conv3x3_winograd(const BlockedImage& in, const float* packed_weights, const float* bias, bool relu,
+                      const BlockedImage& out, int threads) {
+  const int tiles = ((out.height + kTileOut - 1) / kTileOut) * ((out.width + kTileOut - 1) / kTileOut);
+  const Schedule schedule = winograd_schedule(in.channels, out.channels);
+  const int block_tiles = schedule == Schedule::SharedBlocks ? shared_block_tiles(tiles, in.channels, out.channels)
+                                                             : private_block_tiles(tiles, in.channels, out.channels);
+  const WinogradLayer layer(in, packed_weights, bias, relu, out, block_tiles);
+  const int copies = schedule == Schedule::SharedBlocks ? 1 : threads;
+
+  // Kept per calling thread: reallocating MBs on every call costs page faults.
+  thread_local Scratch scratch;
+  grow(scratch.transformed_input, copies * layer.v_size());
+  grow(scratch.products, copies * layer.m_size());
+  if (schedule == Schedule::SharedBlocks)
+    run_shared_blocks(layer, block_tiles, scratch.transformed_input.data(), scratch.products.data(), threads);
+  else
+    run_private_blocks(layer, block_tiles, scratch.transformed_input.data(), scratch.products.data(), threads);
+}
+
+}  // namespace FASTVGG_ISA
+
+#if FASTVGG_ISA_IS_GENERIC
+// Weight transform and packing: compiled once, shared by every ISA.
+
+std::size_t packed_winograd_size(int in_channels, int out_channels) {
+  return std::size_t(kPoints) * channel_blocks(out_channels) * in_channels * kChannelBlock;
+}
+
+void pack_winograd_f4x4(const float* kernel_hwio, int in_channels, int out_channels, float* packed) {
+  // G of Lavin & Gray's F(4x4, 3x3) for the points 0, -1, 1, -2, 2, infinity (B^T and A^T
+  // are in the kernel). Double precision: U is rounded to float once, at the end.
+  static const double kG[kTileIn][3] = {
+      {1.0 / 4, 0.0, 0.0},
+      {-1.0 / 6, -1.0 / 6, -1.0 / 6},
+      {-1.0 / 6, 1.0 / 6, -1.0 / 6},
+      {1.0 / 24, 1.0 / 12, 1.0 / 6},
+      {1.0 / 24, -1.0 / 12, 1.0 / 6},
+      {0.0, 0.0, 1.0},
+  };
+  std::fill(packed, packed + packed_winograd_size(in_channels, out_channels), 0.0f);
+  const int out_blocks = channel_blocks(out_channels);
+  for (int ic = 0; ic < in_channels; ++ic) {
+    for (int oc = 0; oc < out_channels; ++oc) {
+      double g[3][3];
+      for (int kh = 0; kh < 3; ++kh)
+        for (int kw = 0; kw < 3; ++kw)
+          g[kh][kw] = kernel_hwio[((std::size_t(kh) * 3 + kw) * in_channels + ic) * out_channels + oc];
+      double gg[kTileIn][3];  // G g
+      for (int a = 0; a < kTileIn; ++a)
+        for (int kw = 0; kw < 3; ++kw) gg[a][kw] = kG[a][0] * g[0][kw] + kG[a][1] * g[1][kw] + kG[a][2] * g[2][kw];
+      for (int a = 0; a < kTileIn; ++a) {
+        for (int b = 0; b < kTileIn; ++b) {
+          const double u = gg[a][0] * kG[b][0] + gg[a][1] * kG[b][1] + gg[a][2] * kG[b][2];
+          const int xi = a * kTileIn + b;
+          packed[((std::size_t(xi) * out_blocks + oc / kChannelBlock) * in_channels + ic) * kChannelBlock +
+                 oc % kChannelBlock] = float(u);
+        }
+      }
+    }
+  }
+}
+#endif
+
+}  // namespace fastvgg
