@@ -12,9 +12,19 @@ import os as _os
 
 from . import _core
 from ._core import __version__
+from .imagenet import decode_predictions, preprocess_input
 from .models import VGG16, VGG19, Model
 
-__all__ = ["VGG16", "VGG19", "Model", "set_num_threads", "get_num_threads", "__version__"]
+__all__ = [
+    "VGG16",
+    "VGG19",
+    "Model",
+    "preprocess_input",
+    "decode_predictions",
+    "set_num_threads",
+    "get_num_threads",
+    "__version__",
+]
 
 
 def set_num_threads(n: int) -> None:
