@@ -79,20 +79,20 @@ void per_blocked_image(const KernelTable& k, const float* x, int images, int h, 
   }
 }
 
-enum class ConvAlgorithm { Direct, Winograd };
+enum class KernelAlgorithm { Direct, Winograd };
 
-ConvAlgorithm parse_conv_algorithm(const std::string& name) {
-  if (name == "direct") return ConvAlgorithm::Direct;
-  if (name == "winograd") return ConvAlgorithm::Winograd;
+KernelAlgorithm parse_conv_algorithm(const std::string& name) {
+  if (name == "direct") return KernelAlgorithm::Direct;
+  if (name == "winograd") return KernelAlgorithm::Winograd;
   throw py::value_error("unknown convolution algorithm '" + name + "'; expected 'direct' or 'winograd'");
 }
 
 // A 3x3 kernel and bias packed once for one algorithm of one kernel table.
 struct PackedConv3x3 {
-  PackedConv3x3(const KernelTable& k, ConvAlgorithm algorithm, const float* kernel_hwio, const float* bias, int in_c,
+  PackedConv3x3(const KernelTable& k, KernelAlgorithm algorithm, const float* kernel_hwio, const float* bias, int in_c,
                 int out_c)
       : padded_bias(std::size_t(round_up_to_block(out_c))) {
-    if (algorithm == ConvAlgorithm::Winograd) {
+    if (algorithm == KernelAlgorithm::Winograd) {
       weights.resize(packed_winograd_size(in_c, out_c));
       pack_winograd_f4x4(kernel_hwio, in_c, out_c, weights.data());
       run = k.conv3x3_winograd;
@@ -129,7 +129,7 @@ ConvShape check_conv3x3_args(const FloatArray& x, const FloatArray& kernel, cons
 }
 
 FloatArray run_conv3x3(const FloatArray& x, const FloatArray& kernel, const FloatArray& bias, bool relu,
-                       const std::string& isa, ConvAlgorithm algorithm) {
+                       const std::string& isa, KernelAlgorithm algorithm) {
   const ConvShape s = check_conv3x3_args(x, kernel, bias);
   FloatArray y({s.n, s.h, s.w, s.f});
   const KernelTable* k = table_or_reference(isa);
@@ -150,12 +150,12 @@ FloatArray run_conv3x3(const FloatArray& x, const FloatArray& kernel, const Floa
 
 FloatArray test_conv3x3(const FloatArray& x, const FloatArray& kernel, const FloatArray& bias, bool relu,
                         const std::string& isa) {
-  return run_conv3x3(x, kernel, bias, relu, isa, ConvAlgorithm::Direct);
+  return run_conv3x3(x, kernel, bias, relu, isa, KernelAlgorithm::Direct);
 }
 
 FloatArray test_conv3x3_winograd(const FloatArray& x, const FloatArray& kernel, const FloatArray& bias, bool relu,
                                  const std::string& isa) {
-  return run_conv3x3(x, kernel, bias, relu, isa, ConvAlgorithm::Winograd);
+  return run_conv3x3(x, kernel, bias, relu, isa, KernelAlgorithm::Winograd);
 }
 
 // Median seconds of one kernel call on the first image of x, weights packed and the image
@@ -165,7 +165,7 @@ double time_conv3x3(const FloatArray& x, const FloatArray& kernel, const FloatAr
   const ConvShape s = check_conv3x3_args(x, kernel, bias);
   if (s.n < 1) throw py::value_error("x needs at least one image");
   if (repeats < 1) throw py::value_error("repeats must be at least 1");
-  const ConvAlgorithm a = parse_conv_algorithm(algorithm);
+  const KernelAlgorithm a = parse_conv_algorithm(algorithm);
   const KernelTable& k = kernels_for(isa);
   const float *xp = x.data(), *kp = kernel.data(), *bp = bias.data();
   py::gil_scoped_release release;
@@ -328,7 +328,15 @@ PYBIND11_MODULE(_core, m) {
         "Use the kernels of another supported instruction set (for testing and benchmarking).");
 
   py::class_<Network>(m, "Network")
-      .def(py::init<int>(), py::arg("input_channels"))
+      .def(py::init([](int input_channels, const std::string& precision) {
+             if (precision != "fast" && precision != "highest")
+               throw py::value_error("unknown precision '" + precision + "'; expected 'fast' or 'highest'");
+             return Network(input_channels, precision == "fast" ? ConvAlgorithm::Fast : ConvAlgorithm::Highest);
+           }),
+           py::arg("input_channels"), py::arg("precision") = "fast")
+      .def_property_readonly("precision", [](const Network& n) {
+        return std::string(n.algorithm() == ConvAlgorithm::Fast ? "fast" : "highest");
+      })
       .def("add_conv3x3", [](Network& n, int filters, const std::string& act) {
         return n.add_conv3x3(filters, parse_activation(act));
       }, py::arg("filters"), py::arg("activation"))
@@ -348,7 +356,7 @@ PYBIND11_MODULE(_core, m) {
       }, py::arg("height"), py::arg("width"))
       .def("weights_nbytes", [](const Network& n) {
         std::size_t total = 0;
-        for (int i = 0; i < n.layer_count(); ++i) total += (n.layer(i).weights.size() + n.layer(i).bias.size()) * sizeof(float);
+        for (int i = 0; i < n.layer_count(); ++i) total += (n.layer(i).weights.size() + n.layer(i).winograd_weights.size() + n.layer(i).bias.size()) * sizeof(float);
         return total;
       }, "Bytes held by the packed weights.")
       .def("set_conv3x3_weights", [](Network& n, int index, const FloatArray& kernel, const FloatArray& bias) {

@@ -30,7 +30,7 @@ std::size_t elements(const LayerShape& shape) {
 
 }  // namespace
 
-Network::Network(int input_channels) : input_channels_(input_channels) {
+Network::Network(int input_channels, ConvAlgorithm algorithm) : input_channels_(input_channels), algorithm_(algorithm) {
   if (input_channels <= 0) throw std::invalid_argument("input_channels must be positive");
 }
 
@@ -60,6 +60,7 @@ int Network::add_conv3x3(int filters, Activation activation) {
   layer.out_channels = filters;
   layer.activation = activation;
   layer.weights.resize(packed_conv3x3_size(layer.in_channels, filters));
+  if (runs_winograd(layer)) layer.winograd_weights.resize(packed_winograd_size(layer.in_channels, filters));
   layer.bias.resize(std::size_t(round_up_to_block(filters)));
   return add_layer(std::move(layer));
 }
@@ -138,6 +139,7 @@ void Network::set_conv3x3_weights(int index, const float* kernel_hwio, const flo
   check_index(index, LayerKind::Conv3x3);
   Layer& l = layers_[std::size_t(index)];
   pack_conv3x3(kernel_hwio, l.in_channels, l.out_channels, l.weights.data());
+  if (runs_winograd(l)) pack_winograd_f4x4(kernel_hwio, l.in_channels, l.out_channels, l.winograd_weights.data());
   std::copy(bias, bias + l.out_channels, l.bias.data());
   l.weights_loaded = true;
 }
@@ -220,8 +222,11 @@ void Network::forward(const float* images, int count, int height, int width, con
       next.height = shapes[i][0];
       next.width = shapes[i][1];
       zero_border(next);
-      if (l.kind == LayerKind::Conv3x3)
-        kernels.conv3x3(current, l.weights.data(), l.bias.data(), l.activation == Activation::Relu, next, threads);
+      const bool relu = l.activation == Activation::Relu;
+      if (l.kind == LayerKind::Conv3x3 && runs_winograd(l))
+        kernels.conv3x3_winograd(current, l.winograd_weights.data(), l.bias.data(), relu, next, threads);
+      else if (l.kind == LayerKind::Conv3x3)
+        kernels.conv3x3(current, l.weights.data(), l.bias.data(), relu, next, threads);
       else
         kernels.max_pool2x2(current, next, threads);
       if (float* dst = wanted[std::size_t(i)]) kernels.blocked_to_nhwc(next, dst + n * elements(shapes[i]));

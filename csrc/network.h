@@ -17,6 +17,14 @@ namespace fastvgg {
 
 enum class LayerKind { Conv3x3, MaxPool2x2, Flatten, GlobalPool, Dense };
 enum class Activation { Linear, Relu, Softmax };
+// Fast: Winograd F(4x4,3x3) where it pays, ~3e-6 relative error per layer. Highest: direct
+// convolution everywhere, for users who want the plain float32 sums.
+enum class ConvAlgorithm { Fast, Highest };
+
+// Winograd's GEMM depth is the input channel count: with 3 channels (block1_conv1) the
+// transforms cost more than they save (bench/conv_layers.py: 1.7-2.1 ms direct against
+// 2.7-4.6 ms Winograd on that layer); from one full channel block on it wins 2-2.8x.
+inline bool winograd_pays(int in_channels) { return in_channels >= kChannelBlock; }
 
 struct Layer {
   LayerKind kind;
@@ -24,7 +32,8 @@ struct Layer {
   int out_channels = 0;  // conv: filters; dense: units
   Activation activation = Activation::Linear;
   GlobalPoolMode pool_mode = GlobalPoolMode::Average;
-  AlignedBuffer weights;  // packed (see weights_pack.cpp)
+  AlignedBuffer weights;  // packed (see weights_pack.cpp); also what get_weights reads back
+  AlignedBuffer winograd_weights;  // conv only, when the layer runs by Winograd (winograd.cpp)
   AlignedBuffer bias;     // padded to a whole channel block
   bool weights_loaded = false;
 
@@ -36,7 +45,8 @@ using LayerShape = std::vector<int>;
 
 class Network {
  public:
-  explicit Network(int input_channels);
+  explicit Network(int input_channels, ConvAlgorithm algorithm = ConvAlgorithm::Fast);
+  ConvAlgorithm algorithm() const { return algorithm_; }
 
   int add_conv3x3(int filters, Activation activation);
   int add_max_pool2x2();
@@ -68,7 +78,12 @@ class Network {
   int add_layer(Layer layer);
   void check_index(int index, LayerKind expected) const;
 
+  bool runs_winograd(const Layer& layer) const {
+    return algorithm_ == ConvAlgorithm::Fast && winograd_pays(layer.in_channels);
+  }
+
   int input_channels_;
+  ConvAlgorithm algorithm_;
   std::vector<Layer> layers_;
 };
 

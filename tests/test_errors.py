@@ -138,6 +138,11 @@ def test_classes_must_be_a_positive_integer(classes):
         fastvgg.VGG16(None, input_shape=(32, 32, 3), classes=classes)
 
 
+def test_unknown_precision():
+    with pytest.raises(ValueError, match=r"`precision` must be 'fast' or 'highest'.*'low'"):
+        fastvgg.VGG16(None, include_top=False, precision="low")
+
+
 def test_unknown_pooling():
     with pytest.raises(ValueError, match=r"`pooling` must be None, 'avg' or 'max'.*'mean'"):
         fastvgg.VGG16(None, include_top=False, pooling="mean")

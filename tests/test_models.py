@@ -275,6 +275,19 @@ def test_notop_odd_sizes_with_every_pooling(notop_files, depth, hw, batch):
     assert_matches_reference(fixed.predict(x), block5_pool)
 
 
+@pytest.mark.parametrize("precision", ["fast", "highest"])
+def test_both_convolution_algorithms_match_the_reference(notop_files, precision):
+    # "fast" runs Winograd for every layer with 16 or more input channels, "highest" direct
+    # convolution everywhere; both must meet the parity bar, at a size whose rows are not
+    # multiples of Winograd's 4x4 tiles.
+    weights, path = notop_files[16]
+    x = sample_images(2, (70, 45), seed=5)
+    model = fastvgg.VGG16(path, include_top=False, precision=precision)
+    assert model._network.precision == precision
+    features = model.predict(x)
+    assert_matches_reference(features, nv.forward(x, weights, 16, include_top=False))
+
+
 @pytest.mark.parametrize("channels", [1, 4])
 def test_input_channels_other_than_three(channels):
     weights = nv.random_weights(16, include_top=False, in_channels=channels, seed=channels, bias_scale=BIAS_SCALE)
