@@ -138,6 +138,21 @@ def test_classes_must_be_a_positive_integer(classes):
         fastvgg.VGG16(None, input_shape=(32, 32, 3), classes=classes)
 
 
+def test_non_integer_input_shape():
+    with pytest.raises(ValueError, match=r"`input_shape` must be a tuple of three integers.*64\.7"):
+        fastvgg.VGG16(None, include_top=False, input_shape=(64.7, 64, 3))
+
+
+def test_model_set_weights_checks_every_array_before_writing():
+    model = fastvgg.VGG16(None, include_top=False, input_shape=(32, 32, 3), seed=1)
+    before = snapshot(model)
+    arrays = [np.zeros_like(a) for a in before]
+    arrays[-2] = np.zeros((3, 3, 512, 7), np.float32)  # block5_conv3's kernel, the last layer
+    with pytest.raises(ValueError, match=r"block5_conv3.*\(3, 3, 512, 512\).*\(3, 3, 512, 7\)"):
+        model.set_weights(arrays)
+    assert_weights_unchanged(model, before)
+
+
 def test_unknown_precision():
     with pytest.raises(ValueError, match=r"`precision` must be 'fast' or 'highest'.*'low'"):
         fastvgg.VGG16(None, include_top=False, precision="low")

@@ -16,6 +16,7 @@ import numpy as np
 from . import _core
 from .layers import (
     Conv2D,
+    _float_weights,
     Dense,
     Flatten,
     GlobalAveragePooling2D,
@@ -84,9 +85,14 @@ class Model:
         expected = sum(len(layer.weight_shapes()) for layer in weighted)
         if len(weights) != expected:
             raise ValueError(f"The model expects {expected} weight arrays, got {len(weights)}.")
+        # Check every array before writing any, so a bad one leaves the model as it was.
         it = iter(weights)
-        for layer in weighted:
-            layer.set_weights([next(it) for _ in layer.weight_shapes()])
+        checked = [
+            (layer, [_float_weights(layer.name, next(it), shape) for shape in layer.weight_shapes()])
+            for layer in weighted
+        ]
+        for layer, arrays in checked:
+            layer._assign(*arrays)
 
     def load_weights(self, filepath: Union[str, "os.PathLike[str]"]) -> None:
         """Loads weights from a Keras HDF5 file, matched to this model's layers by name."""
@@ -199,9 +205,12 @@ def _resolve_input_shape(input_shape, include_top: bool, weights: WeightsArg) ->
     default_shape = (DEFAULT_SIZE, DEFAULT_SIZE, 3)
     if input_shape is not None:
         try:
-            input_shape = tuple(None if d is None else int(d) for d in input_shape)
-        except (TypeError, ValueError):
+            dims = tuple(input_shape)
+        except TypeError:
             raise ValueError(f"`input_shape` must be a tuple of three integers. Received: {input_shape!r}") from None
+        if not all(d is None or (isinstance(d, (int, np.integer)) and not isinstance(d, bool)) for d in dims):
+            raise ValueError(f"`input_shape` must be a tuple of three integers. Received: {input_shape!r}")
+        input_shape = tuple(None if d is None else int(d) for d in dims)
     if weights == "imagenet" and include_top:
         if input_shape is not None and input_shape != default_shape:
             raise ValueError(
