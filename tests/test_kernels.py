@@ -12,50 +12,15 @@ import numpy as np
 import pytest
 
 from fastvgg import _core
-
-UNIT_ROUNDOFF = 2.0**-24
-ALL_ISAS = ["avx512", "avx2", "generic"]
-# Register tiles: 14 pixels on AVX-512, 6 on AVX2, 4 in plain C++; widths around them hit
-# every tail path. 16 channels make one block: 15 and 17 straddle it.
-VGG_CHANNEL_PAIRS = [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 512), (512, 512)]
-
-
-def isa_param(isa):
-    supported = isa in _core.available_isas()
-    return pytest.param(
-        isa, marks=pytest.mark.skipif(not supported, reason=f"this CPU or build has no {isa} kernels")
-    )
-
-
-ISAS = [isa_param(isa) for isa in ALL_ISAS]
-
-
-def gamma(k):
-    return k * UNIT_ROUNDOFF / (1 - k * UNIT_ROUNDOFF)
-
-
-def conv3x3_float64(x, kernel, bias):
-    """Exact (float64) 'same' 3x3 cross-correlation plus bias, no activation."""
-    n, h, w, _ = x.shape
-    padded = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
-    out = np.broadcast_to(bias.astype(np.float64), (n, h, w, kernel.shape[3])).copy()
-    for dy in range(3):
-        for dx in range(3):
-            out += padded[:, dy : dy + h, dx : dx + w, :] @ kernel[dy, dx].astype(np.float64)
-    return out
-
-
-def random_array(rng, shape):
-    return rng.standard_normal(shape).astype(np.float32)
-
-
-def assert_within(actual, exact, bound, what):
-    error = np.abs(actual.astype(np.float64) - exact)
-    worst = np.unravel_index(np.argmax(error - bound), error.shape)
-    assert np.all(error <= bound), (
-        f"{what}: error {error[worst]:.3g} exceeds bound {bound[worst]:.3g} at {worst} "
-        f"(got {actual[worst]}, exact {exact[worst]})"
-    )
+from kernel_checks import (
+    ISAS,
+    UNIT_ROUNDOFF,
+    VGG_CHANNEL_PAIRS,
+    assert_within,
+    conv3x3_float64,
+    gamma,
+    random_array,
+)
 
 
 def check_conv(isa, rng, n, h, w, cin, cout, relu):
@@ -75,6 +40,8 @@ def check_conv(isa, rng, n, h, w, cin, cout, relu):
     assert_within(fast, reference.astype(np.float64), 2 * bound, f"{isa} conv3x3 vs reference")
 
 
+# Register tiles are 14 pixels on AVX-512, 6 on AVX2 and 4 in plain C++: widths around them hit
+# every tail path. 16 channels make one block: 15 and 17 straddle it.
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize(
     "n, h, w, cin, cout",

@@ -28,10 +28,15 @@ import numpy as np
 import pytest
 
 from fastvgg import _core
+from kernel_checks import (
+    ISAS,
+    VGG_CHANNEL_PAIRS,
+    assert_within,
+    conv3x3_float64,
+    gamma,
+    random_array,
+)
 
-UNIT_ROUNDOFF = 2.0**-24
-ALL_ISAS = ["avx512", "avx2", "generic"]
-VGG_CHANNEL_PAIRS = [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 512), (512, 512)]
 # (name, height = width, input channels, output channels) of VGG16 at 224x224 input.
 VGG16_CONV_LAYERS = [
     ("block1_conv1", 224, 3, 64),
@@ -68,31 +73,6 @@ G = np.array(
 A_T = np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]], dtype=np.float64)
 
 
-def isa_param(isa):
-    supported = isa in _core.available_isas()
-    return pytest.param(
-        isa, marks=pytest.mark.skipif(not supported, reason=f"this CPU or build has no {isa} kernels")
-    )
-
-
-ISAS = [isa_param(isa) for isa in ALL_ISAS]
-
-
-def gamma(k):
-    return k * UNIT_ROUNDOFF / (1 - k * UNIT_ROUNDOFF)
-
-
-def conv3x3_float64(x, kernel, bias):
-    """Exact (float64) 'same' 3x3 cross-correlation plus bias, no activation."""
-    n, h, w, _ = x.shape
-    padded = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
-    out = np.broadcast_to(bias.astype(np.float64), (n, h, w, kernel.shape[3])).copy()
-    for dy in range(3):
-        for dx in range(3):
-            out += padded[:, dy : dy + h, dx : dx + w, :] @ kernel[dy, dx].astype(np.float64)
-    return out
-
-
 def winograd_float64(x, kernel, bias, b_t=B_T, g=G, a_t=A_T):
     """F(4x4, 3x3) in float64 on tiles with 'same' padding; with absolute values of the data and
     the matrices, the scale of the rounding errors."""
@@ -114,19 +94,6 @@ def winograd_error_bound(x, kernel, bias):
     """gamma_{K+24} times the computation on absolute values (see the module docstring)."""
     magnitude = winograd_float64(np.abs(x), np.abs(kernel), np.abs(bias), np.abs(B_T), np.abs(G), np.abs(A_T))
     return gamma(x.shape[3] + 24) * magnitude
-
-
-def random_array(rng, shape):
-    return rng.standard_normal(shape).astype(np.float32)
-
-
-def assert_within(actual, exact, bound, what):
-    error = np.abs(actual.astype(np.float64) - exact)
-    worst = np.unravel_index(np.argmax(error - bound), error.shape)
-    assert np.all(error <= bound), (
-        f"{what}: error {error[worst]:.3g} exceeds bound {bound[worst]:.3g} at {worst} "
-        f"(got {actual[worst]}, exact {exact[worst]})"
-    )
 
 
 def test_float64_model_of_the_transforms_is_a_convolution():
