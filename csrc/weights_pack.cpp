@@ -25,6 +25,8 @@ std::size_t packed_conv3x3_index(int in_blocks, int kh, int kw, int ic, int oc) 
 void pack_conv3x3(const float* kernel_hwio, int in_channels, int out_channels, float* packed) {
   std::fill(packed, packed + packed_conv3x3_size(in_channels, out_channels), 0.0f);
   const int in_blocks = channel_blocks(in_channels);
+  // Every (tap, channel pair) has its own slot, so the taps can be packed in parallel.
+#pragma omp parallel for collapse(2) schedule(static)
   for (int kh = 0; kh < 3; ++kh)
     for (int kw = 0; kw < 3; ++kw)
       for (int ic = 0; ic < in_channels; ++ic)
@@ -49,6 +51,8 @@ std::size_t packed_dense_size(int depth, int cols) {
 
 void pack_dense_rows(const float* kernel_rows, int first_row, int row_count, int depth, int cols, float* packed) {
   const std::size_t panel_stride = std::size_t(depth) * kChannelBlock;
+  // Rows land in disjoint slots of every panel: split them over threads.
+#pragma omp parallel for schedule(static)
   for (int r = 0; r < row_count; ++r) {
     const float* src = kernel_rows + std::size_t(r) * cols;
     const std::size_t k = std::size_t(first_row + r);
