@@ -50,13 +50,13 @@ int Network::add_conv3x3(int filters, Activation activation) {
   if (filters <= 0) throw std::invalid_argument("filters must be positive");
   if (activation == Activation::Softmax) throw std::invalid_argument("softmax is only supported after a dense layer");
   Layer layer{LayerKind::Conv3x3};
-  layer.in_channels = layers_.empty() ? input_channels_ : 0;
+  // Pooling keeps the channel count, so the input is whatever the last convolution made.
+  layer.in_channels = input_channels_;
   for (auto it = layers_.rbegin(); it != layers_.rend(); ++it)
     if (it->kind == LayerKind::Conv3x3) {
       layer.in_channels = it->out_channels;
       break;
     }
-  if (layer.in_channels == 0) layer.in_channels = input_channels_;
   layer.out_channels = filters;
   layer.activation = activation;
   layer.weights.resize(packed_conv3x3_size(layer.in_channels, filters));
