@@ -315,7 +315,8 @@ def _build(
     if weights is None:
         _initialize(model, seed)
     else:
-        from .weights import imagenet_weights_path, load_weights
+        from .download import imagenet_weights_path
+        from .weights import load_weights
 
         path = imagenet_weights_path(architecture, include_top) if weights == "imagenet" else weights
         load_weights(model, path)
