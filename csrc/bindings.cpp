@@ -281,20 +281,25 @@ FloatArray test_layout_roundtrip(const FloatArray& x, const std::string& isa) {
   return y;
 }
 
-py::list forward(const Network& net, const FloatArray& x, const std::vector<int>& output_layers) {
+py::list forward(const Network& net, const FloatArray& x, const std::vector<int>& output_layers,
+                 std::vector<bool> before_activation) {
   require_ndim(x, 4, "input");
   const int count = checked_int(x.shape(0), "batch"), height = checked_int(x.shape(1), "height"),
             width = checked_int(x.shape(2), "width");
   require_dim(x, 3, net.input_channels(), "input");
+  if (before_activation.empty()) before_activation.assign(output_layers.size(), false);
+  if (before_activation.size() != output_layers.size())
+    throw py::value_error("before_activation needs one flag per output layer");
   const std::vector<LayerShape> shapes = net.shapes(height, width);
   py::list results;
-  std::vector<float*> destinations;
-  for (int index : output_layers) {
+  std::vector<OutputRequest> requests;
+  for (std::size_t k = 0; k < output_layers.size(); ++k) {
+    const int index = output_layers[k];
     if (index < 0 || index >= net.layer_count()) throw py::index_error("output layer index out of range");
     std::vector<py::ssize_t> dims{count};
     dims.insert(dims.end(), shapes[std::size_t(index)].begin(), shapes[std::size_t(index)].end());
     FloatArray out(dims);
-    destinations.push_back(out.mutable_data());
+    requests.push_back({index, bool(before_activation[k]), out.mutable_data()});
     results.append(out);
   }
   const float* input = x.data();
@@ -302,7 +307,7 @@ py::list forward(const Network& net, const FloatArray& x, const std::vector<int>
   const int threads = thread_count();
   {
     py::gil_scoped_release release;
-    net.forward(input, count, height, width, output_layers, destinations, threads, kernels);
+    net.forward(input, count, height, width, requests, threads, kernels);
   }
   return results;
 }
@@ -403,8 +408,9 @@ PYBIND11_MODULE(_core, m) {
         }
         return py::make_tuple(kernel, bias);
       }, py::arg("index"))
-      .def("forward", &forward, py::arg("x"), py::arg("output_layers"),
-           "Runs a float32 NHWC batch; returns the outputs of the given layers, in that order.");
+      .def("forward", &forward, py::arg("x"), py::arg("output_layers"), py::arg("before_activation") = std::vector<bool>{},
+           "Runs a float32 NHWC batch; returns the outputs of the given layers, in that order. "
+           "before_activation[k] asks for convolution output_layers[k]'s sums before its ReLU.");
 
   py::module_ testing = m.def_submodule("testing", "Single kernels on NHWC arrays, for comparing ISAs with the reference.");
   testing.def("conv3x3", &test_conv3x3, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("relu"), py::arg("isa"));

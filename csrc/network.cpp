@@ -22,6 +22,14 @@ std::string describe(const LayerShape& shape) {
   return text + ")";
 }
 
+// Only used when a pre-activation output was asked for; `x < 0 ? 0 : x` keeps NaN as the
+// fused kernels do. The zero border stays zero.
+void relu_in_place(BlockedImage& image) {
+  float* data = image.data;
+  const std::size_t size = image.size();
+  for (std::size_t i = 0; i < size; ++i) data[i] = data[i] < 0.0f ? 0.0f : data[i];
+}
+
 std::size_t elements(const LayerShape& shape) {
   std::size_t n = 1;
   for (int d : shape) n *= std::size_t(d);
@@ -171,23 +179,27 @@ void Network::get_weights(int index, float* kernel, float* bias) const {
   std::copy(l.bias.data(), l.bias.data() + l.out_channels, bias);
 }
 
-void Network::forward(const float* images, int count, int height, int width, const std::vector<int>& output_layers,
-                      const std::vector<float*>& destinations, int threads, const KernelTable& kernels) const {
-  if (output_layers.empty()) return;
-  if (output_layers.size() != destinations.size()) throw std::invalid_argument("one destination per output layer");
+void Network::forward(const float* images, int count, int height, int width,
+                      const std::vector<OutputRequest>& outputs, int threads, const KernelTable& kernels) const {
+  if (outputs.empty()) return;
   const std::vector<LayerShape> shapes = this->shapes(height, width);
   int last = -1;
-  for (int index : output_layers) {
-    layer(index);
-    last = std::max(last, index);
+  for (const OutputRequest& request : outputs) {
+    const Layer& l = layer(request.layer);
+    if (request.before_activation && l.kind != LayerKind::Conv3x3)
+      throw std::invalid_argument("layer " + std::to_string(request.layer) +
+                                  " is not a convolution: only convolutions have a pre-activation output");
+    if (request.destination == nullptr) throw std::invalid_argument("an output request has no destination");
+    last = std::max(last, request.layer);
   }
   for (int i = 0; i <= last; ++i)
     if (layers_[std::size_t(i)].has_weights() && !layers_[std::size_t(i)].weights_loaded)
       throw std::logic_error("layer " + std::to_string(i) + " has no weights loaded");
 
-  // Destination of layer i, or nullptr when nobody asked for it.
-  std::vector<float*> wanted(std::size_t(last) + 1, nullptr);
-  for (std::size_t k = 0; k < output_layers.size(); ++k) wanted[std::size_t(output_layers[k])] = destinations[k];
+  // Destinations of layer i's output and of its pre-activation output, or nullptr.
+  std::vector<float*> wanted(std::size_t(last) + 1, nullptr), wanted_before(std::size_t(last) + 1, nullptr);
+  for (const OutputRequest& request : outputs)
+    (request.before_activation ? wanted_before : wanted)[std::size_t(request.layer)] = request.destination;
 
   int spatial_end = 0;  // layers [0, spatial_end) run per image
   while (spatial_end <= last && is_spatial(layers_[std::size_t(spatial_end)].kind)) ++spatial_end;
@@ -222,13 +234,20 @@ void Network::forward(const float* images, int count, int height, int width, con
       next.height = shapes[i][0];
       next.width = shapes[i][1];
       zero_border(next);
-      const bool relu = l.activation == Activation::Relu;
+      float* before_activation = wanted_before[std::size_t(i)];
+      // The pre-activation output needs the sums before ReLU: run the kernel without it and
+      // apply it afterwards, only when somebody asked.
+      const bool relu = l.activation == Activation::Relu && before_activation == nullptr;
       if (l.kind == LayerKind::Conv3x3 && runs_winograd(l))
         kernels.conv3x3_winograd(current, l.winograd_weights.data(), l.bias.data(), relu, next, threads);
       else if (l.kind == LayerKind::Conv3x3)
         kernels.conv3x3(current, l.weights.data(), l.bias.data(), relu, next, threads);
       else
         kernels.max_pool2x2(current, next, threads);
+      if (before_activation) {
+        kernels.blocked_to_nhwc(next, before_activation + n * elements(shapes[i]));
+        if (l.activation == Activation::Relu) relu_in_place(next);
+      }
       if (float* dst = wanted[std::size_t(i)]) kernels.blocked_to_nhwc(next, dst + n * elements(shapes[i]));
       std::swap(current, next);
     }

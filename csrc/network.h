@@ -40,6 +40,14 @@ struct Layer {
   bool has_weights() const { return kind == LayerKind::Conv3x3 || kind == LayerKind::Dense; }
 };
 
+// One output a caller asked for: a layer's output, or a convolution's output before its ReLU
+// (perceptual losses want those; Keras has no way to give them).
+struct OutputRequest {
+  int layer = 0;
+  bool before_activation = false;
+  float* destination = nullptr;  // count x the layer's shape, NHWC or flat
+};
+
 // What a layer produces for one image: spatial layers {height, width, channels}, flat ones {features}.
 using LayerShape = std::vector<int>;
 
@@ -69,10 +77,10 @@ class Network {
   void set_dense_bias(int index, const float* bias);
   void get_weights(int index, float* kernel, float* bias) const;
 
-  // Runs images (NHWC, float32) through the layers up to the deepest one in output_layers and
-  // writes each requested layer's output for all images to the matching destination.
-  void forward(const float* images, int count, int height, int width, const std::vector<int>& output_layers,
-               const std::vector<float*>& destinations, int threads, const KernelTable& kernels) const;
+  // Runs images (NHWC, float32) through the layers up to the deepest one requested and writes
+  // each requested output for all images to its destination.
+  void forward(const float* images, int count, int height, int width, const std::vector<OutputRequest>& outputs,
+               int threads, const KernelTable& kernels) const;
 
  private:
   int add_layer(Layer layer);

@@ -25,9 +25,16 @@ class Layer:
         self.name = name
         self.input_shape = input_shape
         self.output_shape = output_shape
-        # Set by the model: the network that runs this layer and the layer's index there.
+        # Set by the model: the network that runs this layer, the layer's index there, and the
+        # list of layers it was built in (what a Model(inputs, outputs) is cut from).
         self._network: Optional["Network"] = None
         self._index: Optional[int] = None
+        self._graph: Optional[List["Layer"]] = None
+
+    @property
+    def output(self) -> "LayerOutput":
+        """This layer's output as a symbolic tensor, for ``fastvgg.Model(inputs, outputs)``."""
+        return LayerOutput(self)
 
     def weight_shapes(self) -> List[Tuple[int, ...]]:
         """Shapes of the arrays ``get_weights`` returns, in Keras's order (kernel, bias)."""
@@ -60,6 +67,45 @@ class Layer:
 
     def __repr__(self) -> str:
         return f"<{self.class_name} name={self.name!r} output_shape={self.output_shape}>"
+
+
+class LayerOutput:
+    """A layer's output in a model's graph: what ``layer.output`` and ``model.input`` give, as
+    Keras's symbolic tensors do. It holds no numbers; ``fastvgg.Model`` takes it to choose
+    which outputs ``predict`` returns."""
+
+    def __init__(self, layer: Layer, before_activation: bool = False) -> None:
+        self.layer = layer
+        self.before_activation = before_activation
+
+    @property
+    def shape(self) -> Shape:
+        return self.layer.output_shape
+
+    @property
+    def dtype(self) -> str:
+        return "float32"
+
+    @property
+    def name(self) -> str:
+        return self.layer.name + (PREACT_SUFFIX if self.before_activation else "")
+
+    def __eq__(self, other) -> bool:
+        return (
+            isinstance(other, LayerOutput)
+            and other.layer is self.layer
+            and other.before_activation == self.before_activation
+        )
+
+    def __hash__(self) -> int:
+        return hash((id(self.layer), self.before_activation))
+
+    def __repr__(self) -> str:
+        return f"<LayerOutput name={self.name!r} shape={self.shape} dtype=float32>"
+
+
+# Appended to a convolution's name, it asks for the layer's sums before its ReLU.
+PREACT_SUFFIX = ":preact"
 
 
 def _float_weights(layer: str, array, shape: Tuple[int, ...]) -> np.ndarray:
@@ -99,6 +145,12 @@ class Conv2D(Layer):
 
     def weight_shapes(self):
         return [(3, 3, self.input_shape[-1], self.filters), (self.filters,)]
+
+    @property
+    def preact_output(self) -> LayerOutput:
+        """The convolution's output before its ReLU (bias added), which Keras cannot return:
+        perceptual and style losses often use it."""
+        return LayerOutput(self, before_activation=True)
 
     def _assign(self, kernel, bias):
         self._network.set_conv3x3_weights(self._index, _float32(kernel[()]), _float32(bias[()]))

@@ -9,12 +9,15 @@ predictions) or optional global pooling. Argument checks and their messages foll
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Sequence, Tuple, Union
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from . import _core
+from ._progress import progress_bar
 from .layers import (
+    PREACT_SUFFIX,
     Conv2D,
     _float_weights,
     Dense,
@@ -23,6 +26,7 @@ from .layers import (
     GlobalMaxPooling2D,
     InputLayer,
     Layer,
+    LayerOutput,
     MaxPooling2D,
 )
 
@@ -39,26 +43,60 @@ WeightsArg = Union[None, str, "os.PathLike[str]"]
 
 
 class Model:
-    """A VGG network: its layers in order, the outputs it returns, and ``predict``.
+    """A VGG network, or a part of one: its layers in order, the outputs it returns, ``predict``.
 
-    Models are built by :func:`VGG16` and :func:`VGG19`, not by hand.
+    :func:`VGG16` and :func:`VGG19` build whole models. As with Keras's functional API, a
+    model can also be cut from another one's tensors; it shares the layers and weights::
+
+        base = fastvgg.VGG16(None, include_top=False)
+        features = fastvgg.Model(inputs=base.input,
+                                 outputs=[base.get_layer("block3_conv3").output,
+                                          base.get_layer("block4_pool").output])
+
+    ``outputs`` may be one tensor, a list or tuple, or a dict (``predict`` then returns the same
+    structure). A convolution's ``preact_output`` is its output before the ReLU.
     """
 
-    def __init__(self, network, layers: List[Layer], outputs: List[Layer], name: str) -> None:
-        self._network = network
-        self.layers = layers
-        self.outputs = outputs
-        self.name = name
+    def __init__(self, inputs, outputs, name: Optional[str] = None) -> None:
+        input_tensor = _the_input(inputs)
+        graph = input_tensor.layer._graph
+        self._output_structure = outputs
+        self._output_list = _output_list(outputs)
+        for tensor in self._output_list:
+            if tensor.layer._graph is not graph:
+                raise ValueError(
+                    f"Output {tensor.name!r} is not connected to the inputs: it belongs to another model. "
+                    "Take inputs and outputs from the same model."
+                )
+        deepest = max(graph.index(tensor.layer) for tensor in self._output_list)
+        self._network = graph[1]._network
+        self.layers: List[Layer] = graph[: deepest + 1]
+        self.name = name if name is not None else "functional"
 
     # Keras's attribute names -------------------------------------------------------------
+    @property
+    def input(self) -> LayerOutput:
+        return self.layers[0].output
+
+    @property
+    def inputs(self) -> List[LayerOutput]:
+        return [self.input]
+
+    @property
+    def outputs(self) -> List[LayerOutput]:
+        return list(self._output_list)
+
+    @property
+    def output(self):
+        return self._output_structure
+
     @property
     def input_shape(self) -> Tuple[Optional[int], ...]:
         return self.layers[0].output_shape
 
     @property
     def output_shape(self):
-        shapes = [layer.output_shape for layer in self.outputs]
-        return shapes[0] if len(shapes) == 1 else shapes
+        return _map_structure(self._output_structure, lambda tensor: tensor.shape)
 
     def get_layer(self, name: Optional[str] = None, index: Optional[int] = None) -> Layer:
         if (name is None) == (index is None):
@@ -101,24 +139,74 @@ class Model:
         load_weights(self, filepath)
 
     # Inference ----------------------------------------------------------------------------
-    def predict(self, x, batch_size: int = 32) -> Union[np.ndarray, List[np.ndarray]]:
-        """Runs the model on an NHWC batch and returns float32 numpy output(s).
+    def predict(self, x, batch_size: int = 32, verbose: Union[int, str] = 0):
+        """Runs the model on an NHWC batch and returns float32 numpy output(s), structured as
+        the model's outputs (one array, a list, or a dict).
 
         ``x`` may have any integer or floating dtype and any memory layout; it is never
-        modified. The batch is processed ``batch_size`` images at a time.
+        modified. The batch is processed ``batch_size`` images at a time, so memory stays
+        bounded whatever the batch. ``verbose=1`` shows a progress bar over the batches
+        ("auto" shows it when stderr is a terminal); unlike Keras, the default is quiet.
         """
+        results = self._run(x, self._output_list, batch_size, verbose)
+        by_tensor = dict(zip(self._output_list, results))
+        return _map_structure(self._output_structure, lambda tensor: by_tensor[tensor])
+
+    def extract(self, x, layers: Sequence[str], batch_size: int = 32, verbose: Union[int, str] = 0) -> Dict[str, np.ndarray]:
+        """Outputs of several layers in one forward pass, as ``{name: array}``.
+
+        The pass stops at the deepest layer asked for. A convolution's name followed by
+        ``":preact"`` (e.g. ``"block5_conv4:preact"``) gives its output before the ReLU.
+        """
+        if isinstance(layers, str):
+            layers = [layers]
+        names = list(dict.fromkeys(layers))
+        if not names:
+            raise ValueError("`layers` is empty: name at least one layer, e.g. layers=['block4_pool'].")
+        tensors = [self._named_output(name) for name in names]
+        return dict(zip(names, self._run(x, tensors, batch_size, verbose)))
+
+    def _named_output(self, name) -> LayerOutput:
+        if not isinstance(name, str):
+            raise TypeError(f"Layer names must be strings, got {name!r}.")
+        layer_name, preact = (name[: -len(PREACT_SUFFIX)], True) if name.endswith(PREACT_SUFFIX) else (name, False)
+        layer = self.get_layer(layer_name)
+        if not preact:
+            return layer.output
+        if not isinstance(layer, Conv2D):
+            raise ValueError(
+                f"{name!r}: only convolution layers have a pre-activation output; {layer_name!r} is a "
+                f"{layer.class_name}. Use a name like 'block5_conv3{PREACT_SUFFIX}'."
+            )
+        return layer.preact_output
+
+    def _run(self, x, tensors: Sequence[LayerOutput], batch_size, verbose) -> List[np.ndarray]:
         x = self._checked_input(x)
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+        show_progress = _progress_wanted(verbose)
+        batch_size = int(batch_size)
         count, height, width = x.shape[:3]
-        indices = [layer._index for layer in self.outputs]
+        computed = [t for t in tensors if not isinstance(t.layer, InputLayer)]
+        indices = [t.layer._index for t in computed]
+        flags = [t.before_activation for t in computed]
         shapes = self._network.output_shapes(height, width)
-        results = [np.empty((count,) + tuple(shapes[i]), dtype=np.float32) for i in indices]
-        for start in range(0, count, int(batch_size)):
-            chunk = np.ascontiguousarray(x[start : start + int(batch_size)], dtype=np.float32)
-            for result, part in zip(results, self._network.forward(chunk, indices)):
-                result[start : start + len(chunk)] = part
-        return results[0] if len(results) == 1 else results
+        results = {
+            t: np.empty((count,) + (tuple(shapes[t.layer._index]) if t in computed else x.shape[1:]), dtype=np.float32)
+            for t in tensors
+        }
+        batches = range(0, count, batch_size)
+        with progress_bar(len(batches), unit="batch", desc=self.name, enabled=show_progress) as bar:
+            for start in batches:
+                chunk = np.ascontiguousarray(x[start : start + batch_size], dtype=np.float32)
+                parts = self._network.forward(chunk, indices, flags) if computed else []
+                for tensor, part in zip(computed, parts):
+                    results[tensor][start : start + len(chunk)] = part
+                for tensor in tensors:
+                    if tensor not in computed:
+                        results[tensor][start : start + len(chunk)] = chunk
+                bar.update(1)
+        return [results[t] for t in tensors]
 
     def _checked_input(self, x) -> np.ndarray:
         x = np.asarray(x)
@@ -177,6 +265,53 @@ class Model:
 
     def __repr__(self) -> str:
         return f"<fastvgg.Model {self.name!r} input_shape={self.input_shape} output_shape={self.output_shape}>"
+
+
+def _the_input(inputs) -> LayerOutput:
+    if isinstance(inputs, (list, tuple)) and len(inputs) == 1:
+        inputs = inputs[0]
+    if not isinstance(inputs, LayerOutput) or not isinstance(inputs.layer, InputLayer):
+        raise ValueError(
+            f"`inputs` must be a model's input tensor (e.g. `base.input`), got {inputs!r}. "
+            "VGG models have one input."
+        )
+    return inputs
+
+
+def _output_list(outputs) -> List[LayerOutput]:
+    if isinstance(outputs, dict):
+        tensors = list(outputs.values())
+    elif isinstance(outputs, (list, tuple)):
+        tensors = list(outputs)
+    else:
+        tensors = [outputs]
+    if not tensors:
+        raise ValueError("`outputs` is empty: pass at least one layer output, e.g. base.get_layer('block4_pool').output.")
+    for tensor in tensors:
+        if not isinstance(tensor, LayerOutput):
+            raise ValueError(
+                f"`outputs` must be layer outputs (e.g. base.get_layer('block4_pool').output), got {tensor!r}."
+            )
+    return tensors
+
+
+def _map_structure(structure, function):
+    """Applies ``function`` to the tensors of one tensor, a list, a tuple or a dict, keeping the
+    shape; a list or tuple of one gives its single element, as Keras's predict does."""
+    if isinstance(structure, dict):
+        return {key: function(value) for key, value in structure.items()}
+    if isinstance(structure, (list, tuple)):
+        values = [function(value) for value in structure]
+        return values[0] if len(values) == 1 else values
+    return function(structure)
+
+
+def _progress_wanted(verbose) -> bool:
+    if verbose == "auto":
+        return sys.stderr.isatty()
+    if isinstance(verbose, bool) or verbose not in (0, 1, 2):
+        raise ValueError(f"`verbose` must be 0, 1, 2 or 'auto', got {verbose!r}.")
+    return verbose != 0
 
 
 def _bytes_text(n: int) -> str:
@@ -280,6 +415,7 @@ def _build(
 
     network = _core.Network(shape[-1], precision)
     layers: List[Layer] = [InputLayer("input_layer", (None,) + shape, (None,) + shape)]
+    layers[0]._network = network
 
     def add(layer: Layer, index: int) -> None:
         layer._network, layer._index = network, index
@@ -311,7 +447,9 @@ def _build(
         layer = pool_class("global_average_pooling2d" if pooling == "avg" else "global_max_pooling2d", current)
         add(layer, network.add_global_pool(pooling))
 
-    model = Model(network, layers, [layers[-1]], name)
+    for layer in layers:
+        layer._graph = layers
+    model = Model(layers[0].output, layers[-1].output, name=name)
     if weights is None:
         _initialize(model, seed)
     else:
