@@ -183,19 +183,34 @@ def test_relu_classifier_with_a_weights_file(files):
 
 @pytest.mark.parametrize("include_top", [True, False])
 @pytest.mark.parametrize("depth", [16, 19])
-def test_imagenet_weights_not_cached(monkeypatch, tmp_path, depth, include_top):
+def test_imagenet_weights_not_cached_and_not_downloadable(monkeypatch, tmp_path, depth, include_top):
+    from fastvgg.download import BASE_URL_ENV, WeightsDownloadError
+
     (tmp_path / "keras").mkdir()
     (tmp_path / "fastvgg").mkdir()
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
     monkeypatch.setenv("FASTVGG_HOME", str(tmp_path / "fastvgg"))
+    # Nothing listens on port 9 here: the download fails at once, without the network.
+    unreachable = "http://127.0.0.1:9/keras-applications"
+    monkeypatch.setenv(BASE_URL_ENV, unreachable)
     filename = IMAGENET_FILES[(depth, include_top)]
-    with pytest.raises(FileNotFoundError) as raised:
+    with pytest.raises(WeightsDownloadError) as raised:
         CONSTRUCTORS[depth]("imagenet", include_top=include_top)
     message = str(raised.value)
     assert filename in message
-    assert f"{KERAS_WEIGHTS_URL}/vgg{depth}/{filename}" in message
+    assert f"{unreachable}/vgg{depth}/{filename}" in message
     # It must say where to put the file.
     assert str(tmp_path / "keras") in message
+
+
+@pytest.mark.parametrize("include_top", [True, False])
+@pytest.mark.parametrize("depth", [16, 19])
+def test_default_download_address_is_keras_s(monkeypatch, depth, include_top):
+    from fastvgg.download import BASE_URL_ENV, imagenet_weights_url
+
+    monkeypatch.delenv(BASE_URL_ENV, raising=False)
+    filename = IMAGENET_FILES[(depth, include_top)]
+    assert imagenet_weights_url(f"vgg{depth}", include_top) == f"{KERAS_WEIGHTS_URL}/vgg{depth}/{filename}"
 
 
 # predict inputs --------------------------------------------------------------------------------

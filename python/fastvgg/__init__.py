@@ -10,8 +10,9 @@ time) with the GIL released; this package holds the graph, the layer names and t
 
 import os as _os
 
-from . import _core
+from . import _core, image
 from ._core import __version__
+from .download import WeightsDownloadError
 from .imagenet import decode_predictions, preprocess_input
 from .models import VGG16, VGG19, Model
 
@@ -19,6 +20,8 @@ __all__ = [
     "VGG16",
     "VGG19",
     "Model",
+    "image",
+    "WeightsDownloadError",
     "preprocess_input",
     "decode_predictions",
     "set_num_threads",

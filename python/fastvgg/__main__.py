@@ -1,13 +1,69 @@
-"""Command line: ``fastvgg info`` and ``fastvgg demo`` (also ``python -m fastvgg``)."""
+"""Command line: ``fastvgg predict``, ``features``, ``info`` and ``demo`` (also ``python -m fastvgg``)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import numpy as np
+
+# Errors a user can fix (a wrong path, a bad layer name, a missing extra): one line on stderr
+# and exit status 1, not a traceback.
+USER_ERRORS = (ValueError, TypeError, OSError, ImportError)
+
+
+def _build_model(args, include_top: bool, input_shape=None):
+    import fastvgg
+
+    build = fastvgg.VGG16 if args.model == "vgg16" else fastvgg.VGG19
+    weights = None if args.weights == "none" else args.weights
+    return build(weights, include_top=include_top, input_shape=input_shape, precision=args.precision, seed=0)
+
+
+def _load_images(paths: Sequence[str], size) -> np.ndarray:
+    from fastvgg.image import img_to_array, load_img
+
+    return np.stack([img_to_array(load_img(path, target_size=tuple(size))) for path in paths])
+
+
+def _predict(args) -> int:
+    import fastvgg
+
+    model = _build_model(args, include_top=True)
+    x = fastvgg.preprocess_input(_load_images(args.images, model.input_shape[1:3]))
+    probs = model.predict(x, batch_size=args.batch_size)
+    if probs.shape[1] == 1000:
+        rows = fastvgg.decode_predictions(probs, top=args.top)
+    else:  # a fine-tuned top: no ImageNet names to give
+        rows = [
+            [(f"class {i}", "", float(p[i])) for i in np.argsort(p)[::-1][: args.top]]
+            for p in probs
+        ]
+    for path, ranked in zip(args.images, rows):
+        print(path)
+        print(f"  {'rank':<6}{'class':<32}{'wnid':<12}{'score':>8}")
+        for rank, (wnid, name, score) in enumerate(ranked, start=1):
+            label, ident = (name, wnid) if name else (wnid, "")
+            print(f"  {rank:<6}{label:<32}{ident:<12}{score:>8.4f}")
+    return 0
+
+
+def _features(args) -> int:
+    import fastvgg
+
+    model = _build_model(args, include_top=False, input_shape=(args.size[0], args.size[1], 3))
+    x = fastvgg.preprocess_input(_load_images(args.images, args.size))
+    features = model.extract(x, [args.layer], batch_size=args.batch_size)[args.layer]
+    if args.pooling is not None:
+        if features.ndim != 4:
+            raise ValueError(f"--pooling needs a spatial layer; {args.layer!r} gives shape {features.shape[1:]}.")
+        features = features.mean(axis=(1, 2)) if args.pooling == "avg" else features.max(axis=(1, 2))
+    np.save(args.output, features)
+    print(f"{args.output}: {args.layer} features of {len(args.images)} image(s), shape {features.shape}")
+    return 0
 
 
 def _info(_args) -> int:
@@ -25,18 +81,23 @@ def _demo(args) -> int:
     """Builds a model and times a prediction on a synthetic image: a smoke test of the install."""
     import fastvgg
 
+    from fastvgg.download import IMAGENET_FILES, weights_cache_dirs
+
     build = fastvgg.VGG16 if args.model == "vgg16" else fastvgg.VGG19
+    # The demo times the kernels on a synthetic image, so it never starts a 500 MB download:
+    # it uses the ImageNet file when a cache has it, and random weights otherwise.
+    filename, _ = IMAGENET_FILES[(args.model, True)]
+    cached = [os.path.join(d, filename) for d in weights_cache_dirs() if os.path.isfile(os.path.join(d, filename))]
     started = time.perf_counter()
-    try:
-        model = build("imagenet")
-        source = "ImageNet weights"
-    except FileNotFoundError:
+    if cached:
+        model = build(cached[0])
+        source = f"ImageNet weights ({cached[0]})"
+    else:
         model = build(None, seed=0)
         source = "random weights (no ImageNet file in the Keras or fastvgg cache)"
     loaded = time.perf_counter() - started
     rng = np.random.default_rng(0)
-    image = rng.uniform(0, 255, size=(1, 224, 224, 3)).astype(np.float32)
-    x = image[..., ::-1] - np.array([103.939, 116.779, 123.68], dtype=np.float32)  # Keras's caffe preprocessing
+    x = fastvgg.preprocess_input(rng.uniform(0, 255, size=(1, 224, 224, 3)).astype(np.float32))
     model.predict(x)  # first call warms caches and threads
     times = []
     for _ in range(args.repeat):
@@ -50,16 +111,52 @@ def _demo(args) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", choices=("vgg16", "vgg19"), default="vgg16")
+    parser.add_argument(
+        "--weights", default="imagenet",
+        help="'imagenet' (default; downloaded once if not cached), a Keras weights file, or 'none' for random weights",
+    )
+    parser.add_argument("--precision", choices=("fast", "highest"), default="fast")
+    parser.add_argument("--batch-size", type=int, default=32)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastvgg", description="Keras VGG16/VGG19 inference without TensorFlow.")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    predict = commands.add_parser("predict", help="classify images; prints the top classes of each")
+    predict.add_argument("images", nargs="+", metavar="IMAGE")
+    _add_model_options(predict)
+    predict.add_argument("--top", type=int, default=5, help="classes shown per image (default 5)")
+    predict.set_defaults(run=_predict)
+
+    features = commands.add_parser("features", help="save one layer's outputs for images as a .npy file")
+    features.add_argument("images", nargs="+", metavar="IMAGE")
+    features.add_argument("--layer", default="block5_pool", help="layer name, e.g. block4_pool or block5_conv3:preact")
+    features.add_argument("--pooling", choices=("avg", "max"), help="average or max over height and width")
+    features.add_argument("--size", type=int, nargs=2, default=(224, 224), metavar=("HEIGHT", "WIDTH"),
+                          help="images are resized to this (default 224 224)")
+    features.add_argument("-o", "--output", required=True, help="where to write the .npy array")
+    _add_model_options(features)
+    features.set_defaults(run=_features)
+
     commands.add_parser("info", help="version, chosen CPU kernels, threads").set_defaults(run=_info)
+
     demo = commands.add_parser("demo", help="build a model and time a prediction on a synthetic image")
     demo.add_argument("--model", choices=("vgg16", "vgg19"), default="vgg16")
     demo.add_argument("--repeat", type=int, default=5, help="timed predictions (default 5)")
     demo.set_defaults(run=_demo)
-    args = parser.parse_args(argv)
-    return args.run(args)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except USER_ERRORS as error:
+        print(f"fastvgg {args.command}: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
