@@ -51,13 +51,27 @@ std::size_t packed_dense_size(int depth, int cols) {
 
 void pack_dense_rows(const float* kernel_rows, int first_row, int row_count, int depth, int cols, float* packed) {
   const std::size_t panel_stride = std::size_t(depth) * kChannelBlock;
-  // Rows land in disjoint slots of every panel: split them over threads.
+  const int full_panels = cols / kChannelBlock, tail = cols % kChannelBlock;
+  // A group of rows is read once into cache (32 rows of fc1 are 512 KB) and written panel by
+  // panel as contiguous 2 KB runs; row by row, each row would scatter 64-byte pieces over
+  // every panel, and loading fc1 took twice as long.
+  constexpr int kRowsPerGroup = 32;
+  const int groups = (row_count + kRowsPerGroup - 1) / kRowsPerGroup;
 #pragma omp parallel for schedule(static)
-  for (int r = 0; r < row_count; ++r) {
-    const float* src = kernel_rows + std::size_t(r) * cols;
-    const std::size_t k = std::size_t(first_row + r);
-    for (int c = 0; c < cols; ++c)
-      packed[(c / kChannelBlock) * panel_stride + k * kChannelBlock + c % kChannelBlock] = src[c];
+  for (int g = 0; g < groups; ++g) {
+    const int begin = g * kRowsPerGroup, end = std::min(row_count, begin + kRowsPerGroup);
+    for (int p = 0; p < full_panels; ++p) {
+      float* panel = packed + std::size_t(p) * panel_stride + std::size_t(first_row) * kChannelBlock;
+      for (int r = begin; r < end; ++r)
+        std::copy_n(kernel_rows + std::size_t(r) * cols + std::size_t(p) * kChannelBlock, kChannelBlock,
+                    panel + std::size_t(r) * kChannelBlock);
+    }
+    if (tail != 0) {  // the last panel's padding columns stay as zeroed at allocation
+      float* panel = packed + std::size_t(full_panels) * panel_stride + std::size_t(first_row) * kChannelBlock;
+      for (int r = begin; r < end; ++r)
+        std::copy_n(kernel_rows + std::size_t(r) * cols + std::size_t(full_panels) * kChannelBlock, tail,
+                    panel + std::size_t(r) * kChannelBlock);
+    }
   }
 }
 
