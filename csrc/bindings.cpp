@@ -361,7 +361,12 @@ PYBIND11_MODULE(_core, m) {
       }, py::arg("height"), py::arg("width"))
       .def("weights_nbytes", [](const Network& n) {
         std::size_t total = 0;
-        for (int i = 0; i < n.layer_count(); ++i) total += (n.layer(i).weights.size() + n.layer(i).winograd_weights.size() + n.layer(i).bias.size()) * sizeof(float);
+        for (int i = 0; i < n.layer_count(); ++i) {
+          const Layer& l = n.layer(i);
+          total += (l.weights.size() + l.winograd_weights.size() + l.bias.size()) * sizeof(float);
+          total += l.winograd_correction.ulps.size() +
+                   l.winograd_correction.exact_index.size() * (sizeof(std::uint32_t) + sizeof(float));
+        }
         return total;
       }, "Bytes held by the packed weights.")
       .def("set_conv3x3_weights", [](Network& n, int index, const FloatArray& kernel, const FloatArray& bias) {

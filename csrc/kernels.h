@@ -6,6 +6,8 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
+#include <vector>
 
 #include "tensor.h"
 
@@ -75,6 +77,20 @@ void unpack_conv3x3(const float* packed, int in_channels, int out_channels, floa
 // Winograd F(4x4, 3x3): U = G g G^T per channel pair (winograd.cpp has the layout).
 std::size_t packed_winograd_size(int in_channels, int out_channels);
 void pack_winograd_f4x4(const float* kernel_hwio, int in_channels, int out_channels, float* packed);
+// The inverse transform: the kernel up to U's rounding (~1e-7 relative; see KernelCorrection).
+void unpack_winograd_f4x4(const float* packed, int in_channels, int out_channels, float* kernel_hwio);
+
+// What turns an approximate copy of a kernel into the exact one: per weight, how many float
+// steps (ulps) to move, and the exact value where that does not fit in a byte. For a layer
+// that runs by Winograd this (one byte a weight) replaces a second float copy of the kernel,
+// and get_weights still returns the loaded weights bit for bit.
+struct KernelCorrection {
+  std::vector<std::int8_t> ulps;
+  std::vector<std::uint32_t> exact_index;
+  std::vector<float> exact_value;
+};
+KernelCorrection correction_to(const float* exact, const float* approximate, std::size_t count);
+void apply_correction(const KernelCorrection& correction, float* approximate, std::size_t count);
 std::size_t packed_dense_size(int depth, int cols);
 void pack_dense_rows(const float* kernel_rows, int first_row, int row_count, int depth, int cols,
                      float* packed);

@@ -67,8 +67,10 @@ int Network::add_conv3x3(int filters, Activation activation) {
     }
   layer.out_channels = filters;
   layer.activation = activation;
-  layer.weights.resize(packed_conv3x3_size(layer.in_channels, filters));
-  if (runs_winograd(layer)) layer.winograd_weights.resize(packed_winograd_size(layer.in_channels, filters));
+  if (runs_winograd(layer))
+    layer.winograd_weights.resize(packed_winograd_size(layer.in_channels, filters), /*zeroed=*/false);
+  else
+    layer.weights.resize(packed_conv3x3_size(layer.in_channels, filters), /*zeroed=*/false);
   layer.bias.resize(std::size_t(round_up_to_block(filters)));
   return add_layer(std::move(layer));
 }
@@ -146,8 +148,15 @@ std::vector<LayerShape> Network::shapes(int height, int width) const {
 void Network::set_conv3x3_weights(int index, const float* kernel_hwio, const float* bias) {
   check_index(index, LayerKind::Conv3x3);
   Layer& l = layers_[std::size_t(index)];
-  pack_conv3x3(kernel_hwio, l.in_channels, l.out_channels, l.weights.data());
-  if (runs_winograd(l)) pack_winograd_f4x4(kernel_hwio, l.in_channels, l.out_channels, l.winograd_weights.data());
+  if (runs_winograd(l)) {
+    pack_winograd_f4x4(kernel_hwio, l.in_channels, l.out_channels, l.winograd_weights.data());
+    const std::size_t count = std::size_t(9) * l.in_channels * l.out_channels;
+    std::vector<float> recovered(count);
+    unpack_winograd_f4x4(l.winograd_weights.data(), l.in_channels, l.out_channels, recovered.data());
+    l.winograd_correction = correction_to(kernel_hwio, recovered.data(), count);
+  } else {
+    pack_conv3x3(kernel_hwio, l.in_channels, l.out_channels, l.weights.data());
+  }
   std::copy(bias, bias + l.out_channels, l.bias.data());
   l.weights_loaded = true;
 }
@@ -170,7 +179,12 @@ void Network::set_dense_bias(int index, const float* bias) {
 
 void Network::get_weights(int index, float* kernel, float* bias) const {
   const Layer& l = layer(index);
-  if (l.kind == LayerKind::Conv3x3)
+  if (l.has_weights() && !l.weights_loaded)
+    throw std::logic_error("layer " + std::to_string(index) + " has no weights loaded");
+  if (l.kind == LayerKind::Conv3x3 && runs_winograd(l)) {
+    unpack_winograd_f4x4(l.winograd_weights.data(), l.in_channels, l.out_channels, kernel);
+    apply_correction(l.winograd_correction, kernel, std::size_t(9) * l.in_channels * l.out_channels);
+  } else if (l.kind == LayerKind::Conv3x3)
     unpack_conv3x3(l.weights.data(), l.in_channels, l.out_channels, kernel);
   else if (l.kind == LayerKind::Dense)
     unpack_dense(l.weights.data(), l.in_channels, l.out_channels, kernel);

@@ -32,8 +32,11 @@ struct Layer {
   int out_channels = 0;  // conv: filters; dense: units
   Activation activation = Activation::Linear;
   GlobalPoolMode pool_mode = GlobalPoolMode::Average;
-  AlignedBuffer weights;  // packed (see weights_pack.cpp); also what get_weights reads back
+  AlignedBuffer weights;  // packed (see weights_pack.cpp); empty for a layer that runs by Winograd
   AlignedBuffer winograd_weights;  // conv only, when the layer runs by Winograd (winograd.cpp)
+  // With Winograd weights only, get_weights inverts the transform and applies this to return
+  // the loaded kernel exactly, for a quarter of the memory of a second float copy.
+  KernelCorrection winograd_correction;
   AlignedBuffer bias;     // padded to a whole channel block
   bool weights_loaded = false;
 

@@ -5,6 +5,7 @@
 //          kernel's input-channel loop visits them. Padding channels are zero.
 // dense:   Keras [depth][cols] -> column panels [cols/16][depth][16], zero-padded columns.
 #include <algorithm>
+#include <cstring>
 
 #include "kernels.h"
 
@@ -80,6 +81,56 @@ void unpack_dense(const float* packed, int depth, int cols, float* kernel) {
   for (int k = 0; k < depth; ++k)
     for (int c = 0; c < cols; ++c)
       kernel[std::size_t(k) * cols + c] = packed[(c / kChannelBlock) * panel_stride + std::size_t(k) * kChannelBlock + c % kChannelBlock];
+}
+
+namespace {
+// Floats as integers that count ulps: consecutive floats get consecutive keys, across zero too.
+std::int64_t ulp_key(float value) {
+  std::int32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  return bits >= 0 ? std::int64_t(bits) : std::int64_t(INT32_MIN) - bits;
+}
+
+float from_ulp_key(std::int64_t key) {
+  const std::int32_t bits = std::int32_t(key >= 0 ? key : std::int64_t(INT32_MIN) - key);
+  float value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+}
+
+bool same_bits(float a, float b) { return std::memcmp(&a, &b, sizeof a) == 0; }
+}  // namespace
+
+KernelCorrection correction_to(const float* exact, const float* approximate, std::size_t count) {
+  // INT8_MIN marks a weight kept whole (-0.0 and NaN payloads have no ulp distance that
+  // restores their bits, and some weights are too many ulps away).
+  constexpr std::int8_t kKeptWhole = INT8_MIN;
+  KernelCorrection correction;
+  correction.ulps.resize(count);
+  std::int8_t* ulps = correction.ulps.data();
+#pragma omp parallel for schedule(static)
+  for (std::int64_t i = 0; i < std::int64_t(count); ++i) {
+    const std::int64_t steps = ulp_key(exact[i]) - ulp_key(approximate[i]);
+    const bool fits = steps > INT8_MIN && steps <= INT8_MAX &&
+                      same_bits(from_ulp_key(ulp_key(approximate[i]) + steps), exact[i]);
+    ulps[i] = fits ? std::int8_t(steps) : kKeptWhole;
+  }
+  for (std::size_t i = 0; i < count; ++i)
+    if (ulps[i] == kKeptWhole) {
+      ulps[i] = 0;
+      correction.exact_index.push_back(std::uint32_t(i));
+      correction.exact_value.push_back(exact[i]);
+    }
+  return correction;
+}
+
+void apply_correction(const KernelCorrection& correction, float* approximate, std::size_t count) {
+  const std::int8_t* ulps = correction.ulps.data();
+#pragma omp parallel for schedule(static)
+  for (std::int64_t i = 0; i < std::int64_t(count); ++i)
+    if (ulps[i] != 0) approximate[i] = from_ulp_key(ulp_key(approximate[i]) + ulps[i]);
+  for (std::size_t k = 0; k < correction.exact_index.size(); ++k)
+    approximate[correction.exact_index[k]] = correction.exact_value[k];
 }
 
 }  // namespace fastvgg

@@ -194,7 +194,7 @@ class Dense(Layer):
 
     # Dense kernels are written in slices of this many rows: fc1 is 411 MB in float32 and
     # the loader should never hold a second copy of it.
-    rows_per_slice = 2048
+    rows_per_slice = 512
 
     def __init__(self, name: str, input_shape: Shape, units: int, activation: Optional[str]) -> None:
         super().__init__(name, input_shape, (input_shape[0], units))
