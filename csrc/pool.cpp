@@ -1,6 +1,10 @@
 // Pooling: 2x2 max-pool with stride 2 (odd sizes floor, as Keras's 'valid' pooling does) and
 // global average / max pooling down to one value per channel.
+//
+// A NaN anywhere in a window makes that window's maximum NaN, in every kernel: a NaN input
+// must come out as NaN, never as a plausible finite number (TensorFlow's MaxPool drops NaN).
 #include <algorithm>
+#include <cmath>
 #include <limits>
 
 #include "kernels.h"
@@ -21,7 +25,8 @@ void max_pool2x2(const BlockedImage& in, const BlockedImage& out, int threads) {
     for (int x = 0; x < out.width; ++x) {
       const float* t = top + 2 * x * kChannelBlock;
       const float* u = bottom + 2 * x * kChannelBlock;
-      const Vec16 m = max(max(load(t), load(t + kChannelBlock)), max(load(u), load(u + kChannelBlock)));
+      const Vec16 m = max_keep_nan(max_keep_nan(load(t), load(t + kChannelBlock)),
+                                    max_keep_nan(load(u), load(u + kChannelBlock)));
       store(dst + x * kChannelBlock, m);
     }
   }
@@ -35,7 +40,7 @@ void global_pool(const BlockedImage& in, GlobalPoolMode mode, float* out) {
       const float* row = in.at(b, y, 0);
       for (int x = 0; x < in.width; ++x) {
         const Vec16 v = load(row + x * kChannelBlock);
-        acc = mode == GlobalPoolMode::Max ? max(v, acc) : add(acc, v);
+        acc = mode == GlobalPoolMode::Max ? max_keep_nan(v, acc) : add(acc, v);
       }
     }
     store(lanes, acc);
@@ -50,6 +55,9 @@ void global_pool(const BlockedImage& in, GlobalPoolMode mode, float* out) {
 #if FASTVGG_ISA_IS_GENERIC
 namespace reference {
 
+// std::max(m, v) keeps m when v is NaN; this keeps the NaN, whichever argument holds it.
+inline float max_keep_nan(float m, float v) { return v > m || std::isnan(v) ? v : m; }
+
 void max_pool2x2(const float* x, int images, int height, int width, int channels, float* y) {
   const int out_h = height / 2, out_w = width / 2;
   for (int n = 0; n < images; ++n)
@@ -59,7 +67,7 @@ void max_pool2x2(const float* x, int images, int height, int width, int channels
           float m = -std::numeric_limits<float>::infinity();
           for (int dy = 0; dy < 2; ++dy)
             for (int dx = 0; dx < 2; ++dx)
-              m = std::max(m, x[((std::ptrdiff_t(n) * height + 2 * oy + dy) * width + 2 * ox + dx) * channels + c]);
+              m = max_keep_nan(m, x[((std::ptrdiff_t(n) * height + 2 * oy + dy) * width + 2 * ox + dx) * channels + c]);
           y[((std::ptrdiff_t(n) * out_h + oy) * out_w + ox) * channels + c] = m;
         }
 }
@@ -73,7 +81,7 @@ void global_pool(const float* x, int images, int height, int width, int channels
       for (int p = 0; p < height * width; ++p) {
         const float v = x[(std::ptrdiff_t(n) * height * width + p) * channels + c];
         sum += v;
-        m = std::max(m, v);
+        m = max_keep_nan(m, v);
       }
       y[std::ptrdiff_t(n) * channels + c] = mode == GlobalPoolMode::Max ? m : float(sum / (height * width));
     }

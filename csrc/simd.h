@@ -29,6 +29,12 @@ inline Vec16 zero() { return {_mm512_setzero_ps()}; }
 inline Vec16 fmadd(Vec16 a, Vec16 b, Vec16 c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
 inline Vec16 add(Vec16 a, Vec16 b) { return {_mm512_add_ps(a.v, b.v)}; }
 inline Vec16 max(Vec16 a, Vec16 b) { return {_mm512_max_ps(a.v, b.v)}; }
+// max_keep_nan(a, b) is NaN when a or b is (pooling must not hide a NaN). max_ps returns its
+// second operand when either is NaN, so only a NaN in `a` needs restoring.
+inline Vec16 max_keep_nan(Vec16 a, Vec16 b) {
+  const __mmask16 a_is_nan = _mm512_cmp_ps_mask(a.v, a.v, _CMP_UNORD_Q);
+  return {_mm512_mask_mov_ps(_mm512_max_ps(a.v, b.v), a_is_nan, a.v)};
+}
 
 // Conv: 2 output-channel blocks x 14 pixels = 28 accumulators + 2 weights + 1 input.
 // 14 divides every VGG row width at 224x224 input (224, 112, 56, 28, 14).
@@ -55,6 +61,11 @@ inline Vec16 fmadd(Vec16 a, Vec16 b, Vec16 c) {
 }
 inline Vec16 add(Vec16 a, Vec16 b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
 inline Vec16 max(Vec16 a, Vec16 b) { return {_mm256_max_ps(a.lo, b.lo), _mm256_max_ps(a.hi, b.hi)}; }
+inline Vec16 max_keep_nan(Vec16 a, Vec16 b) {
+  const __m256 lo = _mm256_max_ps(a.lo, b.lo), hi = _mm256_max_ps(a.hi, b.hi);
+  return {_mm256_blendv_ps(lo, a.lo, _mm256_cmp_ps(a.lo, a.lo, _CMP_UNORD_Q)),
+          _mm256_blendv_ps(hi, a.hi, _mm256_cmp_ps(a.hi, a.hi, _CMP_UNORD_Q))};
+}
 
 // Each Vec16 takes two of the 16 ymm registers: 6 pixels x 2 halves = 12 accumulators.
 constexpr int kConvTileWidth = 6;
@@ -95,6 +106,12 @@ inline Vec16 add(const Vec16& a, const Vec16& b) {
 inline Vec16 max(const Vec16& a, const Vec16& b) {
   Vec16 r;
   for (int i = 0; i < 16; ++i) r.v[i] = a.v[i] > b.v[i] ? a.v[i] : b.v[i];
+  return r;
+}
+inline Vec16 max_keep_nan(const Vec16& a, const Vec16& b) {
+  Vec16 r;
+  // a != a only for NaN; b's NaN falls through to the else branch.
+  for (int i = 0; i < 16; ++i) r.v[i] = a.v[i] > b.v[i] || a.v[i] != a.v[i] ? a.v[i] : b.v[i];
   return r;
 }
 

@@ -209,7 +209,19 @@ class Model:
         return [results[t] for t in tensors]
 
     def _checked_input(self, x) -> np.ndarray:
-        x = np.asarray(x)
+        if isinstance(x, np.ma.MaskedArray):
+            # np.asarray would silently use whatever numbers sit under the mask.
+            raise TypeError(
+                f"Model {self.name!r} does not accept masked arrays: the masked pixels would be used as they "
+                "are. Fill them first, e.g. x.filled(0)."
+            )
+        try:
+            x = np.asarray(x)
+        except ValueError as error:  # e.g. a list of images of different sizes
+            raise ValueError(
+                f"Input of model {self.name!r} cannot be read as one array ({error}). Pass a numpy array "
+                "of shape (batch, height, width, channels); every image of a batch must have the same size."
+            ) from None
         if x.dtype.kind not in "biuf":
             raise TypeError(
                 f"Model {self.name!r} expects a numeric array of images, got dtype {x.dtype}. "
@@ -223,17 +235,38 @@ class Model:
                 f"matching {expected}; got an array of shape {x.shape}.{hint}"
             )
         if x.shape[0] == 0:
-            raise ValueError(f"Input of model {self.name!r} is an empty batch (shape {x.shape}).")
+            raise ValueError(
+                f"Input of model {self.name!r} is an empty batch (shape {x.shape}): pass at least one image."
+            )
         for axis, (want, got) in enumerate(zip(expected[1:], x.shape[1:]), start=1):
-            if want is not None and want != got:
-                raise ValueError(
-                    f"Input of model {self.name!r} is incompatible: expected shape {expected}, "
-                    f"found shape {x.shape} (axis {axis} differs)."
+            if want is None or want == got:
+                continue
+            if x.shape[1] == expected[3] != x.shape[3]:
+                remedy = "The images look channels-first: transpose them with x.transpose(0, 2, 3, 1)."
+            elif axis < 3:
+                remedy = (
+                    "Resize the images to the model's input size, or build the model with a matching "
+                    "input_shape (without the top, any size of at least 32x32 goes in)."
                 )
+            elif (want, got) == (3, 1):
+                remedy = "Repeat the gray channel to make RGB, e.g. np.repeat(x, 3, axis=-1)."
+            elif (want, got) == (3, 4):
+                remedy = "Drop the alpha channel, e.g. x[..., :3]."
+            else:
+                remedy = f"Give the images {want} channels, or build the model with input_shape=(height, width, {got})."
+            raise ValueError(
+                f"Input of model {self.name!r} is incompatible: expected shape {expected}, "
+                f"found shape {x.shape} (axis {axis} differs). {remedy}"
+            )
         if x.shape[1] < MIN_SIZE or x.shape[2] < MIN_SIZE:
             raise ValueError(
-                f"Images must be at least {MIN_SIZE}x{MIN_SIZE} pixels; got {x.shape[1]}x{x.shape[2]}."
+                f"Images must be at least {MIN_SIZE}x{MIN_SIZE} pixels (five 2x2 poolings halve them); "
+                f"got {x.shape[1]}x{x.shape[2]}. Resize or pad them to at least {MIN_SIZE}x{MIN_SIZE}."
             )
+        if not x.flags.aligned:
+            # A float32 array at an odd byte offset (e.g. np.frombuffer with an offset) would reach
+            # the kernels as a misaligned float pointer, which C++ does not allow.
+            x = x.copy()
         return x
 
     # Presentation -------------------------------------------------------------------------

@@ -1,0 +1,71 @@
+"""The same input gives the same bits: run after run, with 1 or 2 threads, alone or in a batch.
+
+No kernel splits one output's sum between threads: convolutions (direct and Winograd) divide
+the work by output rows, tiles and channel blocks, and the dense layers by column panels, each
+summing its whole reduction in a fixed order that depends neither on the thread count nor on
+the other images of the batch. So nothing here is compared with a tolerance.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fastvgg
+
+
+def sample_images(count, hw, seed):
+    return np.random.default_rng(seed).uniform(-120, 140, (count,) + hw + (3,)).astype(np.float32)
+
+
+@pytest.fixture(scope="module", params=["fast", "highest"])
+def model(request):
+    # The top over a 64x64 input: convolutions, pools, flatten and all three dense layers
+    # (fc1 sees a 2x2x512 grid).
+    return fastvgg.VGG16(None, input_shape=(64, 64, 3), classes=10, classifier_activation=None, seed=2,
+                         precision=request.param)
+
+
+@pytest.fixture
+def restore_threads():
+    original = fastvgg.get_num_threads()
+    yield
+    fastvgg.set_num_threads(original)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_same_bits_run_after_run_and_for_any_thread_count(model, restore_threads, batch):
+    x = sample_images(batch, (64, 64), seed=batch)
+    results = {}
+    for threads in (1, 2, 1, 2):
+        fastvgg.set_num_threads(threads)
+        results.setdefault(threads, []).append(model.predict(x))
+        # Another size in between: reused scratch must not carry anything over.
+        model.predict(sample_images(2, (64, 64), seed=99), batch_size=1)
+    reference = results[1][0]
+    assert reference.shape == (batch, 10) and np.isfinite(reference).all()
+    assert len({r.tobytes() for runs in results.values() for r in runs}) == 1, (
+        "outputs differ between runs or thread counts; largest difference "
+        f"{max(float(np.abs(r - reference).max()) for runs in results.values() for r in runs):.3g}"
+    )
+
+
+def test_an_image_gives_the_same_bits_alone_and_in_a_batch(model, restore_threads):
+    x = sample_images(3, (64, 64), seed=7)
+    for threads in (1, 2):
+        fastvgg.set_num_threads(threads)
+        together = model.predict(x)
+        for i in range(3):
+            assert np.array_equal(model.predict(x[i : i + 1]), together[i : i + 1]), (threads, i)
+
+
+@pytest.mark.parametrize("precision", ["fast", "highest"])
+def test_features_without_the_top_for_any_thread_count(restore_threads, precision):
+    # A size whose tiles, rows and channel groups split unevenly between 1, 2 and 3 threads.
+    model = fastvgg.VGG16(None, include_top=False, pooling="avg", seed=4, precision=precision)
+    x = sample_images(3, (61, 83), seed=8)
+    outputs = []
+    for threads in (1, 2, 3):
+        fastvgg.set_num_threads(threads)
+        outputs.append(model.predict(x))
+    assert all(np.array_equal(out, outputs[0]) for out in outputs[1:])
