@@ -14,10 +14,18 @@
 #include <new>
 #include <utility>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 namespace fastvgg {
 
 constexpr int kChannelBlock = 16;
 constexpr std::size_t kAlignment = 64;
+// Buffers from this size on (packed weights, large activations) are aligned to 2 MB and
+// offered to the kernel as transparent huge pages: streaming fc1 then crosses a page boundary
+// every 2 MB instead of every 4 KB, and loading a model takes 512x fewer page faults.
+constexpr std::size_t kHugePageBytes = std::size_t(2) << 20;
 
 inline int channel_blocks(int channels) { return (channels + kChannelBlock - 1) / kChannelBlock; }
 inline int round_up_to_block(int channels) { return channel_blocks(channels) * kChannelBlock; }
@@ -47,9 +55,14 @@ class AlignedBuffer {
     data_ = nullptr;
     size_ = 0;
     if (count == 0) return;
-    std::size_t bytes = (count * sizeof(float) + kAlignment - 1) / kAlignment * kAlignment;
-    data_ = static_cast<float*>(std::aligned_alloc(kAlignment, bytes));
+    const std::size_t wanted = count * sizeof(float);
+    const std::size_t alignment = wanted >= 2 * kHugePageBytes ? kHugePageBytes : kAlignment;
+    std::size_t bytes = (wanted + alignment - 1) / alignment * alignment;
+    data_ = static_cast<float*>(std::aligned_alloc(alignment, bytes));
     if (!data_) throw std::bad_alloc();
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    if (alignment == kHugePageBytes) madvise(data_, bytes, MADV_HUGEPAGE);  // advice only: failure is harmless
+#endif
     if (zeroed) std::memset(data_, 0, bytes);
     size_ = count;
   }
