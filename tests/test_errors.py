@@ -300,7 +300,7 @@ def test_hdf5_without_keras_layout(tmp_path):
     path = tmp_path / "data.h5"
     with h5py.File(path, "w") as f:
         f.create_dataset("images", data=np.zeros((2, 3)))
-    with pytest.raises(ValueError, match=r"not in Keras's weights layout.*'layer_names'.*images"):
+    with pytest.raises(ValueError, match=r"in no Keras weights layout.*'layer_names'.*'layers' group.*images"):
         fastvgg.VGG16(path, include_top=False)
 
 

@@ -6,6 +6,7 @@ model's compiled network; ``get_weights`` and ``set_weights`` convert on the way
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -122,8 +123,20 @@ def _float_weights(layer: str, array, shape: Tuple[int, ...]) -> np.ndarray:
     return array
 
 
-def _float32(array) -> np.ndarray:
-    return np.ascontiguousarray(array, dtype=np.float32)
+def _float32(array, layer_name: str) -> np.ndarray:
+    """Contiguous float32 weights; warns when they hold NaN or Inf, which every output they
+    reach would then carry."""
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    # A float32 sum is finite whenever the values are (but for overflow, which the exact
+    # check then clears), and costs a fraction of np.isfinite's temporary array.
+    if not np.isfinite(array.sum()) and not np.isfinite(array).all():
+        warnings.warn(
+            f"Layer {layer_name!r}: its weights contain NaN or infinite values; every output they reach "
+            "will be NaN or infinite. Check the file or arrays they came from.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return array
 
 
 class InputLayer(Layer):
@@ -153,7 +166,7 @@ class Conv2D(Layer):
         return LayerOutput(self, before_activation=True)
 
     def _assign(self, kernel, bias):
-        self._network.set_conv3x3_weights(self._index, _float32(kernel[()]), _float32(bias[()]))
+        self._network.set_conv3x3_weights(self._index, _float32(kernel[()], self.name), _float32(bias[()], self.name))
 
 
 class MaxPooling2D(Layer):
@@ -206,6 +219,6 @@ class Dense(Layer):
 
     def _assign(self, kernel, bias):
         for first in range(0, kernel.shape[0], self.rows_per_slice):
-            rows = _float32(kernel[first : first + self.rows_per_slice])
+            rows = _float32(kernel[first : first + self.rows_per_slice], self.name)
             self._network.set_dense_kernel_rows(self._index, first, rows)
-        self._network.set_dense_bias(self._index, _float32(bias[()]))
+        self._network.set_dense_bias(self._index, _float32(bias[()], self.name))
