@@ -129,7 +129,9 @@ def _float32(array, layer_name: str) -> np.ndarray:
     array = np.ascontiguousarray(array, dtype=np.float32)
     # A float32 sum is finite whenever the values are (but for overflow, which the exact
     # check then clears), and costs a fraction of np.isfinite's temporary array.
-    if not np.isfinite(array.sum()) and not np.isfinite(array).all():
+    with np.errstate(invalid="ignore", over="ignore"):
+        suspicious = not np.isfinite(array.sum())
+    if suspicious and not np.isfinite(array).all():
         warnings.warn(
             f"Layer {layer_name!r}: its weights contain NaN or infinite values; every output they reach "
             "will be NaN or infinite. Check the file or arrays they came from.",
