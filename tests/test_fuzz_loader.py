@@ -21,7 +21,7 @@ import fastvgg
 import numpy_vgg as nv
 import weight_files as wf
 
-FUZZ = settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def metadata_ranges(path) -> list:
@@ -101,7 +101,7 @@ def test_mutated_keras_archives(valid_files, tmp_path, choices):
     load_or_clear_error(model, target)
 
 
-@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(cut=st.floats(0, 1, exclude_max=True))
 def test_truncated_files(valid_files, tmp_path, cut):
     files, model = valid_files

@@ -23,8 +23,11 @@ Layouts recognised (the file's content decides, never its extension):
 Layers a VGG does not have are ignored when their names are not VGG names (the head of a
 fine-tuned model); weights for a VGG layer this model lacks (``block3_conv4`` of a VGG19 file
 read into VGG16) are an error. Every dataset's shape and dtype is
-checked before any is read, so a file that does not fit leaves the model as it was. Nothing
-in a file is executed; external links, external storage and virtual datasets are refused.
+checked before any is read, so a file that does not fit leaves the model as it was; only data
+that cannot be read back (a damaged compressed chunk) shows up mid-load, and that error names
+the layer and says the earlier ones were loaded. Early Keras 3 files, which name no layers,
+are mapped by order only when they hold as many convolutions as the model. Nothing in a file
+is executed; external links, soft links, external storage and virtual datasets are refused.
 """
 
 from __future__ import annotations
@@ -322,6 +325,14 @@ def _keras3_layers(container, config_layers, model: Model, path: str, depth: int
             "conv2d": [layer.name for layer in model.layers if layer.class_name == "Conv2D"],
             "dense": [layer.name for layer in model.layers if layer.class_name == "Dense"],
         }
+        # Order alone says nothing when the counts differ (a VGG19 file read into VGG16 would
+        # otherwise fill block4_conv1 with block3_conv4's weights wherever the shapes agree).
+        convolutions = sum(_split_auto_name(a)[0] == "conv2d" for a, _ in unnamed)
+        if convolutions != len(by_class["conv2d"]):
+            raise ValueError(
+                f"{path!r} names no layers (an early Keras 3 file) and has {convolutions} convolutions; model "
+                f"{model.name!r} has {len(by_class['conv2d'])}, so the file is another VGG depth or another model."
+            )
         for auto_name, entry in unnamed:
             base, index = _split_auto_name(auto_name)
             candidates = by_class.get(base, [])
@@ -383,6 +394,13 @@ def load_weights(model: Model, filepath) -> None:
             stored = _stored_layers(handle, config, model, path)
             plan, theano = _checked_plan(model, stored, path)
             flipped = theano and "_tf_kernels" not in os.path.basename(path)
+        except (KeyError, RuntimeError, OSError, TypeError) as error:
+            if isinstance(error, (FileNotFoundError, IsADirectoryError)):
+                raise
+            raise ValueError(f"{path!r} is damaged or not a Keras weights file: {type(error).__name__}: {error}") from None
+        # Everything checkable was checked above, the model is still as it was; from here a
+        # failure means stored data that cannot be read back (a damaged chunk).
+        try:
             for layer, (kernel, bias) in plan:
                 if theano and layer.class_name == "Conv2D":
                     kernel = np.asarray(kernel[()])
@@ -393,9 +411,10 @@ def load_weights(model: Model, filepath) -> None:
                     kernel = _theano_fc1_rows(np.asarray(kernel[()]), model)
                 layer._assign(kernel, bias)
         except (KeyError, RuntimeError, OSError, TypeError) as error:
-            if isinstance(error, (FileNotFoundError, IsADirectoryError)):
-                raise
-            raise ValueError(f"{path!r} is damaged or not a Keras weights file: {type(error).__name__}: {error}") from None
+            raise ValueError(
+                f"{path!r} is damaged: reading layer {layer.name!r} failed ({type(error).__name__}: {error}). The "
+                "layers before it already hold this file's weights: load another file or rebuild the model."
+            ) from None
 
 
 def _theano_fc1_rows(kernel: np.ndarray, model: Model) -> np.ndarray:
