@@ -14,14 +14,10 @@ checks the hash only when it downloads.)
 from __future__ import annotations
 
 import hashlib
-import http.client
 import os
-import socket
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from typing import List, Optional, Sequence
 
 from ._progress import progress_bar
@@ -156,6 +152,12 @@ def _download(url: str, destination: str, expected_md5: str, progress: bool) -> 
 
 
 def _stream_to(url: str, out, expected_md5: str, progress: bool, destination: str) -> None:
+    # Imported here: urllib.request brings ssl, ~5 MB of memory that only a download needs.
+    import http.client
+    import socket
+    import urllib.error
+    import urllib.request
+
     md5 = hashlib.md5()
     received = 0
     try:

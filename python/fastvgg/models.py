@@ -491,7 +491,21 @@ def _build(
 
         path = imagenet_weights_path(architecture, include_top) if weights == "imagenet" else weights
         load_weights(model, path)
+    _return_freed_heap()
     return model
+
+
+def _return_freed_heap() -> None:
+    """Hands the read buffers freed during loading back to the OS (glibc keeps ~20 MB of them
+    otherwise), so the loaded model's resident memory is its packed weights."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        pass
 
 
 def _initialize(model: Model, seed: Optional[int]) -> None:
