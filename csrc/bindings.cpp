@@ -18,6 +18,10 @@
 #include "network.h"
 
 namespace py = pybind11;
+
+namespace fastvgg {
+double fma_peak_gflops(int threads, long iterations, const std::string& isa);  // csrc/fma_peak.cpp
+}
 using namespace fastvgg;
 
 namespace {
@@ -435,4 +439,9 @@ PYBIND11_MODULE(_core, m) {
     return y;
   }, py::arg("x"));
   testing.def("layout_roundtrip", &test_layout_roundtrip, py::arg("x"), py::arg("isa"));
+  testing.def("fma_peak_gflops", [](int threads, long iterations, const std::string& isa) {
+    py::gil_scoped_release release;
+    return fma_peak_gflops(threads, iterations, isa);
+  }, py::arg("threads"), py::arg("iterations") = 20000000L, py::arg("isa") = "auto",
+     "Measured fp32 FMA GFLOP/s of `threads` threads (csrc/fma_peak.cpp), for bench/.");
 }

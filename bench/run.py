@@ -1,0 +1,540 @@
+"""fastvgg against every installed peer, same weights, same inputs, same threads, in one run.
+
+    pip install ".[bench]" && python bench/run.py            # full run, writes bench/results.md
+    python bench/run.py --quick                              # smoke run: batch 1, few repeats
+
+Contenders: fastvgg, Keras 3 (`predict` and a tf.function call), ONNX Runtime, OpenVINO (f32
+forced and its default precision) and PyTorch (channels_last, inference_mode); a peer that is
+not installed is skipped and the report says so. Keras is required: its random, seeded VGG is
+the source of the weights (saved to .h5 for fastvgg, converted for the others) and its
+predictions are the reference every contender is checked against before it is timed.
+
+The report (markdown, printed and written to --output) has: the machine; ms/image (median and
+min-max), images/s and the time ratio to fastvgg for VGG16 at batch 1, 8, 32 (224x224, with the
+top), VGG16 without the top at 480x640 and VGG19 at batch 1, with each contender's agreement
+with Keras; fastvgg per conv layer (effective GFLOP/s against the FMA peak measured here, 1 vs 2
+threads) and per dense layer (GB/s against a measured streaming read); load time and peak RSS of
+each contender in its own fresh subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def pin_threads(threads: int) -> None:
+    # Every runtime reads these when it starts its pool, so they must be set before any import.
+    for var in ("FASTVGG_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                "TF_NUM_INTRAOP_THREADS"):
+        os.environ[var] = str(threads)
+    os.environ["TF_NUM_INTEROP_THREADS"] = "1"
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+# ---------------------------------------------------------------- weights and peer models
+
+
+def keras_layers(keras_model):
+    """[(kind, kernel, bias)] of the conv/pool/dense layers in order, Keras layout."""
+    out = []
+    for layer in keras_model.layers:
+        kind = type(layer).__name__
+        if kind == "Conv2D":
+            out.append(("conv",) + tuple(layer.get_weights()))
+        elif kind == "MaxPooling2D":
+            out.append(("pool", None, None))
+        elif kind == "Dense":
+            out.append(("dense",) + tuple(layer.get_weights()))
+    return out
+
+
+def build_onnx(layers, include_top: bool, path: str) -> None:
+    """NHWC in, NHWC (or class) out, the convolutions in NCHW as ONNX wants."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, inits = [], []
+    nodes.append(helper.make_node("Transpose", ["input"], ["t0"], perm=[0, 3, 1, 2]))
+    current, n = "t0", 0
+    for kind, kernel, bias in layers:
+        n += 1
+        if kind == "conv":
+            inits += [numpy_helper.from_array(np.ascontiguousarray(kernel.transpose(3, 2, 0, 1)), f"w{n}"),
+                      numpy_helper.from_array(bias, f"b{n}")]
+            nodes.append(helper.make_node("Conv", [current, f"w{n}", f"b{n}"], [f"c{n}"], kernel_shape=[3, 3],
+                                          pads=[1, 1, 1, 1]))
+            nodes.append(helper.make_node("Relu", [f"c{n}"], [f"r{n}"]))
+            current = f"r{n}"
+        elif kind == "pool":
+            nodes.append(helper.make_node("MaxPool", [current], [f"p{n}"], kernel_shape=[2, 2], strides=[2, 2]))
+            current = f"p{n}"
+        else:
+            if current.startswith("p"):  # first dense: Keras flattens NHWC, so fc1's rows are in that order
+                nodes.append(helper.make_node("Transpose", [current], ["nhwc"], perm=[0, 2, 3, 1]))
+                nodes.append(helper.make_node("Flatten", ["nhwc"], ["flat"], axis=1))
+                current = "flat"
+            inits += [numpy_helper.from_array(kernel, f"w{n}"), numpy_helper.from_array(bias, f"b{n}")]
+            nodes.append(helper.make_node("Gemm", [current, f"w{n}", f"b{n}"], [f"g{n}"]))
+            last = n == len(layers)
+            nodes.append(helper.make_node("Softmax" if last else "Relu", [f"g{n}"], [f"a{n}"], **({"axis": -1} if last else {})))
+            current = f"a{n}"
+    if include_top:
+        nodes.append(helper.make_node("Identity", [current], ["output"]))
+        out = helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", layers[-1][1].shape[1]])
+    else:
+        nodes.append(helper.make_node("Transpose", [current], ["output"], perm=[0, 2, 3, 1]))
+        out = helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", "h", "w", 512])
+    graph = helper.make_graph(nodes, "vgg", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", "H", "W", 3])],
+                              [out], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+
+
+def build_torch(layers, include_top: bool):
+    import torch
+    from torch import nn
+
+    modules = []
+    for kind, kernel, bias in layers:
+        if kind == "conv":
+            conv = nn.Conv2d(kernel.shape[2], kernel.shape[3], 3, padding=1)
+            conv.weight.data = torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy())
+            conv.bias.data = torch.from_numpy(bias.copy())
+            modules += [conv, nn.ReLU()]
+        elif kind == "pool":
+            modules.append(nn.MaxPool2d(2))
+        else:
+            if isinstance(modules[-1], nn.MaxPool2d):
+                modules += [NHWC(), nn.Flatten()]
+            dense = nn.Linear(kernel.shape[0], kernel.shape[1])
+            dense.weight.data = torch.from_numpy(kernel.T.copy())
+            dense.bias.data = torch.from_numpy(bias.copy())
+            modules += [dense, nn.ReLU()]
+    if include_top:
+        modules[-1] = nn.Softmax(dim=-1)
+    else:
+        modules.append(NHWC())
+    return nn.Sequential(*modules).eval().to(memory_format=torch.channels_last)
+
+
+def _nhwc_module():
+    from torch import nn
+
+    class _NHWC(nn.Module):
+        def forward(self, x):
+            return x.permute(0, 2, 3, 1)
+
+    return _NHWC
+
+
+def NHWC():
+    return _nhwc_module()()
+
+
+def torch_runner(model):
+    import torch
+
+    def run(x):
+        with torch.inference_mode():
+            # NHWC numpy viewed as NCHW is exactly channels_last memory: no copy.
+            return model(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+
+    return run
+
+
+def openvino_runner(onnx_path: str, threads: int, f32: bool):
+    import openvino as ov
+
+    core = ov.Core()
+    config = {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}
+    if f32:
+        config["INFERENCE_PRECISION_HINT"] = "f32"
+    compiled = {}
+
+    def run(x):
+        # One compiled model per input shape: static shapes are OpenVINO's fast path.
+        if x.shape not in compiled:
+            model = core.read_model(onnx_path)
+            model.reshape({"input": list(x.shape)})
+            compiled[x.shape] = core.compile_model(model, "CPU", config)
+        return compiled[x.shape]([x])[0]
+
+    return run
+
+
+def onnxruntime_runner(onnx_path: str, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
+    return lambda x: session.run(["output"], {"input": x})[0]
+
+
+PEERS = ["fastvgg", "keras predict", "keras tf.function", "onnxruntime", "openvino f32", "openvino default", "torch"]
+PEER_MODULES = {"onnxruntime": ("onnx", "onnxruntime"), "openvino f32": ("onnx", "openvino"),
+                "openvino default": ("onnx", "openvino"), "torch": ("torch",)}
+
+
+def installed(name: str) -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in PEER_MODULES.get(name, ()))
+
+
+def make_contenders(keras_model, h5_path, onnx_path, include_top, input_shape, threads, names):
+    import fastvgg
+    import tensorflow as tf
+
+    arch = "vgg19" if len([l for l in keras_model.layers if type(l).__name__ == "Conv2D"]) == 16 else "vgg16"
+    build = fastvgg.VGG19 if arch == "vgg19" else fastvgg.VGG16
+    layers = keras_layers(keras_model)
+    runners = {}
+    for name in names:
+        if name == "fastvgg":
+            ours = build(h5_path, include_top=include_top, input_shape=input_shape)
+            runners[name] = lambda x, m=ours: m.predict(x, batch_size=len(x))
+        elif name == "keras predict":
+            runners[name] = lambda x: keras_model.predict(x, batch_size=len(x), verbose=0)
+        elif name == "keras tf.function":
+            call = tf.function(lambda x: keras_model(x, training=False))
+            runners[name] = lambda x, c=call: c(x).numpy()
+        elif name == "onnxruntime":
+            runners[name] = onnxruntime_runner(onnx_path, threads)
+        elif name.startswith("openvino"):
+            runners[name] = openvino_runner(onnx_path, threads, f32=name.endswith("f32"))
+        elif name == "torch":
+            runners[name] = torch_runner(build_torch(layers, include_top))
+    return runners
+
+
+# ---------------------------------------------------------------- timing
+
+
+def timed(run, x, repeats: int, budget_s: float):
+    """(output of the untimed warm-up call, [seconds of each timed call])."""
+    output = run(x)  # warm-up: allocation, thread pools, graph tracing and compilation
+    seconds = []
+    started = time.perf_counter()
+    while len(seconds) < repeats and (len(seconds) < min(3, repeats) or time.perf_counter() - started < budget_s):
+        t = time.perf_counter()
+        run(x)
+        seconds.append(time.perf_counter() - t)
+    return output, seconds
+
+
+def agreement(out, ref, include_top: bool) -> str:
+    import numpy as np
+
+    if include_top:
+        top5 = lambda p: [set(row) for row in np.argsort(-p, axis=1)[:, :5]]
+        same = sum(a == b for a, b in zip(top5(out), top5(ref)))
+        return f"max abs {np.abs(out - ref).max():.1e}, top-5 same {same}/{len(ref)}"
+    rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
+    return f"rel L2 {rel:.1e}"
+
+
+def compare(title, keras_model, h5_path, onnx_path, include_top, input_shape, batches, threads, repeats, budget, names, lines):
+    import numpy as np
+
+    runners = make_contenders(keras_model, h5_path, onnx_path, include_top, input_shape, threads, names)
+    rng = np.random.default_rng(0)
+    lines += [f"### {title}", "",
+              "| contender | batch | ms/image median | min-max | images/s | time / fastvgg | agreement with Keras |",
+              "|---|---|---|---|---|---|---|"]
+    for batch in batches:
+        # Preprocessed-image range (caffe mode: BGR minus the ImageNet mean).
+        x = rng.uniform(-124, 152, (batch,) + input_shape).astype(np.float32)
+        reference = keras_model.predict(x, batch_size=batch, verbose=0)
+        base = None
+        for name, run in runners.items():
+            output, seconds = timed(run, x, repeats.get(batch, 3), budget)
+            check = agreement(np.asarray(output), reference, include_top)  # checked on the warm-up's output
+            per_image = [s / batch for s in seconds]
+            median = statistics.median(per_image)
+            base = base or median
+            row = (f"| {name} | {batch} | {median * 1e3:.1f} | {min(per_image) * 1e3:.1f}-{max(per_image) * 1e3:.1f} "
+                   f"| {1 / median:.2f} | {median / base:.2f}x | {check} |")
+            lines.append(row)
+            print(row, flush=True)
+    lines.append("")
+
+
+# ---------------------------------------------------------------- fastvgg per layer
+
+VGG16_CONVS = [(224, 3, 64), (224, 64, 64), (112, 64, 128), (112, 128, 128), (56, 128, 256), (56, 256, 256),
+               (56, 256, 256), (28, 256, 512), (28, 512, 512), (28, 512, 512), (14, 512, 512), (14, 512, 512),
+               (14, 512, 512)]
+CONV_NAMES = ["block1_conv1", "block1_conv2", "block2_conv1", "block2_conv2", "block3_conv1", "block3_conv2",
+              "block3_conv3", "block4_conv1", "block4_conv2", "block4_conv3", "block5_conv1", "block5_conv2",
+              "block5_conv3"]
+DENSES = [("fc1", 25088, 4096, "relu"), ("fc2", 4096, 4096, "relu"), ("predictions", 4096, 1000, "softmax")]
+
+
+def fma_peak(core, threads: int, quick: bool):
+    if not hasattr(core.testing, "fma_peak_gflops"):
+        return None  # an extension built before csrc/fma_peak.cpp
+    iterations = 5_000_000 if quick else 30_000_000
+    return max(core.testing.fma_peak_gflops(threads, iterations) for _ in range(3))
+
+
+def stream_read_gbps(threads: int) -> tuple:
+    """A streaming read measured two ways: numpy sum (one thread) and BLAS sgemv over an
+    fc1-sized matrix (`threads` threads, the dense layer's own access pattern)."""
+    import numpy as np
+
+    w = np.random.default_rng(1).standard_normal((25088, 4096), dtype=np.float32)
+    v = np.ones(25088, np.float32)
+    results = []
+    for fn in (lambda: w.sum(), lambda: v @ w):
+        results.append(w.nbytes / min(_best(fn, 7)) / 1e9)
+    return tuple(results)
+
+
+def _best(fn, repeats):
+    fn()
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def per_layer(threads: int, quick: bool, lines):
+    import numpy as np
+
+    from fastvgg import _core
+
+    isa = _core.active_isa()
+    repeats = 3 if quick else 11
+    peaks = {t: fma_peak(_core, t, quick) for t in sorted({1, threads})}
+    rng = np.random.default_rng(0)
+    lines += ["### fastvgg per layer (VGG16, batch 1, 224x224)", "",
+              f"Measured fp32 FMA peak ({isa}, csrc/fma_peak.cpp): "
+              + (", ".join(f"{p:.0f} GFLOP/s on {t} thread{'s' * (t > 1)}" for t, p in peaks.items())
+                 if peaks[threads] else "not in this build of the extension (rebuild fastvgg)") + ".", "",
+              "Effective GFLOP/s count direct-convolution FLOPs (2·H·W·Cin·Cout·9) whatever the algorithm, "
+              "so Winograd layers can pass the peak.", "",
+              f"| layer | algorithm | ms ({threads}T) | GFLOP/s | % of peak | ms (1T) | {threads}T/1T speedup |",
+              "|---|---|---|---|---|---|---|"]
+    total = {1: 0.0, threads: 0.0}
+    for name, (size, cin, cout) in zip(CONV_NAMES, VGG16_CONVS):
+        x = np.maximum(rng.standard_normal((1, size, size, cin)), 0).astype(np.float32)
+        kernel = (rng.standard_normal((3, 3, cin, cout)) * np.sqrt(2.0 / (9 * (cin + cout)))).astype(np.float32)
+        bias = np.zeros(cout, np.float32)
+        algorithm = "winograd" if cin >= 16 else "direct"  # what precision="fast" picks
+        flop = 2.0 * size * size * cin * cout * 9
+        ms = {}
+        for t in total:
+            _core.set_num_threads(t)
+            ms[t] = _core.testing.time_conv3x3(x, kernel, bias, algorithm, isa, repeats)
+            total[t] += ms[t]
+        gflops = flop / ms[threads] / 1e9
+        pct = f"{100 * gflops / peaks[threads]:.0f}%" if peaks[threads] else "n/a"
+        lines.append(f"| {name} | {algorithm} | {ms[threads] * 1e3:.2f} | {gflops:.0f} | {pct} | {ms[1] * 1e3:.2f} "
+                     f"| {ms[1] / ms[threads]:.2f} |")
+    lines.append(f"| all convs | | {total[threads] * 1e3:.1f} | | | {total[1] * 1e3:.1f} | {total[1] / total[threads]:.2f} |")
+    _core.set_num_threads(threads)
+
+    sum_gbps, gemv_gbps = stream_read_gbps(threads)
+    lines += ["", f"Measured streaming read of a 411 MB float32 matrix: numpy sum (1 thread) {sum_gbps:.1f} GB/s, "
+              f"numpy/BLAS sgemv ({threads} threads) {gemv_gbps:.1f} GB/s.", "",
+              f"| dense layer | weights MB | ms ({threads}T, batch 1) | GB/s |", "|---|---|---|---|"]
+    for name, depth, units, act in DENSES:
+        network = _core.Network(depth)
+        network.add_flatten()
+        index = network.add_dense(depth, units, act)
+        network.set_dense_kernel_rows(index, 0, (rng.standard_normal((depth, units)) * 0.01).astype(np.float32))
+        network.set_dense_bias(index, np.zeros(units, np.float32))
+        x = rng.standard_normal((1, 1, 1, depth)).astype(np.float32)
+        seconds = min(_best(lambda: network.forward(x, [index]), repeats * 2))
+        nbytes = depth * units * 4
+        lines.append(f"| {name} | {nbytes / 1e6:.0f} | {seconds * 1e3:.2f} | {nbytes / seconds / 1e9:.1f} |")
+    lines.append("")
+
+
+# ---------------------------------------------------------------- load time and peak memory
+
+
+def child(name: str, model_dir: str, threads: int) -> None:
+    """Fresh process: import, load VGG16, predict one image; prints JSON."""
+    started = time.perf_counter()
+    import numpy as np
+
+    h5, onnx_path, torch_path = (os.path.join(model_dir, f) for f in ("vgg16.h5", "vgg16.onnx", "vgg16_torch.pt"))
+    if name == "fastvgg":
+        import fastvgg
+    elif name.startswith("keras"):
+        import keras
+    elif name == "onnxruntime":
+        import onnxruntime  # noqa: F401
+    elif name.startswith("openvino"):
+        import openvino  # noqa: F401
+    elif name == "torch":
+        import torch
+    imported = time.perf_counter()
+    if name == "fastvgg":
+        run = lambda x, m=fastvgg.VGG16(h5): m.predict(x, batch_size=1)
+    elif name.startswith("keras"):
+        model = keras.models.load_model(h5, compile=False)
+        run = lambda x: model.predict(x, verbose=0)
+    elif name == "onnxruntime":
+        run = onnxruntime_runner(onnx_path, threads)
+    elif name.startswith("openvino"):
+        run = openvino_runner(onnx_path, threads, f32=name.endswith("f32"))
+    else:
+        model = torch.jit.load(torch_path)
+        run = torch_runner(model)
+    x = np.random.default_rng(0).uniform(-124, 152, (1, 224, 224, 3)).astype(np.float32)
+    loaded = time.perf_counter()
+    run(x)  # OpenVINO compiles here, on the first shape it sees
+    ready = time.perf_counter()
+    # Not ru_maxrss: Linux carries it across fork+exec, so a child would report the parent's
+    # peak. VmHWM belongs to this address space, which exec started afresh.
+    with open("/proc/self/status") as status:
+        hwm_kb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    print(json.dumps({"import_s": imported - started, "load_s": loaded - imported, "first_predict_s": ready - loaded,
+                      "peak_rss_mb": hwm_kb / 1024}))
+
+
+def load_and_memory(names, model_dir, threads, lines):
+    lines += ["### Load time and peak memory (VGG16, each in a fresh subprocess, warm page cache)", "",
+              "fastvgg and Keras read the .h5 file; ONNX Runtime and OpenVINO the .onnx file built from it; "
+              "PyTorch a TorchScript (traced) copy of the nn.Sequential. Load: from file to model object; first predict: one "
+              "224x224 image (OpenVINO compiles here). Peak RSS: VmHWM of the whole process (ru_maxrss would include the parent's, inherited across exec).", "",
+              "| contender | import s | load s | first predict s | load + first predict s | peak RSS MB |",
+              "|---|---|---|---|---|---|"]
+    for name in names:
+        if name == "keras tf.function":
+            continue  # same process footprint as keras predict
+        # The page cache is warm: the parent just wrote the files and imported the libraries.
+        done = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", name, "--model-dir", model_dir,
+                               "--threads", str(threads)], capture_output=True, text=True, env=os.environ.copy())
+        if done.returncode != 0:
+            lines.append(f"| {name} | failed: {done.stderr.strip().splitlines()[-1][:120]} | | | | |")
+            continue
+        r = json.loads(done.stdout.strip().splitlines()[-1])
+        label = "keras" if name == "keras predict" else name
+        lines.append(f"| {label} | {r['import_s']:.2f} | {r['load_s']:.2f} | {r['first_predict_s']:.2f} "
+                     f"| {r['load_s'] + r['first_predict_s']:.2f} | {r['peak_rss_mb']:.0f} |")
+        print(lines[-1], flush=True)
+    lines.append("")
+
+
+# ---------------------------------------------------------------- machine
+
+
+def machine(threads, names, missing):
+    import numpy as np
+
+    import fastvgg
+
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
+    versions = {"fastvgg": fastvgg.__version__, "numpy": np.__version__}
+    for module in ("tensorflow", "keras", "onnx", "onnxruntime", "openvino", "torch"):
+        try:
+            versions[module] = __import__(module).__version__
+        except ImportError:
+            pass
+    return ["# fastvgg benchmark", "",
+            f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+            f"- CPU: {cpu}, {os.cpu_count()} logical cores visible, this process may use {len(os.sched_getaffinity(0))}",
+            f"- fastvgg kernels: {fastvgg._core.active_isa()} (available: {', '.join(fastvgg._core.available_isas())})",
+            f"- threads: {threads} for every contender (intra-op; OMP/MKL/OpenBLAS env set before import)",
+            f"- Python {platform.python_version()}; " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+            f"- contenders: {', '.join(names)}" + (f"; not installed, skipped: {', '.join(missing)}" if missing else ""),
+            "- weights: Keras `applications.VGG16/VGG19(weights=None)` after `keras.utils.set_random_seed(0)`, saved "
+            "to .h5 (fastvgg loads it) and converted to ONNX (onnx.helper) and PyTorch (nn.Sequential).",
+            "- inputs: uniform in [-124, 152) (the range of caffe-preprocessed images), seeded; the same arrays for all.",
+            ""]
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: batch 1 only, few repeats")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", default=os.path.join(HERE, "results.md"))
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    pin_threads(args.threads)
+    if args.child:
+        child(args.child, args.model_dir, args.threads)
+        return 0
+
+    began = time.perf_counter()
+    import keras
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    import fastvgg
+
+    fastvgg.set_num_threads(args.threads)
+    names = [n for n in PEERS if installed(n)]
+    missing = [n for n in PEERS if n not in names]
+    if "torch" in names:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        torch.set_num_interop_threads(1)
+    lines = machine(args.threads, names, missing)
+    print("\n".join(lines), flush=True)
+    batches = [1] if args.quick else [1, 8, 32]
+    repeats = {1: 5, 8: 3, 32: 3} if args.quick else {1: 9, 8: 3, 32: 2}  # ~12 min on 2 cores
+    budget = 5.0 if args.quick else 20.0
+    onnx_wanted = any(n in names for n in ("onnxruntime", "openvino f32", "openvino default"))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        lines.append("## Speed and agreement\n")
+        for arch, include_top, shape, sizes in (("VGG16", True, (224, 224, 3), batches),
+                                               ("VGG16", False, (480, 640, 3), [1]),
+                                               ("VGG19", True, (224, 224, 3), [1])):
+            keras.utils.set_random_seed(0)
+            kmodel = getattr(keras.applications, arch)(weights=None, include_top=include_top, input_shape=shape)
+            stem = os.path.join(tmp, f"{arch.lower()}{'' if include_top else '_notop'}")
+            kmodel.save(stem + ".h5")  # Keras 3 writes the legacy HDF5 layout fastvgg reads
+            if onnx_wanted:
+                build_onnx(keras_layers(kmodel), include_top, stem + ".onnx")
+            if arch == "VGG16" and include_top and "torch" in names:
+                with torch.no_grad():  # TorchScript: a module file that loads without this script's classes
+                    example = torch.zeros(1, 3, 224, 224).to(memory_format=torch.channels_last)
+                    torch.jit.save(torch.jit.trace(build_torch(keras_layers(kmodel), True), example), stem + "_torch.pt")
+            title = f"{arch}, {'224x224 with the top (softmax)' if include_top else '480x640 without the top (block5_pool)'}"
+            print(f"\n{title}", flush=True)
+            compare(title, kmodel, stem + ".h5", stem + ".onnx", include_top, shape, sizes, args.threads, repeats,
+                    budget, names, lines)
+        lines.append("## fastvgg in detail\n")
+        per_layer(args.threads, args.quick, lines)
+        load_and_memory(names, tmp, args.threads, lines)
+    lines.append(f"Run took {time.perf_counter() - began:.0f} s ({'--quick' if args.quick else 'full run'}).")
+    report = "\n".join(lines) + "\n"
+    print(report)
+    with open(args.output, "w") as f:
+        f.write(report)
+    print(f"written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
