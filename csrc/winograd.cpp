@@ -414,8 +414,8 @@ std::size_t packed_winograd_size(int in_channels, int out_channels) {
 }
 
 void pack_winograd_f4x4(const float* kernel_hwio, int in_channels, int out_channels, float* packed) {
-  // Double precision: U is rounded to float once, at the end.
-  std::fill(packed, packed + packed_winograd_size(in_channels, out_channels), 0.0f);
+  // Double precision: U is rounded to float once, at the end. Every slot is written, the
+  // padding lanes of a partial last block as zeros (their g is zero), so nothing is cleared first.
   const int out_blocks = channel_blocks(out_channels);
   // Sixteen output channels at a time: their weights are contiguous in HWIO and their U
   // values in the packed layout, so the transform reads and writes whole runs. Each input
@@ -438,7 +438,7 @@ void pack_winograd_f4x4(const float* kernel_hwio, int in_channels, int out_chann
       for (int a = 0; a < kTileIn; ++a)
         for (int b = 0; b < kTileIn; ++b) {
           float* dst = packed + packed_winograd_index(a * kTileIn + b, out_blocks, in_channels, ic, ob * kChannelBlock);
-          for (int o = 0; o < lanes; ++o)
+          for (int o = 0; o < kChannelBlock; ++o)
             dst[o] = float(gg[a][0][o] * kG[b][0] + gg[a][1][o] * kG[b][1] + gg[a][2][o] * kG[b][2]);
         }
     }
