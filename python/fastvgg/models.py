@@ -69,7 +69,7 @@ class Model:
                     "Take inputs and outputs from the same model."
                 )
         deepest = max(graph.index(tensor.layer) for tensor in self._output_list)
-        self._network = graph[1]._network
+        self._network = input_tensor.layer._network
         self.layers: List[Layer] = graph[: deepest + 1]
         self.name = name if name is not None else "functional"
 
@@ -187,14 +187,14 @@ class Model:
         show_progress = _progress_wanted(verbose)
         batch_size = int(batch_size)
         count, height, width = x.shape[:3]
+        # The input layer's "output" is the input itself; every other tensor comes from the core.
+        echoed = [t for t in tensors if isinstance(t.layer, InputLayer)]
         computed = [t for t in tensors if not isinstance(t.layer, InputLayer)]
         indices = [t.layer._index for t in computed]
         flags = [t.before_activation for t in computed]
         shapes = self._network.output_shapes(height, width)
-        results = {
-            t: np.empty((count,) + (tuple(shapes[t.layer._index]) if t in computed else x.shape[1:]), dtype=np.float32)
-            for t in tensors
-        }
+        results = {t: np.empty((count,) + tuple(shapes[t.layer._index]), dtype=np.float32) for t in computed}
+        results.update({t: np.empty(x.shape, dtype=np.float32) for t in echoed})
         batches = range(0, count, batch_size)
         with progress_bar(len(batches), unit="batch", desc=self.name, enabled=show_progress) as bar:
             for start in batches:
@@ -202,9 +202,8 @@ class Model:
                 parts = self._network.forward(chunk, indices, flags) if computed else []
                 for tensor, part in zip(computed, parts):
                     results[tensor][start : start + len(chunk)] = part
-                for tensor in tensors:
-                    if tensor not in computed:
-                        results[tensor][start : start + len(chunk)] = chunk
+                for tensor in echoed:
+                    results[tensor][start : start + len(chunk)] = chunk
                 bar.update(1)
         return [results[t] for t in tensors]
 

@@ -320,14 +320,14 @@ def _keras3_layers(container, config_layers, model: Model, path: str, depth: int
     # Files of early Keras 3 releases name nothing: the k-th conv2d of the model that holds the
     # convolutions is its k-th Conv2D layer, and likewise for dense. Unnamed layers elsewhere
     # (a fine-tuned model's own head) stay unnamed and are ignored.
-    if any(_split_auto_name(a)[0] == "conv2d" for a, _ in unnamed):
+    convolutions = sum(_split_auto_name(a)[0] == "conv2d" for a, _ in unnamed)
+    if convolutions:
         by_class = {
             "conv2d": [layer.name for layer in model.layers if layer.class_name == "Conv2D"],
             "dense": [layer.name for layer in model.layers if layer.class_name == "Dense"],
         }
         # Order alone says nothing when the counts differ (a VGG19 file read into VGG16 would
         # otherwise fill block4_conv1 with block3_conv4's weights wherever the shapes agree).
-        convolutions = sum(_split_auto_name(a)[0] == "conv2d" for a, _ in unnamed)
         if convolutions != len(by_class["conv2d"]):
             raise ValueError(
                 f"{path!r} names no layers (an early Keras 3 file) and has {convolutions} convolutions; model "
