@@ -242,6 +242,8 @@ std::vector<OpSpec> validated(int input_channels, std::vector<OpSpec> ops) {
 
 Executor::Executor(int input_channels, std::vector<OpSpec> ops) : impl_(new Impl) {
   std::vector<OpSpec> checked = validated(input_channels, std::move(ops));
+  const auto [usable, reason] = device_status();
+  if (!usable) throw std::runtime_error("the CUDA executor cannot start: " + reason);
   impl_->input_channels = input_channels;
   impl_->device_id = device::current_device();
   impl_->stream = device::create_stream();

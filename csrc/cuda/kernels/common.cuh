@@ -31,7 +31,7 @@ struct LaunchGeometry {
   dim3 block;
 };
 
-inline unsigned blocks_for(long long count, int per_block) {
+__host__ __device__ inline unsigned blocks_for(long long count, int per_block) {
   return static_cast<unsigned>((count + per_block - 1) / per_block);
 }
 

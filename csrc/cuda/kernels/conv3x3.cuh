@@ -25,7 +25,7 @@ struct Conv3x3Problem {
   int pool;               // 1: 2x2 max-pool fused; output is floor(out/2) per side
 };
 
-inline long long conv3x3_gemm_rows(const Conv3x3Problem& p) {
+__host__ __device__ inline long long conv3x3_gemm_rows(const Conv3x3Problem& p) {
   if (p.pool) return 4LL * p.images * (p.out_height / 2) * (p.out_width / 2);
   return static_cast<long long>(p.images) * p.out_height * p.out_width;
 }

@@ -57,7 +57,7 @@ constexpr int kGemvMaxRows = 4;
 constexpr int kGemvThreads = 256;
 constexpr int kGemvSlice = 256;  // depth per block: fc1 gives 98 slices x 16 column blocks
 
-inline int gemv_slices(const DenseProblem& p) { return int(blocks_for(p.depth, kGemvSlice)); }
+__host__ __device__ inline int gemv_slices(const DenseProblem& p) { return int(blocks_for(p.depth, kGemvSlice)); }
 inline std::size_t gemv_workspace_floats(const DenseProblem& p) {
   return std::size_t(gemv_slices(p)) * p.rows * p.units;
 }

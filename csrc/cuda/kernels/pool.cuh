@@ -15,7 +15,7 @@ struct MaxPool2x2Problem {
   int images, height, width, channels;
 };
 
-inline long long max_pool2x2_outputs(const MaxPool2x2Problem& p) {
+__host__ __device__ inline long long max_pool2x2_outputs(const MaxPool2x2Problem& p) {
   return static_cast<long long>(p.images) * (p.height / 2) * (p.width / 2) * p.channels;
 }
 
