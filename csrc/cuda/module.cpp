@@ -106,7 +106,6 @@ std::unique_ptr<Executor> make_executor(const py::list& ops, int input_channels)
   }
 }
 
-std::vector<py::ssize_t> to_ssize(const std::vector<int>& v) { return {v.begin(), v.end()}; }
 
 FloatArray checked_images(const py::array& x_any, const Executor& e) {
   FloatArray x = FloatArray::ensure(x_any);
@@ -198,7 +197,8 @@ PYBIND11_MODULE(FASTVGG_CUDA_MODULE_NAME, m) {
   m.def("status", &fastvgg::cuda::device_status,
         "(usable, reason): whether a GPU can run this module's kernels, and what it is or why not");
 
-  py::class_<Executor>(m, "CudaExecutor")
+  // module_local: the emulated test build binds the same C++ type in the same process.
+  py::class_<Executor>(m, "CudaExecutor", py::module_local())
       .def(py::init(&make_executor), py::arg("ops"), py::arg("input_channels"),
            "Build from _core.Graph.describe()'s list of op dicts; weights are allocated on the GPU, unset.")
       .def_property_readonly("layer_count", &Executor::layer_count)
