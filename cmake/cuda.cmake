@@ -13,9 +13,22 @@ option(FASTVGG_CUDA_WERROR "Treat nvcc and ptxas warnings (register spills inclu
 option(FASTVGG_CUDA_PTXAS_VERBOSE "Print ptxas's register, shared memory and spill figures per kernel" OFF)
 
 if(FASTVGG_CUDA)
-  include(CheckLanguage)
-  check_language(CUDA)
-  if(NOT CMAKE_CUDA_COMPILER)
+  set(_fastvgg_no_nvcc FALSE)
+  if(CMAKE_CUDA_COMPILER)
+    # Named by the caller: it must exist (CMake's own error would not say what to do).
+    find_program(_fastvgg_nvcc NAMES "${CMAKE_CUDA_COMPILER}")
+    if(NOT _fastvgg_nvcc)
+      set(_fastvgg_no_nvcc TRUE)
+    endif()
+    unset(_fastvgg_nvcc CACHE)  # look again on the next configure
+  else()
+    include(CheckLanguage)
+    check_language(CUDA)
+    if(NOT CMAKE_CUDA_COMPILER)
+      set(_fastvgg_no_nvcc TRUE)
+    endif()
+  endif()
+  if(_fastvgg_no_nvcc)
     message(FATAL_ERROR
       "FASTVGG_CUDA=ON, but no CUDA compiler was found. Install the CUDA toolkit (12.0 or newer) and "
       "put nvcc on PATH or pass -DCMAKE_CUDA_COMPILER=/path/to/nvcc (pip: -C cmake.define.CMAKE_CUDA_COMPILER=...); "
