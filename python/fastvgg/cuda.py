@@ -8,6 +8,7 @@ nothing here raises unless a caller insists on CUDA (``require_cuda``, ``device=
 
 from __future__ import annotations
 
+import importlib
 import threading
 from typing import List, Optional, Tuple
 
@@ -27,7 +28,7 @@ def _cuda_module():
     with _lock:
         if not _loaded:
             try:
-                from . import _cuda as module
+                module = importlib.import_module(__package__ + "._cuda")
             except ModuleNotFoundError:
                 module = None
                 _import_problem = (
