@@ -2,7 +2,7 @@
 
 - the emulated module: csrc/cuda/executor.cu and module.cpp compiled by g++ with
   FASTVGG_CUDA_EMULATE into ``_cuda_emulated``, the real module's bindings over the CPU grid
-  emulator (csrc/cuda/emulator.h);
+  emulator (csrc/cuda/emulator.h), its CUDA threads run as fibers;
 - the emulator self-test (csrc/cuda/emulator_selftest.cpp) with sanitizers, optionally from
   a copy of csrc/cuda with one edit (the deliberately broken kernel of the race test);
 - the real fastvgg._cuda, by CMake and nvcc for sm_80/sm_90 with warnings as errors.
@@ -76,11 +76,13 @@ def emulated_module():
     return module
 
 
-def selftest_binary(name: str, sanitize_flags, source_dir: Path = CUDA_SOURCE) -> Path:
-    """The emulator self-test built with the given -fsanitize flags from source_dir."""
+def selftest_binary(name: str, sanitize_flags, source_dir: Path = CUDA_SOURCE, os_threads: bool = True) -> Path:
+    """The emulator self-test built with the given -fsanitize flags from source_dir; with
+    os_threads, every emulated CUDA thread is an OS thread (what the sanitizers need), else a fiber."""
     target = _session_dir() / name
+    mode = ["-DFASTVGG_EMULATOR_OS_THREADS"] if os_threads else []
     _compile(
-        [gxx(), *EMULATE, "-O1", "-g", "-fno-omit-frame-pointer", *sanitize_flags, f"-I{source_dir}",
+        [gxx(), *EMULATE, *mode, "-O1", "-g", "-fno-omit-frame-pointer", *sanitize_flags, f"-I{source_dir}",
          "-x", "c++", str(source_dir / "executor.cu"), str(source_dir / "emulator_selftest.cpp"), "-o", str(target)],
         f"building the emulator self-test ({name})",
     )  # fmt: skip

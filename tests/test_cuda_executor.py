@@ -209,6 +209,7 @@ def test_threads_share_one_executor(backend):
         ([{"kind": "conv3x3", "out_channels": 3, "padding": "causal"}], 3, ValueError, "padding"),
         ([{"kind": "conv3x3"}], 3, ValueError, "missing 'out_channels'"),
         ([{"kind": "flatten"}, {"kind": "flatten"}], 3, ValueError, "already flat"),
+        ([{"kind": "flatten"}, {"kind": "dense", "in_channels": 3, "out_channels": 5_000_000}], 3, ValueError, "out of range"),
         (["conv3x3"], 3, TypeError, "dict"),
         ([], 0, ValueError, "input_channels"),
     ],
@@ -240,3 +241,29 @@ def test_bad_calls_raise(backend):
         executor.set_dense_kernel_rows(7, 90, np.zeros((10, 70), np.float32))
     with pytest.raises(ValueError, match="output array"):
         executor.forward_into(x, [(0, False, np.zeros((1, 2, 2, 8), np.float32))])
+
+
+def test_vgg16_graph_against_the_cpu_model():
+    """The real VGG16 graph (13 convolutions, 5 fused pools, fc1/fc2/softmax) at 32x48 on the
+    emulator, weights copied from a fastvgg model, against that model on the CPU."""
+    import fastvgg
+    from cuda_builds import emulated_module
+    from fastvgg import cuda as fastvgg_cuda
+
+    model = fastvgg.VGG16(None, seed=0, input_shape=(32, 48, 3), classes=10, precision="highest")
+    ops, channels = fastvgg_cuda.describe_model(model)
+    executor = emulated_module().CudaExecutor(ops, channels)
+    for index, layer in enumerate(model.layers[1:]):
+        if layer.weight_shapes():
+            kernel, bias = layer.get_weights()
+            if ops[index]["kind"] == "conv3x3":
+                executor.set_conv3x3_weights(index, kernel, bias)
+            else:
+                executor.set_dense_kernel_rows(index, 0, kernel)
+                executor.set_dense_bias(index, bias)
+    x = np.random.default_rng(11).uniform(-120, 140, (2, 32, 48, 3)).astype(np.float32)
+    pool5 = [layer.name for layer in model.layers[1:]].index("block5_pool")
+    probabilities, features = executor.forward(x, [len(ops) - 1, pool5])
+    cpu_features = fastvgg.Model(model.inputs, model.get_layer("block5_pool").output).predict(x)
+    assert np.linalg.norm(features - cpu_features) <= 1e-5 * np.linalg.norm(cpu_features)
+    assert np.abs(probabilities - model.predict(x)).max() <= 1e-6

@@ -1,6 +1,6 @@
 """The CUDA kernels and executor under AddressSanitizer + UBSan and under ThreadSanitizer,
-through the CPU grid emulator (csrc/cuda/emulator.h), which runs a block's threads as real
-threads with __syncthreads as a real barrier.
+through the CPU grid emulator (csrc/cuda/emulator.h) in its OS-thread mode, which runs a
+block's threads as real threads with __syncthreads as a real barrier.
 
 The race test proves the harness can fail: it deletes the barrier between staging the GEMM
 tiles in shared memory and reading them (csrc/cuda/kernels/gemm.cuh), in a copy compiled only
@@ -72,3 +72,14 @@ def test_thread_sanitizer_reports_a_missing_syncthreads():
     assert result.returncode != 0, "the build without the barrier ran clean:\n" + output[-3000:]
     assert "WARNING: ThreadSanitizer: data race" in output, output[-3000:]
     assert "gemm_tile" in output, "the race is not reported in the GEMM tile loop:\n" + output[-3000:]
+
+
+def test_fiber_emulator_computes_wrong_numbers_without_the_barrier():
+    """The tests' Python module runs CUDA threads as fibers in a shuffled order between
+    barriers: without the barrier, threads read tiles others have not written yet."""
+    broken = broken_copy("kernels/gemm.cuh", STAGING_BARRIER)
+    binary = selftest_binary("selftest-fibers-no-barrier", [], source_dir=broken, os_threads=False)
+    result = _run(binary)
+    assert result.returncode != 0 and "FAIL conv3x3" in result.stdout, result.stdout[-3000:]
+    intact = _run(selftest_binary("selftest-fibers", [], os_threads=False))
+    assert intact.returncode == 0 and "selftest passed" in intact.stdout, (intact.stdout + intact.stderr)[-3000:]

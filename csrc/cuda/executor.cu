@@ -203,6 +203,8 @@ struct Executor::Impl {
 };
 
 namespace {
+constexpr int kMaxGridY = 65535;  // CUDA's limit on gridDim.y and gridDim.z
+
 std::vector<OpSpec> validated(int input_channels, std::vector<OpSpec> ops) {
   if (input_channels < 1 || input_channels > (1 << 16)) throw std::invalid_argument("input_channels must be in [1, 65536]");
   int channels = input_channels;
@@ -231,7 +233,9 @@ std::vector<OpSpec> validated(int input_channels, std::vector<OpSpec> ops) {
         break;
       case OpSpec::Kind::Dense:
         if (!flat) throw std::invalid_argument(where + "a dense layer needs a flat input (flatten or global pool first)");
-        if (op.in_channels < 1 || op.out_channels < 1 || op.out_channels > (1 << 24))
+        // Grid limits: units in 64-wide tiles on grid.y, depth in 256-long slices on grid.y.
+        if (op.in_channels < 1 || op.in_channels > kMaxGridY * kGemvSlice || op.out_channels < 1 ||
+            op.out_channels > kMaxGridY * kGemmTileCols)
           throw std::invalid_argument(where + "dense sizes out of range");
         break;
     }
@@ -376,6 +380,8 @@ std::string Executor::device_name() const {
 
 void Executor::forward(const float* images, int count, int height, int width, const std::vector<OutputRequest>& outputs) {
   if (count < 1) throw std::invalid_argument("forward needs at least one image");
+  // Global pooling puts images on grid.y; predict() splits larger inputs into batches anyway.
+  if (count > kMaxGridY) throw std::invalid_argument("forward takes at most 65535 images per call; split the batch");
   if (outputs.empty()) return;
   const std::vector<std::vector<int>> shapes = output_shapes(height, width);
   int deepest = -1;

@@ -319,7 +319,7 @@ PYBIND11_MODULE(FASTVGG_CUDA_MODULE_NAME, m) {
   t.def("transpose", [](const FloatArray& x) {
     if (x.ndim() != 3 || x.size() == 0) throw py::value_error("x must be a non-empty 3-D array (batch, rows, cols)");
     const int b = checked_int(x.shape(0), "batch"), r = checked_int(x.shape(1), "rows"), c = checked_int(x.shape(2), "cols");
-    if (b > 65535) throw py::value_error("at most 65535 planes");
+    if (b > 65535 || r > 65535 * 32) throw py::value_error("at most 65535 planes of at most 2097120 rows");
     FloatArray y({b, c, r});
     const float* xp = x.data();
     float* yp = y.mutable_data();
