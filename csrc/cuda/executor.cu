@@ -183,8 +183,9 @@ struct Executor::Impl {
   int device_id = 0;
   std::vector<Layer> layers;
   device::Stream stream{};
-  // Workspace, guarded by run_mutex: activations ping-pong between two buffers.
-  std::mutex run_mutex;
+  // Workspace and weights, guarded by run_mutex: activations ping-pong between two buffers.
+  // Recursive: a thread inside begin_update()/end_update() still calls set_* and forward.
+  std::recursive_mutex run_mutex;
   DeviceBuffer activations[2], preactivation, input, dense_workspace;
   PinnedBuffer staging;
 
@@ -318,7 +319,7 @@ std::vector<std::vector<int>> Executor::output_shapes(int height, int width) con
 
 void Executor::set_conv3x3_weights(int index, const float* kernel_hwio, const float* bias) {
   Impl::Layer& layer = impl_->weighted(index, OpSpec::Kind::Conv3x3, "3x3 convolution");
-  std::lock_guard<std::mutex> lock(impl_->run_mutex);
+  std::lock_guard<std::recursive_mutex> lock(impl_->run_mutex);
   device::use_device(impl_->device_id);
   device::to_device(layer.kernel.data(), kernel_hwio, impl_->kernel_count(layer.spec), impl_->stream);
   device::to_device(layer.bias.data(), bias, std::size_t(layer.spec.out_channels), impl_->stream);
@@ -330,7 +331,7 @@ void Executor::set_dense_kernel_rows(int index, int first_row, int row_count, co
   Impl::Layer& layer = impl_->weighted(index, OpSpec::Kind::Dense, "dense");
   if (first_row < 0 || row_count < 0 || first_row + row_count > layer.spec.in_channels)
     throw std::invalid_argument("dense kernel rows out of range");
-  std::lock_guard<std::mutex> lock(impl_->run_mutex);
+  std::lock_guard<std::recursive_mutex> lock(impl_->run_mutex);
   device::use_device(impl_->device_id);
   const std::size_t units = std::size_t(layer.spec.out_channels);
   device::to_device(layer.kernel.data() + std::size_t(first_row) * units, rows, std::size_t(row_count) * units,
@@ -341,7 +342,7 @@ void Executor::set_dense_kernel_rows(int index, int first_row, int row_count, co
 
 void Executor::set_dense_bias(int index, const float* bias) {
   Impl::Layer& layer = impl_->weighted(index, OpSpec::Kind::Dense, "dense");
-  std::lock_guard<std::mutex> lock(impl_->run_mutex);
+  std::lock_guard<std::recursive_mutex> lock(impl_->run_mutex);
   device::use_device(impl_->device_id);
   device::to_device(layer.bias.data(), bias, std::size_t(layer.spec.out_channels), impl_->stream);
   device::synchronize(impl_->stream);
@@ -353,12 +354,23 @@ void Executor::get_weights(int index, float* kernel, float* bias) const {
   Impl::Layer& layer = impl_->layers[std::size_t(index)];
   if (layer.spec.kind != OpSpec::Kind::Conv3x3 && layer.spec.kind != OpSpec::Kind::Dense)
     throw std::invalid_argument("layer " + std::to_string(index) + " has no weights");
-  std::lock_guard<std::mutex> lock(impl_->run_mutex);
+  std::lock_guard<std::recursive_mutex> lock(impl_->run_mutex);
   device::use_device(impl_->device_id);
   device::to_host(kernel, layer.kernel.data(), impl_->kernel_count(layer.spec), impl_->stream);
   device::to_host(bias, layer.bias.data(), std::size_t(layer.spec.out_channels), impl_->stream);
   device::synchronize(impl_->stream);
 }
+
+bool Executor::weights_loaded(int index) const {
+  const OpSpec& spec = op(index);
+  if (spec.kind != OpSpec::Kind::Conv3x3 && spec.kind != OpSpec::Kind::Dense) return true;
+  const Impl::Layer& layer = impl_->layers[std::size_t(index)];
+  std::lock_guard<std::recursive_mutex> lock(impl_->run_mutex);
+  return layer.kernel_loaded && layer.bias_loaded;
+}
+
+void Executor::begin_update() { impl_->run_mutex.lock(); }
+void Executor::end_update() { impl_->run_mutex.unlock(); }
 
 std::size_t Executor::weights_nbytes() const {
   std::size_t total = 0;
@@ -411,7 +423,7 @@ void Executor::forward(const float* images, int count, int height, int width, co
   for (int i = 0; i <= deepest; ++i) largest = std::max(largest, elements(i) * std::size_t(count));
   for (const OutputRequest& r : outputs) largest_output = std::max(largest_output, elements(r.layer) * std::size_t(count));
 
-  std::lock_guard<std::mutex> lock(impl_->run_mutex);
+  std::lock_guard<std::recursive_mutex> lock(impl_->run_mutex);
   device::use_device(impl_->device_id);
   const device::Stream stream = impl_->stream;
   impl_->input.reserve(input_floats);

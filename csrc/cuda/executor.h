@@ -53,7 +53,12 @@ class Executor {
   void set_dense_kernel_rows(int index, int first_row, int row_count, const float* rows);
   void set_dense_bias(int index, const float* bias);
   void get_weights(int index, float* kernel, float* bias) const;
+  bool weights_loaded(int index) const;
   std::size_t weights_nbytes() const;
+  // Hold off every other thread's calls (forward included) while one thread replaces several
+  // layers' weights, so no forward sees half of an update. Re-entrant for the holding thread.
+  void begin_update();
+  void end_update();
   std::string device_name() const;
 
   // Runs count NHWC images up to the deepest requested layer; safe to call from several

@@ -145,26 +145,60 @@ py::list forward(Executor& e, const py::array& x_any, const std::vector<int>& la
   return out;
 }
 
-void forward_into(Executor& e, const py::array& x_any, const py::list& targets) {
+// Same contract as the CPU executor's forward_into: each request is (layer_index,
+// before_activation, out_array), out_array a writable C-contiguous float32 array of exactly
+// (batch,) + the layer's shape, overlapping neither the input nor another out_array.
+void forward_into(Executor& e, const py::array& x_any, const py::list& requests) {
   const FloatArray x = checked_images(x_any, e);
   const auto shapes = e.output_shapes(checked_int(x.shape(1), "height"), checked_int(x.shape(2), "width"));
-  std::vector<OutputRequest> requests;
-  std::vector<py::array> keep;
-  for (auto item : targets) {
-    auto t = item.cast<std::tuple<int, bool, py::array>>();
-    const int layer = std::get<0>(t);
+  std::vector<OutputRequest> outputs;
+  std::vector<py::array> keep;  // holds the arrays for the duration of the call
+  for (const py::handle item : requests) {
+    if (!py::isinstance<py::tuple>(item) || py::len(item) != 3)
+      throw py::value_error("each output request is (layer_index, before_activation, out_array)");
+    const py::tuple request = py::reinterpret_borrow<py::tuple>(item);
+    const int layer = request[0].cast<int>();
     if (layer < 0 || layer >= e.layer_count()) throw py::index_error("output layer index out of range");
-    py::array out = std::get<2>(t);
+    if (!py::isinstance<py::array>(request[2])) throw py::type_error("out_array must be a numpy array");
+    py::array out = request[2].cast<py::array>();
     if (!out.dtype().is(py::dtype::of<float>()) || !(out.flags() & py::array::c_style) || !out.writeable())
-      throw py::value_error("each output array must be a writeable C-contiguous float32 array");
+      throw py::value_error("out_array for layer " + std::to_string(layer) + " must be a writable, C-contiguous float32 array");
     std::vector<py::ssize_t> shape{x.shape(0)};
     for (int d : shapes[std::size_t(layer)]) shape.push_back(d);
     require_shape(out, shape, "output array");
-    requests.push_back({layer, std::get<1>(t), static_cast<float*>(out.mutable_data())});
+    const char* begin = static_cast<const char*>(out.data());
+    const char* end = begin + out.nbytes();
+    auto overlaps = [&](const py::array& other) {
+      const char* b = static_cast<const char*>(other.data());
+      return begin < b + other.nbytes() && b < end;
+    };
+    if (overlaps(x)) throw py::value_error("out_array for layer " + std::to_string(layer) + " overlaps the input");
+    for (const py::array& other : keep)
+      if (overlaps(other)) throw py::value_error("two out_arrays overlap");
+    outputs.push_back({layer, request[1].cast<bool>(), static_cast<float*>(out.mutable_data())});
     keep.push_back(out);
   }
-  run_forward(e, x, requests);
+  run_forward(e, x, outputs);
 }
+
+// `with executor.updating():` holds every other thread's calls for a sequence of set_* calls.
+class WeightsUpdate {
+ public:
+  explicit WeightsUpdate(Executor& executor) : executor_(executor) {}
+  void enter() {
+    py::gil_scoped_release release;  // a forward running in another thread must be able to finish
+    executor_.begin_update();
+    held_ = true;
+  }
+  void exit() {
+    if (held_) executor_.end_update();
+    held_ = false;
+  }
+
+ private:
+  Executor& executor_;
+  bool held_ = false;
+};
 
 // testing: single ops on NHWC arrays.
 FloatArray test_conv3x3(const FloatArray& x, const FloatArray& kernel, const FloatArray& bias, const std::string& activation,
@@ -258,7 +292,14 @@ PYBIND11_MODULE(FASTVGG_CUDA_MODULE_NAME, m) {
              return py::make_tuple(kernel, bias);
            })
       .def("forward", &forward, py::arg("x"), py::arg("output_layers"), py::arg("before_activation") = std::vector<bool>{})
-      .def("forward_into", &forward_into, py::arg("x"), py::arg("outputs"));
+      .def("forward_into", &forward_into, py::arg("x"), py::arg("requests"))
+      .def("weights_loaded", [](const Executor& e, int index) { return e.weights_loaded(index); }, py::arg("index"))
+      .def("updating", [](Executor& e) { return WeightsUpdate(e); }, py::keep_alive<0, 1>(),
+           "A context manager: other threads' calls wait while this thread replaces weights.");
+
+  py::class_<WeightsUpdate>(m, "WeightsUpdate", py::module_local())
+      .def("__enter__", [](WeightsUpdate& u) { u.enter(); return &u; }, py::return_value_policy::reference)
+      .def("__exit__", [](WeightsUpdate& u, py::args) { u.exit(); return false; });
 
   py::module_ t = m.def_submodule("testing", "Single kernels on NHWC arrays, for the emulator and GPU tests.");
   t.def("conv3x3", &test_conv3x3, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("activation") = "relu",

@@ -82,14 +82,35 @@ def resolve_device(device: str) -> str:
 
 
 def new_executor(ops: List[dict], input_channels: int):
-    """A CudaExecutor for a graph described as _core.Graph.describe() lists it."""
+    """A bare fastvgg._cuda.CudaExecutor for a graph described as _core.Graph.describe() lists it."""
     require_cuda()
     return _cuda_module().CudaExecutor(ops, input_channels)
 
 
-# Until the graph/executor split lands, a model's graph is read from its layers. -------------
+class CudaExecutor:
+    """The CUDA executor behind the CPU executor's interface, for a model's ``_executor``:
+    built from a ``_core.Graph`` (kept as ``.graph``, as the CPU executor has it), every
+    other attribute (set_conv3x3_weights, set_dense_kernel_rows, set_dense_bias, get_weights,
+    weights_loaded, updating, forward, forward_into, weights_nbytes, device) is the compiled
+    executor's. Both precisions run the same fp32 kernels (no Winograd on the GPU)."""
+
+    PRECISIONS = ("fast", "highest")
+
+    def __init__(self, graph, precision: str = "fast") -> None:
+        if precision not in self.PRECISIONS:
+            raise ValueError(f"precision {precision!r} is not available on the GPU; use one of {self.PRECISIONS}")
+        self.graph = graph
+        self.precision = precision
+        self._impl = new_executor(graph.describe(), graph.input_channels)
+
+    def __getattr__(self, name):
+        return getattr(self._impl, name)
+
+
+# Models ------------------------------------------------------------------------------------
 def describe_model(model) -> Tuple[List[dict], int]:
-    """(ops, input_channels) of a fastvgg Model, in _core.Graph.describe()'s form."""
+    """(ops, input_channels) of a fastvgg Model, in _core.Graph.describe()'s form, read from
+    its layers (so a sub-model built by Model(inputs, outputs) describes itself too)."""
     from . import layers as L
 
     ops: List[dict] = []
