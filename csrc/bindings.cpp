@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "bf16/bindings_bf16.h"
 #include "cpu_features.h"
 #include "network.h"
 
@@ -444,4 +445,5 @@ PYBIND11_MODULE(_core, m) {
     return fma_peak_gflops(threads, iterations, isa);
   }, py::arg("threads"), py::arg("iterations") = 20000000L, py::arg("isa") = "auto",
      "Measured fp32 FMA GFLOP/s of `threads` threads (csrc/fma_peak.cpp), for bench/.");
+  register_bf16_testing(testing, &thread_count);
 }
