@@ -5,7 +5,11 @@ out the input once and returns the median seconds of `repeats` kernel calls, so 
 kernel is measured. Effective GFLOP/s count direct-convolution FLOPs (2 * 9 * H * W * Cin *
 Cout) for every algorithm, so Winograd's figure can exceed the machine's FMA peak.
 
-    python bench/conv_layers.py [--isa avx512] [--threads 2] [--repeats 21] [--algorithms direct winograd]
+Algorithm "bf16" is the bf16 kernel set's direct convolution (vdpbf16ps, csrc/bf16/), timed by
+time_conv3x3_bf16 the same way; it is offered (and in the default list) only where the CPU
+reports AVX512_BF16, and --isa does not apply to it.
+
+    python bench/conv_layers.py [--isa avx512] [--threads 2] [--repeats 21] [--algorithms direct winograd bf16]
 """
 
 import argparse
@@ -37,9 +41,14 @@ def main():
     parser.add_argument("--isa", default=_core.available_isas()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=21)
-    parser.add_argument("--algorithms", nargs="+", default=["direct", "winograd"])
+    bf16_missing = _core.testing.bf16_unavailable_reason()
+    default_algorithms = ["direct", "winograd"] + ([] if bf16_missing else ["bf16"])
+    parser.add_argument("--algorithms", nargs="+", default=default_algorithms,
+                        choices=["direct", "winograd", "bf16"])
     parser.add_argument("--layers", nargs="*", help="only these layer names")
     args = parser.parse_args()
+    if "bf16" in args.algorithms and bf16_missing:
+        parser.error(f"bf16: {bf16_missing}")
     _core.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     print(f"isa={args.isa} threads={args.threads} repeats={args.repeats} (median ms, effective GFLOP/s)")
@@ -59,7 +68,10 @@ def main():
         line = f"{name:14s} {size:>3d}x{size:<3d} {cin:4d} {cout:4d} {flop / 1e9:6.3f}"
         times = []
         for a in args.algorithms:
-            seconds = _core.testing.time_conv3x3(x, kernel, bias, a, args.isa, args.repeats)
+            if a == "bf16":
+                seconds = _core.testing.time_conv3x3_bf16(x, kernel, bias, args.repeats)
+            else:
+                seconds = _core.testing.time_conv3x3(x, kernel, bias, a, args.isa, args.repeats)
             totals[a] += seconds
             times.append(seconds)
             line += f" {seconds * 1e3:13.3f} {flop / seconds / 1e9:8.1f}"
