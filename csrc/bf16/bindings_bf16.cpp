@@ -167,6 +167,32 @@ FloatArray dense_bf16(const FloatArray& x, const FloatArray& kernel, const Float
   return y;
 }
 
+// Median seconds of one bf16 dense call on x, weights packed once beforehand (for bench/).
+double time_dense_bf16(const FloatArray& x, const FloatArray& kernel, const FloatArray& bias, int repeats,
+                       int (*thread_count)()) {
+  const DenseShape s = check_dense(x, kernel, bias);
+  if (repeats < 1) throw py::value_error("repeats must be at least 1");
+  const Bf16KernelSet& set = require_bf16();
+  const float *xp = x.data(), *kp = kernel.data(), *bp = bias.data();
+  const int threads = thread_count();
+  py::gil_scoped_release release;
+  const int padded = round_up_to_block(s.cols);
+  AlignedBuffer packed_storage((set.packed_dense_size(s.depth, s.cols) + 1) / 2);  // zeroed, huge-page aligned
+  auto* packed = reinterpret_cast<std::uint16_t*>(packed_storage.data());
+  set.pack_dense_rows(kp, 0, s.depth, s.depth, s.cols, packed);
+  std::vector<float> padded_bias(std::size_t(padded), 0.0f), out(std::size_t(s.rows) * padded);
+  std::copy(bp, bp + s.cols, padded_bias.begin());
+  set.dense(xp, s.rows, s.depth, packed, padded_bias.data(), s.cols, true, out.data(), threads);  // warm-up
+  std::vector<double> seconds;
+  for (int r = 0; r < repeats; ++r) {
+    const double start = omp_get_wtime();
+    set.dense(xp, s.rows, s.depth, packed, padded_bias.data(), s.cols, true, out.data(), threads);
+    seconds.push_back(omp_get_wtime() - start);
+  }
+  std::nth_element(seconds.begin(), seconds.begin() + repeats / 2, seconds.end());
+  return seconds[std::size_t(repeats / 2)];
+}
+
 FloatArray dense_bf16_reference(const FloatArray& x, const FloatArray& kernel, const FloatArray& bias, bool relu) {
   const DenseShape s = check_dense(x, kernel, bias);
   FloatArray y({s.rows, s.cols});
@@ -220,6 +246,10 @@ void register_bf16_testing(py::module_& testing, int (*thread_count)()) {
     return time_conv3x3_bf16(x, k, b, repeats, thread_count);
   }, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("repeats"),
      "Median seconds of one bf16 conv3x3 call on x[0], packing and layout excluded (for bench/).");
+  testing.def("time_dense_bf16", [thread_count](const FloatArray& x, const FloatArray& k, const FloatArray& b, int repeats) {
+    return time_dense_bf16(x, k, b, repeats, thread_count);
+  }, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("repeats"),
+     "Median seconds of one bf16 dense call on x, packing excluded (for bench/).");
   testing.def("bf16_dot_peak_gflops", [](int threads, long iterations) {
     py::gil_scoped_release release;
     return bf16_dot_peak_gflops(threads, iterations);
