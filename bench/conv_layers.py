@@ -9,7 +9,11 @@ Algorithm "bf16" is the bf16 kernel set's direct convolution (vdpbf16ps, csrc/bf
 time_conv3x3_bf16 the same way; it is offered (and in the default list) only where the CPU
 reports AVX512_BF16, and --isa does not apply to it.
 
-    python bench/conv_layers.py [--isa avx512] [--threads 2] [--repeats 21] [--algorithms direct winograd bf16]
+Algorithm "winograd-batch" runs conv3x3_winograd_batch over --batch images in one call (U read
+once per block of tiles, not once per image) and reports ms per image.
+
+    python bench/conv_layers.py [--isa avx512] [--threads 2] [--repeats 21] [--batch 8]
+                                [--algorithms direct winograd bf16 winograd-batch]
 """
 
 import argparse
@@ -44,7 +48,8 @@ def main():
     bf16_missing = _core.testing.bf16_unavailable_reason()
     default_algorithms = ["direct", "winograd"] + ([] if bf16_missing else ["bf16"])
     parser.add_argument("--algorithms", nargs="+", default=default_algorithms,
-                        choices=["direct", "winograd", "bf16"])
+                        choices=["direct", "winograd", "bf16", "winograd-batch"])
+    parser.add_argument("--batch", type=int, default=8, help="images per call for winograd-batch")
     parser.add_argument("--layers", nargs="*", help="only these layer names")
     args = parser.parse_args()
     if "bf16" in args.algorithms and bf16_missing:
@@ -61,7 +66,8 @@ def main():
     for name, size, cin, cout in VGG16_CONV_LAYERS:
         if args.layers and name not in args.layers:
             continue
-        x = np.maximum(rng.standard_normal((1, size, size, cin)), 0).astype(np.float32)
+        images = args.batch if "winograd-batch" in args.algorithms else 1
+        x = np.maximum(rng.standard_normal((images, size, size, cin)), 0).astype(np.float32)
         kernel = (rng.standard_normal((3, 3, cin, cout)) * np.sqrt(2.0 / (9 * (cin + cout)))).astype(np.float32)
         bias = (rng.standard_normal(cout) * 0.1).astype(np.float32)
         flop = 2.0 * 9 * size * size * cin * cout
@@ -70,6 +76,8 @@ def main():
         for a in args.algorithms:
             if a == "bf16":
                 seconds = _core.testing.time_conv3x3_bf16(x, kernel, bias, args.repeats)
+            elif a == "winograd-batch":
+                seconds = _core.testing.time_conv3x3_winograd_batch(x, kernel, bias, args.isa, args.repeats) / len(x)
             else:
                 seconds = _core.testing.time_conv3x3(x, kernel, bias, a, args.isa, args.repeats)
             totals[a] += seconds

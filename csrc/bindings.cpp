@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "bf16/bindings_bf16.h"
+#include "bindings_winograd_batch.h"
 #include "cpu_features.h"
 #include "network.h"
 
@@ -446,4 +447,5 @@ PYBIND11_MODULE(_core, m) {
   }, py::arg("threads"), py::arg("iterations") = 20000000L, py::arg("isa") = "auto",
      "Measured fp32 FMA GFLOP/s of `threads` threads (csrc/fma_peak.cpp), for bench/.");
   register_bf16_testing(testing, &thread_count);
+  register_winograd_batch_testing(testing, &thread_count);
 }
