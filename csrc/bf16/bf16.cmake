@@ -3,11 +3,12 @@
 # AVX512_BF16; its packers, references, selection, peak and test bindings join _core.
 include(CheckCXXCompilerFlag)
 if(CMAKE_SYSTEM_PROCESSOR MATCHES "x86_64|AMD64|amd64")
-  check_cxx_compiler_flag(-mavx512bf16 FASTVGG_COMPILER_HAS_AVX512BF16)
+  check_cxx_compiler_flag("-mavx512bf16 -mavx512vnni" FASTVGG_COMPILER_HAS_AVX512BF16)
 endif()
 if(FASTVGG_COMPILER_HAS_AVX512BF16)
-  add_library(kernels_avx512bf16 OBJECT csrc/bf16/conv3x3_bf16.cpp csrc/bf16/dense_bf16.cpp)
-  target_compile_options(kernels_avx512bf16 PRIVATE ${FASTVGG_OPT} ${FASTVGG_FLAGS_avx512} -mavx512bf16)
+  add_library(kernels_avx512bf16 OBJECT csrc/bf16/conv3x3_bf16.cpp csrc/bf16/dense_bf16.cpp
+                                        csrc/bf16/winograd_int14.cpp)
+  target_compile_options(kernels_avx512bf16 PRIVATE ${FASTVGG_OPT} ${FASTVGG_FLAGS_avx512} -mavx512bf16 -mavx512vnni)
   target_link_libraries(kernels_avx512bf16 PRIVATE OpenMP::OpenMP_CXX)
   target_include_directories(kernels_avx512bf16 PRIVATE csrc)
   target_sources(_core PRIVATE $<TARGET_OBJECTS:kernels_avx512bf16>)

@@ -62,19 +62,39 @@ ConvShape check_conv(const FloatArray& x, const FloatArray& kernel, const FloatA
   return s;
 }
 
-// The packed weights and block-padded bias of one conv layer for the bf16 set.
+enum class Bf16Conv { Direct, WinogradInt14 };
+
+Bf16Conv parse_algorithm(const std::string& name) {
+  if (name == "direct") return Bf16Conv::Direct;
+  if (name == "winograd_int14") return Bf16Conv::WinogradInt14;
+  throw py::value_error("unknown algorithm '" + name + "'; expected 'direct' (bf16) or 'winograd_int14'");
+}
+
+// The packed weights and block-padded bias of one conv layer for one of the set's algorithms.
 struct PackedConv {
-  PackedConv(const Bf16KernelSet& set, const float* kernel, const float* bias, int in_c, int out_c)
-      : weights(set.packed_conv3x3_size(in_c, out_c)), padded_bias(std::size_t(round_up_to_block(out_c)), 0.0f) {
-    set.pack_conv3x3(kernel, in_c, out_c, weights.data());
+  PackedConv(const Bf16KernelSet& set, Bf16Conv algorithm, const float* kernel, const float* bias, int in_c, int out_c)
+      : padded_bias(std::size_t(round_up_to_block(out_c)), 0.0f) {
+    if (algorithm == Bf16Conv::Direct) {
+      weights.resize(set.packed_conv3x3_size(in_c, out_c));
+      set.pack_conv3x3(kernel, in_c, out_c, weights.data());
+      run = set.conv3x3;
+    } else {
+      weights.resize(set.packed_winograd_size(in_c, out_c));
+      set.pack_winograd(kernel, in_c, out_c, weights.data());
+      run = set.conv3x3_winograd;
+    }
     std::copy(bias, bias + out_c, padded_bias.begin());
+  }
+  void operator()(const BlockedImage& in, bool relu, const BlockedImage& out, int threads) const {
+    run(in, weights.data(), padded_bias.data(), relu, out, threads);
   }
   std::vector<std::uint16_t> weights;
   std::vector<float> padded_bias;
+  decltype(Bf16KernelSet::conv3x3) run;
 };
 
-FloatArray conv3x3_bf16(const FloatArray& x, const FloatArray& kernel, const FloatArray& bias, bool relu,
-                        int (*thread_count)()) {
+FloatArray run_conv(const FloatArray& x, const FloatArray& kernel, const FloatArray& bias, bool relu,
+                    Bf16Conv algorithm, int (*thread_count)()) {
   const ConvShape s = check_conv(x, kernel, bias);
   const Bf16KernelSet& set = require_bf16();
   FloatArray y({s.n, s.h, s.w, s.f});
@@ -83,44 +103,48 @@ FloatArray conv3x3_bf16(const FloatArray& x, const FloatArray& kernel, const Flo
   const int threads = thread_count();
   py::gil_scoped_release release;
   const KernelTable& layout = *supported_kernel_tables().front();
-  const PackedConv conv(set, kp, bp, s.c, s.f);
+  const PackedConv conv(set, algorithm, kp, bp, s.c, s.f);
   AlignedBuffer in_buf(blocked_image_size(s.c, s.h, s.w)), out_buf(blocked_image_size(s.f, s.h, s.w));
   const BlockedImage in{in_buf.data(), s.c, s.h, s.w}, out{out_buf.data(), s.f, s.h, s.w};
   for (int n = 0; n < s.n; ++n) {
     layout.nhwc_to_blocked(xp + std::size_t(n) * s.h * s.w * s.c, in);
-    set.conv3x3(in, conv.weights.data(), conv.padded_bias.data(), relu, out, threads);
+    conv(in, relu, out, threads);
     layout.blocked_to_nhwc(out, yp + std::size_t(n) * s.h * s.w * s.f);
   }
   return y;
 }
 
-FloatArray conv3x3_bf16_reference(const FloatArray& x, const FloatArray& kernel, const FloatArray& bias, bool relu) {
+using ReferenceConv = void (*)(const float*, int, int, int, int, const float*, const float*, int, bool, float*);
+
+FloatArray run_reference_conv(const FloatArray& x, const FloatArray& kernel, const FloatArray& bias, bool relu,
+                              ReferenceConv reference_conv) {
   const ConvShape s = check_conv(x, kernel, bias);
   FloatArray y({s.n, s.h, s.w, s.f});
   const float *xp = x.data(), *kp = kernel.data(), *bp = bias.data();
   float* yp = y.mutable_data();
   py::gil_scoped_release release;
-  reference::conv3x3_bf16(xp, s.n, s.h, s.w, s.c, kp, bp, s.f, relu, yp);
+  reference_conv(xp, s.n, s.h, s.w, s.c, kp, bp, s.f, relu, yp);
   return y;
 }
 
-double time_conv3x3_bf16(const FloatArray& x, const FloatArray& kernel, const FloatArray& bias, int repeats,
-                         int (*thread_count)()) {
+double time_conv(const FloatArray& x, const FloatArray& kernel, const FloatArray& bias, const std::string& algorithm,
+                 int repeats, int (*thread_count)()) {
   const ConvShape s = check_conv(x, kernel, bias);
   if (repeats < 1) throw py::value_error("repeats must be at least 1");
+  const Bf16Conv a = parse_algorithm(algorithm);
   const Bf16KernelSet& set = require_bf16();
   const float *xp = x.data(), *kp = kernel.data(), *bp = bias.data();
   const int threads = thread_count();
   py::gil_scoped_release release;
-  const PackedConv conv(set, kp, bp, s.c, s.f);
+  const PackedConv conv(set, a, kp, bp, s.c, s.f);
   AlignedBuffer in_buf(blocked_image_size(s.c, s.h, s.w)), out_buf(blocked_image_size(s.f, s.h, s.w));
   const BlockedImage in{in_buf.data(), s.c, s.h, s.w}, out{out_buf.data(), s.f, s.h, s.w};
   supported_kernel_tables().front()->nhwc_to_blocked(xp, in);
-  set.conv3x3(in, conv.weights.data(), conv.padded_bias.data(), true, out, threads);  // warm-up
+  conv(in, true, out, threads);  // warm-up
   std::vector<double> seconds;
   for (int r = 0; r < repeats; ++r) {
     const double start = omp_get_wtime();
-    set.conv3x3(in, conv.weights.data(), conv.padded_bias.data(), true, out, threads);
+    conv(in, true, out, threads);
     seconds.push_back(omp_get_wtime() - start);
   }
   std::nth_element(seconds.begin(), seconds.begin() + repeats / 2, seconds.end());
@@ -230,11 +254,23 @@ void register_bf16_testing(py::module_& testing, int (*thread_count)()) {
   testing.def("bf16_unavailable_reason", []() { return std::string(bf16_unavailable_reason()); },
               "Why the bf16 kernels cannot run here, or '' when they can.");
   testing.def("conv3x3_bf16", [thread_count](const FloatArray& x, const FloatArray& k, const FloatArray& b, bool relu) {
-    return conv3x3_bf16(x, k, b, relu, thread_count);
+    return run_conv(x, k, b, relu, Bf16Conv::Direct, thread_count);
   }, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("relu"),
      "The bf16 3x3 convolution (vdpbf16ps) on an NHWC batch; raises RuntimeError where the CPU lacks AVX512_BF16.");
-  testing.def("conv3x3_bf16_reference", &conv3x3_bf16_reference, py::arg("x"), py::arg("kernel"), py::arg("bias"),
-              py::arg("relu"), "Plain twin: inputs and weights rounded to bf16, products summed in double.");
+  testing.def("conv3x3_bf16_reference", [](const FloatArray& x, const FloatArray& k, const FloatArray& b, bool relu) {
+    return run_reference_conv(x, k, b, relu, &reference::conv3x3_bf16);
+  }, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("relu"),
+     "Plain twin: inputs and weights rounded to bf16, products summed in double.");
+  testing.def("conv3x3_winograd_int14", [thread_count](const FloatArray& x, const FloatArray& k, const FloatArray& b,
+                                                       bool relu) {
+    return run_conv(x, k, b, relu, Bf16Conv::WinogradInt14, thread_count);
+  }, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("relu"),
+     "Winograd F(4x4, 3x3) with int14 products (vpdpwssd) on an NHWC batch.");
+  testing.def("conv3x3_winograd_int14_reference", [](const FloatArray& x, const FloatArray& k, const FloatArray& b,
+                                                     bool relu) {
+    return run_reference_conv(x, k, b, relu, &reference::conv3x3_winograd_int14);
+  }, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("relu"),
+     "Plain twin in double with the same int14 quantisation.");
   testing.def("dense_bf16", [thread_count](const FloatArray& x, const FloatArray& k, const FloatArray& b, bool relu) {
     return dense_bf16(x, k, b, relu, thread_count);
   }, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("relu"));
@@ -242,10 +278,12 @@ void register_bf16_testing(py::module_& testing, int (*thread_count)()) {
               py::arg("relu"));
   testing.def("round_to_bf16", &round_to_bf16_array, py::arg("x"), py::arg("how"),
               "x rounded to bf16 and back to float32 by 'hardware' (vcvtneps2bf16) or 'reference' (plain C++).");
-  testing.def("time_conv3x3_bf16", [thread_count](const FloatArray& x, const FloatArray& k, const FloatArray& b, int repeats) {
-    return time_conv3x3_bf16(x, k, b, repeats, thread_count);
-  }, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("repeats"),
-     "Median seconds of one bf16 conv3x3 call on x[0], packing and layout excluded (for bench/).");
+  testing.def("time_conv3x3_bf16", [thread_count](const FloatArray& x, const FloatArray& k, const FloatArray& b, int repeats,
+                                                  const std::string& algorithm) {
+    return time_conv(x, k, b, algorithm, repeats, thread_count);
+  }, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("repeats"), py::arg("algorithm") = "direct",
+     "Median seconds of one call of the set's 'direct' (bf16) or 'winograd_int14' convolution on x[0], packing and "
+     "layout excluded (for bench/).");
   testing.def("time_dense_bf16", [thread_count](const FloatArray& x, const FloatArray& k, const FloatArray& b, int repeats) {
     return time_dense_bf16(x, k, b, repeats, thread_count);
   }, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("repeats"),

@@ -40,6 +40,10 @@ inline float bf16_to_float(std::uint16_t value) {
   return result;
 }
 
+// Winograd F(4x4, 3x3) with 14-bit integer products (winograd_int14.cpp): transformed values
+// are quantised to integers of at most this magnitude.
+constexpr int kWinogradInt14Max = 8191;
+
 // Entry points and their weight packers, side by side: an executor that runs a layer with
 // this set packs that layer's weights with this set's packer.
 struct Bf16KernelSet {
@@ -60,6 +64,13 @@ struct Bf16KernelSet {
   // y[rows][round_up_to_block(cols)] = bf16(x)[rows][depth] * W + bias, ReLU optional.
   void (*dense)(const float* x, int rows, int depth, const std::uint16_t* packed_weights, const float* bias,
                 int cols, bool relu, float* y, int threads);
+  // Winograd F(4x4, 3x3), fp32 transforms, int14 products (vpdpwssd): same contract as conv3x3.
+  // packed layout: int16 [36][out16/16][in16/2][16][2] then fp32 steps [36][out16] (in16, out16:
+  // channels rounded up to 16); packed_winograd_size counts uint16 elements.
+  std::size_t (*packed_winograd_size)(int in_channels, int out_channels);
+  void (*pack_winograd)(const float* kernel_hwio, int in_channels, int out_channels, std::uint16_t* packed);
+  void (*conv3x3_winograd)(const BlockedImage& in, const std::uint16_t* packed_weights, const float* bias, bool relu,
+                           const BlockedImage& out, int threads);
   // The hardware's own conversion (vcvtneps2bf16), exposed so tests can hold round_to_bf16 to it.
   void (*round_to_bf16)(const float* values, std::size_t count, std::uint16_t* rounded);
 };
@@ -76,6 +87,10 @@ void pack_conv3x3_bf16(const float* kernel_hwio, int in_channels, int out_channe
 std::size_t packed_dense_bf16_size(int depth, int cols);
 void pack_dense_rows_bf16(const float* kernel_rows, int first_row, int row_count, int depth, int cols,
                           std::uint16_t* packed);
+std::size_t packed_winograd_int14_size(int in_channels, int out_channels);
+void pack_winograd_int14(const float* kernel_hwio, int in_channels, int out_channels, std::uint16_t* packed);
+// Lavin & Gray's G for F(4x4, 3x3) (points 0, -1, 1, -2, 2, infinity), in double.
+extern const double kWinogradG[6][3];
 
 // The AVX512_BF16 kernels (conv3x3_bf16.cpp, dense_bf16.cpp), compiled with -mavx512bf16.
 namespace avx512bf16 {
@@ -84,6 +99,8 @@ void conv3x3(const BlockedImage& in, const std::uint16_t* packed_weights, const 
 void dense(const float* x, int rows, int depth, const std::uint16_t* packed_weights, const float* bias, int cols,
            bool relu, float* y, int threads);
 void round_floats(const float* values, std::size_t count, std::uint16_t* rounded);
+void conv3x3_winograd_int14(const BlockedImage& in, const std::uint16_t* packed_weights, const float* bias, bool relu,
+                            const BlockedImage& out, int threads);
 }  // namespace avx512bf16
 
 // Plain twins on NHWC arrays and Keras layouts: inputs and weights rounded by round_to_bf16,
@@ -93,6 +110,13 @@ void conv3x3_bf16(const float* x, int images, int height, int width, int in_chan
                   const float* bias, int out_channels, bool relu, float* y);
 void dense_bf16(const float* x, int rows, int depth, const float* kernel, const float* bias, int cols, bool relu,
                 float* y);
+// Winograd F(4x4) with the int14 quantisation of the kernel, all in double: U = G g G^T and
+// V = B^T d B exact, each quantised by the kernel's rule (one step per point and output channel
+// for U, per tile and point over all input channels, padded to 16, for V; round half to even),
+// integer sums, Y = A^T M A + bias. It differs from the kernel only where the kernel's fp32 V
+// lands on the other side of a rounding boundary, and by fp32 rounding.
+void conv3x3_winograd_int14(const float* x, int images, int height, int width, int in_channels,
+                            const float* kernel_hwio, const float* bias, int out_channels, bool relu, float* y);
 }  // namespace reference
 
 }  // namespace fastvgg

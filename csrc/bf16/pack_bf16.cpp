@@ -1,6 +1,8 @@
 // Weight packing for the bf16 kernel set: Keras layouts in, bf16 pairs out (layouts in
 // kernels_bf16.h). Each weight is rounded once, here, by round_to_bf16.
 #include <algorithm>
+#include <cmath>
+#include <vector>
 
 #include "bf16/kernels_bf16.h"
 
@@ -56,6 +58,63 @@ void pack_dense_rows_bf16(const float* kernel_rows, int first_row, int row_count
         std::uint16_t* dst = panel + std::size_t(row / 2) * 2 * kChannelBlock + row % 2;
         for (int c = 0; c < lanes; ++c) dst[2 * c] = round_to_bf16(src[c]);
       }
+    }
+  }
+}
+
+const double kWinogradG[6][3] = {
+    {1.0 / 4, 0.0, 0.0},           {-1.0 / 6, -1.0 / 6, -1.0 / 6}, {-1.0 / 6, 1.0 / 6, -1.0 / 6},
+    {1.0 / 24, 1.0 / 12, 1.0 / 6}, {1.0 / 24, -1.0 / 12, 1.0 / 6}, {0.0, 0.0, 1.0},
+};
+
+std::size_t packed_winograd_int14_size(int in_channels, int out_channels) {
+  const std::size_t in16 = std::size_t(round_up_to_block(in_channels)), out16 = std::size_t(round_up_to_block(out_channels));
+  return 36 * in16 * out16 + 36 * out16 * (sizeof(float) / sizeof(std::uint16_t));
+}
+
+void pack_winograd_int14(const float* kernel_hwio, int in_channels, int out_channels, std::uint16_t* packed) {
+  const int in16 = round_up_to_block(in_channels), out16 = round_up_to_block(out_channels);
+  const int out_blocks = out16 / kChannelBlock;
+  auto* q = reinterpret_cast<std::int16_t*>(packed);
+  auto* steps = reinterpret_cast<float*>(packed + std::size_t(36) * in16 * out16);
+  std::fill(q, q + std::size_t(36) * in16 * out16, std::int16_t(0));
+  std::fill(steps, steps + std::size_t(36) * out16, 0.0f);
+  // One output channel at a time: its 36 x in_channels values of U, their largest magnitude per
+  // point, then the integers. Each channel writes its own slots, so channels run in parallel.
+#pragma omp parallel for schedule(static)
+  for (int oc = 0; oc < out_channels; ++oc) {
+    std::vector<double> u(std::size_t(36) * in_channels);
+    for (int ic = 0; ic < in_channels; ++ic) {
+      double g[3][3];
+      for (int kh = 0; kh < 3; ++kh)
+        for (int kw = 0; kw < 3; ++kw) g[kh][kw] = kernel_hwio[((std::size_t(kh) * 3 + kw) * in_channels + ic) * out_channels + oc];
+      for (int a = 0; a < 6; ++a)
+        for (int b = 0; b < 6; ++b) {
+          double sum = 0.0;
+          for (int kh = 0; kh < 3; ++kh)
+            for (int kw = 0; kw < 3; ++kw) sum += kWinogradG[a][kh] * g[kh][kw] * kWinogradG[b][kw];
+          u[std::size_t(a * 6 + b) * in_channels + ic] = sum;
+        }
+    }
+    for (int xi = 0; xi < 36; ++xi) {
+      const double* row = u.data() + std::size_t(xi) * in_channels;
+      double largest = 0.0;
+      bool finite = true;
+      for (int ic = 0; ic < in_channels; ++ic) {
+        finite = finite && std::isfinite(row[ic]);
+        largest = std::max(largest, std::fabs(row[ic]));
+      }
+      if (!finite) {  // a NaN or infinite weight: the channel's outputs become NaN, as in fp32
+        steps[std::size_t(xi) * out16 + oc] = std::nanf("");
+        continue;
+      }
+      if (largest == 0.0) continue;  // all zero: integers and step stay 0
+      steps[std::size_t(xi) * out16 + oc] = float(largest / kWinogradInt14Max);
+      const double scale = kWinogradInt14Max / largest;
+      const std::size_t panel = (std::size_t(xi) * out_blocks + oc / kChannelBlock) * std::size_t(in16) * kChannelBlock;
+      for (int ic = 0; ic < in_channels; ++ic)
+        q[panel + (std::size_t(ic / 2) * kChannelBlock + oc % kChannelBlock) * 2 + ic % 2] =
+            std::int16_t(std::nearbyint(row[ic] * scale));
     }
   }
 }
