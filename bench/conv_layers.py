@@ -5,15 +5,16 @@ out the input once and returns the median seconds of `repeats` kernel calls, so 
 kernel is measured. Effective GFLOP/s count direct-convolution FLOPs (2 * 9 * H * W * Cin *
 Cout) for every algorithm, so Winograd's figure can exceed the machine's FMA peak.
 
-Algorithm "bf16" is the bf16 kernel set's direct convolution (vdpbf16ps, csrc/bf16/), timed by
-time_conv3x3_bf16 the same way; it is offered (and in the default list) only where the CPU
-reports AVX512_BF16, and --isa does not apply to it.
+Algorithms "bf16" (direct, vdpbf16ps) and "int14" (Winograd F(4x4) with int14 products,
+vpdpwssd) are the bf16 kernel set's (csrc/bf16/), timed by time_conv3x3_bf16 the same way; they
+are offered (and in the default list) only where the CPU reports AVX512_BF16 and AVX512_VNNI,
+and --isa does not apply to them.
 
 Algorithm "winograd-batch" runs conv3x3_winograd_batch over --batch images in one call (U read
 once per block of tiles, not once per image) and reports ms per image.
 
     python bench/conv_layers.py [--isa avx512] [--threads 2] [--repeats 21] [--batch 8]
-                                [--algorithms direct winograd bf16 winograd-batch]
+                                [--algorithms direct winograd bf16 int14 winograd-batch]
 """
 
 import argparse
@@ -46,14 +47,14 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=21)
     bf16_missing = _core.testing.bf16_unavailable_reason()
-    default_algorithms = ["direct", "winograd"] + ([] if bf16_missing else ["bf16"])
+    default_algorithms = ["direct", "winograd"] + ([] if bf16_missing else ["bf16", "int14"])
     parser.add_argument("--algorithms", nargs="+", default=default_algorithms,
-                        choices=["direct", "winograd", "bf16", "winograd-batch"])
+                        choices=["direct", "winograd", "bf16", "int14", "winograd-batch"])
     parser.add_argument("--batch", type=int, default=8, help="images per call for winograd-batch")
     parser.add_argument("--layers", nargs="*", help="only these layer names")
     args = parser.parse_args()
-    if "bf16" in args.algorithms and bf16_missing:
-        parser.error(f"bf16: {bf16_missing}")
+    if {"bf16", "int14"} & set(args.algorithms) and bf16_missing:
+        parser.error(f"bf16/int14: {bf16_missing}")
     _core.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     print(f"isa={args.isa} threads={args.threads} repeats={args.repeats} (median ms, effective GFLOP/s)")
@@ -75,7 +76,9 @@ def main():
         times = []
         for a in args.algorithms:
             if a == "bf16":
-                seconds = _core.testing.time_conv3x3_bf16(x, kernel, bias, args.repeats)
+                seconds = _core.testing.time_conv3x3_bf16(x, kernel, bias, args.repeats, "direct")
+            elif a == "int14":
+                seconds = _core.testing.time_conv3x3_bf16(x, kernel, bias, args.repeats, "winograd_int14")
             elif a == "winograd-batch":
                 seconds = _core.testing.time_conv3x3_winograd_batch(x, kernel, bias, args.isa, args.repeats) / len(x)
             else:

@@ -395,12 +395,13 @@ def per_layer(threads: int, quick: bool, lines):
                  else f"n/a ({bf16_missing})."), "",
               "Effective GFLOP/s count direct-convolution FLOPs (2·H·W·Cin·Cout·9) whatever the algorithm, "
               "so Winograd layers can pass the peak. The bf16 columns time the bf16 kernel set's direct "
-              "convolution (vdpbf16ps) on the same layer; % of the bf16 peak.", "",
+              "convolution (vdpbf16ps) on the same layer, % of the bf16 peak; int14: its Winograd F(4x4) with "
+              "int14 products (vpdpwssd, the same peak).", "",
               f"| layer | algorithm | ms ({threads}T) | GFLOP/s | % of peak | ms (1T) | {threads}T/1T speedup "
-              f"| bf16 direct ms ({threads}T) | bf16 GFLOP/s | % of bf16 peak |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              f"| bf16 direct ms ({threads}T) | bf16 GFLOP/s | % of bf16 peak | int14 winograd ms ({threads}T) | int14 GFLOP/s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     total = {1: 0.0, threads: 0.0}
-    bf16_total = 0.0
+    bf16_total = int14_total = 0.0
     for name, (size, cin, cout) in zip(CONV_NAMES, VGG16_CONVS):
         x = np.maximum(rng.standard_normal((1, size, size, cin)), 0).astype(np.float32)
         kernel = (rng.standard_normal((3, 3, cin, cout)) * np.sqrt(2.0 / (9 * (cin + cout)))).astype(np.float32)
@@ -414,17 +415,20 @@ def per_layer(threads: int, quick: bool, lines):
             total[t] += ms[t]
         gflops = flop / ms[threads] / 1e9
         pct = f"{100 * gflops / peaks[threads]:.0f}%" if peaks[threads] else "n/a"
-        bf16_cells = "n/a | n/a | n/a"
+        bf16_cells = "n/a | n/a | n/a | n/a | n/a"
         if bf16_peak:
-            bf16_s = _core.testing.time_conv3x3_bf16(x, kernel, bias, repeats)  # threads: still `threads`
+            bf16_s = _core.testing.time_conv3x3_bf16(x, kernel, bias, repeats, "direct")  # threads: still `threads`
+            int14_s = _core.testing.time_conv3x3_bf16(x, kernel, bias, repeats, "winograd_int14")
             bf16_total += bf16_s
+            int14_total += int14_s
             bf16_gflops = flop / bf16_s / 1e9
-            bf16_cells = f"{bf16_s * 1e3:.2f} | {bf16_gflops:.0f} | {100 * bf16_gflops / bf16_peak:.0f}%"
+            bf16_cells = (f"{bf16_s * 1e3:.2f} | {bf16_gflops:.0f} | {100 * bf16_gflops / bf16_peak:.0f}% "
+                          f"| {int14_s * 1e3:.2f} | {flop / int14_s / 1e9:.0f}")
         lines.append(f"| {name} | {algorithm} | {ms[threads] * 1e3:.2f} | {gflops:.0f} | {pct} | {ms[1] * 1e3:.2f} "
                      f"| {ms[1] / ms[threads]:.2f} | {bf16_cells} |")
-    bf16_sum = f"{bf16_total * 1e3:.1f}" if bf16_peak else "n/a"
+    bf16_sum = f"{bf16_total * 1e3:.1f} | | | {int14_total * 1e3:.1f} |" if bf16_peak else "n/a | | | n/a |"
     lines.append(f"| all convs | | {total[threads] * 1e3:.1f} | | | {total[1] * 1e3:.1f} | {total[1] / total[threads]:.2f} "
-                 f"| {bf16_sum} | | |")
+                 f"| {bf16_sum} |")
     _core.set_num_threads(threads)
 
     sum_gbps, gemv_gbps = stream_read_gbps(threads)
