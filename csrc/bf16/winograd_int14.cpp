@@ -163,11 +163,7 @@ class Int14Layer {
     const int first_block = group * kGemmBlocks;
     const int blocks = std::min(kGemmBlocks, g_.out_blocks - first_block);
     for (int t = 0; t < tiles; t += kGemmTiles) {
-      const int n = std::min(kGemmTiles, tiles - t);
-      if (n == kGemmTiles && blocks == kGemmBlocks)
-        gemm_tile<kGemmTiles, kGemmBlocks>(v, steps, m, t, xi, first_block);
-      else
-        gemm_edge(n, blocks, v, steps, m, t, xi, first_block);
+      gemm_edge<kGemmTiles, kGemmBlocks>(std::min(kGemmTiles, tiles - t), blocks, v, steps, m, t, xi, first_block);
     }
   }
 
@@ -214,11 +210,17 @@ class Int14Layer {
     }
   }
 
+  // The register tile for the tiles and blocks left at an edge (block5: 16 tiles = 6 + 6 + 4).
+  template <int kT, int kB>
   void gemm_edge(int tiles, int blocks, const std::int16_t* v, const float* steps, float* m, int t0, int xi,
                  int first_block) const {
-    // Edges: one tile and one block at a time (a few per layer).
-    for (int t = 0; t < tiles; ++t)
-      for (int j = 0; j < blocks; ++j) gemm_tile<1, 1>(v, steps, m, t0 + t, xi, first_block + j);
+    if constexpr (kT > 1) {
+      if (tiles < kT) return gemm_edge<kT - 1, kB>(tiles, blocks, v, steps, m, t0, xi, first_block);
+    }
+    if constexpr (kB > 1) {
+      if (blocks < kB) return gemm_edge<kT, kB - 1>(tiles, blocks, v, steps, m, t0, xi, first_block);
+    }
+    gemm_tile<kT, kB>(v, steps, m, t0, xi, first_block);
   }
 
   void transform_output(const float* m, int first_tile, int t, int out_block) const {
