@@ -438,9 +438,10 @@ def per_layer(threads: int, quick: bool, lines):
               "|---|---|---|---|---|---|---|"]
     for name, depth, units, act in DENSES:
         kernel = (rng.standard_normal((depth, units), dtype=np.float32) * np.float32(0.01))
-        network = _core.Network(depth)
-        network.add_flatten()
-        index = network.add_dense(depth, units, act)
+        graph = _core.Graph(depth)
+        graph.add_flatten()
+        index = graph.add_dense(depth, units, act)
+        network = _core.CpuExecutor(graph)
         network.set_dense_kernel_rows(index, 0, kernel)
         network.set_dense_bias(index, np.zeros(units, np.float32))
         x = rng.standard_normal((1, 1, 1, depth)).astype(np.float32)

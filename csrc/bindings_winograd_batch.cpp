@@ -20,7 +20,8 @@ namespace fastvgg {
 namespace {
 
 using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
-using BatchFunction = void (*)(const BlockedImage*, const float*, const float*, bool, const BlockedImage*, int, int);
+using BatchFunction = void (*)(const BlockedImage*, const void*, const float*, bool, const BlockedImage*, int, int,
+                               KernelScratch&);
 
 // The batched function of the kernel table `isa` names (kernels_for rejects unknown ones).
 BatchFunction batch_function(const std::string& isa) {
@@ -51,9 +52,9 @@ Shape check(const FloatArray& x, const FloatArray& kernel, const FloatArray& bia
 
 // Blocked buffers for every image of the batch, laid out from x, and the packed weights.
 struct Batch {
-  Batch(const KernelTable& layout, const float* x, const float* kernel, const float* bias, const Shape& s)
+  Batch(const KernelTable& layout, const float* x, const float* kernel, const float* bias, const Shape& s, int threads)
       : weights(packed_winograd_size(s.c, s.f)), padded_bias(std::size_t(round_up_to_block(s.f))) {
-    pack_winograd_f4x4(kernel, s.c, s.f, weights.data());
+    pack_winograd_f4x4(kernel, s.c, s.f, weights.data(), threads);
     std::copy(bias, bias + s.f, padded_bias.data());
     const std::size_t in_size = blocked_image_size(s.c, s.h, s.w), out_size = blocked_image_size(s.f, s.h, s.w);
     in_storage.resize(in_size * s.n);
@@ -66,6 +67,7 @@ struct Batch {
   }
   AlignedBuffer weights, padded_bias, in_storage, out_storage;
   std::vector<BlockedImage> in, out;
+  KernelScratch scratch;
 };
 
 FloatArray conv3x3_winograd_batch(const FloatArray& x, const FloatArray& kernel, const FloatArray& bias, bool relu,
@@ -77,8 +79,9 @@ FloatArray conv3x3_winograd_batch(const FloatArray& x, const FloatArray& kernel,
   const float *xp = x.data(), *kp = kernel.data(), *bp = bias.data();
   float* yp = y.mutable_data();
   py::gil_scoped_release release;
-  Batch batch(table, xp, kp, bp, s);
-  run(batch.in.data(), batch.weights.data(), batch.padded_bias.data(), relu, batch.out.data(), s.n, threads);
+  Batch batch(table, xp, kp, bp, s, threads);
+  run(batch.in.data(), batch.weights.data(), batch.padded_bias.data(), relu, batch.out.data(), s.n, threads,
+      batch.scratch);
   for (int n = 0; n < s.n; ++n) table.blocked_to_nhwc(batch.out[std::size_t(n)], yp + std::size_t(n) * s.h * s.w * s.f);
   return y;
 }
@@ -92,8 +95,11 @@ double time_conv3x3_winograd_batch(const FloatArray& x, const FloatArray& kernel
   const BatchFunction run = batch_function(isa);
   const float *xp = x.data(), *kp = kernel.data(), *bp = bias.data();
   py::gil_scoped_release release;
-  Batch batch(table, xp, kp, bp, s);
-  auto call = [&] { run(batch.in.data(), batch.weights.data(), batch.padded_bias.data(), true, batch.out.data(), s.n, threads); };
+  Batch batch(table, xp, kp, bp, s, threads);
+  auto call = [&] {
+    run(batch.in.data(), batch.weights.data(), batch.padded_bias.data(), true, batch.out.data(), s.n, threads,
+        batch.scratch);
+  };
   call();
   std::vector<double> seconds;
   for (int r = 0; r < repeats; ++r) {

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "gemm_microkernel.h"
 #include "kernels.h"
 #include "simd.h"
 
@@ -18,7 +19,7 @@ constexpr int kDepthBlock = 512;  // 4 panels x 512 x 64 B = 128 KiB: well insid
 
 struct DenseArgs {
   const float* x;
-  int depth;
+  std::ptrdiff_t x_stride;
   const float* weights;  // first panel of the tile
   std::ptrdiff_t panel_stride;
   const float* bias;  // first column of the tile
@@ -34,14 +35,8 @@ inline void dense_tile(const DenseArgs& a) {
   for (int r = 0; r < kRows; ++r)
     for (int p = 0; p < kPanels; ++p)
       acc[r][p] = a.first ? load(a.bias + p * kChannelBlock) : load(a.y + r * a.y_stride + p * kChannelBlock);
-  for (int k = a.k_begin; k < a.k_end; ++k) {
-    Vec16 w[kPanels];
-    for (int p = 0; p < kPanels; ++p) w[p] = load(a.weights + p * a.panel_stride + std::ptrdiff_t(k) * kChannelBlock);
-    for (int r = 0; r < kRows; ++r) {
-      const Vec16 xr = broadcast(a.x[std::ptrdiff_t(r) * a.depth + k]);
-      for (int p = 0; p < kPanels; ++p) acc[r][p] = fmadd(xr, w[p], acc[r][p]);
-    }
-  }
+  gemm_accumulate(acc, a.x + a.k_begin, a.x_stride, a.weights + std::ptrdiff_t(a.k_begin) * kChannelBlock,
+                  a.panel_stride, a.k_end - a.k_begin);
   const bool apply_relu = a.last && a.relu;
   for (int r = 0; r < kRows; ++r)
     for (int p = 0; p < kPanels; ++p)
@@ -62,10 +57,10 @@ inline void dense_edge_tile(int rows, int panels, const DenseArgs& a) {
 
 }  // namespace
 
-void dense(const float* x, int rows, int depth, const float* packed_weights, const float* bias, int cols,
-           bool relu, float* y, int threads) {
+void dense(const float* x, int rows, int depth, std::ptrdiff_t x_stride, const void* packed, const float* bias,
+           int cols, bool relu, float* y, std::ptrdiff_t y_stride, int threads) {
+  const float* packed_weights = static_cast<const float*>(packed);
   const int panels = channel_blocks(cols);
-  const std::ptrdiff_t y_stride = std::ptrdiff_t(panels) * kChannelBlock;
   const std::ptrdiff_t panel_stride = std::ptrdiff_t(depth) * kChannelBlock;
   const int groups = (panels + kDensePanels - 1) / kDensePanels;
 #pragma omp parallel for schedule(static) num_threads(threads)
@@ -76,8 +71,8 @@ void dense(const float* x, int rows, int depth, const float* packed_weights, con
       const int k1 = std::min(depth, k0 + kDepthBlock);
       for (int r0 = 0; r0 < rows; r0 += kDenseRows) {
         DenseArgs a;
-        a.x = x + std::ptrdiff_t(r0) * depth;
-        a.depth = depth;
+        a.x = x + r0 * x_stride;
+        a.x_stride = x_stride;
         a.weights = packed_weights + first_panel * panel_stride;
         a.panel_stride = panel_stride;
         a.bias = bias + first_panel * kChannelBlock;

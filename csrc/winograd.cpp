@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <cstddef>
 
+#include "gemm_microkernel.h"
 #include "kernels.h"
 #include "winograd_batch.h"
 #include "simd.h"
@@ -166,16 +167,7 @@ inline void gemm_tile(const GemmArgs& a) {
   Vec16 acc[kTiles][kBlocks];
   for (int t = 0; t < kTiles; ++t)
     for (int j = 0; j < kBlocks; ++j) acc[t][j] = zero();
-  const float* v = a.v;
-  const float* u = a.u;
-  for (int k = 0; k < a.depth; ++k) {
-    Vec16 w[kBlocks];
-    for (int j = 0; j < kBlocks; ++j) w[j] = load(u + j * a.u_block_stride + k * kChannelBlock);
-    for (int t = 0; t < kTiles; ++t) {
-      const Vec16 x = broadcast(v[t * a.v_tile_stride + k]);
-      for (int j = 0; j < kBlocks; ++j) acc[t][j] = fmadd(x, w[j], acc[t][j]);
-    }
-  }
+  gemm_accumulate(acc, a.v, a.v_tile_stride, a.u, a.u_block_stride, a.depth);
   for (int t = 0; t < kTiles; ++t)
     for (int j = 0; j < kBlocks; ++j) store(a.m + t * a.m_tile_stride + j * a.m_block_stride, acc[t][j]);
 }
@@ -324,15 +316,6 @@ class WinogradLayer {
   std::ptrdiff_t padded_in_, v_point_stride_, m_tile_stride_, u_block_stride_, u_point_stride_;
 };
 
-struct Scratch {
-  AlignedBuffer transformed_input;  // V
-  AlignedBuffer products;           // M
-};
-
-void grow(AlignedBuffer& buffer, std::size_t count) {
-  if (buffer.size() < count) buffer.resize(count, /*zeroed=*/false);
-}
-
 void run_private_blocks(const WinogradLayer& layer, int block_tiles, float* v_all, float* m_all, int threads) {
   const int blocks = (layer.tiles() + block_tiles - 1) / block_tiles;
 #pragma omp parallel num_threads(threads)
@@ -378,7 +361,7 @@ void run_shared_blocks(const WinogradLayer& layer, int block_tiles, float* v, fl
 namespace {
 
 void run_winograd(const BlockedImage* in, const float* packed_weights, const float* bias, bool relu,
-                  const BlockedImage* out, int images, int threads) {
+                  const BlockedImage* out, int images, int threads, KernelScratch& scratch) {
   const int tiles =
       images * ((out[0].height + kTileOut - 1) / kTileOut) * ((out[0].width + kTileOut - 1) / kTileOut);
   const Schedule schedule = winograd_schedule(in[0].channels, out[0].channels);
@@ -387,10 +370,9 @@ void run_winograd(const BlockedImage* in, const float* packed_weights, const flo
   const WinogradLayer layer(in, packed_weights, bias, relu, out, images, block_tiles);
   const int copies = schedule == Schedule::SharedBlocks ? 1 : threads;
 
-  // Kept per calling thread: reallocating MBs on every call costs page faults.
-  thread_local Scratch scratch;
-  grow(scratch.transformed_input, copies * layer.v_size());
-  grow(scratch.products, copies * layer.m_size());
+  // The caller's scratch, kept between its calls: reallocating MBs on every call costs page faults.
+  scratch.transformed_input.ensure_capacity(copies * layer.v_size());
+  scratch.products.ensure_capacity(copies * layer.m_size());
   if (schedule == Schedule::SharedBlocks)
     run_shared_blocks(layer, block_tiles, scratch.transformed_input.data(), scratch.products.data(), threads);
   else
@@ -399,15 +381,15 @@ void run_winograd(const BlockedImage* in, const float* packed_weights, const flo
 
 }  // namespace
 
-void conv3x3_winograd(const BlockedImage& in, const float* packed_weights, const float* bias, bool relu,
-                      const BlockedImage& out, int threads) {
-  run_winograd(&in, packed_weights, bias, relu, &out, 1, threads);
+void conv3x3_winograd(const BlockedImage& in, const void* packed_weights, const float* bias, bool relu,
+                      const BlockedImage& out, int threads, KernelScratch& scratch) {
+  run_winograd(&in, static_cast<const float*>(packed_weights), bias, relu, &out, 1, threads, scratch);
 }
 
-void conv3x3_winograd_batch(const BlockedImage* in, const float* packed_weights, const float* bias, bool relu,
-                            const BlockedImage* out, int images, int threads) {
+void conv3x3_winograd_batch(const BlockedImage* in, const void* packed_weights, const float* bias, bool relu,
+                            const BlockedImage* out, int images, int threads, KernelScratch& scratch) {
   if (images < 1) return;
-  run_winograd(in, packed_weights, bias, relu, out, images, threads);
+  run_winograd(in, static_cast<const float*>(packed_weights), bias, relu, out, images, threads, scratch);
 }
 
 }  // namespace FASTVGG_ISA
@@ -437,14 +419,14 @@ std::size_t packed_winograd_size(int in_channels, int out_channels) {
   return std::size_t(kPoints) * channel_blocks(out_channels) * in_channels * kChannelBlock;
 }
 
-void pack_winograd_f4x4(const float* kernel_hwio, int in_channels, int out_channels, float* packed) {
+void pack_winograd_f4x4(const float* kernel_hwio, int in_channels, int out_channels, float* packed, int threads) {
   // Double precision: U is rounded to float once, at the end. Every slot is written, the
   // padding lanes of a partial last block as zeros (their g is zero), so nothing is cleared first.
   const int out_blocks = channel_blocks(out_channels);
   // Sixteen output channels at a time: their weights are contiguous in HWIO and their U
   // values in the packed layout, so the transform reads and writes whole runs. Each input
   // channel fills its own slots, so the channels are spread over threads.
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads)
   for (int ic = 0; ic < in_channels; ++ic) {
     for (int ob = 0; ob < out_blocks; ++ob) {
       const int lanes = std::min(kChannelBlock, out_channels - ob * kChannelBlock);
@@ -469,7 +451,7 @@ void pack_winograd_f4x4(const float* kernel_hwio, int in_channels, int out_chann
   }
 }
 
-void unpack_winograd_f4x4(const float* packed, int in_channels, int out_channels, float* kernel_hwio) {
+void unpack_winograd_f4x4(const float* packed, int in_channels, int out_channels, float* kernel_hwio, int threads) {
   // Q U Q^T with Q a left inverse of G (Q G = I) that reads only the points 0, -1, 1 and
   // infinity: g0 = 4 G0.g, g1 = 3 (G2.g - G1.g), g2 = G5.g. Cheaper than least squares and,
   // measured on Glorot-uniform kernels, as close: 83% of weights come back bit-exact and
@@ -478,7 +460,7 @@ void unpack_winograd_f4x4(const float* packed, int in_channels, int out_channels
     return row == 0 ? 4.0 * at0 : row == 1 ? 3.0 * (at2 - at1) : at5;
   };
   const int out_blocks = channel_blocks(out_channels);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads)
   for (int ic = 0; ic < in_channels; ++ic) {
     for (int ob = 0; ob < out_blocks; ++ob) {
       const int lanes = std::min(kChannelBlock, out_channels - ob * kChannelBlock);

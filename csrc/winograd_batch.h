@@ -10,13 +10,15 @@
 #pragma once
 
 #include "tensor.h"
+#include "workspace.h"
 
 namespace fastvgg {
 
 #define FASTVGG_DECLARE_WINOGRAD_BATCH(isa)                                                           \
   namespace isa {                                                                                     \
-  void conv3x3_winograd_batch(const BlockedImage* in, const float* packed_weights, const float* bias, \
-                              bool relu, const BlockedImage* out, int images, int threads);           \
+  void conv3x3_winograd_batch(const BlockedImage* in, const void* packed_weights, const float* bias,  \
+                              bool relu, const BlockedImage* out, int images, int threads,            \
+                              KernelScratch& scratch);                                                \
   }
 
 FASTVGG_DECLARE_WINOGRAD_BATCH(generic)

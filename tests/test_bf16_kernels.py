@@ -186,3 +186,29 @@ def test_bad_shapes_raise_value_error(call, args, message):
 def test_unknown_rounding_mode_raises():
     with pytest.raises(ValueError, match="hardware"):
         testing.round_to_bf16(np.zeros(3, np.float32), "truncate")
+
+
+@pytest.mark.parametrize("method", ["direct_bf16", "dense_bf16"])
+def test_unpack_returns_the_rounded_weights(method):
+    # The bf16 layouts only move (rounded) values: unpacking gives exactly bf16_round(kernel).
+    rng = np.random.default_rng(3)
+    kernel = random_array(rng, (3, 3, 17, 33) if method == "direct_bf16" else (37, 21))
+    assert np.array_equal(testing.bf16_unpack_roundtrip(kernel, method), bf16_round(kernel))
+
+
+def test_unpack_winograd_int14_is_close():
+    # Quantised U (steps of max|U| / 8191 per point and output channel) mapped back by a left
+    # inverse of G whose coefficients sum to at most 4 * 4 in absolute value per weight.
+    rng = np.random.default_rng(4)
+    kernel = random_array(rng, (3, 3, 24, 40))
+    back = testing.bf16_unpack_roundtrip(kernel, "winograd_f4x4_int14")
+    g = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                  [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]])
+    u = np.einsum("pi,ijcf,qj->pqcf", g, kernel.astype(np.float64), g)
+    largest_step = (np.abs(u).max(axis=2) / 8191).max()
+    assert np.abs(back - kernel).max() <= 16 * 0.5 * largest_step * (1 + 1e-6) + 1e-6 * np.abs(kernel).max()
+
+
+def test_unpack_rejects_unknown_methods():
+    with pytest.raises(ValueError, match="direct_bf16"):
+        testing.bf16_unpack_roundtrip(np.zeros((3, 3, 2, 2), np.float32), "winograd_bf16")

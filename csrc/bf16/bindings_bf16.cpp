@@ -72,25 +72,21 @@ Bf16Conv parse_algorithm(const std::string& name) {
 
 // The packed weights and block-padded bias of one conv layer for one of the set's algorithms.
 struct PackedConv {
-  PackedConv(const Bf16KernelSet& set, Bf16Conv algorithm, const float* kernel, const float* bias, int in_c, int out_c)
-      : padded_bias(std::size_t(round_up_to_block(out_c)), 0.0f) {
-    if (algorithm == Bf16Conv::Direct) {
-      weights.resize(set.packed_conv3x3_size(in_c, out_c));
-      set.pack_conv3x3(kernel, in_c, out_c, weights.data());
-      run = set.conv3x3;
-    } else {
-      weights.resize(set.packed_winograd_size(in_c, out_c));
-      set.pack_winograd(kernel, in_c, out_c, weights.data());
-      run = set.conv3x3_winograd;
-    }
+  PackedConv(const Bf16KernelSet& set, Bf16Conv algorithm, const float* kernel, const float* bias, int in_c, int out_c,
+             int threads)
+      : method(algorithm == Bf16Conv::Direct ? set.conv3x3_direct : set.conv3x3_winograd),
+        weights((method.packed_bytes(in_c, out_c) + sizeof(float) - 1) / sizeof(float), /*zeroed=*/false),
+        padded_bias(std::size_t(round_up_to_block(out_c)), 0.0f) {
+    method.pack(kernel, in_c, out_c, weights.data(), threads);
     std::copy(bias, bias + out_c, padded_bias.begin());
   }
   void operator()(const BlockedImage& in, bool relu, const BlockedImage& out, int threads) const {
-    run(in, weights.data(), padded_bias.data(), relu, out, threads);
+    method.run(in, weights.data(), padded_bias.data(), relu, out, threads, scratch);
   }
-  std::vector<std::uint16_t> weights;
+  Conv3x3Method method;
+  AlignedBuffer weights;
   std::vector<float> padded_bias;
-  decltype(Bf16KernelSet::conv3x3) run;
+  mutable KernelScratch scratch;
 };
 
 FloatArray run_conv(const FloatArray& x, const FloatArray& kernel, const FloatArray& bias, bool relu,
@@ -103,7 +99,7 @@ FloatArray run_conv(const FloatArray& x, const FloatArray& kernel, const FloatAr
   const int threads = thread_count();
   py::gil_scoped_release release;
   const KernelTable& layout = *supported_kernel_tables().front();
-  const PackedConv conv(set, algorithm, kp, bp, s.c, s.f);
+  const PackedConv conv(set, algorithm, kp, bp, s.c, s.f, threads);
   AlignedBuffer in_buf(blocked_image_size(s.c, s.h, s.w)), out_buf(blocked_image_size(s.f, s.h, s.w));
   const BlockedImage in{in_buf.data(), s.c, s.h, s.w}, out{out_buf.data(), s.f, s.h, s.w};
   for (int n = 0; n < s.n; ++n) {
@@ -136,7 +132,7 @@ double time_conv(const FloatArray& x, const FloatArray& kernel, const FloatArray
   const float *xp = x.data(), *kp = kernel.data(), *bp = bias.data();
   const int threads = thread_count();
   py::gil_scoped_release release;
-  const PackedConv conv(set, a, kp, bp, s.c, s.f);
+  const PackedConv conv(set, a, kp, bp, s.c, s.f, threads);
   AlignedBuffer in_buf(blocked_image_size(s.c, s.h, s.w)), out_buf(blocked_image_size(s.f, s.h, s.w));
   const BlockedImage in{in_buf.data(), s.c, s.h, s.w}, out{out_buf.data(), s.f, s.h, s.w};
   supported_kernel_tables().front()->nhwc_to_blocked(xp, in);
@@ -174,18 +170,19 @@ FloatArray dense_bf16(const FloatArray& x, const FloatArray& kernel, const Float
   const int threads = thread_count();
   py::gil_scoped_release release;
   const int padded = round_up_to_block(s.cols);
-  std::vector<std::uint16_t> packed(set.packed_dense_size(s.depth, s.cols), 0);
+  const DenseMethod& method = set.dense;
+  AlignedBuffer packed((method.packed_bytes(s.depth, s.cols) + sizeof(float) - 1) / sizeof(float));  // zeroed
   // Packed in two pieces, as a loader streaming rows from a file would (the split is odd on
   // purpose: a piece may start on the second row of a pair).
   const int split = s.depth / 2 | 1;
   const int first_piece = std::min(split, s.depth);
-  set.pack_dense_rows(kp, 0, first_piece, s.depth, s.cols, packed.data());
+  method.pack_rows(kp, 0, first_piece, s.depth, s.cols, packed.data(), threads);
   if (first_piece < s.depth)
-    set.pack_dense_rows(kp + std::size_t(first_piece) * s.cols, first_piece, s.depth - first_piece, s.depth, s.cols,
-                        packed.data());
+    method.pack_rows(kp + std::size_t(first_piece) * s.cols, first_piece, s.depth - first_piece, s.depth, s.cols,
+                     packed.data(), threads);
   std::vector<float> padded_bias(std::size_t(padded), 0.0f), out(std::size_t(s.rows) * padded);
   std::copy(bp, bp + s.cols, padded_bias.begin());
-  set.dense(xp, s.rows, s.depth, packed.data(), padded_bias.data(), s.cols, relu, out.data(), threads);
+  method.run(xp, s.rows, s.depth, s.depth, packed.data(), padded_bias.data(), s.cols, relu, out.data(), padded, threads);
   for (int r = 0; r < s.rows; ++r)
     std::copy_n(out.data() + std::size_t(r) * padded, s.cols, yp + std::size_t(r) * s.cols);
   return y;
@@ -201,16 +198,19 @@ double time_dense_bf16(const FloatArray& x, const FloatArray& kernel, const Floa
   const int threads = thread_count();
   py::gil_scoped_release release;
   const int padded = round_up_to_block(s.cols);
-  AlignedBuffer packed_storage((set.packed_dense_size(s.depth, s.cols) + 1) / 2);  // zeroed, huge-page aligned
-  auto* packed = reinterpret_cast<std::uint16_t*>(packed_storage.data());
-  set.pack_dense_rows(kp, 0, s.depth, s.depth, s.cols, packed);
+  const DenseMethod& method = set.dense;
+  AlignedBuffer packed((method.packed_bytes(s.depth, s.cols) + sizeof(float) - 1) / sizeof(float));  // zeroed
+  method.pack_rows(kp, 0, s.depth, s.depth, s.cols, packed.data(), threads);
   std::vector<float> padded_bias(std::size_t(padded), 0.0f), out(std::size_t(s.rows) * padded);
   std::copy(bp, bp + s.cols, padded_bias.begin());
-  set.dense(xp, s.rows, s.depth, packed, padded_bias.data(), s.cols, true, out.data(), threads);  // warm-up
+  auto call = [&] {
+    method.run(xp, s.rows, s.depth, s.depth, packed.data(), padded_bias.data(), s.cols, true, out.data(), padded, threads);
+  };
+  call();  // warm-up
   std::vector<double> seconds;
   for (int r = 0; r < repeats; ++r) {
     const double start = omp_get_wtime();
-    set.dense(xp, s.rows, s.depth, packed, padded_bias.data(), s.cols, true, out.data(), threads);
+    call();
     seconds.push_back(omp_get_wtime() - start);
   }
   std::nth_element(seconds.begin(), seconds.begin() + repeats / 2, seconds.end());
@@ -246,6 +246,38 @@ FloatArray round_to_bf16_array(const FloatArray& x, const std::string& how) {
   }
   for (std::size_t i = 0; i < count; ++i) yp[i] = bf16_to_float(rounded[i]);
   return y;
+}
+
+// Pack then unpack with one of the set's methods: the weights as the kernels see them.
+FloatArray unpack_roundtrip(const FloatArray& kernel, const std::string& method_name, int threads) {
+  const Bf16KernelSet& set = require_bf16();
+  if (method_name == "dense_bf16") {
+    require_shape(kernel, {-1, -1}, "kernel (depth, units)");
+    const int depth = positive_int(kernel.shape(0), "depth"), cols = positive_int(kernel.shape(1), "units");
+    FloatArray result({depth, cols});
+    const float* kp = kernel.data();
+    float* rp = result.mutable_data();
+    py::gil_scoped_release release;
+    AlignedBuffer packed((set.dense.packed_bytes(depth, cols) + sizeof(float) - 1) / sizeof(float));
+    set.dense.pack_rows(kp, 0, depth, depth, cols, packed.data(), threads);
+    set.dense.unpack(packed.data(), depth, cols, rp, threads);
+    return result;
+  }
+  const Conv3x3Method* method = method_name == "direct_bf16"           ? &set.conv3x3_direct
+                                : method_name == "winograd_f4x4_int14" ? &set.conv3x3_winograd
+                                                                       : nullptr;
+  if (!method)
+    throw py::value_error("unknown method '" + method_name + "'; expected 'direct_bf16', 'winograd_f4x4_int14' or 'dense_bf16'");
+  require_shape(kernel, {3, 3, -1, -1}, "kernel (HWIO)");
+  const int in_c = positive_int(kernel.shape(2), "channels"), out_c = positive_int(kernel.shape(3), "filters");
+  FloatArray result({3, 3, in_c, out_c});
+  const float* kp = kernel.data();
+  float* rp = result.mutable_data();
+  py::gil_scoped_release release;
+  AlignedBuffer packed((method->packed_bytes(in_c, out_c) + sizeof(float) - 1) / sizeof(float));
+  method->pack(kp, in_c, out_c, packed.data(), threads);
+  method->unpack(packed.data(), in_c, out_c, rp, threads);
+  return result;
 }
 
 }  // namespace
@@ -288,6 +320,10 @@ void register_bf16_testing(py::module_& testing, int (*thread_count)()) {
     return time_dense_bf16(x, k, b, repeats, thread_count);
   }, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("repeats"),
      "Median seconds of one bf16 dense call on x, packing excluded (for bench/).");
+  testing.def("bf16_unpack_roundtrip", [thread_count](const FloatArray& kernel, const std::string& method) {
+    return unpack_roundtrip(kernel, method, thread_count());
+  }, py::arg("kernel"), py::arg("method"),
+     "A kernel packed and unpacked by one of the bf16 set's methods ('direct_bf16', 'winograd_f4x4_int14', 'dense_bf16').");
   testing.def("bf16_dot_peak_gflops", [](int threads, long iterations) {
     py::gil_scoped_release release;
     return bf16_dot_peak_gflops(threads, iterations);

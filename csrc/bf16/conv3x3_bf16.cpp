@@ -9,7 +9,7 @@
 //
 // The activations arrive in fp32. Each work item (one output row for one group of output
 // blocks) first converts the three input rows it reads, all input blocks, to bf16 in a
-// per-thread buffer; the register tile then broadcasts from that buffer. The conversion is
+// per-thread buffer (in the caller's scratch); the register tile then broadcasts from it. The conversion is
 // ~2% of the work (each input value feeds 9 taps x 32 output channels of a group), and no
 // bf16 copy of the whole image is needed.
 //
@@ -18,10 +18,10 @@
 //
 // Packed weights (pack_bf16.cpp): [out/16][in/16][3][3][8 pairs][16 out][2] bf16.
 #include <immintrin.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cstring>
-#include <vector>
 
 #include "bf16/kernels_bf16.h"
 
@@ -120,8 +120,9 @@ void convert_rows(const BlockedImage& in, int y, std::uint16_t* window, std::ptr
 
 }  // namespace
 
-void conv3x3(const BlockedImage& in, const std::uint16_t* packed_weights, const float* bias, bool relu,
-             const BlockedImage& out, int threads) {
+void conv3x3(const BlockedImage& in, const void* packed, const float* bias, bool relu, const BlockedImage& out,
+             int threads, KernelScratch& scratch) {
+  const auto* packed_weights = static_cast<const std::uint16_t*>(packed);
   const int in_blocks = in.blocks(), out_blocks = out.blocks();
   const int last_block_channels = in.channels - (in_blocks - 1) * kChannelBlock;
   const int pairs_in_last_block = (last_block_channels + 1) / 2;
@@ -129,16 +130,21 @@ void conv3x3(const BlockedImage& in, const std::uint16_t* packed_weights, const 
   const std::ptrdiff_t weights_out_stride = std::ptrdiff_t(in_blocks) * 9 * kTapElements;
   const std::ptrdiff_t window_row_stride = std::ptrdiff_t(in.width + 2) * kChannelBlock;
   const int items = groups * out.height;
+  // Each thread's bf16 row window lives in the caller's scratch (two bf16 values a float).
+  const std::size_t window_elements = std::size_t(in_blocks) * 3 * std::size_t(window_row_stride);
+  const std::size_t window_floats = (window_elements + 31) / 32 * 16;  // whole cache lines per thread
+  scratch.products.ensure_capacity(window_floats * std::size_t(threads));
+  float* windows = scratch.products.data();
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<std::uint16_t> window_buffer(std::size_t(in_blocks) * 3 * std::size_t(window_row_stride));
-    const RowWindow window{window_buffer.data(), kChannelBlock, window_row_stride, 3 * window_row_stride};
+    auto* window_buffer = reinterpret_cast<std::uint16_t*>(windows + window_floats * std::size_t(omp_get_thread_num()));
+    const RowWindow window{window_buffer, kChannelBlock, window_row_stride, 3 * window_row_stride};
     // Rows of one group are contiguous in the static schedule, so a thread keeps that group's
     // weights in its L2 while it walks down the image.
 #pragma omp for schedule(static)
     for (int item = 0; item < items; ++item) {
       const int group = item / out.height, y = item % out.height;
-      convert_rows(in, y, window_buffer.data(), window_row_stride);
+      convert_rows(in, y, window_buffer, window_row_stride);
       const int first_block = group * kOutBlocks;
       if (first_block + kOutBlocks <= out_blocks) {
         conv_row<kTileWidth, kOutBlocks>(window, in_blocks, pairs_in_last_block,

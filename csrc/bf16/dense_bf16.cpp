@@ -68,16 +68,17 @@ inline void dense_edge_tile(int rows, int panels, const DenseArgs& a) {
 
 }  // namespace
 
-void dense(const float* x, int rows, int depth, const std::uint16_t* packed_weights, const float* bias, int cols,
-           bool relu, float* y, int threads) {
+void dense(const float* x, int rows, int depth, std::ptrdiff_t x_stride, const void* packed, const float* bias,
+           int cols, bool relu, float* y, std::ptrdiff_t y_stride, int threads) {
+  const auto* packed_weights = static_cast<const std::uint16_t*>(packed);
   const int panels = channel_blocks(cols);
   const int pairs = (depth + 1) / 2;
-  const std::ptrdiff_t y_stride = std::ptrdiff_t(panels) * kChannelBlock;
   const std::ptrdiff_t panel_stride = std::ptrdiff_t(pairs) * 2 * kChannelBlock;
-  // x in bf16, an odd depth padded with a zero (its weight row is zero too).
-  thread_local std::vector<std::uint16_t> x_bf16;
-  x_bf16.assign(std::size_t(rows) * pairs * 2, 0);
-  for (int r = 0; r < rows; ++r) round_floats(x + std::ptrdiff_t(r) * depth, std::size_t(depth), x_bf16.data() + std::size_t(r) * pairs * 2);
+  // x in bf16, an odd depth padded with a zero (its weight row is zero too): rows x depth x 2
+  // bytes (50 KB for fc1 at batch 1), allocated per call since kernels keep no memory.
+  std::vector<std::uint16_t> x_bf16(std::size_t(rows) * pairs * 2, 0);
+  for (int r = 0; r < rows; ++r)
+    round_floats(x + std::ptrdiff_t(r) * x_stride, std::size_t(depth), x_bf16.data() + std::size_t(r) * pairs * 2);
   const auto* x_pairs = reinterpret_cast<const std::uint32_t*>(x_bf16.data());
   const int groups = (panels + kPanels - 1) / kPanels;
 #pragma omp parallel for schedule(static) num_threads(threads)

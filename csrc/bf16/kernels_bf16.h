@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "kernels.h"
 #include "tensor.h"
 
 namespace fastvgg {
@@ -44,63 +45,66 @@ inline float bf16_to_float(std::uint16_t value) {
 // are quantised to integers of at most this magnitude.
 constexpr int kWinogradInt14Max = 8191;
 
-// Entry points and their weight packers, side by side: an executor that runs a layer with
-// this set packs that layer's weights with this set's packer.
+// The bf16 kernel set: three methods in the shape of kernels.h's (packers beside run functions),
+// so an executor runs them as it runs the fp32 ones.
+//   conv3x3_direct    "direct_bf16": vdpbf16ps on bf16-rounded inputs and weights.
+//                     Layout: [out/16][in/16][3][3][8 input-channel pairs][16 out][2] bf16.
+//   conv3x3_winograd  "winograd_f4x4_int14": Winograd F(4x4, 3x3), fp32 transforms, 14-bit integer
+//                     products (vpdpwssd). Layout: int16 [36][out16/16][in16/2][16][2], then fp32
+//                     steps [36][out16] (in16, out16: the channel counts rounded up to 16).
+//   dense             "dense_bf16": bf16 weights and inputs, fp32 sums.
+//                     Layout: column panels [cols/16][ceil(depth/2) row pairs][16 cols][2] bf16.
+// None of the three unpacks exactly (rounded or quantised weights): unpack_is_exact is false.
 struct Bf16KernelSet {
   const char* name;
-  // conv3x3 packed layout: [out/16][in/16][3][3][8 input-channel pairs][16 out][2] bf16;
-  // padding channels are zero. packed_conv3x3_size counts uint16 elements.
-  std::size_t (*packed_conv3x3_size)(int in_channels, int out_channels);
-  void (*pack_conv3x3)(const float* kernel_hwio, int in_channels, int out_channels, std::uint16_t* packed);
-  // out = ReLU?(conv3x3_same(bf16(in)) + bias), fp32 in and out, bias padded to the block.
-  void (*conv3x3)(const BlockedImage& in, const std::uint16_t* packed_weights, const float* bias, bool relu,
-                  const BlockedImage& out, int threads);
-  // dense packed layout: column panels [cols/16][ceil(depth/2) row pairs][16 cols][2] bf16.
-  // The buffer must start zeroed (padding columns and the odd row of an odd depth stay 0),
-  // like the fp32 dense packing; rows may then be packed in any number of pieces.
-  std::size_t (*packed_dense_size)(int depth, int cols);
-  void (*pack_dense_rows)(const float* kernel_rows, int first_row, int row_count, int depth, int cols,
-                          std::uint16_t* packed);
-  // y[rows][round_up_to_block(cols)] = bf16(x)[rows][depth] * W + bias, ReLU optional.
-  void (*dense)(const float* x, int rows, int depth, const std::uint16_t* packed_weights, const float* bias,
-                int cols, bool relu, float* y, int threads);
-  // Winograd F(4x4, 3x3), fp32 transforms, int14 products (vpdpwssd): same contract as conv3x3.
-  // packed layout: int16 [36][out16/16][in16/2][16][2] then fp32 steps [36][out16] (in16, out16:
-  // channels rounded up to 16); packed_winograd_size counts uint16 elements.
-  std::size_t (*packed_winograd_size)(int in_channels, int out_channels);
-  void (*pack_winograd)(const float* kernel_hwio, int in_channels, int out_channels, std::uint16_t* packed);
-  void (*conv3x3_winograd)(const BlockedImage& in, const std::uint16_t* packed_weights, const float* bias, bool relu,
-                           const BlockedImage& out, int threads);
+  Conv3x3Method conv3x3_direct;
+  Conv3x3Method conv3x3_winograd;
+  DenseMethod dense;
   // The hardware's own conversion (vcvtneps2bf16), exposed so tests can hold round_to_bf16 to it.
   void (*round_to_bf16)(const float* values, std::size_t count, std::uint16_t* rounded);
 };
 
 // The set this CPU can run, or nullptr: this build has no AVX512_BF16 kernels, or the CPU (or
-// the OS, for the AVX-512 register state) does not offer AVX512_BF16.
+// the OS, for the AVX-512 register state) does not offer AVX512_BF16 and AVX512_VNNI.
 const Bf16KernelSet* bf16_kernel_set();
 // Why bf16_kernel_set() is nullptr here, in words for an error message ("" when it is not).
 const char* bf16_unavailable_reason();
+// A whole kernel table for an executor: `fp32`'s pooling and layout functions with the bf16
+// set's convolution and dense methods. Throws std::runtime_error (with the reason) where the
+// set is unavailable.
+KernelTable bf16_kernel_table(const KernelTable& fp32);
 
-// Packers (pack_bf16.cpp): plain C++, shared by every CPU that runs the set.
+// Packers (pack_bf16.cpp): plain C++, shared by every CPU that runs the set. Sizes count
+// uint16 elements.
 std::size_t packed_conv3x3_bf16_size(int in_channels, int out_channels);
-void pack_conv3x3_bf16(const float* kernel_hwio, int in_channels, int out_channels, std::uint16_t* packed);
+void pack_conv3x3_bf16(const float* kernel_hwio, int in_channels, int out_channels, std::uint16_t* packed,
+                       int threads);
+void unpack_conv3x3_bf16(const std::uint16_t* packed, int in_channels, int out_channels, float* kernel_hwio,
+                         int threads);
 std::size_t packed_dense_bf16_size(int depth, int cols);
+// Rows [first_row, first_row + row_count); the buffer must start zeroed (padding columns and the
+// odd row of an odd depth stay 0), rows may come in any number of pieces.
 void pack_dense_rows_bf16(const float* kernel_rows, int first_row, int row_count, int depth, int cols,
-                          std::uint16_t* packed);
+                          std::uint16_t* packed, int threads);
+void unpack_dense_bf16(const std::uint16_t* packed, int depth, int cols, float* kernel, int threads);
 std::size_t packed_winograd_int14_size(int in_channels, int out_channels);
-void pack_winograd_int14(const float* kernel_hwio, int in_channels, int out_channels, std::uint16_t* packed);
+void pack_winograd_int14(const float* kernel_hwio, int in_channels, int out_channels, std::uint16_t* packed,
+                         int threads);
+// The kernel back from the dequantised U by a left inverse of G: within ~1e-4 of it, not exact.
+void unpack_winograd_int14(const std::uint16_t* packed, int in_channels, int out_channels, float* kernel_hwio,
+                           int threads);
 // Lavin & Gray's G for F(4x4, 3x3) (points 0, -1, 1, -2, 2, infinity), in double.
 extern const double kWinogradG[6][3];
 
-// The AVX512_BF16 kernels (conv3x3_bf16.cpp, dense_bf16.cpp), compiled with -mavx512bf16.
+// The AVX512_BF16 / AVX512_VNNI kernels (conv3x3_bf16.cpp, dense_bf16.cpp, winograd_int14.cpp).
 namespace avx512bf16 {
-void conv3x3(const BlockedImage& in, const std::uint16_t* packed_weights, const float* bias, bool relu,
-             const BlockedImage& out, int threads);
-void dense(const float* x, int rows, int depth, const std::uint16_t* packed_weights, const float* bias, int cols,
-           bool relu, float* y, int threads);
+void conv3x3(const BlockedImage& in, const void* packed_weights, const float* bias, bool relu, const BlockedImage& out,
+             int threads, KernelScratch& scratch);
+void conv3x3_winograd_int14(const BlockedImage& in, const void* packed_weights, const float* bias, bool relu,
+                            const BlockedImage& out, int threads, KernelScratch& scratch);
+void dense(const float* x, int rows, int depth, std::ptrdiff_t x_stride, const void* packed_weights, const float* bias,
+           int cols, bool relu, float* y, std::ptrdiff_t y_stride, int threads);
 void round_floats(const float* values, std::size_t count, std::uint16_t* rounded);
-void conv3x3_winograd_int14(const BlockedImage& in, const std::uint16_t* packed_weights, const float* bias, bool relu,
-                            const BlockedImage& out, int threads);
 }  // namespace avx512bf16
 
 // Plain twins on NHWC arrays and Keras layouts: inputs and weights rounded by round_to_bf16,

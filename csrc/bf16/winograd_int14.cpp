@@ -27,7 +27,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <vector>
 
 #include "bf16/kernels_bf16.h"
 
@@ -257,17 +256,6 @@ class Int14Layer {
   std::ptrdiff_t u_block_stride_, u_point_stride_, v_point_stride_, m_tile_stride_;
 };
 
-struct Scratch {
-  std::vector<std::int16_t> v;
-  std::vector<float> steps, m, tile;
-};
-
-template <typename T>
-T* grown(std::vector<T>& buffer, std::size_t count) {
-  if (buffer.size() < count) buffer.resize(count);
-  return buffer.data();
-}
-
 // Private blocks for small U (each thread transforms, multiplies and writes out its own blocks
 // of tiles, no barrier); shared blocks for U of 8 MB and more (block4/5 of VGG: every tile in one
 // block, the threads split its output groups, so U is read once). The thresholds follow the fp32
@@ -276,8 +264,9 @@ constexpr std::size_t kSharedWeightBytes = std::size_t(6) << 20;
 
 }  // namespace
 
-void conv3x3_winograd_int14(const BlockedImage& in, const std::uint16_t* packed_weights, const float* bias, bool relu,
-                            const BlockedImage& out, int threads) {
+void conv3x3_winograd_int14(const BlockedImage& in, const void* packed, const float* bias, bool relu,
+                            const BlockedImage& out, int threads, KernelScratch& scratch) {
+  const auto* packed_weights = static_cast<const std::uint16_t*>(packed);
   const int tiles = ((out.height + kTileOut - 1) / kTileOut) * ((out.width + kTileOut - 1) / kTileOut);
   const int padded_in = in.blocks() * kChannelBlock, padded_out = out.blocks() * kChannelBlock;
   const std::size_t u_bytes = std::size_t(kPoints) * padded_in * padded_out * sizeof(std::int16_t);
@@ -287,22 +276,28 @@ void conv3x3_winograd_int14(const BlockedImage& in, const std::uint16_t* packed_
   const int fitting = int(block_bytes / bytes_per_tile) / kGemmTiles * kGemmTiles;
   const int block_tiles = std::min(tiles, std::max(shared ? kGemmTiles : 2 * kGemmTiles, fitting));
   const Int14Layer layer(in, packed_weights, bias, relu, out, block_tiles);
-  const int copies = shared ? 1 : threads;
+  const std::size_t copies = shared ? 1 : std::size_t(threads);
 
-  thread_local Scratch scratch;  // kept per calling thread: reallocating MBs each call costs page faults
-  std::int16_t* v_all = grown(scratch.v, copies * layer.v_size());
-  float* steps_all = grown(scratch.steps, copies * layer.steps_size());
-  float* m_all = grown(scratch.m, copies * layer.m_size());
-  float* tile_all = grown(scratch.tile, std::size_t(threads) * layer.tile_scratch_size());
+  // The caller's scratch, kept between its calls: V (int16, two a float) in transformed_input;
+  // the steps of V, M and each thread's fp32 tile in products. Every piece starts on a cache line.
+  auto lines = [](std::size_t floats) { return (floats + 15) / 16 * 16; };
+  const std::size_t v_floats = lines((layer.v_size() + 1) / 2), steps_floats = lines(layer.steps_size()),
+                    m_floats = lines(layer.m_size()), tile_floats = lines(layer.tile_scratch_size());
+  scratch.transformed_input.ensure_capacity(copies * v_floats);
+  scratch.products.ensure_capacity(copies * (steps_floats + m_floats) + std::size_t(threads) * tile_floats);
+  auto* v_all = reinterpret_cast<std::int16_t*>(scratch.transformed_input.data());
+  float* steps_all = scratch.products.data();
+  float* m_all = steps_all + copies * steps_floats;
+  float* tile_all = m_all + copies * m_floats;
   const int blocks = (tiles + block_tiles - 1) / block_tiles;
 #pragma omp parallel num_threads(threads)
   {
     const int thread = omp_get_thread_num();
-    float* tile_scratch = tile_all + std::size_t(thread) * layer.tile_scratch_size();
+    float* tile_scratch = tile_all + std::size_t(thread) * tile_floats;
     if (!shared) {
-      std::int16_t* v = v_all + std::size_t(thread) * layer.v_size();
-      float* steps = steps_all + std::size_t(thread) * layer.steps_size();
-      float* m = m_all + std::size_t(thread) * layer.m_size();
+      std::int16_t* v = v_all + std::size_t(thread) * v_floats * 2;
+      float* steps = steps_all + std::size_t(thread) * steps_floats;
+      float* m = m_all + std::size_t(thread) * m_floats;
 #pragma omp for schedule(dynamic, 1)
       for (int block = 0; block < blocks; ++block) {
         const int first_tile = block * block_tiles, count = std::min(block_tiles, tiles - first_tile);
