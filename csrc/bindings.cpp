@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "bf16/bindings_bf16.h"
+#include "bf16/kernels_bf16.h"
 #include "bindings_winograd_batch.h"
 #include "cpu_features.h"
 #include "cpu_executor.h"
@@ -438,6 +439,10 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<CpuExecutor>(m, "CpuExecutor", "A graph's weights packed for this CPU's kernels, and the loop that runs it.")
       .def(py::init([](const Graph& graph, const std::string& precision) {
+             // "bf16" (provisional): the bf16 kernel set's methods in place of the fp32 ones, chosen
+             // as for "fast" (int14 Winograd from 16 input channels on, bf16 direct below, bf16 dense).
+             if (precision == "bf16")
+               return std::make_unique<CpuExecutor>(graph, Precision::Fast, bf16_kernel_table(active_kernels()));
              return std::make_unique<CpuExecutor>(graph, parse_precision(precision), active_kernels());
            }),
            py::arg("graph"), py::arg("precision") = "fast")

@@ -1,7 +1,11 @@
 // The bf16 kernel set's methods (packers beside run functions, as kernels.h's), and its choice
 // from what this build has and what the CPU reports.
+#include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "bf16/kernels_bf16.h"
 #include "cpu_features.h"
@@ -74,15 +78,22 @@ const char* bf16_unavailable_reason() {
 #endif
 }
 
-KernelTable bf16_kernel_table(const KernelTable& fp32) {
+const KernelTable& bf16_kernel_table(const KernelTable& fp32) {
   const Bf16KernelSet* set = bf16_kernel_set();
   if (!set) throw std::runtime_error(std::string("bf16 kernels unavailable: ") + bf16_unavailable_reason());
-  KernelTable table = fp32;
-  table.isa_name = set->name;
-  table.conv3x3_direct = set->conv3x3_direct;
-  table.conv3x3_winograd = set->conv3x3_winograd;
-  table.dense = set->dense;
-  return table;
+  // One table per fp32 table (there are at most three), never freed: executors point at them.
+  static std::mutex mutex;
+  static std::vector<std::pair<const KernelTable*, std::unique_ptr<KernelTable>>> tables;
+  const std::lock_guard<std::mutex> lock(mutex);
+  for (const auto& entry : tables)
+    if (entry.first == &fp32) return *entry.second;
+  auto table = std::make_unique<KernelTable>(fp32);
+  table->isa_name = set->name;
+  table->conv3x3_direct = set->conv3x3_direct;
+  table->conv3x3_winograd = set->conv3x3_winograd;
+  table->dense = set->dense;
+  tables.emplace_back(&fp32, std::move(table));
+  return *tables.back().second;
 }
 
 }  // namespace fastvgg

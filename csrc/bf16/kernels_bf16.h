@@ -70,9 +70,10 @@ const Bf16KernelSet* bf16_kernel_set();
 // Why bf16_kernel_set() is nullptr here, in words for an error message ("" when it is not).
 const char* bf16_unavailable_reason();
 // A whole kernel table for an executor: `fp32`'s pooling and layout functions with the bf16
-// set's convolution and dense methods. Throws std::runtime_error (with the reason) where the
-// set is unavailable.
-KernelTable bf16_kernel_table(const KernelTable& fp32);
+// set's convolution and dense methods; built once per fp32 table and kept for the process (an
+// executor holds a pointer to its table). Throws std::runtime_error (with the reason) where
+// the set is unavailable.
+const KernelTable& bf16_kernel_table(const KernelTable& fp32);
 
 // Packers (pack_bf16.cpp): plain C++, shared by every CPU that runs the set. Sizes count
 // uint16 elements.
