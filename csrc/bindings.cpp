@@ -14,6 +14,9 @@
 #include <string>
 #include <vector>
 
+#include "bf16/bindings_bf16.h"
+#include "bf16/kernels_bf16.h"
+#include "bindings_winograd_batch.h"
 #include "cpu_features.h"
 #include "cpu_executor.h"
 #include "graph.h"
@@ -436,6 +439,10 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<CpuExecutor>(m, "CpuExecutor", "A graph's weights packed for this CPU's kernels, and the loop that runs it.")
       .def(py::init([](const Graph& graph, const std::string& precision) {
+             // "bf16" (provisional): the bf16 kernel set's methods in place of the fp32 ones, chosen
+             // as for "fast" (int14 Winograd from 16 input channels on, bf16 direct below, bf16 dense).
+             if (precision == "bf16")
+               return std::make_unique<CpuExecutor>(graph, Precision::Fast, bf16_kernel_table(active_kernels()));
              return std::make_unique<CpuExecutor>(graph, parse_precision(precision), active_kernels());
            }),
            py::arg("graph"), py::arg("precision") = "fast")
@@ -571,4 +578,6 @@ PYBIND11_MODULE(_core, m) {
     return fma_peak_gflops(threads, iterations, isa);
   }, py::arg("threads"), py::arg("iterations") = 20000000L, py::arg("isa") = "auto",
      "Measured fp32 FMA GFLOP/s of `threads` threads (csrc/fma_peak.cpp), for bench/.");
+  register_bf16_testing(testing, &thread_count);
+  register_winograd_batch_testing(testing, &thread_count);
 }
