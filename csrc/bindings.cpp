@@ -439,10 +439,14 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<CpuExecutor>(m, "CpuExecutor", "A graph's weights packed for this CPU's kernels, and the loop that runs it.")
       .def(py::init([](const Graph& graph, const std::string& precision) {
-             // "bf16" (provisional): the bf16 kernel set's methods in place of the fp32 ones, chosen
-             // as for "fast" (int14 Winograd from 16 input channels on, bf16 direct below, bf16 dense).
-             if (precision == "bf16")
-               return std::make_unique<CpuExecutor>(graph, Precision::Fast, bf16_kernel_table(active_kernels()));
+             const Precision p = parse_precision(precision);
+             if (p == Precision::Bf16) {
+               if (!bf16_kernel_set())
+                 throw std::runtime_error(std::string("precision='bf16' is not available here: ") +
+                                          bf16_unavailable_reason() + ". Use precision='fast'.");
+               // The bf16 set's methods in place of the fp32 ones; pooling and layout stay fp32's.
+               return std::make_unique<CpuExecutor>(graph, p, bf16_kernel_table(active_kernels()));
+             }
              return std::make_unique<CpuExecutor>(graph, parse_precision(precision), active_kernels());
            }),
            py::arg("graph"), py::arg("precision") = "fast")

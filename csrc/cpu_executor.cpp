@@ -14,12 +14,19 @@ namespace fastvgg {
 // ---------------------------------------------------------------------------------------------
 // Shared by every executor
 
-const char* precision_name(Precision precision) { return precision == Precision::Highest ? "highest" : "fast"; }
+const char* precision_name(Precision precision) {
+  switch (precision) {
+    case Precision::Fast: return "fast";
+    case Precision::Highest: return "highest";
+    case Precision::Bf16: return "bf16";
+  }
+  return "?";
+}
 
 Precision parse_precision(const std::string& name) {
-  if (name == "fast") return Precision::Fast;
-  if (name == "highest") return Precision::Highest;
-  throw std::invalid_argument("unknown precision '" + name + "'; expected 'fast' or 'highest'");
+  for (Precision p : {Precision::Fast, Precision::Highest, Precision::Bf16})
+    if (name == precision_name(p)) return p;
+  throw std::invalid_argument("unknown precision '" + name + "'; expected 'fast', 'highest' or 'bf16'");
 }
 
 int check_output_requests(const Graph& graph, const std::vector<OutputRequest>& outputs) {
@@ -90,7 +97,8 @@ enum class ConvChoice { None, Direct, Winograd };
 // 2.7-4.6 ms Winograd on that layer); from one full channel block on it wins 2-2.8x.
 ConvChoice choose_conv(const Op& op, Precision precision) {
   if (op.kind != OpKind::Conv3x3) return ConvChoice::None;
-  return precision == Precision::Fast && op.in_channels >= kChannelBlock ? ConvChoice::Winograd : ConvChoice::Direct;
+  // bf16: the kernel set's Winograd is F(4x4) with int14 products, chosen from the same depth on.
+  return precision != Precision::Highest && op.in_channels >= kChannelBlock ? ConvChoice::Winograd : ConvChoice::Direct;
 }
 
 const Conv3x3Method& conv_method(const KernelTable& kernels, ConvChoice choice) {
@@ -219,7 +227,9 @@ void CpuExecutor::set_conv3x3_weights(int op, const float* kernel_hwio, const fl
   const std::size_t bytes = method.packed_bytes(o.in_channels, o.out_channels);
   if (p.packed.is_adopted() || p.packed.bytes() != bytes) p.packed.allocate(bytes, /*zeroed=*/false);
   method.pack(kernel_hwio, o.in_channels, o.out_channels, p.packed.writable(), threads);
-  if (method.unpack_is_exact) {
+  // bf16 keeps no correction: get_weights gives what the kernels compute with (a byte or more
+  // a weight to restore the loaded values would cost most of what bf16 saves).
+  if (method.unpack_is_exact || precision_ == Precision::Bf16) {
     p.correction = KernelCorrection{};
   } else {
     std::vector<float> recovered(conv_weight_count(o));
@@ -283,7 +293,7 @@ void CpuExecutor::get_weights(int op, float* kernel, float* bias) const {
   if (o.kind == OpKind::Conv3x3) {
     const Conv3x3Method& method = conv_method(*kernels_, p.conv);
     method.unpack(p.packed.data(), o.in_channels, o.out_channels, kernel, threads);
-    if (!method.unpack_is_exact) {
+    if (!method.unpack_is_exact && precision_ != Precision::Bf16) {
       if (p.correction.ulps.size() != conv_weight_count(o) ||
           p.correction.exact_index.size() != p.correction.exact_value.size())
         throw std::logic_error("layer " + std::to_string(op) + ": the correction that makes get_weights exact is "
@@ -332,7 +342,7 @@ std::vector<CpuExecutor::Section> CpuExecutor::packed_sections() const {
     const std::string prefix = "op" + std::to_string(i) + ".";
     sections.push_back({prefix + "packed", p.packed.data(), p.packed.bytes()});
     sections.push_back({prefix + "bias", p.bias.data(), p.bias.size() * sizeof(float)});
-    if (p.conv != ConvChoice::None && !conv_method(*kernels_, p.conv).unpack_is_exact) {
+    if (p.conv != ConvChoice::None && !conv_method(*kernels_, p.conv).unpack_is_exact && precision_ != Precision::Bf16) {
       sections.push_back({prefix + "correction.ulps", p.correction.ulps.data(), p.correction.ulps.size()});
       sections.push_back({prefix + "correction.index", p.correction.exact_index.data(),
                           p.correction.exact_index.size() * sizeof(std::uint32_t)});
@@ -364,7 +374,7 @@ void CpuExecutor::adopt_section(const std::string& name, const void* data, std::
                                   std::to_string(expected));
   };
   const bool conv = o.kind == OpKind::Conv3x3;
-  const bool corrected = conv && !conv_method(*kernels_, p.conv).unpack_is_exact;
+  const bool corrected = conv && !conv_method(*kernels_, p.conv).unpack_is_exact && precision_ != Precision::Bf16;
   const std::size_t count = conv ? conv_weight_count(o) : 0;
   if (part == "packed") {
     require_bytes(conv ? conv_method(*kernels_, p.conv).packed_bytes(o.in_channels, o.out_channels)

@@ -1,4 +1,4 @@
-"""The provisional CpuExecutor(graph, "bf16") hook: the bf16 kernel set's methods (int14 Winograd
+"""precision="bf16": the bf16 kernel set's methods (int14 Winograd
 from 16 input channels on, bf16 direct for the first layer, bf16 dense) run a whole He-scaled
 VGG16 through the real executor, against the same graph at precision "fast" (fp32)."""
 
@@ -55,3 +55,16 @@ def test_bf16_executor_matches_fp32_within_the_contract():
 def test_unknown_precision_still_names_the_choices():
     with pytest.raises(ValueError, match="fast"):
         _core.CpuExecutor(_core.Graph(3), "fp8")
+
+
+def test_bf16_model_reports_its_precision_and_returns_the_rounded_weights():
+    import fastvgg
+
+    model = fastvgg.VGG16(None, include_top=False, input_shape=(32, 32, 3), seed=0, precision="bf16")
+    assert model._executor.precision == "bf16"
+    assert model._executor.method(0) == "direct_bf16" and model._executor.method(1) == "winograd_f4x4_int14"
+    loaded = fastvgg.VGG16(None, include_top=False, input_shape=(32, 32, 3), seed=0).layers[1].get_weights()[0]
+    rounded = model.layers[1].get_weights()[0]
+    # bf16 keeps 8 significant bits: each weight within half a step (2**-8 relative) of the loaded one.
+    assert np.all(np.abs(rounded - loaded) <= np.abs(loaded) * 2.0**-8)
+    assert not np.array_equal(rounded, loaded)
