@@ -21,6 +21,7 @@ namespace py = pybind11;
 
 namespace fastvgg {
 double fma_peak_gflops(int threads, long iterations, const std::string& isa);  // csrc/fma_peak.cpp
+void register_ops_testing(pybind11::module_& testing);  // csrc/bindings_ops.cpp
 }
 using namespace fastvgg;
 
@@ -438,6 +439,7 @@ PYBIND11_MODULE(_core, m) {
     softmax_rows(y.mutable_data(), int(x.shape(0)), int(x.shape(1)), x.shape(1));
     return y;
   }, py::arg("x"));
+  register_ops_testing(testing);
   testing.def("layout_roundtrip", &test_layout_roundtrip, py::arg("x"), py::arg("isa"));
   testing.def("fma_peak_gflops", [](int threads, long iterations, const std::string& isa) {
     py::gil_scoped_release release;
