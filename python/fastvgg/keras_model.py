@@ -731,7 +731,8 @@ def _attach_weights(spec: ModelSpec, stored, path: str) -> None:
                 f"its config says {len(layer.weight_names)} ({', '.join(layer.weight_names)})."
             )
         for array, name, shape in zip(arrays, layer.weight_names, layer.weight_shapes):
-            if array.dtype.kind != "f":
+            # Normalization's sample count is an integer that inference does not use.
+            if array.dtype.kind != "f" and not (name == "count" and array.dtype.kind in "iu"):
                 raise ValueError(f"{path!r}: layer {layer.name!r}'s {name} has dtype {array.dtype}; weights must be floating point.")
             if tuple(array.shape) != tuple(shape) and not (layer.class_name == "Normalization" and int(np.prod(array.shape)) == int(np.prod(shape))):
                 raise ValueError(
