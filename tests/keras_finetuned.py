@@ -155,15 +155,28 @@ def input_range(name):
     return (0.0, 255.0) if name in ("rescaling_nested", "normalization_front") else (-2.0, 2.0)
 
 
+def _leaf_layers(model):
+    for layer in model.layers:
+        if layer.__class__.__name__ in ("Sequential", "Functional", "Model"):
+            yield from _leaf_layers(layer)
+        else:
+            yield layer
+
+
 def perturb_and_train(keras, model, seed, low=-2.0, high=2.0):
     """Every weight off its initial value, then two training steps (which move the
     BatchNormalization statistics and give the file an optimizer state)."""
     rng = np.random.default_rng(seed)
-    weights = []
-    for w in model.get_weights():
-        scale = 0.05 * (np.abs(w).mean() + 0.1) if w.ndim > 0 else 0.0
-        weights.append((w + rng.normal(0, 1, w.shape) * scale).astype(w.dtype))
-    model.set_weights(weights)
+    for layer in _leaf_layers(model):
+        # Keras 3's Normalization computes from its adapted statistics once (finalize_state) and
+        # ignores later set_weights until the model is reloaded: leave it as adapted.
+        if layer.__class__.__name__ == "Normalization":
+            continue
+        moved = []
+        for w in layer.get_weights():
+            scale = 0.05 * (np.abs(w).mean() + 0.1) if w.ndim > 0 else 0.0
+            moved.append((w + rng.normal(0, 1, w.shape) * scale).astype(w.dtype))
+        layer.set_weights(moved)
     shape = (4,) + tuple(model.input_shape[1:])
     x = rng.uniform(low, high, shape).astype("float32")
     y = model.predict(x, verbose=0)

@@ -98,7 +98,7 @@ def _add_op(graph, spec: LayerSpec, flat: bool) -> int:
     if kind == "dense":
         return graph.add_dense(int(spec.input_shape[-1]), spec.units, spec.activation)
     if kind == "affine":
-        return graph.add_affine()
+        return graph.add_affine(int(spec.output_shape[-1]))
     if kind == "activation":
         return graph.add_activation(spec.activation)
     if kind == "identity":  # Dropout and friends: nothing happens at inference
