@@ -1,5 +1,6 @@
-// Test bindings of the ops fine-tuned models add (ops.h): each fast kernel of each instruction
-// set, and its reference twin ("reference"), on NHWC arrays or flat rows, for tests/test_ops_kernels.py.
+// Bindings of the ops fine-tuned models add (ops.h): the Graph and CpuExecutor methods that
+// build and load them, and, for tests/test_ops_kernels.py, each fast kernel of each instruction
+// set and its reference twin ("reference") on NHWC arrays or flat rows.
 //
 // Arrays are checked here before any pointer reaches a kernel; every call releases the GIL.
 #include <omp.h>
@@ -13,7 +14,9 @@
 #include <string>
 #include <vector>
 
+#include "cpu_executor.h"
 #include "cpu_features.h"
+#include "graph.h"
 #include "ops.h"
 
 namespace py = pybind11;
@@ -97,27 +100,24 @@ FloatArray test_conv(const FloatArray& x, const FloatArray& kernel, std::optiona
   const float* kp = kernel.data();
   if (size == 1) {
     AlignedBuffer packed(packed_dense_size(s.c, f));
-    pack_dense_rows(kp, 0, s.c, s.c, f, packed.data());
+    pack_dense_rows(kp, 0, s.c, s.c, f, packed.data(), threads());
     return per_image(*k, x, s, out_h, out_w, f, [&](const BlockedImage& in, const BlockedImage& out) {
       ops.conv1x1(in, packed.data(), padded_bias.data(), relu, out, threads());
     });
   }
-  const bool winograd = algorithm == "winograd";
-  AlignedBuffer packed(winograd ? packed_winograd_size(s.c, f) : packed_conv3x3_size(s.c, f));
-  if (winograd)
-    pack_winograd_f4x4(kp, s.c, f, packed.data());
-  else
-    pack_conv3x3(kp, s.c, f, packed.data());
-  const auto conv3x3 = winograd ? k->conv3x3_winograd : k->conv3x3;
+  const Conv3x3Method& method = algorithm == "winograd" ? k->conv3x3_winograd : k->conv3x3_direct;
+  AlignedBuffer packed((method.packed_bytes(s.c, f) + sizeof(float) - 1) / sizeof(float));
+  method.pack(kp, s.c, f, packed.data(), threads());
+  KernelScratch scratch;
   if (same)
     return per_image(*k, x, s, out_h, out_w, f, [&](const BlockedImage& in, const BlockedImage& out) {
-      conv3x3(in, packed.data(), padded_bias.data(), relu, out, threads());
+      method.run(in, packed.data(), padded_bias.data(), relu, out, threads(), scratch);
     });
   AlignedBuffer full_buf(blocked_image_size(f, s.h, s.w));
   return per_image(*k, x, s, out_h, out_w, f, [&](const BlockedImage& in, const BlockedImage& out) {
     const BlockedImage full{full_buf.data(), f, s.h, s.w};
     zero_border(full);
-    conv3x3(in, packed.data(), padded_bias.data(), relu, full, threads());
+    method.run(in, packed.data(), padded_bias.data(), relu, full, threads(), scratch);
     ops.crop_border(full, out, threads());
   });
 }
@@ -217,9 +217,64 @@ FloatArray test_activation_blocked_buffer(const FloatArray& x, const std::string
   return buffer;
 }
 
+int op_index(const Graph& graph, py::ssize_t index) {
+  if (index < 0 || index >= graph.op_count())
+    throw py::index_error("layer index " + std::to_string(index) + " is out of range: the graph has " +
+                          std::to_string(graph.op_count()) + " ops");
+  return int(index);
+}
+
+void require_padding(const std::string& padding) {
+  if (padding != "same" && padding != "valid")
+    throw py::value_error("padding must be 'same' or 'valid', got '" + padding + "'");
+}
+
 }  // namespace
 
-void register_ops_testing(py::module_& testing) {
+void register_ops(py::module_& m, py::module_& testing) {
+  auto graph = py::reinterpret_borrow<py::class_<Graph>>(m.attr("Graph"));
+  graph
+      .def("add_conv", [](Graph& g, int kernel_size, int filters, const std::string& padding, const std::string& activation) {
+        require_padding(padding);
+        return g.add_conv(kernel_size, filters, padding == "same", parse_activation(activation));
+      }, py::arg("kernel_size"), py::arg("filters"), py::arg("padding"), py::arg("activation"),
+         "A 1x1 convolution, or a 3x3 one with 'valid' or 'same' padding; stride 1.")
+      .def("add_pool2x2", [](Graph& g, const std::string& mode, const std::string& padding) {
+        require_padding(padding);
+        return g.add_pool2x2(parse_pool_mode(mode), padding == "same");
+      }, py::arg("mode"), py::arg("padding"), "2x2 stride-2 pooling, 'avg' or 'max', Keras's 'valid' or 'same'.")
+      .def("add_affine", &Graph::add_affine, py::arg("channels"), "x * scale + shift per channel (or feature).")
+      .def("add_activation", [](Graph& g, const std::string& activation) {
+        return g.add_activation(parse_activation(activation));
+      }, py::arg("activation"), "An activation on its own ('linear' is the identity).");
+
+  auto executor = py::reinterpret_borrow<py::class_<CpuExecutor>>(m.attr("CpuExecutor"));
+  executor
+      .def("set_conv_weights", [](CpuExecutor& e, py::ssize_t index, const FloatArray& kernel, const FloatArray& bias) {
+        const int i = op_index(e.graph(), index);
+        const Op& op = e.graph().op(i);
+        if (!op.is_convolution()) throw py::value_error("layer " + std::to_string(i) + " is not a convolution");
+        if (kernel.ndim() != 4 || kernel.shape(0) != op.kernel_size || kernel.shape(1) != op.kernel_size ||
+            kernel.shape(2) != op.in_channels || kernel.shape(3) != op.out_channels)
+          throw py::value_error("layer " + std::to_string(i) + " needs a kernel of shape (" + std::to_string(op.kernel_size) +
+                                ", " + std::to_string(op.kernel_size) + ", " + std::to_string(op.in_channels) + ", " +
+                                std::to_string(op.out_channels) + ")");
+        require_vector(bias, op.out_channels, "bias");
+        const float *kp = kernel.data(), *bp = bias.data();
+        py::gil_scoped_release release;
+        e.set_conv_weights(i, kp, bp);
+      }, py::arg("index"), py::arg("kernel"), py::arg("bias"))
+      .def("set_affine", [](CpuExecutor& e, py::ssize_t index, const FloatArray& scale, const FloatArray& shift) {
+        const int i = op_index(e.graph(), index);
+        const Op& op = e.graph().op(i);
+        if (op.kind != OpKind::Affine) throw py::value_error("layer " + std::to_string(i) + " is not an affine map");
+        require_vector(scale, op.out_channels, "scale");
+        require_vector(shift, op.out_channels, "shift");
+        const float *sp = scale.data(), *tp = shift.data();
+        py::gil_scoped_release release;
+        e.set_affine(i, sp, tp);
+      }, py::arg("index"), py::arg("scale"), py::arg("shift"));
+
   testing.def("conv", &test_conv, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("padding"), py::arg("relu"),
               py::arg("isa"), py::arg("algorithm") = "direct",
               "1x1 or 3x3 convolution, 'same' or 'valid', stride 1; bias may be None.");

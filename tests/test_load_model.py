@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -101,7 +102,7 @@ def check_against_keras(saved: Saved, path: str, precision: str):
     assert error <= KERAS_ATOL, f"{path}: max |fastvgg - Keras| = {error:.3g}"
     # The heads are built so that their outputs are informative (not saturated): a check of
     # 1e-4 on outputs that are all 0 or 1 would say nothing.
-    assert saved.expected.std() > 1e-3
+    assert saved.expected.std() > 0.02
     if saved.expected.shape[-1] > 1:
         np.testing.assert_array_equal(got.argmax(-1), saved.expected.argmax(-1))
     else:
@@ -307,7 +308,9 @@ def test_unsupported_layer_and_options_are_named(tmp_path):
         fastvgg.load_model(_save_keras3(tmp_path, leaky, "leaky"))
 
     def hard(keras):
-        return keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="hard_sigmoid", name="hard")])
+        return keras.Sequential(
+            [keras.Input((4, 4, 3)), keras.layers.Flatten(), keras.layers.Dense(3, activation="hard_sigmoid", name="hard")]
+        )
 
     with pytest.raises(UnsupportedModelError, match="'hard' uses activation 'hard_sigmoid'"):
         fastvgg.load_model(_save_keras3(tmp_path, hard, "hard"))
@@ -358,10 +361,11 @@ def test_missing_weights(saved_models, tmp_path):
 
     saved = saved_models("keras3", "gap_head")
     target = tmp_path / "missing.h5"
-    target.write_bytes(open(saved.paths[".h5"], "rb").read())
+    shutil.copy(saved.paths[".h5"], target)
+    dense = [layer.name for layer in saved.model.layers if layer.__class__.__name__ == "Dense"][0]
     with h5py.File(target, "r+") as handle:
-        del handle["model_weights/dense/dense/kernel"]
-    with pytest.raises(ValueError, match="dense"):
+        del handle[f"model_weights/{dense}/{dense}/kernel"]
+    with pytest.raises(ValueError, match=f"'{dense}'"):
         fastvgg.load_model(str(target))
 
 

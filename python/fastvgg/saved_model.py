@@ -109,6 +109,18 @@ def _add_op(graph, spec: LayerSpec, flat: bool) -> int:
 class LoadedModel(Model):
     """A model read from a Keras file: a :class:`fastvgg.Model` like any other."""
 
+    def _run(self, x, tensors, batch_size, verbose):
+        # The core keeps a global pooling with keepdims (and a Dense after it) flat; Keras's
+        # shape for them is (1, 1, channels): same numbers, its shape restored here.
+        results = super()._run(x, tensors, batch_size, verbose)
+        shaped = []
+        for result, tensor in zip(results, tensors):
+            shape = tuple(tensor.shape[1:])
+            if None not in shape and result.shape[1:] != shape and result[0].size == int(np.prod(shape)):
+                result = result.reshape((len(result),) + shape)
+            shaped.append(result)
+        return shaped
+
 
 # Layers ---------------------------------------------------------------------------------------------------
 def _layer_for(spec: LayerSpec) -> Layer:
