@@ -188,11 +188,18 @@ def perturb_and_train(keras, model, seed, low=-2.0, high=2.0):
 
 
 def _spread_outputs(model, x):
-    """Random VGG activations shrink at these sizes, so a head's softmax or sigmoid is nearly
-    uniform, and a 1e-4 check of it says little. Scaling the last Dense layer's kernel and bias
-    (as a trained head would have them) spreads the logits until the outputs differ."""
+    """Random VGG activations shrink or blow up at these sizes, so a head's softmax or sigmoid
+    ends up uniform or saturated, and a 1e-4 check of it says little. This rescales the last
+    Dense layer (as training would) so that its logits are centred with a spread of about 2 on
+    these images; the gain is capped, since amplifying a difference the features barely carry
+    would only measure float32 rounding."""
     last = [layer for layer in _leaf_layers(model) if layer.__class__.__name__ == "Dense"][-1]
-    for _ in range(6):
-        if np.std(model.predict(x, verbose=0)) > 0.05:
-            return
-        last.set_weights([w * 8 for w in last.get_weights()])
+    kernel, bias = last.get_weights()
+    p = np.clip(np.asarray(model.predict(x, verbose=0), dtype=np.float64), 1e-12, 1 - 1e-12)
+    logits = np.log(p / (1 - p)) if p.shape[-1] == 1 else np.log(p)
+    contribution = logits - bias  # x . W, up to a per-row constant under softmax
+    if p.shape[-1] > 1:
+        contribution -= contribution.mean(axis=1, keepdims=True)
+    mean = contribution.mean(axis=0)
+    gain = min(2.0 / max(float((contribution - mean).std()), 1e-12), 50.0)
+    last.set_weights([(kernel * gain).astype(kernel.dtype), (-gain * mean).astype(bias.dtype)])

@@ -102,7 +102,9 @@ def check_against_keras(saved: Saved, path: str, precision: str):
     assert error <= KERAS_ATOL, f"{path}: max |fastvgg - Keras| = {error:.3g}"
     # The heads are built so that their outputs are informative (not saturated): a check of
     # 1e-4 on outputs that are all 0 or 1 would say nothing.
-    assert saved.expected.std() > 0.02
+    assert saved.expected.max() < 0.995
+    if saved.expected.shape[-1] == 1:
+        assert saved.expected.min() > 0.005
     if saved.expected.shape[-1] > 1:
         np.testing.assert_array_equal(got.argmax(-1), saved.expected.argmax(-1))
     else:
@@ -364,8 +366,11 @@ def test_missing_weights(saved_models, tmp_path):
     shutil.copy(saved.paths[".h5"], target)
     dense = [layer.name for layer in saved.model.layers if layer.__class__.__name__ == "Dense"][0]
     with h5py.File(target, "r+") as handle:
-        del handle[f"model_weights/{dense}/{dense}/kernel"]
-    with pytest.raises(ValueError, match=f"'{dense}'"):
+        kernels = []
+        handle["model_weights"].visit(lambda name: kernels.append(name) if dense in name.split("/") and name.endswith("kernel") else None)
+        assert len(kernels) == 1, kernels
+        del handle["model_weights"][kernels[0]]
+    with pytest.raises(ValueError, match=f"{dense}.*missing"):
         fastvgg.load_model(str(target))
 
 
