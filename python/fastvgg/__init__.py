@@ -11,6 +11,7 @@ time) with the GIL released; this package holds the graph, the layer names and t
 import os as _os
 
 from . import _core, image
+from .cuda import cuda_status
 from ._core import __version__
 from .download import WeightsDownloadError
 from .imagenet import decode_predictions, preprocess_input
@@ -26,6 +27,7 @@ __all__ = [
     "WeightsDownloadError",
     "preprocess_input",
     "decode_predictions",
+    "cuda_status",
     "set_num_threads",
     "get_num_threads",
     "__version__",

@@ -130,7 +130,13 @@ def _info(args) -> int:
     print(f"fastvgg {fastvgg.__version__}")
     print(f"kernels: {_core.active_isa()} (this CPU supports: {', '.join(_core.available_isas())})")
     print(f"threads: {fastvgg.get_num_threads()}")
-    print("cuda: not built (this version has CPU kernels only)")
+    from fastvgg import cuda
+
+    usable, detail = cuda.cuda_status()
+    if not cuda.cuda_built():
+        print("cuda: not built (rebuild with FASTVGG_CUDA=ON for the GPU backend)")
+    else:
+        print(f"cuda: built; {'usable: ' if usable else 'not usable: '}{detail}")
     return 0
 
 

@@ -420,6 +420,7 @@ def _build(
     name: str,
     seed: Optional[int],
     precision: str,
+    device: str = "cpu",
 ) -> Model:
     weights = _check_weights_arg(weights)
     if precision not in ("fast", "highest"):
@@ -485,8 +486,8 @@ def _build(
         layer = pool_class("global_average_pooling2d" if pooling == "avg" else "global_max_pooling2d", current)
         add(layer, graph.add_global_pool(pooling))
 
-    # The executor packs the weights for this CPU's kernels; layers reach them through it.
-    executor = _core.CpuExecutor(graph, precision)
+    # The executor packs the weights for its kernels; layers reach them through it.
+    executor = new_executor(graph, precision, device)
     for layer in layers:
         layer._graph = layers
         layer._executor = executor
@@ -502,6 +503,16 @@ def _build(
             load_weights(model, path)
     _return_freed_heap()
     return model
+
+
+def new_executor(graph, precision: str, device: str):
+    """The executor that runs `graph`: the CPU's, or the GPU's for device="cuda" (and for
+    "auto" when fastvgg.cuda_status() says a GPU is usable)."""
+    from . import cuda
+
+    if cuda.resolve_device(device) == "cuda":
+        return cuda.CudaExecutor(graph, precision)
+    return _core.CpuExecutor(graph, precision)
 
 
 def _return_freed_heap() -> None:
@@ -545,6 +556,7 @@ def VGG16(
     name: str = "vgg16",
     seed: Optional[int] = None,
     precision: str = "fast",
+    device: str = "cpu",
 ) -> Model:
     """Builds VGG16 as ``keras.applications.VGG16`` does, with weights first.
 
@@ -562,8 +574,12 @@ def VGG16(
         precision: "fast" runs the 3x3 convolutions by Winograd F(4x4, 3x3) where that pays
             (about 3e-6 relative error per layer, well inside parity with Keras); "highest"
             runs plain direct convolution everywhere.
+        device: "cpu" (default), "cuda" (an NVIDIA GPU; a clear error with the reason when none
+            is usable, see fastvgg.cuda_status()) or "auto" (the GPU when usable, else the CPU).
     """
-    return _build("vgg16", weights, include_top, input_shape, pooling, classes, classifier_activation, name, seed, precision)
+    return _build(
+        "vgg16", weights, include_top, input_shape, pooling, classes, classifier_activation, name, seed, precision, device
+    )
 
 
 def VGG19(
@@ -577,6 +593,9 @@ def VGG19(
     name: str = "vgg19",
     seed: Optional[int] = None,
     precision: str = "fast",
+    device: str = "cpu",
 ) -> Model:
     """Builds VGG19 as ``keras.applications.VGG19`` does, with weights first (see :func:`VGG16`)."""
-    return _build("vgg19", weights, include_top, input_shape, pooling, classes, classifier_activation, name, seed, precision)
+    return _build(
+        "vgg19", weights, include_top, input_shape, pooling, classes, classifier_activation, name, seed, precision, device
+    )

@@ -1,0 +1,662 @@
+// Host side of the CUDA backend: device memory, the executor's stream, pinned staging and the
+// launches. Compiled by nvcc for fastvgg._cuda, and by g++ (-x c++ -DFASTVGG_CUDA_EMULATE) for
+// the tests' emulated module, where device memory is host memory and launches run on the CPU
+// grid emulator. Everything specific to one of the two sits in the `device` namespace below.
+#include "executor.h"
+
+#include <algorithm>
+#include <cstring>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+
+#include "kernels/conv3x3.cuh"
+#include "kernels/dense.cuh"
+#include "kernels/layout.cuh"
+#include "kernels/pool.cuh"
+#include "kernels/softmax.cuh"
+
+#if defined(FASTVGG_CUDA_EMULATE) == defined(__CUDACC__)
+#error "compile executor.cu either with nvcc, or with g++ -x c++ -DFASTVGG_CUDA_EMULATE"
+#endif
+
+namespace fastvgg::cuda {
+namespace device {
+
+#if defined(__CUDACC__)
+using Stream = cudaStream_t;
+
+void check(cudaError_t status, const char* what) {
+  if (status != cudaSuccess)
+    throw std::runtime_error(std::string("CUDA error in ") + what + ": " + cudaGetErrorName(status) + " (" +
+                             cudaGetErrorString(status) + ")");
+}
+
+float* allocate(std::size_t count) {
+  void* p = nullptr;
+  if (count) check(cudaMalloc(&p, count * sizeof(float)), "cudaMalloc");
+  return static_cast<float*>(p);
+}
+void release(float* p) { cudaFree(p); }  // never throws: runs in destructors
+float* allocate_pinned(std::size_t count) {
+  void* p = nullptr;
+  if (count) check(cudaMallocHost(&p, count * sizeof(float)), "cudaMallocHost");
+  return static_cast<float*>(p);
+}
+void release_pinned(float* p) { cudaFreeHost(p); }
+void to_device(float* dst, const float* src, std::size_t count, Stream s) {
+  check(cudaMemcpyAsync(dst, src, count * sizeof(float), cudaMemcpyHostToDevice, s), "copy to the GPU");
+}
+void to_host(float* dst, const float* src, std::size_t count, Stream s) {
+  check(cudaMemcpyAsync(dst, src, count * sizeof(float), cudaMemcpyDeviceToHost, s), "copy from the GPU");
+}
+void synchronize(Stream s) { check(cudaStreamSynchronize(s), "cudaStreamSynchronize"); }
+Stream create_stream() {
+  Stream s;
+  check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate");
+  return s;
+}
+void destroy_stream(Stream s) { cudaStreamDestroy(s); }
+int current_device() {
+  int d = 0;
+  check(cudaGetDevice(&d), "cudaGetDevice");
+  return d;
+}
+void use_device(int d) { check(cudaSetDevice(d), "cudaSetDevice"); }
+
+#define FASTVGG_LAUNCH(kernel, geometry, stream, ...)                                 \
+  do {                                                                                \
+    const LaunchGeometry launch_geometry_ = (geometry);                               \
+    kernel<<<launch_geometry_.grid, launch_geometry_.block, 0, stream>>>(__VA_ARGS__); \
+    device::check(cudaGetLastError(), #kernel);                                       \
+  } while (0)
+
+#else  // the emulator: device memory is host memory, a stream is nothing
+using Stream = int;
+float* allocate(std::size_t count) { return count ? new float[count] : nullptr; }
+void release(float* p) { delete[] p; }
+float* allocate_pinned(std::size_t count) { return allocate(count); }
+void release_pinned(float* p) { release(p); }
+void to_device(float* dst, const float* src, std::size_t count, Stream) { std::memcpy(dst, src, count * sizeof(float)); }
+void to_host(float* dst, const float* src, std::size_t count, Stream) { std::memcpy(dst, src, count * sizeof(float)); }
+void synchronize(Stream) {}
+Stream create_stream() { return 0; }
+void destroy_stream(Stream) {}
+int current_device() { return 0; }
+void use_device(int) {}
+
+#define FASTVGG_LAUNCH(kernel, geometry, stream, ...)                                                   \
+  do {                                                                                                  \
+    const LaunchGeometry launch_geometry_ = (geometry);                                                 \
+    (void)(stream);                                                                                     \
+    fastvgg::emulator::launch(launch_geometry_.grid, launch_geometry_.block, [&] { kernel(__VA_ARGS__); }); \
+  } while (0)
+#endif
+
+// A growable device (or pinned host) buffer of floats that frees itself.
+template <float* (*Allocate)(std::size_t), void (*Release)(float*)>
+class Buffer {
+ public:
+  Buffer() = default;
+  explicit Buffer(std::size_t count) { reserve(count); }
+  ~Buffer() { Release(data_); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  Buffer(Buffer&& other) noexcept : data_(other.data_), capacity_(other.capacity_) {
+    other.data_ = nullptr;
+    other.capacity_ = 0;
+  }
+  // Grows (contents lost) to hold at least count floats.
+  void reserve(std::size_t count) {
+    if (count <= capacity_) return;
+    Release(data_);
+    data_ = nullptr;
+    capacity_ = 0;
+    data_ = Allocate(count);
+    capacity_ = count;
+  }
+  float* data() const { return data_; }
+  std::size_t capacity() const { return capacity_; }
+
+ private:
+  float* data_ = nullptr;
+  std::size_t capacity_ = 0;
+};
+using DeviceBuffer = Buffer<allocate, release>;
+using PinnedBuffer = Buffer<allocate_pinned, release_pinned>;
+
+}  // namespace device
+
+using device::DeviceBuffer;
+using device::PinnedBuffer;
+
+// Launch wrappers: the one place each op's problem becomes a launch.
+namespace {
+
+void run_conv3x3(const Conv3x3Problem& p, device::Stream stream) {
+  if (p.pool && p.preactivation) throw std::logic_error("conv3x3: a fused pool has no pre-activation output");
+  if (conv3x3_gemm_rows(p) > 0) FASTVGG_LAUNCH(conv3x3_kernel, conv3x3_geometry(p), stream, p);
+}
+
+void run_max_pool2x2(const MaxPool2x2Problem& p, device::Stream stream) {
+  if (max_pool2x2_outputs(p) > 0) FASTVGG_LAUNCH(max_pool2x2_kernel, max_pool2x2_geometry(p), stream, p);
+}
+
+void run_global_pool(const GlobalPoolProblem& p, device::Stream stream) {
+  FASTVGG_LAUNCH(global_pool_kernel, global_pool_geometry(p), stream, p);
+}
+
+bool gemv_pays(int rows) { return rows <= kGemvMaxRows; }
+
+void run_dense(const DenseProblem& p, bool bandwidth_path, DeviceBuffer& workspace, device::Stream stream) {
+  if (bandwidth_path) {
+    if (p.rows > kGemvMaxRows) throw std::logic_error("dense: the bandwidth-bound path takes at most 4 rows");
+    workspace.reserve(gemv_workspace_floats(p));
+    float* partial = workspace.data();
+    FASTVGG_LAUNCH(dense_gemv_partial_kernel, dense_gemv_partial_geometry(p), stream, p, partial);
+    FASTVGG_LAUNCH(dense_gemv_finish_kernel, dense_gemv_finish_geometry(p), stream, p, partial);
+  } else {
+    FASTVGG_LAUNCH(dense_gemm_kernel, dense_gemm_geometry(p), stream, p);
+  }
+}
+
+void run_softmax(const SoftmaxProblem& p, device::Stream stream) {
+  FASTVGG_LAUNCH(softmax_kernel, softmax_geometry(p), stream, p);
+}
+
+void run_transpose(const TransposeProblem& p, device::Stream stream) {
+  FASTVGG_LAUNCH(transpose_kernel, transpose_geometry(p), stream, p);
+}
+
+int kernel_activation(int activation) { return activation == 1 ? kRelu : kLinear; }
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------
+struct Executor::Impl {
+  struct Layer {
+    OpSpec spec;
+    DeviceBuffer kernel, bias;
+    bool kernel_loaded = false, bias_loaded = false;
+  };
+  int input_channels = 0;
+  int device_id = 0;
+  std::vector<Layer> layers;
+  device::Stream stream{};
+  // Workspace and weights, guarded by run_mutex: activations ping-pong between two buffers.
+  // Recursive: a thread inside begin_update()/end_update() still calls set_* and forward.
+  std::recursive_mutex run_mutex;
+  DeviceBuffer activations[2], preactivation, input, dense_workspace;
+  PinnedBuffer staging;
+
+  ~Impl() { device::destroy_stream(stream); }
+
+  std::size_t kernel_count(const OpSpec& s) const {
+    return s.kind == OpSpec::Kind::Conv3x3 ? std::size_t(9) * s.in_channels * s.out_channels
+                                            : std::size_t(s.in_channels) * s.out_channels;
+  }
+  Layer& weighted(int index, OpSpec::Kind kind, const char* what) {
+    if (index < 0 || index >= int(layers.size())) throw std::out_of_range("layer index out of range");
+    if (layers[std::size_t(index)].spec.kind != kind)
+      throw std::invalid_argument(std::string("layer ") + std::to_string(index) + " is not a " + what + " layer");
+    return layers[std::size_t(index)];
+  }
+};
+
+namespace {
+constexpr int kMaxGridY = 65535;  // CUDA's limit on gridDim.y and gridDim.z
+
+std::vector<OpSpec> validated(int input_channels, std::vector<OpSpec> ops) {
+  if (input_channels < 1 || input_channels > (1 << 16)) throw std::invalid_argument("input_channels must be in [1, 65536]");
+  int channels = input_channels;
+  bool flat = false;
+  for (std::size_t i = 0; i < ops.size(); ++i) {
+    OpSpec& op = ops[i];
+    const std::string where = "op " + std::to_string(i) + ": ";
+    switch (op.kind) {
+      case OpSpec::Kind::Conv3x3:
+        if (flat) throw std::invalid_argument(where + "a convolution cannot follow a flat output");
+        if (op.out_channels < 1 || op.out_channels > (1 << 16)) throw std::invalid_argument(where + "filters out of range");
+        if (op.activation == 2) throw std::invalid_argument(where + "softmax on a convolution is not supported");
+        if (op.padding != 0 && op.padding != 1) throw std::invalid_argument(where + "padding must be 'same' or 'valid'");
+        op.in_channels = channels;
+        channels = op.out_channels;
+        break;
+      case OpSpec::Kind::MaxPool2x2:
+        if (flat) throw std::invalid_argument(where + "a pooling cannot follow a flat output");
+        op.in_channels = op.out_channels = channels;
+        break;
+      case OpSpec::Kind::Flatten:
+      case OpSpec::Kind::GlobalPool:
+        if (flat) throw std::invalid_argument(where + "the output is already flat");
+        op.in_channels = op.out_channels = channels;
+        flat = true;
+        break;
+      case OpSpec::Kind::Dense:
+        if (!flat) throw std::invalid_argument(where + "a dense layer needs a flat input (flatten or global pool first)");
+        // Grid limits: units in 64-wide tiles on grid.y, depth in 256-long slices on grid.y.
+        if (op.in_channels < 1 || op.in_channels > kMaxGridY * kGemvSlice || op.out_channels < 1 ||
+            op.out_channels > kMaxGridY * kGemmTileCols)
+          throw std::invalid_argument(where + "dense sizes out of range");
+        break;
+    }
+  }
+  return ops;
+}
+}  // namespace
+
+Executor::Executor(int input_channels, std::vector<OpSpec> ops) : impl_(new Impl) {
+  std::vector<OpSpec> checked = validated(input_channels, std::move(ops));
+  const auto [usable, reason] = device_status();
+  if (!usable) throw std::runtime_error("the CUDA executor cannot start: " + reason);
+  impl_->input_channels = input_channels;
+  impl_->device_id = device::current_device();
+  impl_->stream = device::create_stream();
+  impl_->layers.resize(checked.size());
+  for (std::size_t i = 0; i < checked.size(); ++i) {
+    Impl::Layer& layer = impl_->layers[i];
+    layer.spec = checked[i];
+    if (layer.spec.kind == OpSpec::Kind::Conv3x3 || layer.spec.kind == OpSpec::Kind::Dense) {
+      layer.kernel.reserve(impl_->kernel_count(layer.spec));
+      layer.bias.reserve(std::size_t(layer.spec.out_channels));
+    }
+  }
+}
+
+Executor::~Executor() = default;
+
+int Executor::layer_count() const { return int(impl_->layers.size()); }
+int Executor::input_channels() const { return impl_->input_channels; }
+const OpSpec& Executor::op(int index) const {
+  if (index < 0 || index >= layer_count()) throw std::out_of_range("layer index out of range");
+  return impl_->layers[std::size_t(index)].spec;
+}
+
+std::vector<std::vector<int>> Executor::output_shapes(int height, int width) const {
+  if (height < 1 || width < 1) throw std::invalid_argument("the input must be at least 1x1");
+  std::vector<std::vector<int>> shapes;
+  int h = height, w = width, c = impl_->input_channels;
+  long long features = -1;  // set once the output is flat
+  for (std::size_t i = 0; i < impl_->layers.size(); ++i) {
+    const OpSpec& op = impl_->layers[i].spec;
+    const std::string where = "op " + std::to_string(i) + ": ";
+    switch (op.kind) {
+      case OpSpec::Kind::Conv3x3:
+        if (op.padding == 0) {
+          h -= 2;
+          w -= 2;
+          if (h < 1 || w < 1) throw std::invalid_argument(where + "the image is too small for a 'valid' 3x3 convolution");
+        }
+        c = op.out_channels;
+        shapes.push_back({h, w, c});
+        break;
+      case OpSpec::Kind::MaxPool2x2:
+        h /= 2;
+        w /= 2;
+        if (h < 1 || w < 1) throw std::invalid_argument(where + "the image is too small for another 2x2 pooling");
+        shapes.push_back({h, w, c});
+        break;
+      case OpSpec::Kind::Flatten:
+        features = static_cast<long long>(h) * w * c;
+        if (features > (1 << 30)) throw std::invalid_argument(where + "too many features");
+        shapes.push_back({int(features)});
+        break;
+      case OpSpec::Kind::GlobalPool:
+        features = c;
+        shapes.push_back({c});
+        break;
+      case OpSpec::Kind::Dense:
+        if (features != op.in_channels)
+          throw std::invalid_argument(where + "the dense layer expects " + std::to_string(op.in_channels) +
+                                      " input features, but this input size gives " + std::to_string(features));
+        features = op.out_channels;
+        shapes.push_back({op.out_channels});
+        break;
+    }
+  }
+  return shapes;
+}
+
+void Executor::set_conv3x3_weights(int index, const float* kernel_hwio, const float* bias) {
+  Impl::Layer& layer = impl_->weighted(index, OpSpec::Kind::Conv3x3, "3x3 convolution");
+  std::lock_guard<std::recursive_mutex> lock(impl_->run_mutex);
+  device::use_device(impl_->device_id);
+  device::to_device(layer.kernel.data(), kernel_hwio, impl_->kernel_count(layer.spec), impl_->stream);
+  device::to_device(layer.bias.data(), bias, std::size_t(layer.spec.out_channels), impl_->stream);
+  device::synchronize(impl_->stream);  // the caller's arrays may go away after we return
+  layer.kernel_loaded = layer.bias_loaded = true;
+}
+
+void Executor::set_dense_kernel_rows(int index, int first_row, int row_count, const float* rows) {
+  Impl::Layer& layer = impl_->weighted(index, OpSpec::Kind::Dense, "dense");
+  if (first_row < 0 || row_count < 0 || first_row + row_count > layer.spec.in_channels)
+    throw std::invalid_argument("dense kernel rows out of range");
+  std::lock_guard<std::recursive_mutex> lock(impl_->run_mutex);
+  device::use_device(impl_->device_id);
+  const std::size_t units = std::size_t(layer.spec.out_channels);
+  device::to_device(layer.kernel.data() + std::size_t(first_row) * units, rows, std::size_t(row_count) * units,
+                    impl_->stream);
+  device::synchronize(impl_->stream);
+  if (first_row + row_count == layer.spec.in_channels) layer.kernel_loaded = true;
+}
+
+void Executor::set_dense_bias(int index, const float* bias) {
+  Impl::Layer& layer = impl_->weighted(index, OpSpec::Kind::Dense, "dense");
+  std::lock_guard<std::recursive_mutex> lock(impl_->run_mutex);
+  device::use_device(impl_->device_id);
+  device::to_device(layer.bias.data(), bias, std::size_t(layer.spec.out_channels), impl_->stream);
+  device::synchronize(impl_->stream);
+  layer.bias_loaded = true;
+}
+
+void Executor::get_weights(int index, float* kernel, float* bias) const {
+  if (index < 0 || index >= layer_count()) throw std::out_of_range("layer index out of range");
+  Impl::Layer& layer = impl_->layers[std::size_t(index)];
+  if (layer.spec.kind != OpSpec::Kind::Conv3x3 && layer.spec.kind != OpSpec::Kind::Dense)
+    throw std::invalid_argument("layer " + std::to_string(index) + " has no weights");
+  std::lock_guard<std::recursive_mutex> lock(impl_->run_mutex);
+  device::use_device(impl_->device_id);
+  device::to_host(kernel, layer.kernel.data(), impl_->kernel_count(layer.spec), impl_->stream);
+  device::to_host(bias, layer.bias.data(), std::size_t(layer.spec.out_channels), impl_->stream);
+  device::synchronize(impl_->stream);
+}
+
+bool Executor::weights_loaded(int index) const {
+  const OpSpec& spec = op(index);
+  if (spec.kind != OpSpec::Kind::Conv3x3 && spec.kind != OpSpec::Kind::Dense) return true;
+  const Impl::Layer& layer = impl_->layers[std::size_t(index)];
+  std::lock_guard<std::recursive_mutex> lock(impl_->run_mutex);
+  return layer.kernel_loaded && layer.bias_loaded;
+}
+
+void Executor::begin_update() { impl_->run_mutex.lock(); }
+void Executor::end_update() { impl_->run_mutex.unlock(); }
+
+std::size_t Executor::weights_nbytes() const {
+  std::size_t total = 0;
+  for (const Impl::Layer& layer : impl_->layers)
+    total += (layer.kernel.capacity() + layer.bias.capacity()) * sizeof(float);
+  return total;
+}
+
+std::string Executor::device_name() const {
+#if defined(__CUDACC__)
+  cudaDeviceProp properties{};
+  device::check(cudaGetDeviceProperties(&properties, impl_->device_id), "cudaGetDeviceProperties");
+  return std::string(properties.name) + " (device " + std::to_string(impl_->device_id) + ", sm_" +
+         std::to_string(properties.major) + std::to_string(properties.minor) + ")";
+#else
+  return "CPU grid emulator";
+#endif
+}
+
+void Executor::forward(const float* images, int count, int height, int width, const std::vector<OutputRequest>& outputs) {
+  if (count < 1) throw std::invalid_argument("forward needs at least one image");
+  // Global pooling puts images on grid.y; predict() splits larger inputs into batches anyway.
+  if (count > kMaxGridY) throw std::invalid_argument("forward takes at most 65535 images per call; split the batch");
+  if (outputs.empty()) return;
+  const std::vector<std::vector<int>> shapes = output_shapes(height, width);
+  int deepest = -1;
+  for (const OutputRequest& r : outputs) {
+    if (r.layer < 0 || r.layer >= layer_count()) throw std::out_of_range("requested layer index out of range");
+    deepest = std::max(deepest, r.layer);
+  }
+  auto elements = [&](int layer) {  // per image
+    std::size_t n = 1;
+    for (int d : shapes[std::size_t(layer)]) n *= std::size_t(d);
+    return n;
+  };
+  auto requested = [&](int layer, bool before) {
+    for (const OutputRequest& r : outputs)
+      if (r.layer == layer && r.before_activation == before) return true;
+    return false;
+  };
+  for (int i = 0; i <= deepest; ++i) {
+    const Impl::Layer& layer = impl_->layers[std::size_t(i)];
+    const bool weighted = layer.spec.kind == OpSpec::Kind::Conv3x3 || layer.spec.kind == OpSpec::Kind::Dense;
+    if (weighted && !(layer.kernel_loaded && layer.bias_loaded))
+      throw std::runtime_error("layer " + std::to_string(i) + " has no weights loaded yet");
+  }
+
+  const std::size_t input_floats = std::size_t(count) * height * width * impl_->input_channels;
+  std::size_t largest = 0, largest_output = 0;
+  for (int i = 0; i <= deepest; ++i) largest = std::max(largest, elements(i) * std::size_t(count));
+  for (const OutputRequest& r : outputs) largest_output = std::max(largest_output, elements(r.layer) * std::size_t(count));
+
+  std::lock_guard<std::recursive_mutex> lock(impl_->run_mutex);
+  device::use_device(impl_->device_id);
+  const device::Stream stream = impl_->stream;
+  impl_->input.reserve(input_floats);
+  impl_->activations[0].reserve(largest);
+  impl_->activations[1].reserve(largest);
+  impl_->preactivation.reserve(largest);
+  impl_->staging.reserve(std::max(input_floats, largest_output));
+
+  std::memcpy(impl_->staging.data(), images, input_floats * sizeof(float));
+  device::to_device(impl_->input.data(), impl_->staging.data(), input_floats, stream);
+
+  // Copies a device tensor into every request for it, through the pinned staging buffer.
+  auto deliver = [&](int layer, bool before, const float* source) {
+    const std::size_t n = elements(layer) * std::size_t(count);
+    bool copied = false;
+    for (const OutputRequest& r : outputs) {
+      if (r.layer != layer || r.before_activation != before) continue;
+      if (!copied) {
+        device::to_host(impl_->staging.data(), source, n, stream);
+        device::synchronize(stream);
+        copied = true;
+      }
+      std::memcpy(r.destination, impl_->staging.data(), n * sizeof(float));
+    }
+  };
+
+  const float* current = impl_->input.data();
+  int h = height, w = width, c = impl_->input_channels;
+  int next_buffer = 0;
+  for (int i = 0; i <= deepest; ++i) {
+    const Impl::Layer& layer = impl_->layers[std::size_t(i)];
+    const OpSpec& op = layer.spec;
+    float* out = impl_->activations[next_buffer].data();
+    const bool want_preactivation = requested(i, true) && op.activation != 0;
+    int produced = i;  // the last layer whose output `out` holds
+    switch (op.kind) {
+      case OpSpec::Kind::Conv3x3: {
+        Conv3x3Problem p{};
+        p.input = current;
+        p.kernel = layer.kernel.data();
+        p.bias = layer.bias.data();
+        p.output = out;
+        p.preactivation = want_preactivation ? impl_->preactivation.data() : nullptr;
+        p.images = count;
+        p.in_height = h;
+        p.in_width = w;
+        p.in_channels = c;
+        p.out_channels = op.out_channels;
+        p.padding = op.padding;
+        p.out_height = shapes[std::size_t(i)][0];
+        p.out_width = shapes[std::size_t(i)][1];
+        p.activation = kernel_activation(op.activation);
+        // Fuse the following pool unless someone wants this convolution's own output.
+        const bool pool_next = i + 1 <= deepest && impl_->layers[std::size_t(i) + 1].spec.kind == OpSpec::Kind::MaxPool2x2;
+        p.pool = pool_next && !requested(i, false) && !requested(i, true);
+        run_conv3x3(p, stream);
+        if (p.preactivation) deliver(i, true, p.preactivation);
+        if (p.pool) produced = i + 1;
+        break;
+      }
+      case OpSpec::Kind::MaxPool2x2: {
+        run_max_pool2x2(MaxPool2x2Problem{current, out, count, h, w, c}, stream);
+        break;
+      }
+      case OpSpec::Kind::Flatten:
+        out = const_cast<float*>(current);  // NHWC is already Keras's flatten order
+        break;
+      case OpSpec::Kind::GlobalPool:
+        run_global_pool(GlobalPoolProblem{current, out, count, h, w, c, op.pool_mode == 1 ? kGlobalMax : kGlobalAverage},
+                        stream);
+        break;
+      case OpSpec::Kind::Dense: {
+        DenseProblem p{current, layer.kernel.data(), layer.bias.data(), out,
+                       want_preactivation ? impl_->preactivation.data() : nullptr,
+                       count, op.in_channels, op.out_channels, kernel_activation(op.activation)};
+        run_dense(p, gemv_pays(count), impl_->dense_workspace, stream);
+        if (op.activation == 2) run_softmax(SoftmaxProblem{out, count, op.out_channels}, stream);
+        if (p.preactivation) deliver(i, true, p.preactivation);
+        break;
+      }
+    }
+    if (requested(i, true) && op.activation == 0) deliver(i, true, out);  // linear: before = after
+    deliver(produced, false, out);
+    const std::vector<int>& shape = shapes[std::size_t(produced)];
+    if (shape.size() == 3) {
+      h = shape[0];
+      w = shape[1];
+      c = shape[2];
+    }
+    if (out != current) next_buffer ^= 1;
+    current = out;
+    i = produced;
+  }
+  device::synchronize(stream);
+}
+
+// ------------------------------------------------------------------------------------------
+namespace testing {
+namespace {
+struct Scratch {  // device copies of host arrays for one call
+  device::Stream stream = device::create_stream();
+  std::vector<DeviceBuffer*> owned;
+  ~Scratch() {
+    for (DeviceBuffer* b : owned) delete b;
+    device::destroy_stream(stream);
+  }
+  float* upload(const float* host, std::size_t count) {
+    float* d = empty(count);
+    device::to_device(d, host, count, stream);
+    return d;
+  }
+  float* empty(std::size_t count) {
+    owned.push_back(new DeviceBuffer(std::max<std::size_t>(count, 1)));
+    return owned.back()->data();
+  }
+  void download(float* host, const float* d, std::size_t count) {
+    device::to_host(host, d, count, stream);
+    device::synchronize(stream);
+  }
+};
+}  // namespace
+
+void conv3x3(const float* x, int images, int height, int width, int in_channels, const float* kernel_hwio,
+             const float* bias, int out_channels, int padding, int activation, bool pool, float* y, float* preactivation) {
+  Scratch s;
+  Conv3x3Problem p{};
+  p.images = images;
+  p.in_height = height;
+  p.in_width = width;
+  p.in_channels = in_channels;
+  p.out_channels = out_channels;
+  p.padding = padding;
+  p.out_height = padding ? height : height - 2;
+  p.out_width = padding ? width : width - 2;
+  p.activation = kernel_activation(activation);
+  p.pool = pool;
+  const std::size_t outputs = std::size_t(images) * (pool ? (p.out_height / 2) * (p.out_width / 2) : p.out_height * p.out_width) *
+                              std::size_t(out_channels);
+  p.input = s.upload(x, std::size_t(images) * height * width * in_channels);
+  p.kernel = s.upload(kernel_hwio, std::size_t(9) * in_channels * out_channels);
+  p.bias = s.upload(bias, std::size_t(out_channels));
+  p.output = s.empty(outputs);
+  p.preactivation = preactivation ? s.empty(outputs) : nullptr;
+  run_conv3x3(p, s.stream);
+  s.download(y, p.output, outputs);
+  if (preactivation) s.download(preactivation, p.preactivation, outputs);
+}
+
+void max_pool2x2(const float* x, int images, int height, int width, int channels, float* y) {
+  Scratch s;
+  MaxPool2x2Problem p{s.upload(x, std::size_t(images) * height * width * channels), nullptr, images, height, width, channels};
+  const std::size_t outputs = std::size_t(max_pool2x2_outputs(p));
+  p.output = s.empty(outputs);
+  run_max_pool2x2(p, s.stream);
+  s.download(y, p.output, outputs);
+}
+
+void global_pool(const float* x, int images, int height, int width, int channels, int mode, float* y) {
+  Scratch s;
+  GlobalPoolProblem p{s.upload(x, std::size_t(images) * height * width * channels), s.empty(std::size_t(images) * channels),
+                      images, height, width, channels, mode};
+  run_global_pool(p, s.stream);
+  s.download(y, p.output, std::size_t(images) * channels);
+}
+
+void dense(const float* x, int rows, int depth, const float* kernel, const float* bias, int units, int activation,
+           int path, float* y) {
+  Scratch s;
+  DenseProblem p{s.upload(x, std::size_t(rows) * depth), s.upload(kernel, std::size_t(depth) * units),
+                 s.upload(bias, std::size_t(units)), s.empty(std::size_t(rows) * units), nullptr,
+                 rows, depth, units, kernel_activation(activation)};
+  DeviceBuffer workspace;
+  run_dense(p, path == 0 ? gemv_pays(rows) : path == 2, workspace, s.stream);
+  if (activation == 2) run_softmax(SoftmaxProblem{p.output, rows, units}, s.stream);
+  s.download(y, p.output, std::size_t(rows) * units);
+}
+
+void softmax(float* values, int rows, int cols) {
+  Scratch s;
+  float* d = s.upload(values, std::size_t(rows) * cols);
+  run_softmax(SoftmaxProblem{d, rows, cols}, s.stream);
+  s.download(values, d, std::size_t(rows) * cols);
+}
+
+void transpose(const float* x, int batch, int rows, int cols, float* y) {
+  Scratch s;
+  const std::size_t n = std::size_t(batch) * rows * cols;
+  TransposeProblem p{s.upload(x, n), s.empty(n), batch, rows, cols};
+  run_transpose(p, s.stream);
+  s.download(y, p.output, n);
+}
+
+void set_block_order_seed(unsigned long long seed) {
+#if !defined(__CUDACC__)
+  fastvgg::emulator::block_order_seed() = seed;
+#else
+  (void)seed;
+#endif
+}
+}  // namespace testing
+
+// ------------------------------------------------------------------------------------------
+std::pair<bool, std::string> device_status() {
+#if defined(__CUDACC__)
+  int devices = 0;
+  const cudaError_t status = cudaGetDeviceCount(&devices);
+  if (status != cudaSuccess)
+    return {false, std::string("the CUDA runtime cannot use a GPU: ") + cudaGetErrorName(status) + " (" +
+                       cudaGetErrorString(status) + ")"};
+  if (devices < 1) return {false, "the CUDA runtime sees no GPU"};
+  int device = 0;
+  cudaGetDevice(&device);
+  cudaDeviceProp properties{};
+  if (cudaGetDeviceProperties(&properties, device) != cudaSuccess) return {false, "cannot read the GPU's properties"};
+  if (properties.major < 8)
+    return {false, std::string(properties.name) + " is sm_" + std::to_string(properties.major) +
+                       std::to_string(properties.minor) + "; this build has code for sm_80 and newer only"};
+  int driver = 0;
+  cudaDriverGetVersion(&driver);
+  return {true, std::string(properties.name) + " (device " + std::to_string(device) + " of " + std::to_string(devices) +
+                    ", sm_" + std::to_string(properties.major) + std::to_string(properties.minor) + ", driver CUDA " +
+                    std::to_string(driver / 1000) + "." + std::to_string(driver % 1000 / 10) + ")"};
+#else
+  return {true, "CPU grid emulator (tests only; no GPU involved)"};
+#endif
+}
+
+const char* backend_name() {
+#if defined(__CUDACC__)
+  return "cuda";
+#else
+  return "emulator";
+#endif
+}
+
+}  // namespace fastvgg::cuda

@@ -1,0 +1,38 @@
+// What every CUDA kernel header shares: the compiler switch between nvcc and the CPU grid
+// emulator (csrc/cuda/emulator.h), activations, a NaN-keeping max, and the launch geometry type.
+//
+// The kernel headers hold only __global__/__device__ code and each op's launch geometry; the
+// host side (memory, streams, launches) lives in csrc/cuda/executor.cu.
+#pragma once
+
+#if defined(__CUDACC__)
+#include <cuda_runtime.h>
+#else
+#include "../emulator.h"
+#endif
+
+#include <cstddef>
+#include <cstdint>
+
+namespace fastvgg::cuda {
+
+enum ActivationCode : int { kLinear = 0, kRelu = 1 };
+
+// ReLU that keeps NaN (x < 0 is false for NaN), as the CPU kernels do.
+__device__ __forceinline__ float activate(float v, int activation) {
+  return activation == kRelu ? (v < 0.0f ? 0.0f : v) : v;
+}
+
+// max that returns NaN when either side is NaN (fmaxf would drop it), like the CPU pools.
+__device__ __forceinline__ float max_keep_nan(float a, float b) { return (a > b || a != a) ? a : b; }
+
+struct LaunchGeometry {
+  dim3 grid;
+  dim3 block;
+};
+
+__host__ __device__ inline unsigned blocks_for(long long count, int per_block) {
+  return static_cast<unsigned>((count + per_block - 1) / per_block);
+}
+
+}  // namespace fastvgg::cuda

@@ -1,0 +1,373 @@
+// pybind11 bindings of the CUDA executor: fastvgg._cuda (linked with executor.cu built by
+// nvcc and static cudart), or, built by the tests with FASTVGG_CUDA_EMULATE, the same bindings
+// over the CPU grid emulator (_cuda_emulated). Host compiler only: no CUDA header here.
+//
+// The executor offers the CPU executor's methods and is built from _core.Graph.describe()'s
+// list of dicts, so no pybind11 type crosses between the two modules. Arrays are checked here
+// before any pointer reaches C++, and every call that computes releases the GIL.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "executor.h"
+
+#ifndef FASTVGG_CUDA_MODULE_NAME
+#define FASTVGG_CUDA_MODULE_NAME _cuda
+#endif
+
+namespace py = pybind11;
+using fastvgg::cuda::Executor;
+using fastvgg::cuda::OpSpec;
+using fastvgg::cuda::OutputRequest;
+
+namespace {
+
+using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
+
+int checked_int(py::ssize_t v, const char* what) {
+  if (v < 0 || v > (1 << 30)) throw py::value_error(std::string(what) + " is out of range");
+  return int(v);
+}
+
+void require_shape(const py::array& a, const std::vector<py::ssize_t>& shape, const char* what) {
+  bool same = a.ndim() == py::ssize_t(shape.size());
+  for (std::size_t i = 0; same && i < shape.size(); ++i) same = a.shape(py::ssize_t(i)) == shape[i];
+  if (!same) {
+    std::string want = "(", got = "(";
+    for (auto d : shape) want += std::to_string(d) + ",";
+    for (py::ssize_t i = 0; i < a.ndim(); ++i) got += std::to_string(a.shape(i)) + ",";
+    throw py::value_error(std::string(what) + " must have shape " + want + ") but has shape " + got + ")");
+  }
+}
+
+int parse_activation(const std::string& name) {
+  if (name == "linear") return 0;
+  if (name == "relu") return 1;
+  if (name == "softmax") return 2;
+  throw py::value_error("unknown activation '" + name + "'; expected 'linear', 'relu' or 'softmax'");
+}
+
+OpSpec parse_op(const py::dict& d, std::size_t index) {
+  const std::string where = "op " + std::to_string(index) + ": ";
+  if (!d.contains("kind")) throw py::value_error(where + "missing 'kind'");
+  const std::string kind = py::str(d["kind"]);
+  auto get_int = [&](const char* key) {
+    if (!d.contains(key)) throw py::value_error(where + "missing '" + key + "'");
+    return py::cast<int>(d[key]);
+  };
+  auto get_str = [&](const char* key, const char* fallback) {
+    return d.contains(key) ? std::string(py::str(d[key])) : std::string(fallback);
+  };
+  OpSpec op{};
+  if (kind == "conv3x3") {
+    op.kind = OpSpec::Kind::Conv3x3;
+    op.out_channels = get_int("out_channels");
+    op.activation = parse_activation(get_str("activation", "linear"));
+    const std::string padding = get_str("padding", "same");
+    if (padding != "same" && padding != "valid")
+      throw py::value_error(where + "padding must be 'same' or 'valid', got '" + padding + "'");
+    op.padding = padding == "same" ? 1 : 0;
+  } else if (kind == "max_pool2x2") {
+    op.kind = OpSpec::Kind::MaxPool2x2;
+  } else if (kind == "flatten") {
+    op.kind = OpSpec::Kind::Flatten;
+  } else if (kind == "global_pool") {
+    op.kind = OpSpec::Kind::GlobalPool;
+    const std::string mode = get_str("pool_mode", "avg");
+    if (mode != "avg" && mode != "max") throw py::value_error(where + "pool_mode must be 'avg' or 'max'");
+    op.pool_mode = mode == "max" ? 1 : 0;
+  } else if (kind == "dense") {
+    op.kind = OpSpec::Kind::Dense;
+    op.in_channels = get_int("in_channels");
+    op.out_channels = get_int("out_channels");
+    op.activation = parse_activation(get_str("activation", "linear"));
+  } else {
+    throw py::value_error(where + "unsupported kind '" + kind +
+                          "'; expected conv3x3, max_pool2x2, flatten, global_pool or dense");
+  }
+  return op;
+}
+
+std::unique_ptr<Executor> make_executor(const py::list& ops, int input_channels) {
+  std::vector<OpSpec> specs;
+  for (std::size_t i = 0; i < ops.size(); ++i) {
+    if (!py::isinstance<py::dict>(ops[i])) throw py::type_error("each op must be a dict, as Graph.describe() gives");
+    specs.push_back(parse_op(ops[i].cast<py::dict>(), i));
+  }
+  try {
+    return std::make_unique<Executor>(input_channels, std::move(specs));
+  } catch (const std::invalid_argument& e) {
+    throw py::value_error(e.what());
+  }
+}
+
+
+FloatArray checked_images(const py::array& x_any, const Executor& e) {
+  FloatArray x = FloatArray::ensure(x_any);
+  if (!x) throw py::type_error("x must be convertible to a float32 array");
+  if (x.ndim() != 4) throw py::value_error("x must be a 4-D NHWC batch");
+  if (x.shape(3) != e.input_channels())
+    throw py::value_error("x has " + std::to_string(x.shape(3)) + " channels; the graph expects " +
+                          std::to_string(e.input_channels()));
+  if (x.shape(0) < 1) throw py::value_error("x is an empty batch");
+  return x;
+}
+
+void run_forward(Executor& e, const FloatArray& x, std::vector<OutputRequest>& requests) {
+  const int n = checked_int(x.shape(0), "batch"), h = checked_int(x.shape(1), "height"), w = checked_int(x.shape(2), "width");
+  const float* data = x.data();
+  py::gil_scoped_release release;
+  e.forward(data, n, h, w, requests);
+}
+
+py::list forward(Executor& e, const py::array& x_any, const std::vector<int>& layers, std::vector<bool> before) {
+  const FloatArray x = checked_images(x_any, e);
+  if (before.empty()) before.assign(layers.size(), false);
+  if (before.size() != layers.size()) throw py::value_error("before_activation must have one flag per output layer");
+  const auto shapes = e.output_shapes(checked_int(x.shape(1), "height"), checked_int(x.shape(2), "width"));
+  std::vector<FloatArray> results;
+  std::vector<OutputRequest> requests;
+  for (std::size_t i = 0; i < layers.size(); ++i) {
+    if (layers[i] < 0 || layers[i] >= e.layer_count()) throw py::index_error("output layer index out of range");
+    std::vector<py::ssize_t> shape{x.shape(0)};
+    for (int d : shapes[std::size_t(layers[i])]) shape.push_back(d);
+    results.emplace_back(shape);
+    requests.push_back({layers[i], bool(before[i]), results.back().mutable_data()});
+  }
+  run_forward(e, x, requests);
+  py::list out;
+  for (auto& r : results) out.append(r);
+  return out;
+}
+
+// Same contract as the CPU executor's forward_into: each request is (layer_index,
+// before_activation, out_array), out_array a writable C-contiguous float32 array of exactly
+// (batch,) + the layer's shape, overlapping neither the input nor another out_array.
+void forward_into(Executor& e, const py::array& x_any, const py::list& requests) {
+  const FloatArray x = checked_images(x_any, e);
+  const auto shapes = e.output_shapes(checked_int(x.shape(1), "height"), checked_int(x.shape(2), "width"));
+  std::vector<OutputRequest> outputs;
+  std::vector<py::array> keep;  // holds the arrays for the duration of the call
+  for (const py::handle item : requests) {
+    if (!py::isinstance<py::tuple>(item) || py::len(item) != 3)
+      throw py::value_error("each output request is (layer_index, before_activation, out_array)");
+    const py::tuple request = py::reinterpret_borrow<py::tuple>(item);
+    const int layer = request[0].cast<int>();
+    if (layer < 0 || layer >= e.layer_count()) throw py::index_error("output layer index out of range");
+    if (!py::isinstance<py::array>(request[2])) throw py::type_error("out_array must be a numpy array");
+    py::array out = request[2].cast<py::array>();
+    if (!out.dtype().is(py::dtype::of<float>()) || !(out.flags() & py::array::c_style) || !out.writeable())
+      throw py::value_error("out_array for layer " + std::to_string(layer) + " must be a writable, C-contiguous float32 array");
+    std::vector<py::ssize_t> shape{x.shape(0)};
+    for (int d : shapes[std::size_t(layer)]) shape.push_back(d);
+    require_shape(out, shape, "output array");
+    const char* begin = static_cast<const char*>(out.data());
+    const char* end = begin + out.nbytes();
+    auto overlaps = [&](const py::array& other) {
+      const char* b = static_cast<const char*>(other.data());
+      return begin < b + other.nbytes() && b < end;
+    };
+    if (overlaps(x)) throw py::value_error("out_array for layer " + std::to_string(layer) + " overlaps the input");
+    for (const py::array& other : keep)
+      if (overlaps(other)) throw py::value_error("two out_arrays overlap");
+    outputs.push_back({layer, request[1].cast<bool>(), static_cast<float*>(out.mutable_data())});
+    keep.push_back(out);
+  }
+  run_forward(e, x, outputs);
+}
+
+// `with executor.updating():` holds every other thread's calls for a sequence of set_* calls.
+class WeightsUpdate {
+ public:
+  explicit WeightsUpdate(Executor& executor) : executor_(executor) {}
+  void enter() {
+    py::gil_scoped_release release;  // a forward running in another thread must be able to finish
+    executor_.begin_update();
+    held_ = true;
+  }
+  void exit() {
+    if (held_) executor_.end_update();
+    held_ = false;
+  }
+
+ private:
+  Executor& executor_;
+  bool held_ = false;
+};
+
+// testing: single ops on NHWC arrays.
+FloatArray test_conv3x3(const FloatArray& x, const FloatArray& kernel, const FloatArray& bias, const std::string& activation,
+                        const std::string& padding, bool pool) {
+  if (x.ndim() != 4 || kernel.ndim() != 4) throw py::value_error("x must be NHWC and kernel HWIO");
+  const int n = checked_int(x.shape(0), "batch"), h = checked_int(x.shape(1), "height"), w = checked_int(x.shape(2), "width"),
+            c = checked_int(x.shape(3), "channels"), f = checked_int(kernel.shape(3), "filters");
+  require_shape(kernel, {3, 3, c, f}, "kernel");
+  require_shape(bias, {f}, "bias");
+  if (padding != "same" && padding != "valid") throw py::value_error("padding must be 'same' or 'valid'");
+  const int pad = padding == "same" ? 1 : 0;
+  int oh = pad ? h : h - 2, ow = pad ? w : w - 2;
+  if (oh < 1 || ow < 1 || n < 1 || c < 1 || f < 1) throw py::value_error("empty convolution");
+  if (pool) oh /= 2, ow /= 2;
+  const int act = parse_activation(activation);
+  if (act == 2) throw py::value_error("softmax on a convolution is not supported");
+  FloatArray y({n, oh, ow, f});
+  const float *xp = x.data(), *kp = kernel.data(), *bp = bias.data();
+  float* yp = y.mutable_data();
+  py::gil_scoped_release release;
+  fastvgg::cuda::testing::conv3x3(xp, n, h, w, c, kp, bp, f, pad, act, pool, yp, nullptr);
+  return y;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(FASTVGG_CUDA_MODULE_NAME, m) {
+  m.doc() = "fastvgg's CUDA backend: VGG graphs on the GPU (or, in the test build, on a CPU grid emulator)";
+  m.attr("backend") = fastvgg::cuda::backend_name();
+  m.def("status", &fastvgg::cuda::device_status,
+        "(usable, reason): whether a GPU can run this module's kernels, and what it is or why not");
+
+  // module_local: the emulated test build binds the same C++ type in the same process.
+  py::class_<Executor>(m, "CudaExecutor", py::module_local())
+      .def(py::init(&make_executor), py::arg("ops"), py::arg("input_channels"),
+           "Build from _core.Graph.describe()'s list of op dicts; weights are allocated on the GPU, unset.")
+      .def_property_readonly("layer_count", &Executor::layer_count)
+      .def_property_readonly("input_channels", &Executor::input_channels)
+      .def_property_readonly("device", &Executor::device_name)
+      .def("output_shapes",
+           [](const Executor& e, int h, int w) {
+             py::list out;
+             for (auto& s : e.output_shapes(h, w)) out.append(py::tuple(py::cast(s)));
+             return out;
+           })
+      .def("weights_nbytes", &Executor::weights_nbytes)
+      .def("set_conv3x3_weights",
+           [](Executor& e, int index, const FloatArray& kernel, const FloatArray& bias) {
+             const OpSpec& op = e.op(index);
+             if (op.kind != OpSpec::Kind::Conv3x3) throw py::value_error("layer " + std::to_string(index) + " is not a 3x3 convolution");
+             require_shape(kernel, {3, 3, op.in_channels, op.out_channels}, "kernel");
+             require_shape(bias, {op.out_channels}, "bias");
+             const float *k = kernel.data(), *b = bias.data();
+             py::gil_scoped_release release;
+             e.set_conv3x3_weights(index, k, b);
+           })
+      .def("set_dense_kernel_rows",
+           [](Executor& e, int index, int first_row, const FloatArray& rows) {
+             const OpSpec& op = e.op(index);
+             if (op.kind != OpSpec::Kind::Dense) throw py::value_error("layer " + std::to_string(index) + " is not a dense layer");
+             if (rows.ndim() != 2 || rows.shape(1) != op.out_channels)
+               throw py::value_error("rows must be 2-D with " + std::to_string(op.out_channels) + " columns");
+             const int count = checked_int(rows.shape(0), "row count");
+             if (first_row < 0 || first_row + count > op.in_channels) throw py::value_error("dense kernel rows out of range");
+             const float* r = rows.data();
+             py::gil_scoped_release release;
+             e.set_dense_kernel_rows(index, first_row, count, r);
+           })
+      .def("set_dense_bias",
+           [](Executor& e, int index, const FloatArray& bias) {
+             const OpSpec& op = e.op(index);
+             if (op.kind != OpSpec::Kind::Dense) throw py::value_error("layer " + std::to_string(index) + " is not a dense layer");
+             require_shape(bias, {op.out_channels}, "bias");
+             const float* b = bias.data();
+             py::gil_scoped_release release;
+             e.set_dense_bias(index, b);
+           })
+      .def("get_weights",
+           [](const Executor& e, int index) {
+             const OpSpec& op = e.op(index);
+             std::vector<py::ssize_t> shape;
+             if (op.kind == OpSpec::Kind::Conv3x3) shape = {3, 3, op.in_channels, op.out_channels};
+             else if (op.kind == OpSpec::Kind::Dense) shape = {op.in_channels, op.out_channels};
+             else throw py::value_error("layer " + std::to_string(index) + " has no weights");
+             FloatArray kernel(shape), bias(std::vector<py::ssize_t>{op.out_channels});
+             float *k = kernel.mutable_data(), *b = bias.mutable_data();
+             {
+               py::gil_scoped_release release;
+               e.get_weights(index, k, b);
+             }
+             return py::make_tuple(kernel, bias);
+           })
+      .def("forward", &forward, py::arg("x"), py::arg("output_layers"), py::arg("before_activation") = std::vector<bool>{})
+      .def("forward_into", &forward_into, py::arg("x"), py::arg("requests"))
+      .def("weights_loaded", [](const Executor& e, int index) { return e.weights_loaded(index); }, py::arg("index"))
+      .def("updating", [](Executor& e) { return WeightsUpdate(e); }, py::keep_alive<0, 1>(),
+           "A context manager: other threads' calls wait while this thread replaces weights.");
+
+  py::class_<WeightsUpdate>(m, "WeightsUpdate", py::module_local())
+      .def("__enter__", [](WeightsUpdate& u) { u.enter(); return &u; }, py::return_value_policy::reference)
+      .def("__exit__", [](WeightsUpdate& u, py::args) { u.exit(); return false; });
+
+  py::module_ t = m.def_submodule("testing", "Single kernels on NHWC arrays, for the emulator and GPU tests.");
+  t.def("conv3x3", &test_conv3x3, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("activation") = "relu",
+        py::arg("padding") = "same", py::arg("pool") = false);
+  t.def("max_pool2x2", [](const FloatArray& x) {
+    if (x.ndim() != 4) throw py::value_error("x must be NHWC");
+    const int n = checked_int(x.shape(0), "batch"), h = checked_int(x.shape(1), "height"),
+              w = checked_int(x.shape(2), "width"), c = checked_int(x.shape(3), "channels");
+    FloatArray y({n, h / 2, w / 2, c});
+    const float* xp = x.data();
+    float* yp = y.mutable_data();
+    py::gil_scoped_release release;
+    fastvgg::cuda::testing::max_pool2x2(xp, n, h, w, c, yp);
+    return y;
+  });
+  t.def("global_pool", [](const FloatArray& x, const std::string& mode) {
+    if (x.ndim() != 4) throw py::value_error("x must be NHWC");
+    if (mode != "avg" && mode != "max") throw py::value_error("mode must be 'avg' or 'max'");
+    const int n = checked_int(x.shape(0), "batch"), h = checked_int(x.shape(1), "height"),
+              w = checked_int(x.shape(2), "width"), c = checked_int(x.shape(3), "channels");
+    if (n < 1 || h < 1 || w < 1 || c < 1) throw py::value_error("empty input");
+    FloatArray y({n, c});
+    const float* xp = x.data();
+    float* yp = y.mutable_data();
+    py::gil_scoped_release release;
+    fastvgg::cuda::testing::global_pool(xp, n, h, w, c, mode == "max" ? 1 : 0, yp);
+    return y;
+  });
+  t.def("dense", [](const FloatArray& x, const FloatArray& kernel, const FloatArray& bias, const std::string& activation,
+                    const std::string& path) {
+    if (x.ndim() != 2 || kernel.ndim() != 2) throw py::value_error("x and kernel must be 2-D");
+    const int rows = checked_int(x.shape(0), "rows"), depth = checked_int(x.shape(1), "depth"),
+              units = checked_int(kernel.shape(1), "units");
+    require_shape(kernel, {depth, units}, "kernel");
+    require_shape(bias, {units}, "bias");
+    const int code = path == "auto" ? 0 : path == "gemm" ? 1 : path == "gemv" ? 2 : -1;
+    if (code < 0) throw py::value_error("path must be 'auto', 'gemm' or 'gemv'");
+    if (code == 2 && rows > 4) throw py::value_error("the 'gemv' path takes at most 4 rows");
+    if (rows < 1 || depth < 1 || units < 1) throw py::value_error("empty dense layer");
+    const int act = parse_activation(activation);
+    FloatArray y({rows, units});
+    const float *xp = x.data(), *kp = kernel.data(), *bp = bias.data();
+    float* yp = y.mutable_data();
+    py::gil_scoped_release release;
+    fastvgg::cuda::testing::dense(xp, rows, depth, kp, bp, units, act, code, yp);
+    return y;
+  }, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("activation") = "linear", py::arg("path") = "auto");
+  t.def("softmax", [](const FloatArray& x) {
+    if (x.ndim() != 2 || x.shape(0) < 1 || x.shape(1) < 1) throw py::value_error("x must be a non-empty 2-D array");
+    FloatArray y({x.shape(0), x.shape(1)});
+    std::copy(x.data(), x.data() + x.size(), y.mutable_data());
+    float* yp = y.mutable_data();
+    const int rows = checked_int(x.shape(0), "rows"), cols = checked_int(x.shape(1), "cols");
+    py::gil_scoped_release release;
+    fastvgg::cuda::testing::softmax(yp, rows, cols);
+    return y;
+  });
+  t.def("transpose", [](const FloatArray& x) {
+    if (x.ndim() != 3 || x.size() == 0) throw py::value_error("x must be a non-empty 3-D array (batch, rows, cols)");
+    const int b = checked_int(x.shape(0), "batch"), r = checked_int(x.shape(1), "rows"), c = checked_int(x.shape(2), "cols");
+    if (b > 65535 || r > 65535 * 32) throw py::value_error("at most 65535 planes of at most 2097120 rows");
+    FloatArray y({b, c, r});
+    const float* xp = x.data();
+    float* yp = y.mutable_data();
+    py::gil_scoped_release release;
+    fastvgg::cuda::testing::transpose(xp, b, r, c, yp);
+    return y;
+  });
+  t.def("set_block_order_seed", &fastvgg::cuda::testing::set_block_order_seed, py::arg("seed"),
+        "The emulator's block order shuffle seed (no effect on a GPU).");
+}

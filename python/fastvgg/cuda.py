@@ -1,0 +1,154 @@
+"""The optional CUDA backend: whether it can be used here, and its executor.
+
+``fastvgg._cuda`` exists only in builds made with ``FASTVGG_CUDA=ON`` (see cmake/cuda.cmake).
+It is imported lazily, the first time something here asks for it, and every failure (module
+not built, no driver, no GPU, a GPU too old) becomes the reason ``cuda_status()`` returns:
+nothing here raises unless a caller insists on CUDA (``require_cuda``, ``device="cuda"``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+DEVICES = ("cpu", "cuda", "auto")
+
+_lock = threading.Lock()
+_loaded = False
+_module = None
+_import_problem: Optional[str] = None
+
+
+def _cuda_module():
+    """fastvgg._cuda, or None with the reason in _import_problem. Imported once."""
+    global _loaded, _module, _import_problem
+    with _lock:
+        if not _loaded:
+            try:
+                module = importlib.import_module(__package__ + "._cuda")
+            except ModuleNotFoundError:
+                module = None
+                _import_problem = (
+                    "this fastvgg was built without CUDA; rebuild it on a machine with nvcc "
+                    "(FASTVGG_CUDA=ON pip install fastvgg, or -C cmake.define.FASTVGG_CUDA=ON)"
+                )
+            except (ImportError, OSError) as error:
+                module = None
+                _import_problem = f"fastvgg._cuda is installed but cannot be loaded: {error}"
+            _module, _loaded = module, True
+        return _module
+
+
+def cuda_built() -> bool:
+    """Whether this installation includes the CUDA backend (usable or not)."""
+    return _cuda_module() is not None
+
+
+def cuda_status() -> Tuple[bool, str]:
+    """``(True, "<GPU name, compute capability, driver>")`` when the CUDA backend can run here,
+    else ``(False, "<why not>")``. Never raises."""
+    module = _cuda_module()
+    if module is None:
+        return False, str(_import_problem)
+    try:
+        usable, detail = module.status()
+    except Exception as error:  # the runtime itself failed; report it, never crash the caller
+        return False, f"the CUDA runtime failed to answer: {error}"
+    return bool(usable), str(detail)
+
+
+def require_cuda() -> None:
+    """Raises RuntimeError, with cuda_status()'s reason, unless a GPU can be used."""
+    usable, reason = cuda_status()
+    if not usable:
+        raise RuntimeError(
+            f"device='cuda' needs a usable NVIDIA GPU, but {reason}. Use device='cpu', or "
+            "device='auto' to fall back to the CPU."
+        )
+
+
+def resolve_device(device: str) -> str:
+    """'cpu' or 'cuda' for a model's ``device=`` argument ('auto': the GPU when usable)."""
+    if device not in DEVICES:
+        raise ValueError(f"`device` must be one of {DEVICES}. Received: device={device!r}")
+    if device == "auto":
+        return "cuda" if cuda_status()[0] else "cpu"
+    if device == "cuda":
+        require_cuda()
+    return device
+
+
+def new_executor(ops: List[dict], input_channels: int):
+    """A bare fastvgg._cuda.CudaExecutor for a graph described as _core.Graph.describe() lists it."""
+    require_cuda()
+    return _cuda_module().CudaExecutor(ops, input_channels)
+
+
+class CudaExecutor:
+    """The CUDA executor behind the CPU executor's interface, for a model's ``_executor``:
+    built from a ``_core.Graph`` (kept as ``.graph``, as the CPU executor has it), every
+    other attribute (set_conv3x3_weights, set_dense_kernel_rows, set_dense_bias, get_weights,
+    weights_loaded, updating, forward, forward_into, weights_nbytes, device) is the compiled
+    executor's. Both precisions run the same fp32 kernels (no Winograd on the GPU)."""
+
+    PRECISIONS = ("fast", "highest")
+
+    def __init__(self, graph, precision: str = "fast") -> None:
+        if precision not in self.PRECISIONS:
+            raise ValueError(f"precision {precision!r} is not available on the GPU; use one of {self.PRECISIONS}")
+        self.graph = graph
+        self.precision = precision
+        self._impl = new_executor(graph.describe(), graph.input_channels)
+
+    def __getattr__(self, name):
+        return getattr(self._impl, name)
+
+
+# Models ------------------------------------------------------------------------------------
+def describe_model(model) -> Tuple[List[dict], int]:
+    """(ops, input_channels) of a fastvgg Model, in _core.Graph.describe()'s form, read from
+    its layers (so a sub-model built by Model(inputs, outputs) describes itself too)."""
+    from . import layers as L
+
+    ops: List[dict] = []
+    for layer in _computed_layers(model):
+        if isinstance(layer, L.Conv2D):
+            ops.append({"kind": "conv3x3", "in_channels": layer.input_shape[-1], "out_channels": layer.filters,
+                        "activation": layer.activation, "padding": layer.padding})
+        elif isinstance(layer, L.MaxPooling2D):
+            ops.append({"kind": "max_pool2x2"})
+        elif isinstance(layer, L.Flatten):
+            ops.append({"kind": "flatten"})
+        elif isinstance(layer, L.GlobalAveragePooling2D):  # GlobalMaxPooling2D included
+            ops.append({"kind": "global_pool", "pool_mode": layer.mode})
+        elif isinstance(layer, L.Dense):
+            ops.append({"kind": "dense", "in_channels": layer.input_shape[-1], "out_channels": layer.units,
+                        "activation": layer.activation})
+        else:
+            raise ValueError(f"layer {layer.name!r} ({type(layer).__name__}) has no CUDA kernel")
+    return ops, int(model.input_shape[-1])
+
+
+def _computed_layers(model):
+    from . import layers as L
+
+    return [layer for layer in model.layers if not isinstance(layer, L.InputLayer)]
+
+
+def executor_for_model(model):
+    """A CudaExecutor holding a copy of a fastvgg Model's weights (uploaded once, here).
+    Its op i is the model's i-th layer after the input layer."""
+    ops, channels = describe_model(model)
+    executor = new_executor(ops, channels)
+    for index, layer in enumerate(_computed_layers(model)):
+        if layer.weight_shapes():
+            kernel, bias = (np.ascontiguousarray(w, dtype=np.float32) for w in layer.get_weights())
+            if ops[index]["kind"] == "conv3x3":
+                executor.set_conv3x3_weights(index, kernel, bias)
+            else:
+                executor.set_dense_kernel_rows(index, 0, kernel)
+                executor.set_dense_bias(index, bias)
+    return executor
