@@ -25,6 +25,7 @@ namespace py = pybind11;
 
 namespace fastvgg {
 double fma_peak_gflops(int threads, long iterations, const std::string& isa);  // csrc/fma_peak.cpp
+void register_ops(pybind11::module_& m, pybind11::module_& testing);  // csrc/bindings_ops.cpp
 }
 using namespace fastvgg;
 
@@ -364,6 +365,9 @@ py::dict describe_op(const Op& op) {
   d["out_channels"] = op.out_channels;
   d["activation"] = activation_name(op.activation);
   d["pool_mode"] = pool_mode_name(op.pool_mode);
+  d["kernel_size"] = op.kernel_size;
+  d["padding"] = op.same_padding ? "same" : "valid";
+  d["on_image"] = op.on_image;
   return d;
 }
 
@@ -513,8 +517,10 @@ PYBIND11_MODULE(_core, m) {
         const int i = checked_op_index(e.graph(), index);
         const Op& op = e.graph().op(i);
         if (!op.has_weights()) throw py::value_error("layer " + std::to_string(i) + " has no weights");
-        FloatArray kernel(op.kind == OpKind::Conv3x3 ? std::vector<py::ssize_t>{3, 3, op.in_channels, op.out_channels}
-                                                     : std::vector<py::ssize_t>{op.in_channels, op.out_channels});
+        const py::ssize_t k = op.kernel_size;
+        FloatArray kernel(op.is_convolution()         ? std::vector<py::ssize_t>{k, k, op.in_channels, op.out_channels}
+                          : op.kind == OpKind::Affine ? std::vector<py::ssize_t>{op.out_channels}
+                                                      : std::vector<py::ssize_t>{op.in_channels, op.out_channels});
         FloatArray bias(std::vector<py::ssize_t>{op.out_channels});
         float *kp = kernel.mutable_data(), *bp = bias.mutable_data();
         {
@@ -576,6 +582,7 @@ PYBIND11_MODULE(_core, m) {
     softmax_rows(y.mutable_data(), int(x.shape(0)), int(x.shape(1)), x.shape(1));
     return y;
   }, py::arg("x"));
+  register_ops(m, testing);
   testing.def("layout_roundtrip", &test_layout_roundtrip, py::arg("x"), py::arg("isa"));
   testing.def("fma_peak_gflops", [](int threads, long iterations, const std::string& isa) {
     py::gil_scoped_release release;

@@ -16,11 +16,13 @@ from ._core import __version__
 from .download import WeightsDownloadError
 from .imagenet import decode_predictions, preprocess_input
 from .models import VGG16, VGG19, Model
+from .saved_model import load_model
 
 __all__ = [
     "VGG16",
     "VGG19",
     "Model",
+    "load_model",
     "image",
     "WeightsDownloadError",
     "preprocess_input",

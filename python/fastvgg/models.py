@@ -263,10 +263,11 @@ class Model:
                 f"Input of model {self.name!r} is incompatible: expected shape {expected}, "
                 f"found shape {x.shape} (axis {axis} differs). {remedy}"
             )
-        if x.shape[1] < MIN_SIZE or x.shape[2] < MIN_SIZE:
+        minimum = getattr(self.layers[0], "min_input_size", MIN_SIZE)  # load_model's graphs check their own
+        if x.shape[1] < minimum or x.shape[2] < minimum:
             raise ValueError(
-                f"Images must be at least {MIN_SIZE}x{MIN_SIZE} pixels (five 2x2 poolings halve them); "
-                f"got {x.shape[1]}x{x.shape[2]}. Resize or pad them to at least {MIN_SIZE}x{MIN_SIZE}."
+                f"Images must be at least {minimum}x{minimum} pixels (five 2x2 poolings halve them); "
+                f"got {x.shape[1]}x{x.shape[2]}. Resize or pad them to at least {minimum}x{minimum}."
             )
         if not x.flags.aligned:
             # A float32 array at an odd byte offset (e.g. np.frombuffer with an offset) would reach
