@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from fastvgg import _core
+from helpers import rel_l2
 from kernel_checks import (
     ISAS,
     UNIT_ROUNDOFF,
@@ -160,10 +161,6 @@ def test_blocked_layout_round_trip_is_exact(isa, shape):
     np.testing.assert_array_equal(_core.testing.layout_roundtrip(x, isa), x)
 
 
-def relative_l2(actual, expected):
-    return float(np.linalg.norm(actual.astype(np.float64) - expected) / np.linalg.norm(expected))
-
-
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("precision", ["highest", "fast"])
 def test_whole_network_on_each_isa_matches_reference_kernels(isa, precision):
@@ -210,8 +207,8 @@ def test_whole_network_on_each_isa_matches_reference_kernels(isa, precision):
         np.testing.assert_allclose(pooled_out, pooled, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(probs, expected, rtol=1e-5, atol=1e-7)
     else:
-        assert relative_l2(pooled_out, pooled) < 1e-5
-        assert relative_l2(probs, expected) < 1e-5
+        assert rel_l2(pooled_out, pooled) < 1e-5
+        assert rel_l2(probs, expected) < 1e-5
     assert net.graph.output_shapes(19, 29)[flatten] == (depth,)
 
 
