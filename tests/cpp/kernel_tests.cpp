@@ -24,6 +24,7 @@
 
 #include "kernels.h"
 #include "tensor.h"
+#include "workspace.h"
 
 using namespace fastvgg;
 
@@ -95,15 +96,17 @@ std::string shape_name(int n, int h, int w, int cin, int cout, bool relu) {
 
 const KernelTable& generic_table() { return generic::kernel_table; }
 
-// Runs conv3x3 (direct or Winograd) of one table on NHWC images through the blocked layout.
+std::size_t floats_for(std::size_t bytes) { return (bytes + sizeof(float) - 1) / sizeof(float); }
+
+// Runs conv3x3 (direct or Winograd) of one table on NHWC images through the blocked layout,
+// packed by the method's own packer.
 std::vector<float> run_conv(const KernelTable& table, bool winograd, const std::vector<float>& x, int n, int h, int w,
                             int cin, const std::vector<float>& kernel, const std::vector<float>& bias, int cout,
                             bool relu, int threads) {
-  AlignedBuffer packed(winograd ? packed_winograd_size(cin, cout) : packed_conv3x3_size(cin, cout));
-  if (winograd)
-    pack_winograd_f4x4(kernel.data(), cin, cout, packed.data());
-  else
-    pack_conv3x3(kernel.data(), cin, cout, packed.data());
+  const Conv3x3Method& method = winograd ? table.conv3x3_winograd : table.conv3x3_direct;
+  AlignedBuffer packed(floats_for(method.packed_bytes(cin, cout)));
+  method.pack(kernel.data(), cin, cout, packed.data(), threads);
+  KernelScratch scratch;
   AlignedBuffer padded_bias(std::size_t(round_up_to_block(cout)));
   std::copy(bias.begin(), bias.end(), padded_bias.data());
   AlignedBuffer in_buffer(blocked_image_size(cin, h, w)), out_buffer(blocked_image_size(cout, h, w));
@@ -111,7 +114,7 @@ std::vector<float> run_conv(const KernelTable& table, bool winograd, const std::
   std::vector<float> y(std::size_t(n) * h * w * cout);
   for (int i = 0; i < n; ++i) {
     table.nhwc_to_blocked(x.data() + std::size_t(i) * h * w * cin, in);
-    (winograd ? table.conv3x3_winograd : table.conv3x3)(in, packed.data(), padded_bias.data(), relu, out, threads);
+    method.run(in, packed.data(), padded_bias.data(), relu, out, threads, scratch);
     table.blocked_to_nhwc(out, y.data() + std::size_t(i) * h * w * cout);
   }
   return y;
@@ -121,17 +124,17 @@ std::vector<float> run_dense(const KernelTable& table, const std::vector<float>&
                              const std::vector<float>& kernel, const std::vector<float>& bias, int cols, bool relu,
                              int threads) {
   // Packed in uneven pieces, as a loader streaming rows from a file does.
-  AlignedBuffer packed(packed_dense_size(depth, cols));
+  AlignedBuffer packed(floats_for(table.dense.packed_bytes(depth, cols)));
   for (int first = 0; first < depth;) {
     const int count = std::min(depth - first, random_int(1, 40));
-    pack_dense_rows(kernel.data() + std::size_t(first) * cols, first, count, depth, cols, packed.data());
+    table.dense.pack_rows(kernel.data() + std::size_t(first) * cols, first, count, depth, cols, packed.data(), threads);
     first += count;
   }
   AlignedBuffer padded_bias(std::size_t(round_up_to_block(cols)));
   std::copy(bias.begin(), bias.end(), padded_bias.data());
   const int stride = round_up_to_block(cols);
   AlignedBuffer out(std::size_t(rows) * stride);
-  table.dense(x.data(), rows, depth, packed.data(), padded_bias.data(), cols, relu, out.data(), threads);
+  table.dense.run(x.data(), rows, depth, depth, packed.data(), padded_bias.data(), cols, relu, out.data(), stride, threads);
   std::vector<float> y(std::size_t(rows) * cols);
   for (int r = 0; r < rows; ++r) std::copy_n(out.data() + std::size_t(r) * stride, cols, y.data() + std::size_t(r) * cols);
   // The padding columns must come out as exact zeros (zero weights, zero bias).
@@ -355,13 +358,13 @@ void check_packing(int cin, int cout) {
   std::vector<float> back(kernel.size());
 
   AlignedBuffer direct(packed_conv3x3_size(cin, cout));
-  pack_conv3x3(kernel.data(), cin, cout, direct.data());
-  unpack_conv3x3(direct.data(), cin, cout, back.data());
+  pack_conv3x3(kernel.data(), cin, cout, direct.data(), 2);
+  unpack_conv3x3(direct.data(), cin, cout, back.data(), 2);
   record(std::memcmp(back.data(), kernel.data(), kernel.size() * sizeof(float)) == 0, "conv3x3 pack/unpack is exact, " + shape);
 
   AlignedBuffer winograd(packed_winograd_size(cin, cout));
-  pack_winograd_f4x4(kernel.data(), cin, cout, winograd.data());
-  unpack_winograd_f4x4(winograd.data(), cin, cout, back.data());
+  pack_winograd_f4x4(kernel.data(), cin, cout, winograd.data(), 2);
+  unpack_winograd_f4x4(winograd.data(), cin, cout, back.data(), 2);
   // Each of the 36 U values is rounded once (relative error <= u); the inverse combines at
   // most 4 x 4 of them with |coefficients| <= 4 * 3 in double and rounds once: the recovered
   // weight is within 144 u max|U| + u |g| of the original.
@@ -378,14 +381,14 @@ void check_packing(int cin, int cout) {
       }
     }
   record(close, "winograd unpack recovers the kernel within the rounding of U, " + shape);
-  const KernelCorrection correction = correction_to(kernel.data(), back.data(), back.size());
-  apply_correction(correction, back.data(), back.size());
+  const KernelCorrection correction = correction_to(kernel.data(), back.data(), back.size(), 2);
+  apply_correction(correction, back.data(), back.size(), 2);
   record(std::memcmp(back.data(), kernel.data(), kernel.size() * sizeof(float)) == 0, "correction restores the kernel bit for bit, " + shape);
 
   const int depth = 9 * cin, cols = cout;
   AlignedBuffer dense(packed_dense_size(depth, cols));
-  pack_dense_rows(kernel.data(), 0, depth, depth, cols, dense.data());
-  unpack_dense(dense.data(), depth, cols, back.data());
+  pack_dense_rows(kernel.data(), 0, depth, depth, cols, dense.data(), 2);
+  unpack_dense(dense.data(), depth, cols, back.data(), 2);
   record(std::memcmp(back.data(), kernel.data(), kernel.size() * sizeof(float)) == 0, "dense pack/unpack is exact, " + shape);
 }
 
