@@ -9,7 +9,9 @@ Two checks, because neither sees everything:
 * the signature check below reads the signature pybind11 writes as the first line of every
   docstring (``name(arg: type = default, ...) -> type``) and compares the parameters' names,
   order, defaults and the kinds of their types (int, str, array, sequence, ...) with the stub,
-  for every function, method and property, ``_core.testing`` included.
+  for every function, method and property, ``_core.testing`` included. (A parameter bound
+  without ``py::arg`` is "arg0", "arg1", ... at run time and can only be passed by position;
+  any stub name passes for it, but csrc/bindings.cpp had better name it.)
 
 After changing csrc/bindings.cpp: reinstall, run this file, and edit the stub until it passes
 (``python -m mypy.stubtest fastvgg._core --allowlist tests/stubtest_allowlist.txt`` prints
@@ -64,6 +66,7 @@ _KIND = {
     "int": "int", "SupportsInt": "int", "str": "str", "bool": "bool", "float": "float", "None": "None",
     "ndarray": "array", "NDArray": "array", "ArrayLike": "array",
     "Sequence": "sequence", "List": "list", "list": "list", "Tuple": "tuple", "tuple": "tuple",
+    "Dict": "dict", "dict": "dict", "Buffer": "buffer", "object": "any",
 }  # fmt: skip
 
 
@@ -83,9 +86,12 @@ def _split_top_level(text: str, separator: str = ",") -> list:
 
 
 def type_kind(annotation: str) -> str:
-    """'typing.SupportsInt | typing.SupportsIndex' -> 'int', 'numpy.typing.NDArray[...]' -> 'array'."""
-    first = _split_top_level(annotation, "|")[0]
+    """'typing.SupportsInt | typing.SupportsIndex' -> 'int', 'numpy.typing.NDArray[...]' -> 'array';
+    a class of the module ('fastvgg._core.Graph', or 'Graph' in the stub) -> its name."""
+    first = _split_top_level(annotation.strip("'\""), "|")[0]
     head = first.split("[", 1)[0].rsplit(".", 1)[-1]
+    if first.startswith("fastvgg._core.") or isinstance(getattr(_core, head, None), type):
+        return head
     if head == "Annotated":
         return type_kind(_split_top_level(first[first.index("[") + 1 : -1])[0])
     assert head in _KIND, f"no kind for the type {annotation!r}; add it to _KIND"
@@ -99,11 +105,13 @@ def runtime_signature(function, name: str):
     match = re.match(rf"^{re.escape(name)}\((.*)\) -> (.+)$", line)
     assert match, f"{name}: no pybind11 signature in the docstring {line!r}"
     parameters = []
-    for part in _split_top_level(match.group(1)):
+    for index, part in enumerate(_split_top_level(match.group(1))):
         declared, _, default = part.partition(" = ")
         pname, _, annotation = declared.partition(": ")
-        if annotation.startswith("fastvgg._core."):  # the instance a method or property is bound to
-            parameters.append(("self", "self", False))
+        if index == 0 and (pname == "self" or (pname == "arg0" and annotation.startswith("fastvgg._core."))):
+            parameters.append(("self", "self", False))  # the instance a method or property is bound to
+        elif pname.startswith("*"):
+            parameters.append((pname, "any", False))
         else:
             parameters.append((pname, type_kind(annotation), bool(default)))
     return parameters, type_kind(match.group(2))
@@ -116,6 +124,10 @@ def stub_signature(node: ast.FunctionDef):
     for arg, has_default in zip(args.args, defaults):
         kind = type_kind(ast.unparse(arg.annotation)) if arg.annotation is not None else "self"
         parameters.append((arg.arg, kind, has_default))
+    if args.vararg is not None:
+        parameters.append(("*" + args.vararg.arg, "any", False))
+    if args.kwarg is not None:
+        parameters.append(("**" + args.kwarg.arg, "any", False))
     return parameters, type_kind(ast.unparse(node.returns))
 
 
@@ -148,6 +160,12 @@ def test_every_stub_signature_matches_the_module():
         else:
             expected = runtime_signature(runtime, short)
         actual = stub_signature(node)
+        # pybind11 names a parameter without py::arg "arg0", "arg1", ...: it can only be passed
+        # by position, so any name in the stub fits it.
+        unnamed = [i for i, (pname, _, _) in enumerate(expected[0]) if re.fullmatch(r"arg\d+", pname)]
+        if len(actual[0]) == len(expected[0]):
+            for i in unnamed:
+                actual[0][i] = (expected[0][i][0],) + actual[0][i][1:]
         if actual != expected:
             problems.append(f"{name}: stub {actual} but module {expected}")
     assert not problems, "python/fastvgg/_core.pyi does not match fastvgg._core:\n" + "\n".join(problems)
