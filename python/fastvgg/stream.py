@@ -104,11 +104,14 @@ def output_format(output: str) -> str:
     return extension
 
 
-def _pool(features: np.ndarray, pooling: Optional[str], layer: str) -> np.ndarray:
+def pool_features(features: np.ndarray, pooling: Optional[str], layer: str) -> np.ndarray:
+    """A layer's (batch, height, width, channels) output averaged ("avg") or maxed ("max")
+    over height and width, or as it is (None). Shared by the command line and fastvgg.ray so
+    that both give the same numbers."""
     if pooling is None:
         return features
     if features.ndim != 4:
-        raise StreamError(f"--pooling needs a spatial layer; {layer!r} gives shape {features.shape[1:]}.")
+        raise StreamError(f"pooling needs a spatial layer; {layer!r} gives shape {features.shape[1:]}.")
     return features.mean(axis=(1, 2)) if pooling == "avg" else features.max(axis=(1, 2))
 
 
@@ -339,7 +342,7 @@ def extract_files(
     # The shapes of one image's outputs, from a tiny run on a blank image; this also checks
     # the layer names (a wrong one raises here, before anything is written).
     probe = model.extract(np.zeros((1,) + size + (3,), np.float32), layers)
-    shapes = [tuple(_pool(probe[layer], pooling, layer).shape[1:]) for layer in layers]
+    shapes = [tuple(pool_features(probe[layer], pooling, layer).shape[1:]) for layer in layers]
     full_settings = {
         "layers": layers, "pooling": pooling, "size": list(size), "format": fmt,
         "shapes": [list(s) for s in shapes], "inputs": [os.fspath(p) for p in patterns],
@@ -384,7 +387,7 @@ def extract_files(
                     results = model.extract(x, layers, batch_size=len(x))
                     row = run.state["rows"]
                     for array, layer in zip(run.arrays, layers):
-                        array[row : row + len(x)] = _pool(results[layer], pooling, layer)
+                        array[row : row + len(x)] = pool_features(results[layer], pooling, layer)
                     run.state["rows"] = row + len(x)
                 run.state["done"] += len(batch_items)
                 run.save()
