@@ -358,9 +358,10 @@ def per_layer(threads: int, quick: bool, lines):
               f"numpy/BLAS sgemv ({threads} threads) {gemv_gbps:.1f} GB/s.", "",
               f"| dense layer | weights MB | ms ({threads}T, batch 1) | GB/s |", "|---|---|---|---|"]
     for name, depth, units, act in DENSES:
-        network = _core.Network(depth)
-        network.add_flatten()
-        index = network.add_dense(depth, units, act)
+        graph = _core.Graph(depth)
+        graph.add_flatten()
+        index = graph.add_dense(depth, units, act)
+        network = _core.CpuExecutor(graph)
         network.set_dense_kernel_rows(index, 0, (rng.standard_normal((depth, units)) * 0.01).astype(np.float32))
         network.set_dense_bias(index, np.zeros(units, np.float32))
         x = rng.standard_normal((1, 1, 1, depth)).astype(np.float32)

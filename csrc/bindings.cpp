@@ -15,7 +15,8 @@
 #include <vector>
 
 #include "cpu_features.h"
-#include "network.h"
+#include "cpu_executor.h"
+#include "graph.h"
 
 namespace py = pybind11;
 
@@ -28,12 +29,7 @@ namespace {
 
 using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
 
-std::atomic<int> g_threads{0};
-
-int thread_count() {
-  int n = g_threads.load();
-  return n > 0 ? n : omp_get_max_threads();
-}
+int thread_count() { return default_threads(); }
 
 void require_ndim(const py::array& a, int ndim, const char* what) {
   if (a.ndim() != ndim)
@@ -52,18 +48,9 @@ int checked_int(py::ssize_t v, const char* what) {
   return int(v);
 }
 
-Activation parse_activation(const std::string& name) {
-  if (name == "linear") return Activation::Linear;
-  if (name == "relu") return Activation::Relu;
-  if (name == "softmax") return Activation::Softmax;
-  throw py::value_error("unknown activation '" + name + "'; expected 'linear', 'relu' or 'softmax'");
-}
-
-GlobalPoolMode parse_pool_mode(const std::string& mode) {
-  if (mode == "avg") return GlobalPoolMode::Average;
-  if (mode == "max") return GlobalPoolMode::Max;
-  throw py::value_error("unknown pooling mode '" + mode + "'; expected 'avg' or 'max'");
-}
+// Exceptions from the core become Python's: std::invalid_argument -> ValueError and
+// std::out_of_range -> IndexError (pybind11's translation), std::logic_error (weights not
+// loaded, misuse) -> RuntimeError.
 
 const KernelTable* table_or_reference(const std::string& isa) {
   return isa == "reference" ? nullptr : &kernels_for(isa);
@@ -91,28 +78,23 @@ KernelAlgorithm parse_conv_algorithm(const std::string& name) {
   throw py::value_error("unknown convolution algorithm '" + name + "'; expected 'direct' or 'winograd'");
 }
 
-// A 3x3 kernel and bias packed once for one algorithm of one kernel table.
+// A 3x3 kernel and bias packed once for one method of one kernel table.
 struct PackedConv3x3 {
   PackedConv3x3(const KernelTable& k, KernelAlgorithm algorithm, const float* kernel_hwio, const float* bias, int in_c,
                 int out_c)
-      : padded_bias(std::size_t(round_up_to_block(out_c))) {
-    if (algorithm == KernelAlgorithm::Winograd) {
-      weights.resize(packed_winograd_size(in_c, out_c));
-      pack_winograd_f4x4(kernel_hwio, in_c, out_c, weights.data());
-      run = k.conv3x3_winograd;
-    } else {
-      weights.resize(packed_conv3x3_size(in_c, out_c));
-      pack_conv3x3(kernel_hwio, in_c, out_c, weights.data());
-      run = k.conv3x3;
-    }
+      : method(algorithm == KernelAlgorithm::Winograd ? k.conv3x3_winograd : k.conv3x3_direct),
+        padded_bias(std::size_t(round_up_to_block(out_c))) {
+    weights.resize((method.packed_bytes(in_c, out_c) + sizeof(float) - 1) / sizeof(float));
+    method.pack(kernel_hwio, in_c, out_c, weights.data(), thread_count());
     std::copy(bias, bias + out_c, padded_bias.data());
   }
-  void operator()(const BlockedImage& in, bool relu, const BlockedImage& out, int threads) const {
-    run(in, weights.data(), padded_bias.data(), relu, out, threads);
+  void operator()(const BlockedImage& in, bool relu, const BlockedImage& out, int threads) {
+    method.run(in, weights.data(), padded_bias.data(), relu, out, threads, scratch);
   }
 
+  const Conv3x3Method& method;
   AlignedBuffer weights, padded_bias;
-  decltype(KernelTable::conv3x3) run;
+  KernelScratch scratch;
 };
 
 struct ConvShape {
@@ -144,7 +126,7 @@ FloatArray run_conv3x3(const FloatArray& x, const FloatArray& kernel, const Floa
     if (!k) {
       reference::conv3x3(xp, s.n, s.h, s.w, s.c, kp, bp, s.f, relu, yp);
     } else {
-      const PackedConv3x3 conv(*k, algorithm, kp, bp, s.c, s.f);
+      PackedConv3x3 conv(*k, algorithm, kp, bp, s.c, s.f);
       per_blocked_image(*k, xp, s.n, s.h, s.w, s.c, yp, s.h, s.w, s.f,
                         [&](const BlockedImage& in, const BlockedImage& out) { conv(in, relu, out, thread_count()); });
     }
@@ -173,7 +155,7 @@ double time_conv3x3(const FloatArray& x, const FloatArray& kernel, const FloatAr
   const KernelTable& k = kernels_for(isa);
   const float *xp = x.data(), *kp = kernel.data(), *bp = bias.data();
   py::gil_scoped_release release;
-  const PackedConv3x3 conv(k, a, kp, bp, s.c, s.f);
+  PackedConv3x3 conv(k, a, kp, bp, s.c, s.f);
   AlignedBuffer in_buf(blocked_image_size(s.c, s.h, s.w)), out_buf(blocked_image_size(s.f, s.h, s.w));
   const BlockedImage in{in_buf.data(), s.c, s.h, s.w}, out{out_buf.data(), s.f, s.h, s.w};
   k.nhwc_to_blocked(xp, in);
@@ -255,11 +237,13 @@ FloatArray test_dense(const FloatArray& x, const FloatArray& kernel, const Float
       reference::dense(xp, rows, depth, kp, bp, cols, relu, yp);
     } else {
       const int padded = round_up_to_block(cols);
-      AlignedBuffer packed(packed_dense_size(depth, cols)), padded_bias{std::size_t(padded)};
+      AlignedBuffer packed((k->dense.packed_bytes(depth, cols) + sizeof(float) - 1) / sizeof(float));
+      AlignedBuffer padded_bias{std::size_t(padded)};
       AlignedBuffer out(std::size_t(rows) * padded);
-      pack_dense_rows(kp, 0, depth, depth, cols, packed.data());
+      k->dense.pack_rows(kp, 0, depth, depth, cols, packed.data(), thread_count());
       std::copy(bp, bp + cols, padded_bias.data());
-      k->dense(xp, rows, depth, packed.data(), padded_bias.data(), cols, relu, out.data(), thread_count());
+      k->dense.run(xp, rows, depth, depth, packed.data(), padded_bias.data(), cols, relu, out.data(), padded,
+                   thread_count());
       for (int r = 0; r < rows; ++r)
         std::copy(out.data() + std::size_t(r) * padded, out.data() + std::size_t(r) * padded + cols,
                   yp + std::size_t(r) * cols);
@@ -285,47 +269,132 @@ FloatArray test_layout_roundtrip(const FloatArray& x, const std::string& isa) {
   return y;
 }
 
-py::list forward(const Network& net, const FloatArray& x, const std::vector<int>& output_layers,
-                 std::vector<bool> before_activation) {
+// Batch, height and width of an NHWC input for a graph, checked.
+struct InputSize {
+  int count, height, width;
+};
+
+InputSize check_input(const Graph& graph, const py::array& x) {
   require_ndim(x, 4, "input");
-  const int count = checked_int(x.shape(0), "batch"), height = checked_int(x.shape(1), "height"),
-            width = checked_int(x.shape(2), "width");
-  require_dim(x, 3, net.input_channels(), "input");
+  const InputSize size{checked_int(x.shape(0), "batch"), checked_int(x.shape(1), "height"),
+                       checked_int(x.shape(2), "width")};
+  require_dim(x, 3, graph.input_channels(), "input");
+  graph.shapes(size.height, size.width);  // throws ValueError for sizes the graph cannot take
+  return size;
+}
+
+std::vector<py::ssize_t> output_dims(int count, const OpShape& shape) {
+  std::vector<py::ssize_t> dims{count};
+  dims.insert(dims.end(), shape.begin(), shape.end());
+  return dims;
+}
+
+int checked_op_index(const Graph& graph, py::ssize_t index) {
+  if (index < 0 || index >= graph.op_count())
+    throw py::index_error("layer index " + std::to_string(index) + " is out of range: the graph has " +
+                          std::to_string(graph.op_count()) + " layers");
+  return int(index);
+}
+
+// Runs x and writes into caller-owned arrays: each must be a writable, C-contiguous float32
+// array of exactly (batch,) + the layer's shape, not overlapping the input or each other.
+void forward_into(CpuExecutor& executor, const FloatArray& x, const py::list& requests) {
+  const Graph& graph = executor.graph();
+  const InputSize size = check_input(graph, x);
+  const std::vector<OpShape> shapes = graph.shapes(size.height, size.width);
+  std::vector<OutputRequest> outputs;
+  std::vector<py::array> keep;  // holds the arrays for the duration of the call
+  for (const py::handle item : requests) {
+    const py::tuple request = py::reinterpret_borrow<py::object>(item).cast<py::tuple>();
+    if (request.size() != 3)
+      throw py::value_error("each output request is (layer_index, before_activation, out_array)");
+    const int index = checked_op_index(graph, request[0].cast<py::ssize_t>());
+    const bool before = request[1].cast<bool>();
+    if (!py::isinstance<py::array>(request[2])) throw py::type_error("out_array must be a numpy array");
+    py::array out = request[2].cast<py::array>();
+    const std::vector<py::ssize_t> dims = output_dims(size.count, shapes[std::size_t(index)]);
+    if (!out.dtype().is(py::dtype::of<float>()) || !(out.flags() & py::array::c_style) || !out.writeable())
+      throw py::value_error("out_array for layer " + std::to_string(index) +
+                            " must be a writable, C-contiguous float32 array");
+    if (out.ndim() != py::ssize_t(dims.size()) || !std::equal(dims.begin(), dims.end(), out.shape()))
+      throw py::value_error("out_array for layer " + std::to_string(index) + " has the wrong shape");
+    const char* begin = static_cast<const char*>(out.data());
+    const char* end = begin + out.nbytes();
+    auto overlaps = [&](const py::array& other) {
+      const char* b = static_cast<const char*>(other.data());
+      return begin < b + other.nbytes() && b < end;
+    };
+    if (overlaps(x)) throw py::value_error("out_array for layer " + std::to_string(index) + " overlaps the input");
+    for (const py::array& other : keep)
+      if (overlaps(other)) throw py::value_error("two out_arrays overlap");
+    outputs.push_back({index, before, static_cast<float*>(out.mutable_data())});
+    keep.push_back(out);
+  }
+  const float* input = x.data();
+  py::gil_scoped_release release;
+  executor.forward(input, size.count, size.height, size.width, outputs);
+}
+
+py::list forward(CpuExecutor& executor, const FloatArray& x, const std::vector<py::ssize_t>& output_layers,
+                 std::vector<bool> before_activation) {
+  const Graph& graph = executor.graph();
+  const InputSize size = check_input(graph, x);
   if (before_activation.empty()) before_activation.assign(output_layers.size(), false);
   if (before_activation.size() != output_layers.size())
     throw py::value_error("before_activation needs one flag per output layer");
-  const std::vector<LayerShape> shapes = net.shapes(height, width);
-  py::list results;
-  std::vector<OutputRequest> requests;
+  const std::vector<OpShape> shapes = graph.shapes(size.height, size.width);
+  py::list results, requests;
   for (std::size_t k = 0; k < output_layers.size(); ++k) {
-    const int index = output_layers[k];
-    if (index < 0 || index >= net.layer_count()) throw py::index_error("output layer index out of range");
-    std::vector<py::ssize_t> dims{count};
-    dims.insert(dims.end(), shapes[std::size_t(index)].begin(), shapes[std::size_t(index)].end());
-    FloatArray out(dims);
-    requests.push_back({index, bool(before_activation[k]), out.mutable_data()});
+    const int index = checked_op_index(graph, output_layers[k]);
+    FloatArray out(output_dims(size.count, shapes[std::size_t(index)]));
+    requests.append(py::make_tuple(index, bool(before_activation[k]), out));
     results.append(out);
   }
-  const float* input = x.data();
-  const KernelTable& kernels = active_kernels();
-  const int threads = thread_count();
-  {
-    py::gil_scoped_release release;
-    net.forward(input, count, height, width, requests, threads, kernels);
-  }
+  forward_into(executor, x, requests);
   return results;
 }
+
+py::dict describe_op(const Op& op) {
+  py::dict d;
+  d["kind"] = op_kind_name(op.kind);
+  d["in_channels"] = op.in_channels;
+  d["out_channels"] = op.out_channels;
+  d["activation"] = activation_name(op.activation);
+  d["pool_mode"] = pool_mode_name(op.pool_mode);
+  return d;
+}
+
+// `with executor.updating():` holds the weights for a sequence of set_* calls.
+class WeightsUpdate {
+ public:
+  explicit WeightsUpdate(CpuExecutor& executor) : executor_(executor) {}
+  void enter() {
+    if (entered_) throw py::value_error("this update is already in progress");
+    py::gil_scoped_release release;  // forwards in flight finish without needing the GIL
+    executor_.begin_update();
+    entered_ = true;
+  }
+  void exit() {
+    if (!entered_) return;
+    entered_ = false;
+    executor_.end_update();
+  }
+
+ private:
+  CpuExecutor& executor_;
+  bool entered_ = false;
+};
 
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
-  m.doc() = "fastvgg's compiled core: VGG layers on blocked activations, one kernel table per instruction set";
+  m.doc() = "fastvgg's compiled core: a graph of VGG layers and the CPU executor that runs it";
   m.attr("__version__") = FASTVGG_VERSION;
 
   m.def("set_num_threads", [](int n) {
     if (n < 1) throw py::value_error("the number of threads must be at least 1, got " + std::to_string(n));
-    g_threads.store(n);
-  }, py::arg("n"), "Threads every later computation uses.");
+    set_default_threads(n);
+  }, py::arg("n"), "Threads of every executor that has no thread count of its own.");
   m.def("get_num_threads", &thread_count);
   m.def("available_isas", []() {
     std::vector<std::string> names;
@@ -336,90 +405,148 @@ PYBIND11_MODULE(_core, m) {
   m.def("set_isa", [](const std::string& isa) { set_active_kernels(isa); }, py::arg("isa"),
         "Use the kernels of another supported instruction set (for testing and benchmarking).");
 
-  py::class_<Network>(m, "Network")
-      .def(py::init([](int input_channels, const std::string& precision) {
-             if (precision != "fast" && precision != "highest")
-               throw py::value_error("unknown precision '" + precision + "'; expected 'fast' or 'highest'");
-             return Network(input_channels, precision == "fast" ? ConvAlgorithm::Fast : ConvAlgorithm::Highest);
-           }),
-           py::arg("input_channels"), py::arg("precision") = "fast")
-      .def_property_readonly("precision", [](const Network& n) {
-        return std::string(n.algorithm() == ConvAlgorithm::Fast ? "fast" : "highest");
-      })
-      .def("add_conv3x3", [](Network& n, int filters, const std::string& act) {
-        return n.add_conv3x3(filters, parse_activation(act));
+  py::class_<Graph>(m, "Graph", "A chain of ops and their sizes; no weights (an executor holds those).")
+      .def(py::init<int>(), py::arg("input_channels"))
+      .def("add_conv3x3", [](Graph& g, int filters, const std::string& activation) {
+        return g.add_conv3x3(filters, parse_activation(activation));
       }, py::arg("filters"), py::arg("activation"))
-      .def("add_max_pool2x2", &Network::add_max_pool2x2)
-      .def("add_flatten", &Network::add_flatten)
-      .def("add_global_pool", [](Network& n, const std::string& mode) { return n.add_global_pool(parse_pool_mode(mode)); },
+      .def("add_max_pool2x2", &Graph::add_max_pool2x2)
+      .def("add_flatten", &Graph::add_flatten)
+      .def("add_global_pool", [](Graph& g, const std::string& mode) { return g.add_global_pool(parse_pool_mode(mode)); },
            py::arg("mode"))
-      .def("add_dense", [](Network& n, int in_features, int units, const std::string& act) {
-        return n.add_dense(in_features, units, parse_activation(act));
+      .def("add_dense", [](Graph& g, int in_features, int units, const std::string& activation) {
+        return g.add_dense(in_features, units, parse_activation(activation));
       }, py::arg("in_features"), py::arg("units"), py::arg("activation"))
-      .def_property_readonly("layer_count", &Network::layer_count)
-      .def_property_readonly("input_channels", &Network::input_channels)
-      .def("output_shapes", [](const Network& n, int height, int width) {
+      .def_property_readonly("layer_count", &Graph::op_count)
+      .def_property_readonly("input_channels", &Graph::input_channels)
+      .def("output_shapes", [](const Graph& g, int height, int width) {
         std::vector<py::tuple> out;
-        for (const LayerShape& s : n.shapes(height, width)) out.push_back(py::tuple(py::cast(s)));
+        for (const OpShape& s : g.shapes(height, width)) out.push_back(py::tuple(py::cast(s)));
         return out;
       }, py::arg("height"), py::arg("width"))
-      .def("weights_nbytes", [](const Network& n) {
-        std::size_t total = 0;
-        for (int i = 0; i < n.layer_count(); ++i) {
-          const Layer& l = n.layer(i);
-          total += (l.weights.size() + l.winograd_weights.size() + l.bias.size()) * sizeof(float);
-          total += l.winograd_correction.ulps.size() +
-                   l.winograd_correction.exact_index.size() * (sizeof(std::uint32_t) + sizeof(float));
-        }
-        return total;
-      }, "Bytes held by the packed weights.")
-      .def("set_conv3x3_weights", [](Network& n, int index, const FloatArray& kernel, const FloatArray& bias) {
-        const Layer& l = n.layer(index);
-        if (l.kind != LayerKind::Conv3x3) throw py::value_error("layer is not a 3x3 convolution");
+      .def("describe", [](const Graph& g) {
+        py::list ops;
+        for (const Op& op : g.ops()) ops.append(describe_op(op));
+        return ops;
+      }, "One dict per op: kind, in_channels, out_channels, activation, pool_mode.");
+
+  py::class_<WeightsUpdate>(m, "WeightsUpdate", "Context manager from CpuExecutor.updating().")
+      .def("__enter__", [](WeightsUpdate& u) { u.enter(); return &u; }, py::return_value_policy::reference)
+      .def("__exit__", [](WeightsUpdate& u, py::args) { u.exit(); return false; });
+
+  py::class_<CpuExecutor>(m, "CpuExecutor", "A graph's weights packed for this CPU's kernels, and the loop that runs it.")
+      .def(py::init([](const Graph& graph, const std::string& precision) {
+             return std::make_unique<CpuExecutor>(graph, parse_precision(precision), active_kernels());
+           }),
+           py::arg("graph"), py::arg("precision") = "fast")
+      .def_property_readonly("graph", &CpuExecutor::graph, py::return_value_policy::reference_internal)
+      .def_property_readonly("precision", [](const CpuExecutor& e) { return std::string(precision_name(e.precision())); })
+      .def_property_readonly("kernel_set", [](const CpuExecutor& e) { return std::string(e.kernels().isa_name); })
+      .def("method", [](const CpuExecutor& e, py::ssize_t index) {
+        return std::string(e.method_name(checked_op_index(e.graph(), index)));
+      }, py::arg("index"), "The kernel method a layer runs by, e.g. 'winograd_f4x4_f32' ('' without weights).")
+      .def_property("num_threads", &CpuExecutor::threads, [](CpuExecutor& e, int n) {
+        if (n < 0) throw py::value_error("num_threads must be at least 1 (or 0 for the process default)");
+        e.set_threads(n);
+      }, "Threads this executor uses; setting 0 follows fastvgg.set_num_threads.")
+      .def("weights_nbytes", &CpuExecutor::weights_bytes, py::call_guard<py::gil_scoped_release>(),
+           "Bytes held by the packed weights.")
+      .def("workspace_nbytes", &CpuExecutor::idle_workspace_bytes, "Bytes of workspace kept between calls.")
+      .def("updating", [](CpuExecutor& e) { return WeightsUpdate(e); }, py::keep_alive<0, 1>(),
+           "Context manager: forwards on other threads wait until the block's set_* calls are done.")
+      .def("set_conv3x3_weights", [](CpuExecutor& e, py::ssize_t index, const FloatArray& kernel, const FloatArray& bias) {
+        const int i = checked_op_index(e.graph(), index);
+        const Op& op = e.graph().op(i);
+        if (op.kind != OpKind::Conv3x3) throw py::value_error("layer " + std::to_string(i) + " is not a 3x3 convolution");
         require_ndim(kernel, 4, "kernel");
         require_dim(kernel, 0, 3, "kernel");
         require_dim(kernel, 1, 3, "kernel");
-        require_dim(kernel, 2, l.in_channels, "kernel");
-        require_dim(kernel, 3, l.out_channels, "kernel");
+        require_dim(kernel, 2, op.in_channels, "kernel");
+        require_dim(kernel, 3, op.out_channels, "kernel");
         require_ndim(bias, 1, "bias");
-        require_dim(bias, 0, l.out_channels, "bias");
+        require_dim(bias, 0, op.out_channels, "bias");
         const float *kp = kernel.data(), *bp = bias.data();
         py::gil_scoped_release release;
-        n.set_conv3x3_weights(index, kp, bp);
+        e.set_conv3x3_weights(i, kp, bp);
       }, py::arg("index"), py::arg("kernel"), py::arg("bias"))
-      .def("set_dense_kernel_rows", [](Network& n, int index, int first_row, const FloatArray& rows) {
-        const Layer& l = n.layer(index);
-        if (l.kind != LayerKind::Dense) throw py::value_error("layer is not dense");
+      .def("set_dense_kernel_rows", [](CpuExecutor& e, py::ssize_t index, py::ssize_t first_row, const FloatArray& rows) {
+        const int i = checked_op_index(e.graph(), index);
+        const Op& op = e.graph().op(i);
+        if (op.kind != OpKind::Dense) throw py::value_error("layer " + std::to_string(i) + " is not dense");
         require_ndim(rows, 2, "kernel rows");
-        require_dim(rows, 1, l.out_channels, "kernel rows");
-        const int count = checked_int(rows.shape(0), "row count");
+        require_dim(rows, 1, op.out_channels, "kernel rows");
+        const py::ssize_t count = rows.shape(0);
+        // Checked here in 64 bits, before any narrowing: first_row + count must stay inside the kernel.
+        if (first_row < 0 || first_row > op.in_channels || count > op.in_channels - first_row)
+          throw py::value_error("kernel rows [" + std::to_string(first_row) + ", " + std::to_string(first_row + count) +
+                                ") are outside the " + std::to_string(op.in_channels) + " rows of layer " +
+                                std::to_string(i));
         const float* rp = rows.data();
         py::gil_scoped_release release;
-        n.set_dense_kernel_rows(index, first_row, count, rp);
+        e.set_dense_kernel_rows(i, int(first_row), int(count), rp);
       }, py::arg("index"), py::arg("first_row"), py::arg("rows"))
-      .def("set_dense_bias", [](Network& n, int index, const FloatArray& bias) {
-        const Layer& l = n.layer(index);
-        if (l.kind != LayerKind::Dense) throw py::value_error("layer is not dense");
+      .def("set_dense_bias", [](CpuExecutor& e, py::ssize_t index, const FloatArray& bias) {
+        const int i = checked_op_index(e.graph(), index);
+        const Op& op = e.graph().op(i);
+        if (op.kind != OpKind::Dense) throw py::value_error("layer " + std::to_string(i) + " is not dense");
         require_ndim(bias, 1, "bias");
-        require_dim(bias, 0, l.out_channels, "bias");
-        n.set_dense_bias(index, bias.data());
+        require_dim(bias, 0, op.out_channels, "bias");
+        const float* bp = bias.data();
+        py::gil_scoped_release release;
+        e.set_dense_bias(i, bp);
       }, py::arg("index"), py::arg("bias"))
-      .def("get_weights", [](const Network& n, int index) {
-        const Layer& l = n.layer(index);
-        if (!l.has_weights()) throw py::value_error("layer has no weights");
-        FloatArray kernel(l.kind == LayerKind::Conv3x3 ? std::vector<py::ssize_t>{3, 3, l.in_channels, l.out_channels}
-                                                       : std::vector<py::ssize_t>{l.in_channels, l.out_channels});
-        FloatArray bias(std::vector<py::ssize_t>{l.out_channels});
+      .def("weights_loaded", [](const CpuExecutor& e, py::ssize_t index) {
+        return e.weights_loaded(checked_op_index(e.graph(), index));
+      }, py::arg("index"))
+      .def("get_weights", [](const CpuExecutor& e, py::ssize_t index) {
+        const int i = checked_op_index(e.graph(), index);
+        const Op& op = e.graph().op(i);
+        if (!op.has_weights()) throw py::value_error("layer " + std::to_string(i) + " has no weights");
+        FloatArray kernel(op.kind == OpKind::Conv3x3 ? std::vector<py::ssize_t>{3, 3, op.in_channels, op.out_channels}
+                                                     : std::vector<py::ssize_t>{op.in_channels, op.out_channels});
+        FloatArray bias(std::vector<py::ssize_t>{op.out_channels});
         float *kp = kernel.mutable_data(), *bp = bias.mutable_data();
         {
           py::gil_scoped_release release;
-          n.get_weights(index, kp, bp);
+          e.get_weights(i, kp, bp);
         }
         return py::make_tuple(kernel, bias);
       }, py::arg("index"))
       .def("forward", &forward, py::arg("x"), py::arg("output_layers"), py::arg("before_activation") = std::vector<bool>{},
            "Runs a float32 NHWC batch; returns the outputs of the given layers, in that order. "
-           "before_activation[k] asks for convolution output_layers[k]'s sums before its ReLU.");
+           "before_activation[k] asks for convolution output_layers[k]'s sums before its ReLU.")
+      .def("forward_into", &forward_into, py::arg("x"), py::arg("requests"),
+           "Runs a float32 NHWC batch, writing each (layer_index, before_activation, out_array) request's output "
+           "straight into out_array (C-contiguous float32 of shape (batch,) + the layer's shape).")
+      .def("packed_sections", [](py::object self) {
+        const CpuExecutor& e = self.cast<const CpuExecutor&>();
+        // Read-only views, not copies; each keeps the executor alive. Replacing a layer's
+        // weights (set_*) frees what an older view shows: take views, write them, drop them.
+        py::list sections;
+        for (const CpuExecutor::Section& s : e.packed_sections()) {
+          py::array view(py::dtype("uint8"), {py::ssize_t(s.bytes)}, {py::ssize_t(1)},
+                         static_cast<const std::uint8_t*>(s.data), self);
+          view.attr("flags").attr("writeable") = false;
+          sections.append(py::make_tuple(s.name, view));
+        }
+        return sections;
+      }, "The packed weights as the kernels read them: [(name, read-only uint8 view)], for a cache file.")
+      .def("adopt_section", [](CpuExecutor& e, const std::string& name, const py::buffer& buffer) {
+        py::buffer_info info = buffer.request();
+        if (info.ndim != 1 || info.itemsize != 1 || info.strides[0] != 1)
+          throw py::value_error("a packed section must be a contiguous 1-D byte buffer");
+        // The buffer object stays alive as long as the executor uses its memory.
+        auto* owner = new py::object(py::reinterpret_borrow<py::object>(buffer));
+        std::shared_ptr<const void> keepalive(owner, [](const py::object* o) {
+          py::gil_scoped_acquire gil;
+          delete o;
+        });
+        const void* data = info.ptr;
+        const std::size_t bytes = std::size_t(info.size);
+        py::gil_scoped_release release;
+        e.adopt_section(name, data, bytes, std::move(keepalive));
+      }, py::arg("name"), py::arg("buffer"),
+         "Uses `buffer` (e.g. a numpy view of a mapped cache file) as the packed section `name`, without copying.");
 
   py::module_ testing = m.def_submodule("testing", "Single kernels on NHWC arrays, for comparing ISAs with the reference.");
   testing.def("conv3x3", &test_conv3x3, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("relu"), py::arg("isa"));

@@ -74,8 +74,9 @@ inline void conv_row(const BlockedImage& in, int y, const float* weights, std::p
 
 }  // namespace
 
-void conv3x3(const BlockedImage& in, const float* packed_weights, const float* bias, bool relu,
-             const BlockedImage& out, int threads) {
+void conv3x3(const BlockedImage& in, const void* packed, const float* bias, bool relu, const BlockedImage& out,
+             int threads, KernelScratch& /*scratch: the direct kernel needs none*/) {
+  const float* packed_weights = static_cast<const float*>(packed);
   const int out_blocks = out.blocks();
   const int groups = (out_blocks + kConvOutBlocks - 1) / kConvOutBlocks;
   const std::ptrdiff_t weights_out_stride = std::ptrdiff_t(in.blocks()) * 9 * kTapWeights;

@@ -18,7 +18,7 @@ constexpr int kDepthBlock = 512;  // 4 panels x 512 x 64 B = 128 KiB: well insid
 
 struct DenseArgs {
   const float* x;
-  int depth;
+  std::ptrdiff_t x_stride;
   const float* weights;  // first panel of the tile
   std::ptrdiff_t panel_stride;
   const float* bias;  // first column of the tile
@@ -38,7 +38,7 @@ inline void dense_tile(const DenseArgs& a) {
     Vec16 w[kPanels];
     for (int p = 0; p < kPanels; ++p) w[p] = load(a.weights + p * a.panel_stride + std::ptrdiff_t(k) * kChannelBlock);
     for (int r = 0; r < kRows; ++r) {
-      const Vec16 xr = broadcast(a.x[std::ptrdiff_t(r) * a.depth + k]);
+      const Vec16 xr = broadcast(a.x[r * a.x_stride + k]);
       for (int p = 0; p < kPanels; ++p) acc[r][p] = fmadd(xr, w[p], acc[r][p]);
     }
   }
@@ -62,10 +62,10 @@ inline void dense_edge_tile(int rows, int panels, const DenseArgs& a) {
 
 }  // namespace
 
-void dense(const float* x, int rows, int depth, const float* packed_weights, const float* bias, int cols,
-           bool relu, float* y, int threads) {
+void dense(const float* x, int rows, int depth, std::ptrdiff_t x_stride, const void* packed, const float* bias,
+           int cols, bool relu, float* y, std::ptrdiff_t y_stride, int threads) {
+  const float* packed_weights = static_cast<const float*>(packed);
   const int panels = channel_blocks(cols);
-  const std::ptrdiff_t y_stride = std::ptrdiff_t(panels) * kChannelBlock;
   const std::ptrdiff_t panel_stride = std::ptrdiff_t(depth) * kChannelBlock;
   const int groups = (panels + kDensePanels - 1) / kDensePanels;
 #pragma omp parallel for schedule(static) num_threads(threads)
@@ -76,8 +76,8 @@ void dense(const float* x, int rows, int depth, const float* packed_weights, con
       const int k1 = std::min(depth, k0 + kDepthBlock);
       for (int r0 = 0; r0 < rows; r0 += kDenseRows) {
         DenseArgs a;
-        a.x = x + std::ptrdiff_t(r0) * depth;
-        a.depth = depth;
+        a.x = x + r0 * x_stride;
+        a.x_stride = x_stride;
         a.weights = packed_weights + first_panel * panel_stride;
         a.panel_stride = panel_stride;
         a.bias = bias + first_panel * kChannelBlock;

@@ -316,15 +316,6 @@ class WinogradLayer {
   std::ptrdiff_t padded_in_, v_point_stride_, m_tile_stride_, u_block_stride_, u_point_stride_;
 };
 
-struct Scratch {
-  AlignedBuffer transformed_input;  // V
-  AlignedBuffer products;           // M
-};
-
-void grow(AlignedBuffer& buffer, std::size_t count) {
-  if (buffer.size() < count) buffer.resize(count, /*zeroed=*/false);
-}
-
 void run_private_blocks(const WinogradLayer& layer, int block_tiles, float* v_all, float* m_all, int threads) {
   const int blocks = (layer.tiles() + block_tiles - 1) / block_tiles;
 #pragma omp parallel num_threads(threads)
@@ -367,19 +358,18 @@ void run_shared_blocks(const WinogradLayer& layer, int block_tiles, float* v, fl
 
 }  // namespace
 
-void conv3x3_winograd(const BlockedImage& in, const float* packed_weights, const float* bias, bool relu,
-                      const BlockedImage& out, int threads) {
+void conv3x3_winograd(const BlockedImage& in, const void* packed_weights, const float* bias, bool relu,
+                      const BlockedImage& out, int threads, KernelScratch& scratch) {
   const int tiles = ((out.height + kTileOut - 1) / kTileOut) * ((out.width + kTileOut - 1) / kTileOut);
   const Schedule schedule = winograd_schedule(in.channels, out.channels);
   const int block_tiles = schedule == Schedule::SharedBlocks ? shared_block_tiles(tiles, in.channels, out.channels)
                                                              : private_block_tiles(tiles, in.channels, out.channels);
-  const WinogradLayer layer(in, packed_weights, bias, relu, out, block_tiles);
+  const WinogradLayer layer(in, static_cast<const float*>(packed_weights), bias, relu, out, block_tiles);
   const int copies = schedule == Schedule::SharedBlocks ? 1 : threads;
 
-  // Kept per calling thread: reallocating MBs on every call costs page faults.
-  thread_local Scratch scratch;
-  grow(scratch.transformed_input, copies * layer.v_size());
-  grow(scratch.products, copies * layer.m_size());
+  // The caller's scratch, kept between its calls: reallocating MBs on every call costs page faults.
+  scratch.transformed_input.ensure_capacity(copies * layer.v_size());
+  scratch.products.ensure_capacity(copies * layer.m_size());
   if (schedule == Schedule::SharedBlocks)
     run_shared_blocks(layer, block_tiles, scratch.transformed_input.data(), scratch.products.data(), threads);
   else
@@ -413,14 +403,14 @@ std::size_t packed_winograd_size(int in_channels, int out_channels) {
   return std::size_t(kPoints) * channel_blocks(out_channels) * in_channels * kChannelBlock;
 }
 
-void pack_winograd_f4x4(const float* kernel_hwio, int in_channels, int out_channels, float* packed) {
+void pack_winograd_f4x4(const float* kernel_hwio, int in_channels, int out_channels, float* packed, int threads) {
   // Double precision: U is rounded to float once, at the end. Every slot is written, the
   // padding lanes of a partial last block as zeros (their g is zero), so nothing is cleared first.
   const int out_blocks = channel_blocks(out_channels);
   // Sixteen output channels at a time: their weights are contiguous in HWIO and their U
   // values in the packed layout, so the transform reads and writes whole runs. Each input
   // channel fills its own slots, so the channels are spread over threads.
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads)
   for (int ic = 0; ic < in_channels; ++ic) {
     for (int ob = 0; ob < out_blocks; ++ob) {
       const int lanes = std::min(kChannelBlock, out_channels - ob * kChannelBlock);
@@ -445,7 +435,7 @@ void pack_winograd_f4x4(const float* kernel_hwio, int in_channels, int out_chann
   }
 }
 
-void unpack_winograd_f4x4(const float* packed, int in_channels, int out_channels, float* kernel_hwio) {
+void unpack_winograd_f4x4(const float* packed, int in_channels, int out_channels, float* kernel_hwio, int threads) {
   // Q U Q^T with Q a left inverse of G (Q G = I) that reads only the points 0, -1, 1 and
   // infinity: g0 = 4 G0.g, g1 = 3 (G2.g - G1.g), g2 = G5.g. Cheaper than least squares and,
   // measured on Glorot-uniform kernels, as close: 83% of weights come back bit-exact and
@@ -454,7 +444,7 @@ void unpack_winograd_f4x4(const float* packed, int in_channels, int out_channels
     return row == 0 ? 4.0 * at0 : row == 1 ? 3.0 * (at2 - at1) : at5;
   };
   const int out_blocks = channel_blocks(out_channels);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads)
   for (int ic = 0; ic < in_channels; ++ic) {
     for (int ob = 0; ob < out_blocks; ++ob) {
       const int lanes = std::min(kChannelBlock, out_channels - ob * kChannelBlock);

@@ -175,9 +175,10 @@ def test_nan_survives_convolution_and_pooling(isa, precision, pixel):
     """Two convolutions and a pool, as block1 of VGG: the NaN region after the pool must be
     exactly the float64 reference's (with Winograd, a superset: see the fast-model test)."""
     rng = np.random.default_rng(7)
-    net = _core.Network(3, precision)
-    layers = [net.add_conv3x3(16, "relu"), net.add_conv3x3(16, "relu")]
-    pool = net.add_max_pool2x2()
+    graph = _core.Graph(3)
+    layers = [graph.add_conv3x3(16, "relu"), graph.add_conv3x3(16, "relu")]
+    pool = graph.add_max_pool2x2()
+    net = _core.CpuExecutor(graph, precision)
     params = []
     for index, cin in zip(layers, (3, 16)):
         kernel, bias = random_array(rng, (3, 3, cin, 16)) * 0.3, random_array(rng, (16,)) * 0.1

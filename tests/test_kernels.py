@@ -175,13 +175,14 @@ def test_whole_network_on_each_isa_matches_reference_kernels(isa, precision):
     edge or channel shows up at order 1.
     """
     rng = np.random.default_rng(11)
-    net = _core.Network(3, precision)
+    graph = _core.Graph(3)
     convs = [(3, 16), (16, 17)]
-    indices = [net.add_conv3x3(cout, "relu") for _, cout in convs]
-    pool = net.add_max_pool2x2()
-    flatten = net.add_flatten()
+    indices = [graph.add_conv3x3(cout, "relu") for _, cout in convs]
+    pool = graph.add_max_pool2x2()
+    flatten = graph.add_flatten()
     depth = 9 * 14 * 17
-    dense = net.add_dense(depth, 10, "softmax")
+    dense = graph.add_dense(depth, 10, "softmax")
+    net = _core.CpuExecutor(graph, precision)
     params = []
     for index, (cin, cout) in zip(indices, convs):
         kernel, bias = random_array(rng, (3, 3, cin, cout)) * 0.3, random_array(rng, (cout,))
@@ -211,7 +212,7 @@ def test_whole_network_on_each_isa_matches_reference_kernels(isa, precision):
     else:
         assert relative_l2(pooled_out, pooled) < 1e-5
         assert relative_l2(probs, expected) < 1e-5
-    assert net.output_shapes(19, 29)[flatten] == (depth,)
+    assert net.graph.output_shapes(19, 29)[flatten] == (depth,)
 
 
 def test_unknown_isa_is_refused_with_the_choices():

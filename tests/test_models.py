@@ -283,7 +283,7 @@ def test_both_convolution_algorithms_match_the_reference(notop_files, precision)
     weights, path = notop_files[16]
     x = sample_images(2, (70, 45), seed=5)
     model = fastvgg.VGG16(path, include_top=False, precision=precision)
-    assert model._network.precision == precision
+    assert model._executor.precision == precision
     features = model.predict(x)
     assert_matches_reference(features, nv.forward(x, weights, 16, include_top=False))
 

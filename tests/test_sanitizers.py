@@ -215,7 +215,7 @@ for precision in ("fast", "highest"):
         assert np.array_equal(out, expected[i % 2 : i % 2 + 1])
 
 # Errors raised in C++ cross into Python as exceptions.
-for call in (lambda: _core.set_isa("sse9"), lambda: _core.Network(0), lambda: model.predict(np.zeros((1, 31, 31, 3)))):
+for call in (lambda: _core.set_isa("sse9"), lambda: _core.Graph(0), lambda: model.predict(np.zeros((1, 31, 31, 3)))):
     try:
         call()
     except (ValueError, TypeError):

@@ -75,7 +75,7 @@ def test_fast_model_keeps_no_second_float_copy_of_winograd_kernels():
         for layer in fast.layers
         if layer.class_name == "Conv2D" and layer.weight_shapes()[0][2] >= 16
     )
-    extra = fast._network.weights_nbytes() - highest._network.weights_nbytes()
+    extra = fast._executor.weights_nbytes() - highest._executor.weights_nbytes()
     # U replaces the 9 floats of the direct packing; 9 correction bytes (and a few kept whole).
     assert extra <= pairs * ((36 - 9) * 4 + 9 * 1.05)
     assert extra >= pairs * (36 - 9) * 4

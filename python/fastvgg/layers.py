@@ -1,7 +1,7 @@
 """Layer objects: names, shapes and weights of a model, as Keras users know them.
 
 A layer holds no numbers of its own. Its weights live, packed for the kernels, in the
-model's compiled network; ``get_weights`` and ``set_weights`` convert on the way out and in.
+model's executor; ``get_weights`` and ``set_weights`` convert on the way out and in.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 import numpy as np
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ._core import Network
+    from ._core import CpuExecutor
 
 Shape = Tuple[Optional[int], ...]
 
@@ -26,9 +26,9 @@ class Layer:
         self.name = name
         self.input_shape = input_shape
         self.output_shape = output_shape
-        # Set by the model: the network that runs this layer, the layer's index there, and the
-        # list of layers it was built in (what a Model(inputs, outputs) is cut from).
-        self._network: Optional["Network"] = None
+        # Set by the model: the executor that runs this layer, the layer's index in its graph,
+        # and the list of layers it was built in (what a Model(inputs, outputs) is cut from).
+        self._executor: Optional["CpuExecutor"] = None
         self._index: Optional[int] = None
         self._graph: Optional[List["Layer"]] = None
 
@@ -47,7 +47,7 @@ class Layer:
     def get_weights(self) -> List[np.ndarray]:
         if not self.weight_shapes():
             return []
-        kernel, bias = self._network.get_weights(self._index)
+        kernel, bias = self._executor.get_weights(self._index)
         return [kernel, bias]
 
     def set_weights(self, weights: Sequence[np.ndarray]) -> None:
@@ -59,10 +59,11 @@ class Layer:
             )
         arrays = [_float_weights(self.name, w, shape) for w, shape in zip(weights, expected)]
         if arrays:
-            self._assign(*arrays)
+            with self._executor.updating():
+                self._assign(*arrays)
 
     def _assign(self, kernel, bias) -> None:  # pragma: no cover
-        """Packs already checked weights into the network. ``kernel`` may be a numpy array or
+        """Packs already checked weights into the executor. ``kernel`` may be a numpy array or
         an h5py dataset of the right shape; it is read slice by slice where that saves memory."""
         raise NotImplementedError
 
@@ -168,7 +169,7 @@ class Conv2D(Layer):
         return LayerOutput(self, before_activation=True)
 
     def _assign(self, kernel, bias):
-        self._network.set_conv3x3_weights(self._index, _float32(kernel[()], self.name), _float32(bias[()], self.name))
+        self._executor.set_conv3x3_weights(self._index, _float32(kernel[()], self.name), _float32(bias[()], self.name))
 
 
 class MaxPooling2D(Layer):
@@ -222,5 +223,5 @@ class Dense(Layer):
     def _assign(self, kernel, bias):
         for first in range(0, kernel.shape[0], self.rows_per_slice):
             rows = _float32(kernel[first : first + self.rows_per_slice], self.name)
-            self._network.set_dense_kernel_rows(self._index, first, rows)
-        self._network.set_dense_bias(self._index, _float32(bias[()], self.name))
+            self._executor.set_dense_kernel_rows(self._index, first, rows)
+        self._executor.set_dense_bias(self._index, _float32(bias[()], self.name))

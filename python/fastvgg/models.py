@@ -69,7 +69,7 @@ class Model:
                     "Take inputs and outputs from the same model."
                 )
         deepest = max(graph.index(tensor.layer) for tensor in self._output_list)
-        self._network = input_tensor.layer._network
+        self._executor = input_tensor.layer._executor
         self.layers: List[Layer] = graph[: deepest + 1]
         self.name = name if name is not None else "functional"
 
@@ -129,14 +129,18 @@ class Model:
             (layer, [_float_weights(layer.name, next(it), shape) for shape in layer.weight_shapes()])
             for layer in weighted
         ]
-        for layer, arrays in checked:
-            layer._assign(*arrays)
+        # Predictions on other threads wait until every layer holds its new weights.
+        with self._executor.updating():
+            for layer, arrays in checked:
+                layer._assign(*arrays)
 
     def load_weights(self, filepath: Union[str, "os.PathLike[str]"]) -> None:
         """Loads weights from a Keras HDF5 file, matched to this model's layers by name."""
         from .weights import load_weights
 
-        load_weights(self, filepath)
+        # Predictions on other threads wait until every layer holds the file's weights.
+        with self._executor.updating():
+            load_weights(self, filepath)
 
     # Inference ----------------------------------------------------------------------------
     def predict(self, x, batch_size: int = 32, verbose: Union[int, str] = 0):
@@ -190,20 +194,22 @@ class Model:
         # The input layer's "output" is the input itself; every other tensor comes from the core.
         echoed = [t for t in tensors if isinstance(t.layer, InputLayer)]
         computed = [t for t in tensors if not isinstance(t.layer, InputLayer)]
-        indices = [t.layer._index for t in computed]
-        flags = [t.before_activation for t in computed]
-        shapes = self._network.output_shapes(height, width)
+        shapes = self._executor.graph.output_shapes(height, width)
         results = {t: np.empty((count,) + tuple(shapes[t.layer._index]), dtype=np.float32) for t in computed}
         results.update({t: np.empty(x.shape, dtype=np.float32) for t in echoed})
         batches = range(0, count, batch_size)
         with progress_bar(len(batches), unit="batch", desc=self.name, enabled=show_progress) as bar:
             for start in batches:
-                chunk = np.ascontiguousarray(x[start : start + batch_size], dtype=np.float32)
-                parts = self._network.forward(chunk, indices, flags) if computed else []
-                for tensor, part in zip(computed, parts):
-                    results[tensor][start : start + len(chunk)] = part
+                stop = min(start + batch_size, count)
+                chunk = np.ascontiguousarray(x[start:stop], dtype=np.float32)
+                if computed:
+                    # Slices along the batch axis of C-contiguous arrays are C-contiguous: the
+                    # core writes each output straight into the array predict returns.
+                    self._executor.forward_into(
+                        chunk, [(t.layer._index, t.before_activation, results[t][start:stop]) for t in computed]
+                    )
                 for tensor in echoed:
-                    results[tensor][start : start + len(chunk)] = chunk
+                    results[tensor][start:stop] = chunk
                 bar.update(1)
         return [results[t] for t in tensors]
 
@@ -445,26 +451,25 @@ def _build(
                 f"classifier_activation={classifier_activation}"
             )
 
-    network = _core.Network(shape[-1], precision)
+    graph = _core.Graph(shape[-1])
     layers: List[Layer] = [InputLayer("input_layer", (None,) + shape, (None,) + shape)]
-    layers[0]._network = network
 
     def add(layer: Layer, index: int) -> None:
-        layer._network, layer._index = network, index
+        layer._index = index
         layers.append(layer)
 
     current = layers[0].output_shape
     for block, (convs, filters) in enumerate(zip(CONVS_PER_BLOCK[architecture], BLOCK_FILTERS), start=1):
         for i in range(1, convs + 1):
             layer = Conv2D(f"block{block}_conv{i}", current, filters)
-            add(layer, network.add_conv3x3(filters, "relu"))
+            add(layer, graph.add_conv3x3(filters, "relu"))
             current = layer.output_shape
         layer = MaxPooling2D(f"block{block}_pool", current)
-        add(layer, network.add_max_pool2x2())
+        add(layer, graph.add_max_pool2x2())
         current = layer.output_shape
     if include_top:
         flatten = Flatten("flatten", current)
-        add(flatten, network.add_flatten())
+        add(flatten, graph.add_flatten())
         features = flatten.output_shape[-1]
         for layer_name, units, activation in (
             ("fc1", 4096, "relu"),
@@ -472,15 +477,18 @@ def _build(
             ("predictions", int(classes), CLASSIFIER_ACTIVATIONS[classifier_activation]),
         ):
             layer = Dense(layer_name, (None, features), units, activation)
-            add(layer, network.add_dense(features, units, activation))
+            add(layer, graph.add_dense(features, units, activation))
             features = units
     elif pooling is not None:
         pool_class = GlobalAveragePooling2D if pooling == "avg" else GlobalMaxPooling2D
         layer = pool_class("global_average_pooling2d" if pooling == "avg" else "global_max_pooling2d", current)
-        add(layer, network.add_global_pool(pooling))
+        add(layer, graph.add_global_pool(pooling))
 
+    # The executor packs the weights for this CPU's kernels; layers reach them through it.
+    executor = _core.CpuExecutor(graph, precision)
     for layer in layers:
         layer._graph = layers
+        layer._executor = executor
     model = Model(layers[0].output, layers[-1].output, name=name)
     if weights is None:
         _initialize(model, seed)
@@ -489,7 +497,8 @@ def _build(
         from .weights import load_weights
 
         path = imagenet_weights_path(architecture, include_top) if weights == "imagenet" else weights
-        load_weights(model, path)
+        with executor.updating():
+            load_weights(model, path)
     _return_freed_heap()
     return model
 

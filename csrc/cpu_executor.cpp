@@ -1,0 +1,522 @@
+#include "cpu_executor.h"
+
+#include "cpu_features.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+namespace fastvgg {
+
+// ---------------------------------------------------------------------------------------------
+// Shared by every executor
+
+const char* precision_name(Precision precision) { return precision == Precision::Highest ? "highest" : "fast"; }
+
+Precision parse_precision(const std::string& name) {
+  if (name == "fast") return Precision::Fast;
+  if (name == "highest") return Precision::Highest;
+  throw std::invalid_argument("unknown precision '" + name + "'; expected 'fast' or 'highest'");
+}
+
+int check_output_requests(const Graph& graph, const std::vector<OutputRequest>& outputs) {
+  int last = -1;
+  for (std::size_t k = 0; k < outputs.size(); ++k) {
+    const OutputRequest& request = outputs[k];
+    const Op& op = graph.op(request.op);  // throws for an index out of range
+    if (request.before_activation && op.kind != OpKind::Conv3x3)
+      throw std::invalid_argument("layer " + std::to_string(request.op) +
+                                  " is not a convolution: only convolutions have a pre-activation output");
+    if (request.destination == nullptr) throw std::invalid_argument("an output request has no destination");
+    for (std::size_t j = 0; j < k; ++j)
+      if (outputs[j].op == request.op && outputs[j].before_activation == request.before_activation)
+        throw std::invalid_argument("the output of layer " + std::to_string(request.op) +
+                                    (request.before_activation ? " before its activation" : "") +
+                                    " is requested twice; ask for it once and copy the array");
+    last = std::max(last, request.op);
+  }
+  return last;
+}
+
+namespace {
+std::atomic<int> g_default_threads{0};
+}  // namespace
+
+void set_default_threads(int threads) {
+  if (threads < 0) throw std::invalid_argument("the number of threads must be at least 1");
+  g_default_threads.store(threads);
+}
+
+int default_threads() {
+  const int n = g_default_threads.load();
+  return n > 0 ? n : omp_get_max_threads();
+}
+
+// ---------------------------------------------------------------------------------------------
+// WeightBlob
+
+void WeightBlob::allocate(std::size_t bytes, bool zeroed) {
+  external_ = nullptr;
+  keepalive_.reset();
+  owned_.resize((bytes + sizeof(float) - 1) / sizeof(float), zeroed);
+  bytes_ = bytes;
+}
+
+void WeightBlob::adopt(const void* data, std::size_t bytes, std::shared_ptr<const void> keepalive) {
+  if (reinterpret_cast<std::uintptr_t>(data) % kAlignment != 0)
+    throw std::invalid_argument("a packed weight region must be aligned to " + std::to_string(kAlignment) + " bytes");
+  owned_.resize(0);
+  external_ = data;
+  keepalive_ = std::move(keepalive);
+  bytes_ = bytes;
+}
+
+void* WeightBlob::writable() {
+  if (external_) throw std::logic_error("packed weights that live in a mapped cache file are read-only");
+  return owned_.data();
+}
+
+// ---------------------------------------------------------------------------------------------
+// CpuExecutor
+
+namespace {
+enum class ConvChoice { None, Direct, Winograd };
+
+// Winograd's GEMM depth is the input channel count: with 3 channels (block1_conv1) the
+// transforms cost more than they save (bench/conv_layers.py: 1.7-2.1 ms direct against
+// 2.7-4.6 ms Winograd on that layer); from one full channel block on it wins 2-2.8x.
+ConvChoice choose_conv(const Op& op, Precision precision) {
+  if (op.kind != OpKind::Conv3x3) return ConvChoice::None;
+  return precision == Precision::Fast && op.in_channels >= kChannelBlock ? ConvChoice::Winograd : ConvChoice::Direct;
+}
+
+const Conv3x3Method& conv_method(const KernelTable& kernels, ConvChoice choice) {
+  return choice == ConvChoice::Winograd ? kernels.conv3x3_winograd : kernels.conv3x3_direct;
+}
+
+// Two kernel sets can run each other's packed weights when their layouts have the same names.
+bool same_layouts(const KernelTable& a, const KernelTable& b) {
+  return std::strcmp(a.conv3x3_direct.name, b.conv3x3_direct.name) == 0 &&
+         std::strcmp(a.conv3x3_winograd.name, b.conv3x3_winograd.name) == 0 &&
+         std::strcmp(a.dense.name, b.dense.name) == 0;
+}
+
+// Only used when a pre-activation output was asked for; `x < 0 ? 0 : x` keeps NaN as the
+// fused kernels do. The zero border stays zero.
+void relu_in_place(const BlockedImage& image) {
+  float* data = image.data;
+  const std::size_t size = image.size();
+  for (std::size_t i = 0; i < size; ++i) data[i] = data[i] < 0.0f ? 0.0f : data[i];
+}
+
+std::size_t conv_weight_count(const Op& op) { return std::size_t(9) * op.in_channels * op.out_channels; }
+}  // namespace
+
+struct CpuExecutor::PreparedOp {
+  ConvChoice conv = ConvChoice::None;
+  WeightBlob packed;
+  AlignedBuffer bias;  // padded to a whole channel block with zeros
+  // For a method whose unpack only approximates (Winograd): what makes get_weights exact.
+  KernelCorrection correction;
+  std::vector<std::uint8_t> dense_row_loaded;
+  int dense_rows_missing = 0;
+  bool kernel_loaded = false;
+  bool bias_loaded = false;
+};
+
+struct CpuExecutor::Workspace {
+  AlignedBuffer ping, pong;         // blocked activations of one image
+  AlignedBuffer flat_in, flat_out;  // rows of the flat part, one per image, padded to the block
+  KernelScratch scratch;
+
+  std::size_t bytes() const {
+    return (ping.size() + pong.size() + flat_in.size() + flat_out.size()) * sizeof(float) + scratch.bytes();
+  }
+};
+
+class CpuExecutor::UpdateScope {
+ public:
+  explicit UpdateScope(CpuExecutor& executor) : executor_(executor) { executor_.begin_update(); }
+  ~UpdateScope() { executor_.end_update(); }
+  UpdateScope(const UpdateScope&) = delete;
+  UpdateScope& operator=(const UpdateScope&) = delete;
+
+ private:
+  CpuExecutor& executor_;
+};
+
+CpuExecutor::CpuExecutor(Graph graph, Precision precision, const KernelTable& kernels)
+    : graph_(std::move(graph)), precision_(precision), kernels_(&kernels) {
+  for (const Op& op : graph_.ops()) {
+    auto p = std::make_unique<PreparedOp>();
+    p->conv = choose_conv(op, precision_);
+    if (op.has_weights()) p->bias.resize(std::size_t(round_up_to_block(op.out_channels)));
+    prepared_.push_back(std::move(p));
+  }
+}
+
+CpuExecutor::~CpuExecutor() = default;
+
+const char* CpuExecutor::method_name(int op) const {
+  const Op& o = graph_.op(op);
+  if (o.kind == OpKind::Conv3x3) return conv_method(*kernels_, prepared(op).conv).name;
+  if (o.kind == OpKind::Dense) return kernels_->dense.name;
+  return "";
+}
+
+void CpuExecutor::set_threads(int threads) {
+  if (threads < 0) throw std::invalid_argument("the number of threads must be at least 1 (or 0 for the default)");
+  threads_.store(threads);
+}
+
+int CpuExecutor::threads() const {
+  const int n = threads_.load();
+  return n > 0 ? n : default_threads();
+}
+
+CpuExecutor::PreparedOp& CpuExecutor::prepared(int op, OpKind expected) {
+  const Op& o = graph_.op(op);
+  if (o.kind != expected)
+    throw std::invalid_argument("layer " + std::to_string(op) + " is a " + op_kind_name(o.kind) + ", not a " +
+                                op_kind_name(expected));
+  return *prepared_[std::size_t(op)];
+}
+
+const CpuExecutor::PreparedOp& CpuExecutor::prepared(int op) const {
+  graph_.op(op);  // range check
+  return *prepared_[std::size_t(op)];
+}
+
+void CpuExecutor::begin_update() {
+  if (updater_.load() == std::this_thread::get_id()) {
+    ++update_depth_;
+    return;
+  }
+  weights_mutex_.lock();
+  updater_.store(std::this_thread::get_id());
+  update_depth_ = 1;
+}
+
+void CpuExecutor::end_update() {
+  if (updater_.load() != std::this_thread::get_id())
+    throw std::logic_error("end_update without a matching begin_update on this thread");
+  if (--update_depth_ == 0) {
+    updater_.store(std::thread::id{});
+    weights_mutex_.unlock();
+  }
+}
+
+void CpuExecutor::set_conv3x3_weights(int op, const float* kernel_hwio, const float* bias) {
+  UpdateScope scope(*this);
+  PreparedOp& p = prepared(op, OpKind::Conv3x3);
+  const Op& o = graph_.op(op);
+  const Conv3x3Method& method = conv_method(*kernels_, p.conv);
+  const int threads = this->threads();
+  p.kernel_loaded = p.bias_loaded = false;
+  const std::size_t bytes = method.packed_bytes(o.in_channels, o.out_channels);
+  if (p.packed.is_adopted() || p.packed.bytes() != bytes) p.packed.allocate(bytes, /*zeroed=*/false);
+  method.pack(kernel_hwio, o.in_channels, o.out_channels, p.packed.writable(), threads);
+  if (method.unpack_is_exact) {
+    p.correction = KernelCorrection{};
+  } else {
+    std::vector<float> recovered(conv_weight_count(o));
+    method.unpack(p.packed.data(), o.in_channels, o.out_channels, recovered.data(), threads);
+    p.correction = correction_to(kernel_hwio, recovered.data(), recovered.size(), threads);
+  }
+  std::copy(bias, bias + o.out_channels, p.bias.data());
+  p.kernel_loaded = p.bias_loaded = true;
+}
+
+void CpuExecutor::set_dense_kernel_rows(int op, int first_row, int row_count, const float* rows) {
+  UpdateScope scope(*this);
+  PreparedOp& p = prepared(op, OpKind::Dense);
+  const Op& o = graph_.op(op);
+  // In 64 bits: first_row + row_count must not wrap around to pass the check.
+  if (first_row < 0 || row_count < 0 || static_cast<long long>(first_row) + row_count > o.in_channels)
+    throw std::out_of_range("dense kernel rows [" + std::to_string(first_row) + ", " +
+                            std::to_string(static_cast<long long>(first_row) + row_count) + ") are outside the " +
+                            std::to_string(o.in_channels) + " rows of layer " + std::to_string(op));
+  const DenseMethod& method = kernels_->dense;
+  const std::size_t bytes = method.packed_bytes(o.in_channels, o.out_channels);
+  if (p.packed.is_adopted() || p.packed.bytes() != bytes || p.dense_row_loaded.empty()) {
+    // The layout's padding must read as zero: allocate zeroed, and count the rows anew.
+    p.packed.allocate(bytes, /*zeroed=*/true);
+    p.dense_row_loaded.assign(std::size_t(o.in_channels), 0);
+    p.dense_rows_missing = o.in_channels;
+    p.kernel_loaded = false;
+  }
+  method.pack_rows(rows, first_row, row_count, o.in_channels, o.out_channels, p.packed.writable(), threads());
+  for (int r = first_row; r < first_row + row_count; ++r)
+    if (!p.dense_row_loaded[std::size_t(r)]) {
+      p.dense_row_loaded[std::size_t(r)] = 1;
+      --p.dense_rows_missing;
+    }
+  p.kernel_loaded = p.dense_rows_missing == 0;
+}
+
+void CpuExecutor::set_dense_bias(int op, const float* bias) {
+  UpdateScope scope(*this);
+  PreparedOp& p = prepared(op, OpKind::Dense);
+  std::copy(bias, bias + graph_.op(op).out_channels, p.bias.data());
+  p.bias_loaded = true;
+}
+
+bool CpuExecutor::weights_loaded(int op) const {
+  std::shared_lock lock(weights_mutex_, std::defer_lock);
+  if (updater_.load() != std::this_thread::get_id()) lock.lock();
+  const PreparedOp& p = prepared(op);
+  return !graph_.op(op).has_weights() || (p.kernel_loaded && p.bias_loaded);
+}
+
+void CpuExecutor::get_weights(int op, float* kernel, float* bias) const {
+  std::shared_lock lock(weights_mutex_, std::defer_lock);
+  if (updater_.load() != std::this_thread::get_id()) lock.lock();
+  const Op& o = graph_.op(op);
+  const PreparedOp& p = prepared(op);
+  if (!o.has_weights()) throw std::invalid_argument("layer " + std::to_string(op) + " has no weights");
+  if (!p.kernel_loaded || !p.bias_loaded)
+    throw std::logic_error("layer " + std::to_string(op) + " has no weights loaded");
+  const int threads = this->threads();
+  if (o.kind == OpKind::Conv3x3) {
+    const Conv3x3Method& method = conv_method(*kernels_, p.conv);
+    method.unpack(p.packed.data(), o.in_channels, o.out_channels, kernel, threads);
+    if (!method.unpack_is_exact) {
+      if (p.correction.ulps.size() != conv_weight_count(o) ||
+          p.correction.exact_index.size() != p.correction.exact_value.size())
+        throw std::logic_error("layer " + std::to_string(op) + ": the correction that makes get_weights exact is "
+                               "incomplete (a packed cache missing sections?)");
+      apply_correction(p.correction, kernel, conv_weight_count(o), threads);
+    }
+  } else {
+    kernels_->dense.unpack(p.packed.data(), o.in_channels, o.out_channels, kernel, threads);
+  }
+  std::copy(p.bias.data(), p.bias.data() + o.out_channels, bias);
+}
+
+std::size_t CpuExecutor::weights_bytes() const {
+  std::shared_lock lock(weights_mutex_);
+  std::size_t total = 0;
+  for (const auto& p : prepared_) total += p->packed.bytes() + p->bias.size() * sizeof(float) + p->correction.bytes();
+  return total;
+}
+
+std::size_t CpuExecutor::idle_workspace_bytes() const {
+  std::lock_guard<std::mutex> lock(pool_mutex_);
+  return idle_workspace_ ? idle_workspace_->bytes() : 0;
+}
+
+std::unique_ptr<CpuExecutor::Workspace> CpuExecutor::borrow_workspace() {
+  std::lock_guard<std::mutex> lock(pool_mutex_);
+  if (idle_workspace_) return std::move(idle_workspace_);
+  return std::make_unique<Workspace>();
+}
+
+void CpuExecutor::return_workspace(std::unique_ptr<Workspace> workspace) {
+  // One workspace is kept (fresh buffers would cost page faults and zeroing of tens of MB on
+  // every call); those of concurrent calls beyond it are freed here.
+  std::lock_guard<std::mutex> lock(pool_mutex_);
+  if (!idle_workspace_) idle_workspace_ = std::move(workspace);
+}
+
+std::vector<CpuExecutor::Section> CpuExecutor::packed_sections() const {
+  std::shared_lock lock(weights_mutex_);
+  std::vector<Section> sections;
+  for (int i = 0; i < graph_.op_count(); ++i) {
+    const PreparedOp& p = *prepared_[std::size_t(i)];
+    if (!graph_.op(i).has_weights()) continue;
+    if (!p.kernel_loaded || !p.bias_loaded)
+      throw std::logic_error("layer " + std::to_string(i) + " has no weights loaded");
+    const std::string prefix = "op" + std::to_string(i) + ".";
+    sections.push_back({prefix + "packed", p.packed.data(), p.packed.bytes()});
+    sections.push_back({prefix + "bias", p.bias.data(), p.bias.size() * sizeof(float)});
+    if (p.conv != ConvChoice::None && !conv_method(*kernels_, p.conv).unpack_is_exact) {
+      sections.push_back({prefix + "correction.ulps", p.correction.ulps.data(), p.correction.ulps.size()});
+      sections.push_back({prefix + "correction.index", p.correction.exact_index.data(),
+                          p.correction.exact_index.size() * sizeof(std::uint32_t)});
+      sections.push_back({prefix + "correction.value", p.correction.exact_value.data(),
+                          p.correction.exact_value.size() * sizeof(float)});
+    }
+  }
+  return sections;
+}
+
+void CpuExecutor::adopt_section(const std::string& name, const void* data, std::size_t bytes,
+                                std::shared_ptr<const void> keepalive) {
+  UpdateScope scope(*this);
+  // "op<index>.<part>"
+  std::size_t dot = name.find('.');
+  if (name.compare(0, 2, "op") != 0 || dot == std::string::npos || dot == 2 || dot > 12)
+    throw std::invalid_argument("unknown packed section '" + name + "'");
+  const std::string digits = name.substr(2, dot - 2);
+  if (digits.find_first_not_of("0123456789") != std::string::npos)
+    throw std::invalid_argument("unknown packed section '" + name + "'");
+  const int op = std::stoi(digits);
+  const std::string part = name.substr(dot + 1);
+  const Op& o = graph_.op(op);
+  if (!o.has_weights()) throw std::invalid_argument("packed section '" + name + "' names a layer without weights");
+  PreparedOp& p = *prepared_[std::size_t(op)];
+  auto require_bytes = [&](std::size_t expected) {
+    if (bytes != expected)
+      throw std::invalid_argument("packed section '" + name + "' has " + std::to_string(bytes) + " bytes, expected " +
+                                  std::to_string(expected));
+  };
+  const bool conv = o.kind == OpKind::Conv3x3;
+  const bool corrected = conv && !conv_method(*kernels_, p.conv).unpack_is_exact;
+  const std::size_t count = conv ? conv_weight_count(o) : 0;
+  if (part == "packed") {
+    require_bytes(conv ? conv_method(*kernels_, p.conv).packed_bytes(o.in_channels, o.out_channels)
+                       : kernels_->dense.packed_bytes(o.in_channels, o.out_channels));
+    p.packed.adopt(data, bytes, std::move(keepalive));
+    p.dense_row_loaded.clear();
+    p.dense_rows_missing = 0;
+    p.kernel_loaded = true;
+  } else if (part == "bias") {
+    require_bytes(p.bias.size() * sizeof(float));
+    std::memcpy(p.bias.data(), data, bytes);
+    p.bias_loaded = true;
+  } else if (corrected && part == "correction.ulps") {
+    require_bytes(count);
+    const auto* ulps = static_cast<const std::int8_t*>(data);
+    p.correction.ulps.assign(ulps, ulps + count);
+  } else if (corrected && part == "correction.index") {
+    if (bytes % sizeof(std::uint32_t) != 0) require_bytes(bytes - bytes % sizeof(std::uint32_t));
+    const auto* index = static_cast<const std::uint32_t*>(data);
+    const std::size_t n = bytes / sizeof(std::uint32_t);
+    for (std::size_t k = 0; k < n; ++k)
+      if (index[k] >= count) throw std::invalid_argument("packed section '" + name + "' points outside the kernel");
+    p.correction.exact_index.assign(index, index + n);
+  } else if (corrected && part == "correction.value") {
+    if (bytes % sizeof(float) != 0) require_bytes(bytes - bytes % sizeof(float));
+    const auto* value = static_cast<const float*>(data);
+    p.correction.exact_value.assign(value, value + bytes / sizeof(float));
+  } else {
+    throw std::invalid_argument("unknown packed section '" + name + "'");
+  }
+}
+
+void CpuExecutor::forward(const float* images, int count, int height, int width,
+                          const std::vector<OutputRequest>& outputs) {
+  if (updater_.load() == std::this_thread::get_id())
+    throw std::logic_error("forward called while this thread holds the weights for an update; end the update first");
+  if (count < 0) throw std::invalid_argument("the batch size must not be negative");
+  const int last = check_output_requests(graph_, outputs);
+  const std::vector<OpShape> shapes = graph_.shapes(height, width);  // checks the input size
+  if (last < 0 || count == 0) return;
+  if (images == nullptr) throw std::invalid_argument("no input images");
+  std::shared_lock lock(weights_mutex_);
+  for (int i = 0; i <= last; ++i)
+    if (graph_.op(i).has_weights() && !(prepared_[std::size_t(i)]->kernel_loaded && prepared_[std::size_t(i)]->bias_loaded))
+      throw std::logic_error("layer " + std::to_string(i) + " has no weights loaded");
+  // set_isa switches every executor whose layouts the new kernel set shares (all fp32 ones do).
+  const KernelTable& active = active_kernels();
+  const KernelTable& kernels = same_layouts(active, *kernels_) ? active : *kernels_;
+  std::unique_ptr<Workspace> workspace = borrow_workspace();
+  try {
+    run(images, count, height, width, outputs, last, *workspace, kernels, threads());
+  } catch (...) {
+    return_workspace(std::move(workspace));
+    throw;
+  }
+  return_workspace(std::move(workspace));
+}
+
+void CpuExecutor::run(const float* images, int count, int height, int width, const std::vector<OutputRequest>& outputs,
+                      int last, Workspace& workspace, const KernelTable& kernels, int threads) const {
+  const std::vector<OpShape> shapes = graph_.shapes(height, width);
+  const std::vector<Op>& ops = graph_.ops();
+  // Destinations of op i's output and of its pre-activation output, or nullptr.
+  std::vector<float*> wanted(std::size_t(last) + 1, nullptr), wanted_before(std::size_t(last) + 1, nullptr);
+  for (const OutputRequest& request : outputs)
+    (request.before_activation ? wanted_before : wanted)[std::size_t(request.op)] = request.destination;
+
+  int spatial_end = 0;  // ops [0, spatial_end) run per image
+  while (spatial_end <= last && ops[std::size_t(spatial_end)].is_spatial()) ++spatial_end;
+
+  const int input_channels = graph_.input_channels();
+  std::size_t scratch_size = blocked_image_size(input_channels, height, width);
+  for (int i = 0; i < spatial_end; ++i)
+    scratch_size = std::max(scratch_size, blocked_image_size(shapes[i][2], shapes[i][0], shapes[i][1]));
+  const bool has_flat_part = last >= spatial_end;
+  std::size_t widest_flat = 0;  // flat rows are padded to the block: the dense kernels write whole vectors
+  for (int i = spatial_end; i <= last; ++i)
+    widest_flat = std::max(widest_flat, std::size_t(round_up_to_block(shapes[i][0])));
+
+  workspace.ping.ensure_capacity(scratch_size);
+  workspace.pong.ensure_capacity(scratch_size);
+  if (has_flat_part) {
+    workspace.flat_in.ensure_capacity(std::size_t(count) * widest_flat);
+    workspace.flat_out.ensure_capacity(std::size_t(count) * widest_flat);
+  }
+  // Every kernel writes whole vectors and zero_border clears the border, so stale contents
+  // never leak into a result.
+  float* flat_in = workspace.flat_in.data();
+  float* flat_out = workspace.flat_out.data();
+  std::ptrdiff_t in_stride = has_flat_part ? round_up_to_block(shapes[std::size_t(spatial_end)][0]) : 0;
+
+  const std::size_t input_image = std::size_t(height) * width * input_channels;
+  for (int n = 0; n < count; ++n) {
+    BlockedImage current{workspace.ping.data(), input_channels, height, width};
+    BlockedImage next{workspace.pong.data()};
+    kernels.nhwc_to_blocked(images + n * input_image, current);
+    for (int i = 0; i < spatial_end; ++i) {
+      const Op& op = ops[std::size_t(i)];
+      next.channels = shapes[i][2];
+      next.height = shapes[i][0];
+      next.width = shapes[i][1];
+      zero_border(next);
+      float* before_activation = wanted_before[std::size_t(i)];
+      // The pre-activation output needs the sums before ReLU: run the kernel without it and
+      // apply it afterwards, only when somebody asked.
+      const bool relu = op.activation == Activation::Relu && before_activation == nullptr;
+      if (op.kind == OpKind::Conv3x3) {
+        const PreparedOp& p = *prepared_[std::size_t(i)];
+        conv_method(kernels, p.conv).run(current, p.packed.data(), p.bias.data(), relu, next, threads,
+                                         workspace.scratch);
+      } else {
+        kernels.max_pool2x2(current, next, threads);
+      }
+      if (before_activation) {
+        kernels.blocked_to_nhwc(next, before_activation + n * shape_elements(shapes[i]));
+        if (op.activation == Activation::Relu) relu_in_place(next);
+      }
+      if (float* dst = wanted[std::size_t(i)]) kernels.blocked_to_nhwc(next, dst + n * shape_elements(shapes[i]));
+      std::swap(current, next);
+    }
+    if (has_flat_part) {
+      const Op& op = ops[std::size_t(spatial_end)];
+      float* row = flat_in + std::size_t(n) * std::size_t(in_stride);
+      // Flatten in Keras's (h, w, c) order, which is exactly NHWC.
+      if (op.kind == OpKind::Flatten)
+        kernels.blocked_to_nhwc(current, row);
+      else
+        kernels.global_pool(current, op.pool_mode, row);
+    }
+  }
+  if (!has_flat_part) return;
+
+  // Flat rows stay padded to the block (stride = the padded width) from layer to layer; only a
+  // requested output is copied out, tight.
+  auto copy_out = [&](int i, const float* rows, std::ptrdiff_t stride) {
+    float* dst = wanted[std::size_t(i)];
+    if (!dst) return;
+    const std::size_t features = std::size_t(shapes[std::size_t(i)][0]);
+    for (int r = 0; r < count; ++r) std::memcpy(dst + r * features, rows + r * stride, sizeof(float) * features);
+  };
+  copy_out(spatial_end, flat_in, in_stride);
+  for (int i = spatial_end + 1; i <= last; ++i) {
+    const Op& op = ops[std::size_t(i)];
+    const PreparedOp& p = *prepared_[std::size_t(i)];
+    const std::ptrdiff_t out_stride = round_up_to_block(op.out_channels);
+    kernels.dense.run(flat_in, count, op.in_channels, in_stride, p.packed.data(), p.bias.data(), op.out_channels,
+                      op.activation == Activation::Relu, flat_out, out_stride, threads);
+    if (op.activation == Activation::Softmax) softmax_rows(flat_out, count, op.out_channels, out_stride);
+    copy_out(i, flat_out, out_stride);
+    std::swap(flat_in, flat_out);
+    in_stride = out_stride;
+  }
+}
+
+}  // namespace fastvgg

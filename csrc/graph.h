@@ -1,0 +1,82 @@
+// The graph: what a network computes, apart from how and where it runs.
+//
+// A chain of ops with their sizes, the shapes they produce for an input size, and the checks
+// that keep a chain meaningful (a dense layer needs flat input, a convolution spatial input).
+// It holds no weights and no memory for activations: an executor (cpu_executor.h, the CUDA
+// module) prepares its own weights for a graph and runs it. Any chain of the ops below runs,
+// not only VGG's order.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+namespace fastvgg {
+
+enum class OpKind { Conv3x3, MaxPool2x2, Flatten, GlobalPool, Dense };
+constexpr int kOpKindCount = 5;
+enum class Activation { Linear, Relu, Softmax };
+
+struct Op {
+  OpKind kind;
+  int in_channels = 0;   // conv: input channels; dense: input features; others: 0
+  int out_channels = 0;  // conv: filters; dense: units; others: 0
+  Activation activation = Activation::Linear;
+  GlobalPoolMode pool_mode = GlobalPoolMode::Average;
+
+  bool has_weights() const { return kind == OpKind::Conv3x3 || kind == OpKind::Dense; }
+  bool is_spatial() const { return kind == OpKind::Conv3x3 || kind == OpKind::MaxPool2x2; }
+};
+
+const char* op_kind_name(OpKind kind);
+const char* activation_name(Activation activation);
+const char* pool_mode_name(GlobalPoolMode mode);
+// Throw std::invalid_argument naming the choices.
+OpKind parse_op_kind(const std::string& name);
+Activation parse_activation(const std::string& name);
+GlobalPoolMode parse_pool_mode(const std::string& name);
+
+// What an op produces for one image: spatial ops {height, width, channels}, flat ones {features}.
+using OpShape = std::vector<int>;
+
+// Largest sizes a graph accepts, so that every product of them fits the index types the
+// kernels use (a whole image's floats in a std::ptrdiff_t, one side or channel count in int).
+constexpr int kMaxChannels = 1 << 16;
+constexpr int kMaxFeatures = 1 << 28;
+constexpr int kMaxSide = 1 << 15;
+
+class Graph {
+ public:
+  explicit Graph(int input_channels);
+
+  int add_conv3x3(int filters, Activation activation);
+  int add_max_pool2x2();
+  int add_flatten();
+  int add_global_pool(GlobalPoolMode mode);
+  int add_dense(int in_features, int units, Activation activation);
+  // Appends an op described by its fields (what describe() gives, what other executors rebuild from).
+  int add(const Op& op);
+
+  int op_count() const { return int(ops_.size()); }
+  // Throws std::out_of_range for an index outside [0, op_count()).
+  const Op& op(int index) const;
+  const std::vector<Op>& ops() const { return ops_; }
+  int input_channels() const { return input_channels_; }
+
+  // Shapes of every op's output for an input of height x width. Throws std::invalid_argument
+  // when the input is too small or too large, or a dense layer's input size does not match.
+  std::vector<OpShape> shapes(int height, int width) const;
+
+ private:
+  int append(Op op);
+
+  int input_channels_;
+  std::vector<Op> ops_;
+};
+
+// Elements of one image's output of that shape.
+std::size_t shape_elements(const OpShape& shape);
+
+}  // namespace fastvgg
