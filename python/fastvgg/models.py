@@ -419,6 +419,7 @@ def _build(
     name: str,
     seed: Optional[int],
     precision: str,
+    packed_cache=None,
 ) -> Model:
     weights = _check_weights_arg(weights)
     if precision not in ("fast", "highest"):
@@ -493,12 +494,20 @@ def _build(
     if weights is None:
         _initialize(model, seed)
     else:
-        from .download import imagenet_weights_path
+        from .download import IMAGENET_FILES, imagenet_weights_path
+        from .packed_cache import load_model_weights
         from .weights import load_weights
 
         path = imagenet_weights_path(architecture, include_top) if weights == "imagenet" else weights
-        with executor.updating():
-            load_weights(model, path)
+
+        def load() -> None:
+            with executor.updating():
+                load_weights(model, path)
+
+        # Keras's md5 names the ImageNet files' content (they are checked when downloaded);
+        # any other file is keyed by a hash of its bytes.
+        known_md5 = IMAGENET_FILES[(architecture, include_top)][1] if weights == "imagenet" else None
+        model._packed_cache_status = load_model_weights(executor, path, load, packed_cache, known_md5)
     _return_freed_heap()
     return model
 
@@ -544,6 +553,7 @@ def VGG16(
     name: str = "vgg16",
     seed: Optional[int] = None,
     precision: str = "fast",
+    packed_cache=None,
 ) -> Model:
     """Builds VGG16 as ``keras.applications.VGG16`` does, with weights first.
 
@@ -561,8 +571,12 @@ def VGG16(
         precision: "fast" runs the 3x3 convolutions by Winograd F(4x4, 3x3) where that pays
             (about 3e-6 relative error per layer, well inside parity with Keras); "highest"
             runs plain direct convolution everywhere.
+        packed_cache: where the weights packed for the kernels are cached, to be mapped
+            (and shared between processes) by later loads of the same file: None (the
+            default: ``$FASTVGG_PACKED_CACHE``, else ``packed/`` in fastvgg's cache), a
+            directory, or False (off). See ``fastvgg.packed_cache``.
     """
-    return _build("vgg16", weights, include_top, input_shape, pooling, classes, classifier_activation, name, seed, precision)
+    return _build("vgg16", weights, include_top, input_shape, pooling, classes, classifier_activation, name, seed, precision, packed_cache)
 
 
 def VGG19(
@@ -576,6 +590,7 @@ def VGG19(
     name: str = "vgg19",
     seed: Optional[int] = None,
     precision: str = "fast",
+    packed_cache=None,
 ) -> Model:
     """Builds VGG19 as ``keras.applications.VGG19`` does, with weights first (see :func:`VGG16`)."""
-    return _build("vgg19", weights, include_top, input_shape, pooling, classes, classifier_activation, name, seed, precision)
+    return _build("vgg19", weights, include_top, input_shape, pooling, classes, classifier_activation, name, seed, precision, packed_cache)

@@ -436,3 +436,75 @@ def _adopt(executor, path: str, identity: dict) -> bool:
         log.info("packed-weights cache %s refused by the executor: %s", path, error)
         return False
     return True
+
+
+# The compiled executors ------------------------------------------------------------------
+class ExecutorSections:
+    """``export_packed``/``import_packed`` over a ``_core`` executor's ``packed_sections`` and
+    ``adopt_section``. Import adopts every section and then checks that the executor now
+    reports exactly the file's sections, so a file that lacks one is refused."""
+
+    def __init__(self, executor) -> None:
+        self.executor = executor
+
+    def export_packed(self) -> List[Tuple[str, np.ndarray]]:
+        return list(self.executor.packed_sections())
+
+    def import_packed(self, sections: Dict[str, np.ndarray]) -> None:
+        try:
+            for name, buffer in sections.items():
+                self.executor.adopt_section(name, buffer.reshape(-1).view(np.uint8))
+            reported = {name for name, _ in self.executor.packed_sections()}
+        except (RuntimeError, IndexError) as error:  # e.g. a layer left without weights
+            raise ValueError(str(error)) from None
+        if reported != set(sections):
+            raise ValueError(f"the file lacks sections {sorted(reported - set(sections))}")
+
+
+def _build_identity(directory: Optional[str]) -> Dict[str, str]:
+    """Content hashes of what turns a weights file into packed bytes besides the executor: the
+    compiled core and the Python loader. A rebuilt core or a changed loader with the same
+    version number therefore never reads an older build's cache files."""
+    from . import _core, layers, weights
+
+    return {os.path.basename(module.__file__): source_digest(module.__file__, directory)
+            for module in (_core, weights, layers)}
+
+
+def model_identity(executor, source_path: str, directory: Optional[str], known_md5: Optional[str] = None) -> dict:
+    """Everything the packed bytes depend on: this module's format, fastvgg's version and
+    build, the kernel set, the precision, the graph, and the weights file's content and name
+    (the name decides the layout of Theano-ordered files)."""
+    from . import __version__
+
+    graph = executor.graph
+    return {
+        "format": FORMAT_VERSION,
+        "fastvgg": __version__,
+        "build": _build_identity(directory),
+        "kernels": executor.kernel_set,
+        "precision": executor.precision,
+        "input_channels": graph.input_channels,
+        "graph": graph.describe(),
+        "source": source_digest(source_path, directory, known_md5),
+        "source_name": os.path.basename(os.fspath(source_path)),
+    }
+
+
+def load_model_weights(
+    executor, source_path: str, build: Callable[[], None], directory: CacheDirectory = None,
+    known_md5: Optional[str] = None,
+) -> str:
+    """Loads the weights of ``source_path`` into ``executor`` through the cache (see
+    :func:`load_through_cache`); ``build()`` is the ordinary load."""
+    root = cache_directory(directory)
+    if root is None:
+        build()
+        return "off"
+    try:
+        identity = model_identity(executor, source_path, root, known_md5)
+    except OSError as error:  # the source cannot be hashed: the ordinary load says why
+        log.info("packed-weights cache not used for %s: %s", source_path, error)
+        build()
+        return "built-uncached"
+    return load_through_cache(ExecutorSections(executor), identity, build, root)
