@@ -153,6 +153,52 @@ def test_a_killed_actor_loses_and_duplicates_no_row(cluster, image_dir, weights_
         np.testing.assert_array_equal(got[layer], expected[layer])
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads /proc/self/smaps")
+def test_two_actors_share_the_mapped_weights(cluster, weights_file, tmp_path):
+    from fastvgg.packed_cache import SUFFIX
+
+    # Defined here, not at module level: Ray ships closures by value, but module functions by
+    # reference, and the workers cannot import this test module.
+    def mapped_memory_kb(suffix):
+        """(Rss, Pss) in kB of this process's mappings of files ending in ``suffix``."""
+        rss = pss = 0
+        current = False
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                fields = line.split()
+                if fields and "-" in fields[0] and len(fields) >= 5:
+                    current = len(fields) >= 6 and fields[-1].endswith(suffix)
+                elif current and fields[0] in ("Rss:", "Pss:"):
+                    if fields[0] == "Rss:":
+                        rss += int(fields[1])
+                    else:
+                        pss += int(fields[1])
+        return rss, pss
+
+    cache = str(tmp_path / "packed")
+    fastvgg.VGG16(weights_file, include_top=False, packed_cache=cache)  # builds the cache file
+
+    @ray.remote(num_cpus=1)
+    class Holder:
+        def __init__(self):
+            self.extractor = fastvgg_ray.Extractor(weights_file, layer="block5_pool", packed_cache=cache)
+
+        def run(self):  # touches every weight page
+            self.extractor({"image": np.zeros((1, 32, 32, 3), np.uint8)})
+            return self.extractor.model._packed_cache_status
+
+        def memory(self):
+            return mapped_memory_kb(SUFFIX)
+
+    holders = [Holder.remote() for _ in range(2)]
+    assert ray.get([h.run.remote() for h in holders]) == ["hit", "hit"]
+    for rss, pss in ray.get([h.memory.remote() for h in holders]):
+        assert rss > 10_000  # the 14.7M conv weights' packed pages are mapped from the file
+        assert pss < 0.6 * rss  # and counted half in each actor: shared
+    for holder in holders:
+        ray.kill(holder)
+
+
 # The class outside Ray: errors are the ones predict gives, raised in the caller -----------
 def test_mixed_image_sizes_in_one_batch_are_refused_clearly():
     extractor = fastvgg_ray.Extractor(None, layer="block1_pool", seed=0, num_threads=1)

@@ -68,6 +68,10 @@ class Extractor:
         num_threads: the model's threads; default: the CPUs Ray assigned to the actor, or
             fastvgg's default outside Ray.
         seed: the seed of random weights (``weights=None``), for tests and benchmarks.
+        packed_cache: where the packed weights are cached (see ``fastvgg.VGG16``): None
+            (the default location, or ``$FASTVGG_PACKED_CACHE``), a directory, or False. With
+            it, every actor after the first maps the packed file instead of unpacking the
+            weights, and actors on one node share those pages.
     """
 
     def __init__(
@@ -82,6 +86,7 @@ class Extractor:
         precision: str = "fast",
         num_threads: Optional[int] = None,
         seed: Optional[int] = None,
+        packed_cache=None,
     ) -> None:
         if model not in ARCHITECTURES:
             raise ValueError(f"`model` must be 'vgg16' or 'vgg19', got {model!r}.")
@@ -100,7 +105,8 @@ class Extractor:
 
             fastvgg.set_num_threads(int(threads))
         include_top = any(name.split(":")[0] in TOP_LAYERS for name in self.layers)
-        self.model = ARCHITECTURES[model](weights, include_top=include_top, precision=precision, seed=seed)
+        self.model = ARCHITECTURES[model](weights, include_top=include_top, precision=precision, seed=seed,
+                                          packed_cache=packed_cache)
         # A wrong layer name fails here, when the actor starts, not at the first batch.
         for name in self.layers:
             self.model._named_output(name)
