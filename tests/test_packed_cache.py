@@ -232,3 +232,18 @@ def test_several_processes_building_at_once_give_one_valid_file(tmp_path):
     arrays = pc.read_packed(str(tmp_path / pc.cache_file_name(IDENTITY)), IDENTITY)
     for name, array in sections(0):
         np.testing.assert_array_equal(arrays[name], array)
+
+
+def test_clear_removes_only_the_cache_s_files(tmp_path):
+    executor = FakeExecutor(dict(sections()))
+    assert pc.load_through_cache(executor, IDENTITY, lambda: None, tmp_path) == "built"
+    source = tmp_path / "w.h5"
+    source.write_bytes(b"weights")
+    pc.source_digest(str(source), str(tmp_path))
+    (tmp_path / "keep.txt").write_text("not the cache's")
+    size = os.path.getsize(tmp_path / pc.cache_file_name(IDENTITY))
+    assert pc.clear(tmp_path) == size
+    assert sorted(os.listdir(tmp_path)) == ["keep.txt", "sources", "w.h5"]
+    assert os.listdir(tmp_path / "sources") == []
+    np.testing.assert_array_equal(executor.packed["dense0.panels"], sections()[1][1])  # still mapped
+    assert pc.clear(tmp_path / "missing") == 0

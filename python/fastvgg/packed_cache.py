@@ -37,8 +37,8 @@ MiB. A file that fails any check is ignored and rebuilt (replaced atomically), n
 trusted; the reason is logged to the ``fastvgg.packed_cache`` logger.
 
 Writing is atomic (a temporary file in the same directory, fsync, rename), so a reader never
-sees half a file, and several processes may build at once: a lock file lets one of them
-build while the others wait and then map its file; without the lock (a file system without
+sees half a file, and several processes may build at once: a lock file (``<name>.lock``,
+empty, left in place) lets one of them build while the others wait and then map its file; without the lock (a file system without
 ``flock``), each writes its own temporary file and the last rename wins, each result valid.
 
 A source file's SHA-256 is computed once per version of the file and remembered in
@@ -349,6 +349,32 @@ def _checked_entries(sections, file_size: int, header_end: int) -> List[dict]:
         end = offset + nbytes
         checked.append({**entry, "count": count})
     return checked
+
+
+def clear(directory: CacheDirectory = None) -> int:
+    """Deletes every packed-weights file (and its lock and the remembered source hashes) in
+    the cache directory; returns the bytes freed. Processes that have a file mapped keep
+    their pages until they exit. Only files this module names are touched."""
+    root = cache_directory(directory)
+    if root is None and directory is None:  # turned off by the variable: clear the default place
+        root = cache_directory(True)
+    if root is None or not os.path.isdir(root):
+        return 0
+    freed = 0
+    for name in os.listdir(root):
+        path = os.path.join(root, name)
+        if name.endswith((SUFFIX, SUFFIX + ".lock")) or (name.startswith(".tmp-") and name.endswith(SUFFIX)):
+            try:
+                freed += os.path.getsize(path)
+                os.remove(path)
+            except OSError:
+                pass
+    sources = os.path.join(root, "sources")
+    if os.path.isdir(sources):
+        for name in os.listdir(sources):
+            if name.endswith(".json"):
+                _remove_quietly(os.path.join(sources, name))
+    return freed
 
 
 # Loading a model through the cache -----------------------------------------------------------
