@@ -9,6 +9,7 @@
 // Packed weights (weights_pack.cpp): [out_block][in_block][kh][kw][in 16][out 16].
 #include <algorithm>
 
+#include "gemm_microkernel.h"
 #include "kernels.h"
 #include "simd.h"
 
@@ -22,10 +23,10 @@ template <int kTile, int kOutBlocks>
 inline void conv_tile(const BlockedImage& in, const float* in_origin, const float* weights,
                       std::ptrdiff_t weights_out_stride, const float* bias, bool relu,
                       float* out_origin, std::ptrdiff_t out_block_stride) {
-  Vec16 acc[kOutBlocks][kTile];
+  Vec16 acc[kTile][kOutBlocks];  // [output pixel][output block]
   for (int j = 0; j < kOutBlocks; ++j) {
     const Vec16 b = load(bias + j * kChannelBlock);
-    for (int t = 0; t < kTile; ++t) acc[j][t] = b;
+    for (int t = 0; t < kTile; ++t) acc[t][j] = b;
   }
   const int in_blocks = in.blocks();
   const int last_block_channels = in.channels - (in_blocks - 1) * kChannelBlock;
@@ -35,25 +36,16 @@ inline void conv_tile(const BlockedImage& in, const float* in_origin, const floa
     const int channels = ib == in_blocks - 1 ? last_block_channels : kChannelBlock;
     const float* in_block = in_origin + ib * in.block_stride();
     const float* w_block = weights + std::ptrdiff_t(ib) * 9 * kTapWeights;
-    for (int kh = 0; kh < 3; ++kh) {
-      for (int kw = 0; kw < 3; ++kw) {
-        const float* src = in_block + kh * row_stride + kw * kChannelBlock;
-        const float* w_tap = w_block + (kh * 3 + kw) * kTapWeights;
-        for (int c = 0; c < channels; ++c) {
-          Vec16 w[kOutBlocks];
-          for (int j = 0; j < kOutBlocks; ++j) w[j] = load(w_tap + j * weights_out_stride + c * kChannelBlock);
-#pragma GCC unroll 16
-          for (int t = 0; t < kTile; ++t) {
-            const Vec16 x = broadcast(src[t * kChannelBlock + c]);
-            for (int j = 0; j < kOutBlocks; ++j) acc[j][t] = fmadd(x, w[j], acc[j][t]);
-          }
-        }
-      }
-    }
+    for (int kh = 0; kh < 3; ++kh)
+      for (int kw = 0; kw < 3; ++kw)
+        // One tap: the tile's pixels (16 floats apart in the blocked row) times a 16 x 16
+        // weight tile per output block.
+        gemm_accumulate(acc, in_block + kh * row_stride + kw * kChannelBlock, kChannelBlock,
+                        w_block + (kh * 3 + kw) * kTapWeights, weights_out_stride, channels);
   }
   for (int j = 0; j < kOutBlocks; ++j) {
     float* dst = out_origin + j * out_block_stride;
-    for (int t = 0; t < kTile; ++t) store(dst + t * kChannelBlock, relu ? FASTVGG_ISA::relu(acc[j][t]) : acc[j][t]);
+    for (int t = 0; t < kTile; ++t) store(dst + t * kChannelBlock, relu ? FASTVGG_ISA::relu(acc[t][j]) : acc[t][j]);
   }
 }
 

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "gemm_microkernel.h"
 #include "kernels.h"
 #include "simd.h"
 
@@ -34,14 +35,8 @@ inline void dense_tile(const DenseArgs& a) {
   for (int r = 0; r < kRows; ++r)
     for (int p = 0; p < kPanels; ++p)
       acc[r][p] = a.first ? load(a.bias + p * kChannelBlock) : load(a.y + r * a.y_stride + p * kChannelBlock);
-  for (int k = a.k_begin; k < a.k_end; ++k) {
-    Vec16 w[kPanels];
-    for (int p = 0; p < kPanels; ++p) w[p] = load(a.weights + p * a.panel_stride + std::ptrdiff_t(k) * kChannelBlock);
-    for (int r = 0; r < kRows; ++r) {
-      const Vec16 xr = broadcast(a.x[r * a.x_stride + k]);
-      for (int p = 0; p < kPanels; ++p) acc[r][p] = fmadd(xr, w[p], acc[r][p]);
-    }
-  }
+  gemm_accumulate(acc, a.x + a.k_begin, a.x_stride, a.weights + std::ptrdiff_t(a.k_begin) * kChannelBlock,
+                  a.panel_stride, a.k_end - a.k_begin);
   const bool apply_relu = a.last && a.relu;
   for (int r = 0; r < kRows; ++r)
     for (int p = 0; p < kPanels; ++p)

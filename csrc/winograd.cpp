@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <cstddef>
 
+#include "gemm_microkernel.h"
 #include "kernels.h"
 #include "simd.h"
 
@@ -165,16 +166,7 @@ inline void gemm_tile(const GemmArgs& a) {
   Vec16 acc[kTiles][kBlocks];
   for (int t = 0; t < kTiles; ++t)
     for (int j = 0; j < kBlocks; ++j) acc[t][j] = zero();
-  const float* v = a.v;
-  const float* u = a.u;
-  for (int k = 0; k < a.depth; ++k) {
-    Vec16 w[kBlocks];
-    for (int j = 0; j < kBlocks; ++j) w[j] = load(u + j * a.u_block_stride + k * kChannelBlock);
-    for (int t = 0; t < kTiles; ++t) {
-      const Vec16 x = broadcast(v[t * a.v_tile_stride + k]);
-      for (int j = 0; j < kBlocks; ++j) acc[t][j] = fmadd(x, w[j], acc[t][j]);
-    }
-  }
+  gemm_accumulate(acc, a.v, a.v_tile_stride, a.u, a.u_block_stride, a.depth);
   for (int t = 0; t < kTiles; ++t)
     for (int j = 0; j < kBlocks; ++j) store(a.m + t * a.m_tile_stride + j * a.m_block_stride, acc[t][j]);
 }
