@@ -59,3 +59,12 @@ def _default_threads() -> int:
 
 
 _core.set_num_threads(_default_threads())
+
+
+def __getattr__(name: str):
+    # fastvgg.ray (and fastvgg.stream) load on first use, so `import fastvgg` never imports Ray.
+    if name in ("ray", "stream"):
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'fastvgg' has no attribute {name!r}")

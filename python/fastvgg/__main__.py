@@ -107,17 +107,31 @@ def _predict(args) -> int:
 
 
 def _features(args) -> int:
-    import fastvgg
+    from fastvgg.stream import extract_files
 
+    layers = args.layer or ["block5_pool"]
     model = _build_model(args, include_top=False, input_shape=(args.size[0], args.size[1], 3))
-    x = fastvgg.preprocess_input(_load_images(args.images, args.size))
-    features = model.extract(x, [args.layer], batch_size=args.batch_size)[args.layer]
-    if args.pooling is not None:
-        if features.ndim != 4:
-            raise ValueError(f"--pooling needs a spatial layer; {args.layer!r} gives shape {features.shape[1:]}.")
-        features = features.mean(axis=(1, 2)) if args.pooling == "avg" else features.max(axis=(1, 2))
-    np.save(args.output, features)
-    print(f"{args.output}: {args.layer} features of {len(args.images)} image(s), shape {features.shape}")
+    weights = args.weights if args.weights in ("imagenet", "none") else os.path.abspath(args.weights)
+    settings = {"model": args.model, "weights": weights, "precision": args.precision}
+    try:
+        summary = extract_files(
+            model, args.images, layers, args.output, size=args.size, pooling=args.pooling,
+            batch_size=args.batch_size, workers=args.workers, settings=settings, restart=args.restart,
+            progress=not args.quiet,
+        )
+    except KeyboardInterrupt:
+        print(f"fastvgg features: interrupted; run the same command again to resume "
+              f"(progress is kept in {args.output}.partial).", file=sys.stderr)
+        return 130
+    if summary["resumed_at"] is not None:
+        print(f"resumed after {summary['resumed_at']} of {summary['files']} file(s)")
+    shapes = ", ".join(f"{layer} {(summary['rows'],) + shape}" for layer, shape in summary["shapes"].items())
+    print(f"{args.output}: features of {summary['rows']} image(s): {shapes}")
+    if summary["skipped"]:
+        stem = os.path.splitext(args.output)[0]
+        print(f"skipped {len(summary['skipped'])} unreadable file(s), listed in {stem}.skipped.txt:", file=sys.stderr)
+        for path, reason in summary["skipped"]:
+            print(f"  {path}: {reason}", file=sys.stderr)
     return 0
 
 
@@ -215,13 +229,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     predict.set_defaults(run=_predict)
 
-    features = commands.add_parser("features", help="save one layer's outputs for images as a .npy file")
-    features.add_argument("images", nargs="+", metavar="IMAGE")
-    features.add_argument("--layer", default="block5_pool", help="layer name, e.g. block4_pool or block5_conv3:preact")
+    features = commands.add_parser(
+        "features", help="save layer outputs for many images (files, directories, globs) as .npy/.npz/.parquet",
+    )
+    features.add_argument("images", nargs="+", metavar="IMAGE",
+                          help="image files, directories (searched recursively) or glob patterns")
+    features.add_argument("--layer", action="append",
+                          help="layer name, e.g. block4_pool or block5_conv3:preact (default block5_pool); "
+                               "repeat for several layers (then write .npz or .parquet)")
     features.add_argument("--pooling", choices=("avg", "max"), help="average or max over height and width")
     features.add_argument("--size", type=int, nargs=2, default=(224, 224), metavar=("HEIGHT", "WIDTH"),
                           help="images are resized to this (default 224 224)")
-    features.add_argument("-o", "--output", required=True, help="where to write the .npy array")
+    features.add_argument("-o", "--output", required=True,
+                          help="output file: .npy (one layer), .npz or .parquet (one or several layers)")
+    features.add_argument("--workers", type=int, help="image decoding threads (default: the cores, 2 to 8)")
+    features.add_argument("--restart", action="store_true",
+                          help="discard an interrupted run's progress instead of resuming it")
+    features.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_model_options(features)
     features.set_defaults(run=_features)
 

@@ -421,6 +421,7 @@ def _build(
     seed: Optional[int],
     precision: str,
     device: str = "cpu",
+    packed_cache=None,
 ) -> Model:
     weights = _check_weights_arg(weights)
     if precision not in ("fast", "highest", "bf16"):
@@ -495,12 +496,20 @@ def _build(
     if weights is None:
         _initialize(model, seed)
     else:
-        from .download import imagenet_weights_path
+        from .download import IMAGENET_FILES, imagenet_weights_path
+        from .packed_cache import load_model_weights
         from .weights import load_weights
 
         path = imagenet_weights_path(architecture, include_top) if weights == "imagenet" else weights
-        with executor.updating():
-            load_weights(model, path)
+
+        def load() -> None:
+            with executor.updating():
+                load_weights(model, path)
+
+        # Keras's md5 names the ImageNet files' content (they are checked when downloaded);
+        # any other file is keyed by a hash of its bytes.
+        known_md5 = IMAGENET_FILES[(architecture, include_top)][1] if weights == "imagenet" else None
+        model._packed_cache_status = load_model_weights(executor, path, load, packed_cache, known_md5)
     _return_freed_heap()
     return model
 
@@ -557,6 +566,7 @@ def VGG16(
     seed: Optional[int] = None,
     precision: str = "fast",
     device: str = "cpu",
+    packed_cache=None,
 ) -> Model:
     """Builds VGG16 as ``keras.applications.VGG16`` does, with weights first.
 
@@ -579,9 +589,14 @@ def VGG16(
             the kernels use.
         device: "cpu" (default), "cuda" (an NVIDIA GPU; a clear error with the reason when none
             is usable, see fastvgg.cuda_status()) or "auto" (the GPU when usable, else the CPU).
+        packed_cache: where the weights packed for the kernels are cached, to be mapped
+            (and shared between processes) by later loads of the same file: None (the
+            default: ``$FASTVGG_PACKED_CACHE``, else ``packed/`` in fastvgg's cache), a
+            directory, or False (off). See ``fastvgg.packed_cache``.
     """
     return _build(
-        "vgg16", weights, include_top, input_shape, pooling, classes, classifier_activation, name, seed, precision, device
+        "vgg16", weights, include_top, input_shape, pooling, classes, classifier_activation, name, seed, precision,
+        device, packed_cache,
     )
 
 
@@ -597,8 +612,10 @@ def VGG19(
     seed: Optional[int] = None,
     precision: str = "fast",
     device: str = "cpu",
+    packed_cache=None,
 ) -> Model:
     """Builds VGG19 as ``keras.applications.VGG19`` does, with weights first (see :func:`VGG16`)."""
     return _build(
-        "vgg19", weights, include_top, input_shape, pooling, classes, classifier_activation, name, seed, precision, device
+        "vgg19", weights, include_top, input_shape, pooling, classes, classifier_activation, name, seed, precision,
+        device, packed_cache,
     )
