@@ -177,10 +177,12 @@ struct CpuExecutor::Workspace {
   AlignedBuffer ping, pong;         // blocked activations of one image
   AlignedBuffer flat_in, flat_out;  // rows of the flat part, one per image, padded to the block
   AlignedBuffer uncropped;          // a 'valid' 3x3 convolution's 'same' output before the crop
+  AlignedBuffer batch_ping, batch_pong;  // blocked activations of every image, for the batched layers
   KernelScratch scratch;
 
   std::size_t bytes() const {
-    return (ping.size() + pong.size() + flat_in.size() + flat_out.size() + uncropped.size()) * sizeof(float) +
+    return (ping.size() + pong.size() + flat_in.size() + flat_out.size() + uncropped.size() + batch_ping.size() +
+            batch_pong.size()) * sizeof(float) +
            scratch.bytes();
   }
 };
@@ -511,6 +513,81 @@ void CpuExecutor::forward(const float* images, int count, int height, int width,
   return_workspace(std::move(workspace));
 }
 
+// What the spatial steps of one forward share.
+struct CpuExecutor::SpatialRun {
+  const OpsTable& ops_table;
+  const KernelTable& kernels;
+  const std::vector<OpShape>& shapes;
+  const std::vector<float*>& wanted;
+  const std::vector<float*>& wanted_before;
+  Workspace& workspace;
+  int threads;
+};
+
+// Weights this large (Winograd U of block4/block5, 19-38 MB) come from memory on every read:
+// reading them once per block of tiles of several images instead of once per image is what
+// batching buys (csrc/winograd.cpp's SharedBlocks threshold, measured there).
+bool CpuExecutor::runs_batched(const Op& op, const PreparedOp& p, const KernelTable& kernels) const {
+  constexpr std::size_t kBatchedWeightBytes = std::size_t(12) << 20;
+  return op.is_convolution() && op.same_padding && p.conv == ConvChoice::Winograd &&
+         conv_method(kernels, p.conv).run_batch != nullptr && p.packed.bytes() >= kBatchedWeightBytes;
+}
+
+// After an op wrote `next` for image n: the pre-activation output, the activation kernels do
+// not fuse, the requested output.
+void CpuExecutor::finish_spatial_op(const SpatialRun& run, int i, const BlockedImage& next, int n) const {
+  const Op& op = graph_.ops()[std::size_t(i)];
+  const std::size_t elements = shape_elements(run.shapes[std::size_t(i)]);
+  if (float* before_activation = run.wanted_before[std::size_t(i)]) {
+    run.kernels.blocked_to_nhwc(next, before_activation + n * elements);
+    if (op.activation == Activation::Relu) relu_in_place(next);
+  }
+  if (activation_pass(op.activation)) run.ops_table.activation_blocked(next, elementwise_of(op.activation), run.threads);
+  if (float* dst = run.wanted[std::size_t(i)]) run.kernels.blocked_to_nhwc(next, dst + n * elements);
+}
+
+// Runs spatial op i on image n from `current` into `next`; false when the op worked in place
+// (the result is then in `current`).
+bool CpuExecutor::run_spatial_op(const SpatialRun& run, int i, BlockedImage& current, BlockedImage& next, int n) const {
+  const Op& op = graph_.ops()[std::size_t(i)];
+  const PreparedOp& p = *prepared_[std::size_t(i)];
+  const std::vector<OpShape>& shapes = run.shapes;
+  const int threads = run.threads;
+  if (op.in_place()) {  // an affine map or an activation changes the image where it is
+    if (op.kind == OpKind::Affine)
+      run.ops_table.affine_blocked(current, static_cast<const float*>(p.packed.data()), p.bias.data(), threads);
+    else if (op.activation != Activation::Linear)
+      run.ops_table.activation_blocked(current, elementwise_of(op.activation), threads);
+    if (float* dst = run.wanted[std::size_t(i)]) run.kernels.blocked_to_nhwc(current, dst + n * shape_elements(shapes[i]));
+    return false;
+  }
+  next.channels = shapes[i][2];
+  next.height = shapes[i][0];
+  next.width = shapes[i][1];
+  zero_border(next);
+  // The pre-activation output needs the sums before ReLU: run the kernel without it and
+  // apply it afterwards, only when somebody asked.
+  const bool relu = op.activation == Activation::Relu && run.wanted_before[std::size_t(i)] == nullptr;
+  if (p.conv == ConvChoice::Pointwise) {
+    run.ops_table.conv1x1(current, static_cast<const float*>(p.packed.data()), p.bias.data(), relu, next, threads);
+  } else if (op.is_convolution() && op.same_padding) {
+    conv_method(run.kernels, p.conv).run(current, p.packed.data(), p.bias.data(), relu, next, threads,
+                                         run.workspace.scratch);
+  } else if (op.is_convolution()) {
+    // 'valid': only the outer ring of the 'same' output reads the zero padding; the rest is it.
+    const BlockedImage uncropped{run.workspace.uncropped.data(), next.channels, current.height, current.width};
+    conv_method(run.kernels, p.conv).run(current, p.packed.data(), p.bias.data(), relu, uncropped, threads,
+                                         run.workspace.scratch);
+    run.ops_table.crop_border(uncropped, next, threads);
+  } else if (op.kind == OpKind::Pool2x2) {
+    run.ops_table.pool2x2(current, op.pool_mode, next, threads);
+  } else {
+    run.kernels.max_pool2x2(current, next, threads);
+  }
+  finish_spatial_op(run, i, next, n);
+  return true;
+}
+
 void CpuExecutor::run(const float* images, int count, int height, int width, const std::vector<OutputRequest>& outputs,
                       int last, Workspace& workspace, const KernelTable& kernels, int threads) const {
   const std::vector<OpShape> shapes = graph_.shapes(height, width);
@@ -554,64 +631,77 @@ void CpuExecutor::run(const float* images, int count, int height, int width, con
   float* flat_out = workspace.flat_out.data();
   std::ptrdiff_t in_stride = has_flat_part ? round_up_to_block(shapes[std::size_t(spatial_end)][0]) : 0;
 
+  // From the first layer whose weights are worth reading once per batch on, the spatial layers
+  // run layer by layer over every image (batched where the method can), the rest image by image.
+  int batch_from = spatial_end;
+  if (count > 1)
+    for (int i = 0; i < spatial_end; ++i)
+      if (runs_batched(ops[std::size_t(i)], *prepared_[std::size_t(i)], kernels)) {
+        batch_from = i;
+        break;
+      }
+  std::size_t batch_image = 0;  // floats of one image's slot in the batch buffers
+  if (batch_from < spatial_end) {
+    for (int i = batch_from - 1; i < spatial_end; ++i)
+      batch_image = std::max(batch_image, i < 0 ? blocked_image_size(input_channels, height, width)
+                                                : blocked_image_size(shapes[i][2], shapes[i][0], shapes[i][1]));
+    batch_image = (batch_image + kChannelBlock - 1) / kChannelBlock * kChannelBlock;  // keep slots vector-aligned
+    workspace.batch_ping.ensure_capacity(std::size_t(count) * batch_image);
+    workspace.batch_pong.ensure_capacity(std::size_t(count) * batch_image);
+  }
+  const SpatialRun step{ops_table, kernels, shapes, wanted, wanted_before, workspace, threads};
+  auto to_flat_row = [&](const BlockedImage& image, int n) {
+    const Op& op = ops[std::size_t(spatial_end)];
+    float* row = flat_in + std::size_t(n) * std::size_t(in_stride);
+    // Flatten in Keras's (h, w, c) order, which is exactly NHWC.
+    if (op.kind == OpKind::Flatten)
+      kernels.blocked_to_nhwc(image, row);
+    else
+      kernels.global_pool(image, op.pool_mode, row);
+  };
+
   const std::size_t input_image = std::size_t(height) * width * input_channels;
+  std::vector<BlockedImage> current_batch(static_cast<std::size_t>(count)), next_batch(static_cast<std::size_t>(count));
   for (int n = 0; n < count; ++n) {
     BlockedImage current{workspace.ping.data(), input_channels, height, width};
     BlockedImage next{workspace.pong.data()};
     kernels.nhwc_to_blocked(images + n * input_image, current);
-    for (int i = 0; i < spatial_end; ++i) {
-      const Op& op = ops[std::size_t(i)];
-      const PreparedOp& p = *prepared_[std::size_t(i)];
-      if (op.in_place()) {  // an affine map or an activation changes the image where it is
-        if (op.kind == OpKind::Affine)
-          ops_table.affine_blocked(current, static_cast<const float*>(p.packed.data()), p.bias.data(), threads);
-        else if (op.activation != Activation::Linear)
-          ops_table.activation_blocked(current, elementwise_of(op.activation), threads);
-        if (float* dst = wanted[std::size_t(i)]) kernels.blocked_to_nhwc(current, dst + n * shape_elements(shapes[i]));
-        continue;
-      }
-      next.channels = shapes[i][2];
-      next.height = shapes[i][0];
-      next.width = shapes[i][1];
-      zero_border(next);
-      float* before_activation = wanted_before[std::size_t(i)];
-      // The pre-activation output needs the sums before ReLU: run the kernel without it and
-      // apply it afterwards, only when somebody asked.
-      const bool relu = op.activation == Activation::Relu && before_activation == nullptr;
-      if (p.conv == ConvChoice::Pointwise) {
-        ops_table.conv1x1(current, static_cast<const float*>(p.packed.data()), p.bias.data(), relu, next, threads);
-      } else if (op.is_convolution() && op.same_padding) {
-        conv_method(kernels, p.conv).run(current, p.packed.data(), p.bias.data(), relu, next, threads,
-                                         workspace.scratch);
-      } else if (op.is_convolution()) {
-        // 'valid': only the outer ring of the 'same' output reads the zero padding; the rest is it.
-        const BlockedImage uncropped{workspace.uncropped.data(), next.channels, current.height, current.width};
-        conv_method(kernels, p.conv).run(current, p.packed.data(), p.bias.data(), relu, uncropped, threads,
-                                         workspace.scratch);
-        ops_table.crop_border(uncropped, next, threads);
-      } else if (op.kind == OpKind::Pool2x2) {
-        ops_table.pool2x2(current, op.pool_mode, next, threads);
-      } else {
-        kernels.max_pool2x2(current, next, threads);
-      }
-      if (before_activation) {
-        kernels.blocked_to_nhwc(next, before_activation + n * shape_elements(shapes[i]));
-        if (op.activation == Activation::Relu) relu_in_place(next);
-      }
-      if (activation_pass(op.activation)) ops_table.activation_blocked(next, elementwise_of(op.activation), threads);
-      if (float* dst = wanted[std::size_t(i)]) kernels.blocked_to_nhwc(next, dst + n * shape_elements(shapes[i]));
-      std::swap(current, next);
-    }
-    if (has_flat_part) {
-      const Op& op = ops[std::size_t(spatial_end)];
-      float* row = flat_in + std::size_t(n) * std::size_t(in_stride);
-      // Flatten in Keras's (h, w, c) order, which is exactly NHWC.
-      if (op.kind == OpKind::Flatten)
-        kernels.blocked_to_nhwc(current, row);
-      else
-        kernels.global_pool(current, op.pool_mode, row);
+    for (int i = 0; i < batch_from; ++i)
+      if (run_spatial_op(step, i, current, next, n)) std::swap(current, next);
+    if (batch_from < spatial_end) {  // park the image in its batch slot
+      BlockedImage& slot = current_batch[std::size_t(n)];
+      slot = current;
+      slot.data = workspace.batch_ping.data() + std::size_t(n) * batch_image;
+      std::copy(current.data, current.data + current.size(), slot.data);
+      next_batch[std::size_t(n)].data = workspace.batch_pong.data() + std::size_t(n) * batch_image;
+    } else if (has_flat_part) {
+      to_flat_row(current, n);
     }
   }
+  for (int i = batch_from; i < spatial_end; ++i) {
+    const Op& op = ops[std::size_t(i)];
+    const PreparedOp& p = *prepared_[std::size_t(i)];
+    if (runs_batched(op, p, kernels)) {
+      for (BlockedImage& next : next_batch) {
+        next.channels = shapes[i][2];
+        next.height = shapes[i][0];
+        next.width = shapes[i][1];
+        zero_border(next);
+      }
+      const bool relu = op.activation == Activation::Relu && wanted_before[std::size_t(i)] == nullptr;
+      conv_method(kernels, p.conv).run_batch(current_batch.data(), p.packed.data(), p.bias.data(), relu,
+                                             next_batch.data(), count, threads, workspace.scratch);
+      for (int n = 0; n < count; ++n) finish_spatial_op(step, i, next_batch[std::size_t(n)], n);
+      std::swap(current_batch, next_batch);
+    } else {
+      bool swapped = false;
+      for (int n = 0; n < count; ++n)
+        swapped = run_spatial_op(step, i, current_batch[std::size_t(n)], next_batch[std::size_t(n)], n);
+      if (swapped) std::swap(current_batch, next_batch);
+    }
+  }
+  if (batch_from < spatial_end && has_flat_part)
+    for (int n = 0; n < count; ++n) to_flat_row(current_batch[std::size_t(n)], n);
   if (!has_flat_part) return;
 
   // Flat rows stay padded to the block (stride = the padded width) from layer to layer; only a

@@ -102,6 +102,10 @@ class CpuExecutor final : public Executor {
   const PreparedOp& prepared(int op) const;
   std::unique_ptr<Workspace> borrow_workspace();
   void return_workspace(std::unique_ptr<Workspace> workspace);
+  struct SpatialRun;
+  bool runs_batched(const Op& op, const PreparedOp& p, const KernelTable& kernels) const;
+  bool run_spatial_op(const SpatialRun& run, int i, BlockedImage& current, BlockedImage& next, int n) const;
+  void finish_spatial_op(const SpatialRun& run, int i, const BlockedImage& next, int n) const;
   void run(const float* images, int count, int height, int width, const std::vector<OutputRequest>& outputs,
            int last, Workspace& workspace, const KernelTable& kernels, int threads) const;
 

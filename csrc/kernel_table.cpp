@@ -1,6 +1,7 @@
 // This instruction set's fp32 kernel set, filled from the op families compiled beside it.
 // The fp32 weight layouts are the same on every ISA; only the run functions differ.
 #include "kernels.h"
+#include "winograd_batch.h"
 
 namespace fastvgg {
 namespace FASTVGG_ISA {
@@ -11,7 +12,7 @@ namespace FASTVGG_ISA {
 const KernelTable kernel_table = {
     FASTVGG_STRINGIFY(FASTVGG_ISA),
     fp32_direct_method(conv3x3),
-    fp32_winograd_method(conv3x3_winograd),
+    fp32_winograd_method(conv3x3_winograd, conv3x3_winograd_batch),
     fp32_dense_method(dense),
     max_pool2x2,
     global_pool,

@@ -33,6 +33,11 @@ struct Conv3x3Method {
   // out = ReLU?(conv3x3_same(in) + bias); bias padded to the block. Scratch is the caller's.
   void (*run)(const BlockedImage& in, const void* packed, const float* bias, bool relu, const BlockedImage& out,
               int threads, KernelScratch& scratch);
+  // The same over `images` images of one shape in one call, bit-identical to `run` on each, so
+  // that weights too large for the caches are read once per block of tiles instead of once per
+  // image; nullptr for a method without it.
+  void (*run_batch)(const BlockedImage* in, const void* packed, const float* bias, bool relu, const BlockedImage* out,
+                    int images, int threads, KernelScratch& scratch) = nullptr;
 };
 
 // A dense layer y = x W + bias, ReLU optional, with its layout.
@@ -119,7 +124,7 @@ void unpack_dense(const float* packed, int depth, int cols, float* kernel, int t
 
 // The fp32 methods every fp32 kernel set shares, but for the run function.
 Conv3x3Method fp32_direct_method(decltype(Conv3x3Method::run) run);
-Conv3x3Method fp32_winograd_method(decltype(Conv3x3Method::run) run);
+Conv3x3Method fp32_winograd_method(decltype(Conv3x3Method::run) run, decltype(Conv3x3Method::run_batch) run_batch);
 DenseMethod fp32_dense_method(decltype(DenseMethod::run) run);
 
 // What turns an approximate copy of a kernel into the exact one: per weight, how many float

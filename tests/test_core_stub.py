@@ -92,7 +92,7 @@ def type_kind(annotation: str) -> str:
     head = first.split("[", 1)[0].rsplit(".", 1)[-1]
     if first.startswith("fastvgg._core.") or isinstance(getattr(_core, head, None), type):
         return head
-    if head == "Annotated":
+    if head in ("Annotated", "Optional"):  # Optional[X] is the module's 'X | None': X's kind first
         return type_kind(_split_top_level(first[first.index("[") + 1 : -1])[0])
     assert head in _KIND, f"no kind for the type {annotation!r}; add it to _KIND"
     return _KIND[head]

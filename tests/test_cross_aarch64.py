@@ -46,7 +46,7 @@ def source_groups():
     assert listed, "CMakeLists.txt no longer sets FASTVGG_KERNEL_SOURCES; update source_groups()"
     kernels = [REPO / name for name in listed.group(1).split()]
     assert kernels and all(path.is_file() for path in kernels), kernels
-    others = [path for path in sorted(CSRC.glob("*.cpp")) if path not in kernels and path.name != "bindings.cpp"]
+    others = [path for path in sorted(CSRC.glob("*.cpp")) if path not in kernels and not path.name.startswith("bindings")]
     return kernels, others
 
 

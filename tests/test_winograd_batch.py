@@ -12,7 +12,7 @@ import pytest
 
 from fastvgg import _core
 from kernel_checks import ISAS, assert_within, random_array
-from test_winograd import winograd_error_bound, winograd_float64
+from kernel_checks import winograd_error_bound, winograd_float64
 
 testing = _core.testing
 

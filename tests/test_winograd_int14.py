@@ -24,7 +24,7 @@ import pytest
 from bf16_checks import requires_bf16
 from fastvgg import _core
 from kernel_checks import assert_within, gamma, random_array
-from test_winograd import A_T, B_T, G, winograd_float64
+from kernel_checks import A_T, B_T, G, winograd_float64
 
 pytestmark = requires_bf16
 testing = _core.testing

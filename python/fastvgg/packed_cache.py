@@ -429,7 +429,7 @@ def load_through_cache(
     if root is None:
         build()
         return "off"
-    if not hasattr(executor, "packed_sections"):  # the GPU executor keeps its weights on the device
+    if getattr(executor, "device", "cpu") != "cpu":  # the GPU executor keeps its weights on the device
         build()
         return "not-cacheable"
     path = os.path.join(root, cache_file_name(identity))
@@ -530,7 +530,7 @@ def load_model_weights(
     if root is None:
         build()
         return "off"
-    if not hasattr(executor, "packed_sections"):  # the GPU executor keeps its weights on the device
+    if getattr(executor, "device", "cpu") != "cpu":  # the GPU executor keeps its weights on the device
         build()
         return "not-cacheable"
     try:
