@@ -497,9 +497,12 @@ def _build(
         from .download import imagenet_weights_path
         from .weights import load_weights
 
-        path = imagenet_weights_path(architecture, include_top) if weights == "imagenet" else weights
+        # Keras's own file, md5-checked when it was downloaded, is parsed in-process, which
+        # saves starting the isolated HDF5 reader (see weights.load_weights).
+        trusted = weights == "imagenet"
+        path = imagenet_weights_path(architecture, include_top) if trusted else weights
         with executor.updating():
-            load_weights(model, path)
+            load_weights(model, path, trusted=trusted)
     _return_freed_heap()
     return model
 
