@@ -258,7 +258,8 @@ def _guarded(source: HDF5Source, work):
     except _ChildError as error:
         raise HDF5ReadError(f"{source.describe()}: {error}") from None
     except (Exception, MemoryError, RecursionError) as error:  # h5py raises many types
-        raise HDF5ReadError(f"{source.describe()} cannot be read as HDF5 ({type(error).__name__}: {error}).") from None
+        raise HDF5ReadError(f"{source.describe()}: libhdf5 could not read {_reading[0]} ({type(error).__name__}: "
+                            f"{error}); the file is damaged or not HDF5.") from None
 
 
 def _child_environment() -> Dict[str, str]:
@@ -434,6 +435,10 @@ class _ChildError(Exception):
     """A refusal with a message for the user (not a crash)."""
 
 
+# What the reader was at, for messages about failures inside h5py (which rarely say).
+_reading = ["the file's superblock"]
+
+
 class _Window:
     """A read-only file object onto ``size`` bytes from ``start`` of a file, for h5py."""
 
@@ -570,8 +575,10 @@ def _attributes(obj, where: str, budget: List[int]) -> List[list]:
         raise _ChildError(f"{where} has {count} attributes; no Keras file has more than a few.")
     result = []
     for index in range(count):
+        _reading[0] = f"attribute {index} of {where}"
         attribute = h5py.h5a.open(obj.id, index=index)
         name = _text(attribute.name, f"an attribute name of {where}")
+        _reading[0] = f"attribute {name!r} of {where}"
         shape = attribute.shape
         if shape is None:
             shape = ()
@@ -651,6 +658,7 @@ def _describe(source: HDF5Source) -> dict:
     """The whole structure as plain data: a list of nodes, each naming its parent's index."""
     import h5py
 
+    _reading[0] = "the file's superblock"
     handle, window = _open(source)
     try:
         image_size = _image_size(source)
@@ -667,6 +675,7 @@ def _describe(source: HDF5Source) -> dict:
             for raw_name in group.id.__iter__():
                 name = _text(raw_name, f"a name in {path}")
                 child_path = path.rstrip("/") + "/" + name
+                _reading[0] = child_path
                 if len(nodes) >= MAX_OBJECTS:
                     raise _ChildError(f"the file has more than {MAX_OBJECTS} objects; no Keras file does.")
                 info = group.id.links.get_info(raw_name)
@@ -781,7 +790,10 @@ def _child_main() -> int:
         sys.stderr.buffer.write(b"MemoryError\n")
         return 4
     except Exception as error:  # h5py raises many types; each means "cannot be read"
-        text = f"libhdf5 cannot read it ({type(error).__name__}: {error}); the file is damaged or not HDF5."
+        if "allocation failed" in str(error):  # libhdf5's malloc hit the address-space limit
+            sys.stderr.buffer.write(b"MemoryError\n")
+            return 4
+        text = f"libhdf5 could not read {_reading[0]} ({type(error).__name__}: {error}); the file is damaged or not HDF5."
         sys.stderr.buffer.write(_ERROR_PREFIX + text.encode("utf-8", "replace") + b"\n")
         return 3
     return 0

@@ -177,8 +177,8 @@ def _open_weights(path: str, trusted: bool = False) -> Iterator[Tuple[HDF5Source
     try:
         root = read_structure(source, isolated=not trusted)
     except HDF5ReadError as error:
-        raise ValueError(f"{error} fastvgg reads Keras weights saved as .h5, .weights.h5 or .keras; the file is not a "
-                         "readable HDF5 file (truncated, damaged, or in another format).") from None
+        raise ValueError(f"{error} It is not a readable HDF5 file (truncated, damaged or hostile); fastvgg reads "
+                         "Keras weights saved as .h5, .weights.h5 or .keras.") from None
     yield source, root, config
 
 
