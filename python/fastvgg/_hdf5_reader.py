@@ -377,6 +377,21 @@ def _explain_failure(source: HDF5Source, returncode: int, stderr: bytes, expired
     return f"{where}: the HDF5 reader failed while {what} (exit status {returncode}: {tail[0]})."
 
 
+def _numeric_dtype(text) -> np.dtype:
+    """A dtype the child may name: plain integers and floats only (never object dtypes)."""
+    dtype = np.dtype(str(text))
+    if dtype.kind not in "fiu" or dtype.itemsize not in (1, 2, 4, 8) or dtype.fields is not None or dtype.subdtype:
+        raise ValueError(f"dtype {text!r} is not a plain number type")
+    return dtype
+
+
+def _shape(values) -> Tuple[int, ...]:
+    shape = tuple(values)
+    if len(shape) > MAX_RANK or not all(isinstance(n, int) and n >= 0 for n in shape):
+        raise ValueError(f"shape {shape[:MAX_RANK + 1]!r}")
+    return shape
+
+
 def _decode_attribute(value, source: HDF5Source):
     kind = value.get("t")
     if kind == "str":
@@ -387,11 +402,11 @@ def _decode_attribute(value, source: HDF5Source):
         items = [base64.b64decode(v["b"]) if isinstance(v, dict) else v for v in value["v"]]
         array = np.empty(len(items), dtype=object)
         array[:] = items
-        return array.reshape(value["shape"])
+        return array.reshape(_shape(value["shape"]))
     if kind == "array":
-        dtype = np.dtype(value["dtype"])
+        dtype = _numeric_dtype(value["dtype"])
         data = base64.b64decode(value["v"])
-        shape = tuple(value["shape"])
+        shape = _shape(value["shape"])
         if len(data) != int(np.prod(shape, dtype=object)) * dtype.itemsize:
             raise HDF5ReadError(f"{source.describe()}: an attribute's size does not match its shape.")
         return np.frombuffer(data, dtype).reshape(shape).copy()
@@ -407,26 +422,31 @@ def _build_tree(description: dict, source: HDF5Source) -> Group:
             attrs = {name: _decode_attribute(v, source) for name, v in entry.get("attrs", [])}
             kind = entry["kind"]
             if kind == "group":
-                node: object = Group(entry["path"], attrs)
+                node: object = Group(str(entry["path"]), attrs)
             elif kind == "dataset":
-                dtype = np.dtype(entry["dtype"]) if entry.get("dtype") else None
-                node = Dataset(entry["path"], attrs, tuple(int(n) for n in entry["shape"]), dtype, entry.get("type_problem"),
-                               entry["layout"], bool(entry["external"]), entry.get("offset"), int(entry["storage_size"]),
+                dtype = _numeric_dtype(entry["dtype"]) if entry.get("dtype") else None
+                offset = entry.get("offset")
+                if offset is not None and (not isinstance(offset, int) or offset < 0):
+                    raise ValueError(f"offset {offset!r}")
+                node = Dataset(str(entry["path"]), attrs, _shape(entry["shape"]), dtype, entry.get("type_problem"),
+                               str(entry["layout"]), bool(entry["external"]), offset, int(entry["storage_size"]),
                                int(entry["filters"]))
             else:
-                node = Link(entry["path"], entry["kind"], entry.get("target", ""))
+                node = Link(str(entry["path"]), str(kind), str(entry.get("target", "")))
             built.append(node)
             parent = entry.get("parent")
             if parent is not None:
                 owner = built[parent]
                 assert isinstance(owner, Group)
-                owner.children[entry["name"]] = node  # type: ignore[assignment]
+                owner.children[str(entry["name"])] = node  # type: ignore[assignment]
         root = built[0]
         assert isinstance(root, Group)
         return root
     except HDF5ReadError:
         raise
-    except (KeyError, IndexError, TypeError, ValueError, AssertionError) as error:
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, AssertionError, OverflowError,
+            RecursionError, MemoryError, base64.binascii.Error) as error:
+        # Only a broken or subverted child sends these: the parent trusts its output no more than the file.
         raise HDF5ReadError(f"{source.describe()}: the structure reader sent back an incomplete description ({error!r}).") from None
 
 

@@ -448,24 +448,37 @@ def load_weights(model: Model, filepath, trusted: bool = False) -> None:
     the model as it was. ``trusted`` (fastvgg's md5-checked ImageNet files only) lets libhdf5
     parse the metadata in this process instead of in a child process."""
     path = os.fspath(filepath)
+    _with_clear_errors(path, lambda: _load_weights(model, path, trusted))
+
+
+def _with_clear_errors(path: str, work):
+    """Runs ``work``; any exception that is not already a ValueError or OSError naming the
+    file becomes one (zipfile, json, h5py and Unicode raise many other types)."""
     try:
-        _load_weights(model, path, trusted)
+        return work()
     except (ValueError, FileNotFoundError, IsADirectoryError, PermissionError):
         raise
     except OSError as error:
         raise OSError(f"Reading the weights file {path!r} failed: {error}") from None
-    except (Exception, RecursionError, MemoryError) as error:  # a case the checks above missed: say so, plainly
+    except (Exception, RecursionError, MemoryError) as error:  # a case the checks missed: say so, plainly
         raise ValueError(
             f"{path!r} could not be loaded: {type(error).__name__}: {error}. The file is damaged or not a Keras "
             "weights file; the model was left as it was."
         ) from error
 
 
-def _load_weights(model: Model, path: str, trusted: bool) -> None:
+@contextlib.contextmanager
+def _checked_file(model: Model, path: str, trusted: bool):
+    """The file opened and every dataset the model needs found and checked, nothing read:
+    (source, [(layer, [kernel, bias])], theano layout, flipped kernels)."""
     with _open_weights(path, trusted) as (source, root, config):
         stored = _stored_layers(root, config, model, path)
         plan, theano = _checked_plan(model, stored, path)
-        flipped = theano and "_tf_kernels" not in os.path.basename(path)
+        yield source, plan, theano, theano and "_tf_kernels" not in os.path.basename(path)
+
+
+def _load_weights(model: Model, path: str, trusted: bool) -> None:
+    with _checked_file(model, path, trusted) as (source, plan, theano, flipped):
         # Data that libhdf5 must decode (chunked, compressed, compact) is read now, by one child
         # process, before any layer changes: a damaged chunk then leaves the model as it was.
         indirect = [array for _, arrays in plan for array in arrays if not array.readable_in_place]
