@@ -48,7 +48,12 @@ import fastvgg  # noqa: E402
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 MODEL = fastvgg.VGG16(None, include_top=False, input_shape=(32, 32, 3), seed=0)
 SCRATCH = tempfile.mkdtemp(prefix="fastvgg-fuzz-")
-TARGET = sys.argv[1] if len(sys.argv) > 1 else "archive"
+TARGETS = ("archive", "structure", "loader", "hdf5")
+# The target is the first argument; it is also passed on in the environment, because
+# libFuzzer's -fork mode starts this script again with the libFuzzer options only.
+if len(sys.argv) > 1 and sys.argv[1] in TARGETS:
+    os.environ["FASTVGG_FUZZ_TARGET"] = sys.argv.pop(1)
+TARGET = os.environ.get("FASTVGG_FUZZ_TARGET", "archive")
 # The archive target maps its config onto this structure: an early Keras 3 file (no names),
 # whose layer names then come from config.json alone.
 _FIXED_ROOT = None
@@ -192,5 +197,5 @@ def custom_mutator(data: bytes, max_size: int, seed: int) -> bytes:
 
 
 if __name__ == "__main__":
-    atheris.Setup(sys.argv[:1] + sys.argv[2:], test_one_input, custom_mutator=custom_mutator)
+    atheris.Setup(sys.argv, test_one_input, custom_mutator=custom_mutator)
     atheris.Fuzz()
