@@ -141,6 +141,24 @@ def test_attribute_declaring_a_huge_shape(tmp_path, weights16, model):
     refused_unchanged(model, target, r"could not read attribute 0 of the root group .*ran off end of input buffer")
 
 
+def test_vlen_string_declaring_gigabytes(tmp_path, weights16, model):
+    """Found by tests/fuzz (in-process libhdf5 ran out of memory): a variable-length string's
+    heap ID in a layer's weight_names says the name is ~4 GiB long; libhdf5 allocates that
+    before finding the heap too short. The reader's memory limit stops it; this process
+    does not grow."""
+    path = tmp_path / "classic.h5"
+    keras_h5.write_classic_h5(path, weights16, nv.layer_names(16, False))
+    data = path.read_bytes()
+    name = b"block3_conv1/kernel:0"  # every conv kernel name has these 21 characters
+    # A vlen heap ID: string length (4), global heap collection address (8), object index (4).
+    heap_id = data.index(struct.pack("<IQ", len(name), hb.global_heap(data)))
+    target = tmp_path / "gigabyte_name.h5"
+    patched(path, target, {heap_id: struct.pack("<I", 0xFFFF0000 + len(name))}, checksums=True)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    refused_unchanged(model, target, r"reading its structure needed more than 768 MiB of memory")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 64 << 10  # KiB
+
+
 def test_child_memory_is_bounded(tmp_path, monkeypatch):
     """A structure that needs more memory than the limit stops the child, not this process:
     with a 4 MiB allowance a 12 MiB attribute cannot be read, and the message says so."""
