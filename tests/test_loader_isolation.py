@@ -206,6 +206,17 @@ def test_time_limit_stops_the_reader(keras3_file, monkeypatch):
         reader.read_structure(reader.HDF5Source(str(keras3_file)))
 
 
+def test_a_crashed_reader_is_reported_as_such():
+    """No file here crashes libhdf5 on demand (the campaign's segfault was not reproduced), so
+    the exit status of a reader killed by SIGSEGV is explained directly."""
+    import signal
+
+    message = reader._explain_failure(reader.HDF5Source("x.h5"), -signal.SIGSEGV, b"", False, 30, 1 << 20,
+                                      "reading its structure")
+    assert "'x.h5': libhdf5 crashed (SIGSEGV) while reading its structure" in message
+    assert "nothing here was affected" in message
+
+
 def test_data_offsets_are_checked_again_when_read(tmp_path):
     """A file cut short after its structure was read: the in-place read refuses the offsets
     rather than returning a short array."""
