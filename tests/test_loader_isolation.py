@@ -96,6 +96,20 @@ def test_changed_float_format_is_refused(tmp_path, keras3_file, weights16, model
     refused_unchanged(model, target, rf"'block2_conv1': bias /layers/conv2d_2/vars/1 .*not IEEE 754: .*{expected}")
 
 
+def test_extended_precision_float_is_refused(tmp_path, weights16, model):
+    """numpy's longdouble (x87 80-bit in 16 bytes here): h5py said only "Insufficient precision
+    in available types"; fastvgg names the layer and the format."""
+    if np.finfo(np.longdouble).nmant == np.finfo(np.float64).nmant:
+        pytest.skip("longdouble is float64 on this platform")
+    path = tmp_path / "long.weights.h5"
+    wf.write_keras3_weights(path, weights16, 16, False)
+    with h5py.File(path, "r+") as f:
+        del f["layers/conv2d_3/vars/1"]
+        f["layers/conv2d_3/vars"].create_dataset("1", data=weights16["block2_conv2"][1].astype(np.longdouble))
+    refused_unchanged(model, path, r"'block2_conv2': bias /layers/conv2d_3/vars/1 .*a 128-bit float, not IEEE binary16, "
+                      r"binary32 or binary64")
+
+
 def test_big_endian_ieee_floats_load(tmp_path, weights16):
     """IEEE floats in the other byte order are exact formats, and load bit for bit."""
     path = tmp_path / "big_endian.weights.h5"

@@ -49,6 +49,7 @@ Object names must be valid UTF-8; an object reached by two hard links (a loop) i
 from __future__ import annotations
 
 import base64
+import collections
 import json
 import os
 import signal
@@ -687,9 +688,9 @@ def _describe(source: HDF5Source) -> dict:
                 "attrs": _attributes(handle, "the root group", budget)}
         nodes = [root]
         seen = {h5py.h5o.get_info(handle.id).addr: "/"}
-        pending = [(handle, "/", 0, 0)]  # (group, path, its index in nodes, depth)
+        pending = collections.deque([(handle, "/", 0, 0)])  # (group, path, its index in nodes, depth)
         while pending:
-            group, path, index, depth = pending.pop(0)
+            group, path, index, depth = pending.popleft()
             if depth >= MAX_DEPTH:
                 raise _ChildError(f"groups nest more than {MAX_DEPTH} deep at {path}; no Keras file does.")
             for raw_name in group.id.__iter__():
