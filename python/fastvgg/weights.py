@@ -22,19 +22,18 @@ Layouts recognised (the file's content decides, never its extension):
 
 Layers a VGG does not have are ignored when their names are not VGG names (the head of a
 fine-tuned model); weights for a VGG layer this model lacks (``block3_conv4`` of a VGG19 file
-read into VGG16) are an error. Every dataset's shape and dtype is
-checked before any is read, so a file that does not fit leaves the model as it was; only data
-that cannot be read back (a damaged compressed chunk) shows up mid-load, and that error names
-the layer and says the earlier ones were loaded. Early Keras 3 files, which name no layers,
+read into VGG16) are an error. Every dataset's shape and type is
+checked, and every dataset that libhdf5 must decode (chunked, compressed) is read, before any
+layer is written, so a file that does not fit, or whose data cannot be read back, leaves the
+model as it was; only a file cut short or changed while it is being read can fail later, and
+that error names the layer and says the earlier ones were loaded. Early Keras 3 files, which name no layers,
 are mapped by order only when they hold as many convolutions as the model. Nothing in a file
 is executed; external links, soft links, external storage and virtual datasets are refused.
 
 Files are untrusted by default: libhdf5 parses their metadata only in a child process (see
 ``_hdf5_reader``), floats must be exactly IEEE binary16/32/64, and every failure is a
-``ValueError`` (``OSError`` for I/O) naming the file. Every dataset that is not contiguous
-(chunked, compressed) is read, by one child, before the first layer is written, so a damaged
-chunk also leaves the model as it was. Only fastvgg's md5-checked ImageNet files are parsed
-in-process (``trusted=True``).
+``ValueError`` (``OSError`` for I/O) naming the file. Only fastvgg's md5-checked ImageNet
+files are parsed in-process (``trusted=True``).
 """
 
 from __future__ import annotations

@@ -14,7 +14,6 @@ import io
 import json
 import os
 import sys
-import zipfile
 
 import h5py
 import numpy as np
@@ -24,11 +23,6 @@ sys.path.insert(0, os.path.dirname(HERE))  # tests/, for weight_files and numpy_
 
 import numpy_vgg as nv  # noqa: E402
 import weight_files as wf  # noqa: E402
-
-
-class _Shapes(dict):
-    """Stands in for a weights dict: weight_files writes ``data=array``; these arrays are
-    replaced by declared-only datasets below."""
 
 
 def _declared_only(path: str) -> None:
