@@ -26,7 +26,8 @@ or an ``OSError`` for I/O, whose message names the file)::
     dataset.type_problem                           # type_problem, which says why)
     dataset.layout                                 # "contiguous", "chunked", "compact",
                                                    # "virtual"; dataset.external: bool
-    read_arrays(source, [dataset, ...])            # -> [numpy array, ...], bytes exact
+    read_arrays(source, [dataset, ...], max_bytes=None)  # -> [numpy array, ...], bytes
+                                                   # exact; allocates the declared sizes
     read_rows(source, dataset, first, stop)        # rows [first, stop) of a contiguous
                                                    # dataset, read in this process
     Link: .kind ("SoftLink", "ExternalLink", "UserDefinedLink"), .target, .path
@@ -188,9 +189,15 @@ def read_structure(source: HDF5Source, isolated: bool = True) -> Group:
     return _build_tree(description, source)
 
 
-def read_arrays(source: HDF5Source, datasets: Sequence[Dataset], isolated: bool = True) -> List[np.ndarray]:
+def read_arrays(source: HDF5Source, datasets: Sequence[Dataset], isolated: bool = True,
+                max_bytes: Optional[int] = None) -> List[np.ndarray]:
     """Every dataset's data, as stored (dtype and byte order as ``dataset.dtype``). Contiguous
-    data is read here; the rest by one child process for all of them."""
+    data is read here; the rest by one child process for all of them. The declared sizes are
+    allocated: check shapes against what you expect first, or pass ``max_bytes``."""
+    total = sum(d.nbytes for d in datasets)
+    if max_bytes is not None and total > max_bytes:
+        raise HDF5ReadError(f"{source.describe()}: the datasets asked for declare {total} bytes, more than the "
+                            f"{max_bytes} allowed.")
     for dataset in datasets:
         if dataset.dtype is None:
             raise HDF5ReadError(f"{source.describe()}: {dataset.path} is not numeric data ({dataset.type_problem}).")
