@@ -281,7 +281,7 @@ def test_structure_and_arrays_from_the_reader(tmp_path):
         assert array.dtype == expected.dtype
         np.testing.assert_array_equal(array, expected)
     np.testing.assert_array_equal(reader.read_rows(source, datasets[0], 1, 3), contiguous[1:3])
-    with pytest.raises(reader.HDF5ReadError, match=r"declare 1200 bytes, more than the 1000 allowed"):
+    with pytest.raises(reader.HDF5ReadError, match=r"declare 4800 bytes, more than the 1000 allowed"):
         reader.read_arrays(source, [datasets[1], datasets[1]], max_bytes=1000)
     trusted = reader.read_structure(source, isolated=False)
     assert trusted.find("g/chunked").shape == (300,)
