@@ -5,7 +5,16 @@ out the input once and returns the median seconds of `repeats` kernel calls, so 
 kernel is measured. Effective GFLOP/s count direct-convolution FLOPs (2 * 9 * H * W * Cin *
 Cout) for every algorithm, so Winograd's figure can exceed the machine's FMA peak.
 
-    python bench/conv_layers.py [--isa avx512] [--threads 2] [--repeats 21] [--algorithms direct winograd]
+Algorithms "bf16" (direct, vdpbf16ps) and "int14" (Winograd F(4x4) with int14 products,
+vpdpwssd) are the bf16 kernel set's (csrc/bf16/), timed by time_conv3x3_bf16 the same way; they
+are offered (and in the default list) only where the CPU reports AVX512_BF16 and AVX512_VNNI,
+and --isa does not apply to them.
+
+Algorithm "winograd-batch" runs conv3x3_winograd_batch over --batch images in one call (U read
+once per block of tiles, not once per image) and reports ms per image.
+
+    python bench/conv_layers.py [--isa avx512] [--threads 2] [--repeats 21] [--batch 8]
+                                [--algorithms direct winograd bf16 int14 winograd-batch]
 """
 
 import argparse
@@ -37,9 +46,15 @@ def main():
     parser.add_argument("--isa", default=_core.available_isas()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=21)
-    parser.add_argument("--algorithms", nargs="+", default=["direct", "winograd"])
+    bf16_missing = _core.testing.bf16_unavailable_reason()
+    default_algorithms = ["direct", "winograd"] + ([] if bf16_missing else ["bf16", "int14"])
+    parser.add_argument("--algorithms", nargs="+", default=default_algorithms,
+                        choices=["direct", "winograd", "bf16", "int14", "winograd-batch"])
+    parser.add_argument("--batch", type=int, default=8, help="images per call for winograd-batch")
     parser.add_argument("--layers", nargs="*", help="only these layer names")
     args = parser.parse_args()
+    if {"bf16", "int14"} & set(args.algorithms) and bf16_missing:
+        parser.error(f"bf16/int14: {bf16_missing}")
     _core.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     print(f"isa={args.isa} threads={args.threads} repeats={args.repeats} (median ms, effective GFLOP/s)")
@@ -52,14 +67,22 @@ def main():
     for name, size, cin, cout in VGG16_CONV_LAYERS:
         if args.layers and name not in args.layers:
             continue
-        x = np.maximum(rng.standard_normal((1, size, size, cin)), 0).astype(np.float32)
+        images = args.batch if "winograd-batch" in args.algorithms else 1
+        x = np.maximum(rng.standard_normal((images, size, size, cin)), 0).astype(np.float32)
         kernel = (rng.standard_normal((3, 3, cin, cout)) * np.sqrt(2.0 / (9 * (cin + cout)))).astype(np.float32)
         bias = (rng.standard_normal(cout) * 0.1).astype(np.float32)
         flop = 2.0 * 9 * size * size * cin * cout
         line = f"{name:14s} {size:>3d}x{size:<3d} {cin:4d} {cout:4d} {flop / 1e9:6.3f}"
         times = []
         for a in args.algorithms:
-            seconds = _core.testing.time_conv3x3(x, kernel, bias, a, args.isa, args.repeats)
+            if a == "bf16":
+                seconds = _core.testing.time_conv3x3_bf16(x, kernel, bias, args.repeats, "direct")
+            elif a == "int14":
+                seconds = _core.testing.time_conv3x3_bf16(x, kernel, bias, args.repeats, "winograd_int14")
+            elif a == "winograd-batch":
+                seconds = _core.testing.time_conv3x3_winograd_batch(x, kernel, bias, args.isa, args.repeats) / len(x)
+            else:
+                seconds = _core.testing.time_conv3x3(x, kernel, bias, a, args.isa, args.repeats)
             totals[a] += seconds
             times.append(seconds)
             line += f" {seconds * 1e3:13.3f} {flop / seconds / 1e9:8.1f}"

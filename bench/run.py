@@ -60,6 +60,15 @@ def keras_layers(keras_model):
     return out
 
 
+# The lowest ONNX versions this graph needs, so that older runtimes load it too: every op used
+# (Conv, Relu, MaxPool, Transpose, Flatten, Gemm, Softmax with axis=-1, Identity) has had its
+# present meaning since opset 13, which IR version 7 carries. onnx.helper.make_model would
+# otherwise stamp the installed onnx's newest IR version (14 with onnx 1.23), which ONNX
+# Runtime 1.31 refuses.
+ONNX_OPSET = 13
+ONNX_IR_VERSION = 7
+
+
 def build_onnx(layers, include_top: bool, path: str) -> None:
     """NHWC in, NHWC (or class) out, the convolutions in NCHW as ONNX wants."""
     import numpy as np
@@ -99,7 +108,7 @@ def build_onnx(layers, include_top: bool, path: str) -> None:
         out = helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", "h", "w", 512])
     graph = helper.make_graph(nodes, "vgg", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", "H", "W", 3])],
                               [out], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)], ir_version=ONNX_IR_VERSION)
     onnx.checker.check_model(model)
     onnx.save(model, path)
 
@@ -192,36 +201,60 @@ PEER_MODULES = {"onnxruntime": ("onnx", "onnxruntime"), "openvino f32": ("onnx",
                 "openvino default": ("onnx", "openvino"), "torch": ("torch",)}
 
 
+ONNX_PEERS = ("onnxruntime", "openvino f32", "openvino default")
+
+
 def installed(name: str) -> bool:
     import importlib.util
 
     return all(importlib.util.find_spec(m) is not None for m in PEER_MODULES.get(name, ()))
 
 
-def make_contenders(keras_model, h5_path, onnx_path, include_top, input_shape, threads, names):
+def failure_reason(error: BaseException) -> str:
+    """One table-safe line: the exception's type and the first line of its message."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:160] if text else ''}".replace("|", "/")
+
+
+def make_contenders(keras_model, h5_path, onnx_path, include_top, input_shape, threads, names, failed):
+    """{name: run} for every contender that could be built; the others go to failed[name] with
+    the reason (a peer that cannot load the model must not end the run)."""
     import fastvgg
-    import tensorflow as tf
 
     arch = "vgg19" if len([l for l in keras_model.layers if type(l).__name__ == "Conv2D"]) == 16 else "vgg16"
     build = fastvgg.VGG19 if arch == "vgg19" else fastvgg.VGG16
     layers = keras_layers(keras_model)
     runners = {}
     for name in names:
-        if name == "fastvgg":
-            ours = build(h5_path, include_top=include_top, input_shape=input_shape)
-            runners[name] = lambda x, m=ours: m.predict(x, batch_size=len(x))
-        elif name == "keras predict":
-            runners[name] = lambda x: keras_model.predict(x, batch_size=len(x), verbose=0)
-        elif name == "keras tf.function":
-            call = tf.function(lambda x: keras_model(x, training=False))
-            runners[name] = lambda x, c=call: c(x).numpy()
-        elif name == "onnxruntime":
-            runners[name] = onnxruntime_runner(onnx_path, threads)
-        elif name.startswith("openvino"):
-            runners[name] = openvino_runner(onnx_path, threads, f32=name.endswith("f32"))
-        elif name == "torch":
-            runners[name] = torch_runner(build_torch(layers, include_top))
+        if name in failed:
+            continue
+        try:
+            runners[name] = _make_runner(name, build, layers, keras_model, h5_path, onnx_path, include_top,
+                                         input_shape, threads)
+        except Exception as error:  # noqa: BLE001 - any failure of a peer is reported, not fatal
+            failed[name] = failure_reason(error)
+            print(f"{name}: skipped, {failed[name]}", flush=True)
     return runners
+
+
+def _make_runner(name, build, layers, keras_model, h5_path, onnx_path, include_top, input_shape, threads):
+    import tensorflow as tf
+
+    if name == "fastvgg":
+        ours = build(h5_path, include_top=include_top, input_shape=input_shape)
+        return lambda x, m=ours: m.predict(x, batch_size=len(x))
+    if name == "keras predict":
+        return lambda x: keras_model.predict(x, batch_size=len(x), verbose=0)
+    if name == "keras tf.function":
+        call = tf.function(lambda x: keras_model(x, training=False))
+        return lambda x, c=call: c(x).numpy()
+    if name == "onnxruntime":
+        return onnxruntime_runner(onnx_path, threads)
+    if name.startswith("openvino"):
+        return openvino_runner(onnx_path, threads, f32=name.endswith("f32"))
+    if name == "torch":
+        return torch_runner(build_torch(layers, include_top))
+    raise ValueError(f"unknown contender {name!r}")
 
 
 # ---------------------------------------------------------------- timing
@@ -250,10 +283,13 @@ def agreement(out, ref, include_top: bool) -> str:
     return f"rel L2 {rel:.1e}"
 
 
-def compare(title, keras_model, h5_path, onnx_path, include_top, input_shape, batches, threads, repeats, budget, names, lines):
+def compare(title, keras_model, h5_path, onnx_path, include_top, input_shape, batches, threads, repeats, budget, names, lines,
+            failed):
+    """failed: {contender: reason} of peers that could not be built or run (grows here)."""
     import numpy as np
 
-    runners = make_contenders(keras_model, h5_path, onnx_path, include_top, input_shape, threads, names)
+    failed = dict(failed)  # a peer that fails on one model may still load the next
+    runners = make_contenders(keras_model, h5_path, onnx_path, include_top, input_shape, threads, names, failed)
     rng = np.random.default_rng(0)
     lines += [f"### {title}", "",
               "| contender | batch | ms/image median | min-max | images/s | time / fastvgg | agreement with Keras |",
@@ -263,8 +299,20 @@ def compare(title, keras_model, h5_path, onnx_path, include_top, input_shape, ba
         x = rng.uniform(-124, 152, (batch,) + input_shape).astype(np.float32)
         reference = keras_model.predict(x, batch_size=batch, verbose=0)
         base = None
-        for name, run in runners.items():
-            output, seconds = timed(run, x, repeats.get(batch, 3), budget)
+        for name in names:
+            if name in failed:
+                row = f"| {name} | {batch} | skipped: {failed[name]} | | | | |"
+                lines.append(row)
+                print(row, flush=True)
+                continue
+            try:
+                output, seconds = timed(runners[name], x, repeats.get(batch, 3), budget)
+            except Exception as error:  # noqa: BLE001 - report the peer and go on with the others
+                failed[name] = failure_reason(error)
+                row = f"| {name} | {batch} | skipped: {failed[name]} | | | | |"
+                lines.append(row)
+                print(row, flush=True)
+                continue
             check = agreement(np.asarray(output), reference, include_top)  # checked on the warm-up's output
             per_image = [s / batch for s in seconds]
             median = statistics.median(per_image)
@@ -292,6 +340,14 @@ def fma_peak(core, threads: int, quick: bool):
         return None  # an extension built before csrc/fma_peak.cpp
     iterations = 5_000_000 if quick else 30_000_000
     return max(core.testing.fma_peak_gflops(threads, iterations) for _ in range(3))
+
+
+def bf16_dot_peak(core, threads: int, quick: bool):
+    """Measured vdpbf16ps GFLOP/s, or None where the CPU or the build has no bf16 kernels."""
+    if not hasattr(core.testing, "bf16_dot_peak_gflops") or core.testing.bf16_unavailable_reason():
+        return None
+    iterations = 5_000_000 if quick else 30_000_000
+    return max(core.testing.bf16_dot_peak_gflops(threads, iterations) for _ in range(3))
 
 
 def stream_read_gbps(threads: int) -> tuple:
@@ -325,16 +381,27 @@ def per_layer(threads: int, quick: bool, lines):
     isa = _core.active_isa()
     repeats = 3 if quick else 11
     peaks = {t: fma_peak(_core, t, quick) for t in sorted({1, threads})}
+    bf16_peak = bf16_dot_peak(_core, threads, quick)
+    bf16_missing = None if bf16_peak else (_core.testing.bf16_unavailable_reason()
+                                           if hasattr(_core.testing, "bf16_unavailable_reason")
+                                           else "not in this build of the extension")
     rng = np.random.default_rng(0)
     lines += ["### fastvgg per layer (VGG16, batch 1, 224x224)", "",
               f"Measured fp32 FMA peak ({isa}, csrc/fma_peak.cpp): "
               + (", ".join(f"{p:.0f} GFLOP/s on {t} thread{'s' * (t > 1)}" for t, p in peaks.items())
-                 if peaks[threads] else "not in this build of the extension (rebuild fastvgg)") + ".", "",
+                 if peaks[threads] else "not in this build of the extension (rebuild fastvgg)") + ".",
+              f"Measured bf16 dot-product peak (vdpbf16ps, csrc/bf16/dot_peak_bf16.cpp): "
+              + (f"{bf16_peak:.0f} GFLOP/s on {threads} thread{'s' * (threads > 1)}." if bf16_peak
+                 else f"n/a ({bf16_missing})."), "",
               "Effective GFLOP/s count direct-convolution FLOPs (2·H·W·Cin·Cout·9) whatever the algorithm, "
-              "so Winograd layers can pass the peak.", "",
-              f"| layer | algorithm | ms ({threads}T) | GFLOP/s | % of peak | ms (1T) | {threads}T/1T speedup |",
-              "|---|---|---|---|---|---|---|"]
+              "so Winograd layers can pass the peak. The bf16 columns time the bf16 kernel set's direct "
+              "convolution (vdpbf16ps) on the same layer, % of the bf16 peak; int14: its Winograd F(4x4) with "
+              "int14 products (vpdpwssd, the same peak).", "",
+              f"| layer | algorithm | ms ({threads}T) | GFLOP/s | % of peak | ms (1T) | {threads}T/1T speedup "
+              f"| bf16 direct ms ({threads}T) | bf16 GFLOP/s | % of bf16 peak | int14 winograd ms ({threads}T) | int14 GFLOP/s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     total = {1: 0.0, threads: 0.0}
+    bf16_total = int14_total = 0.0
     for name, (size, cin, cout) in zip(CONV_NAMES, VGG16_CONVS):
         x = np.maximum(rng.standard_normal((1, size, size, cin)), 0).astype(np.float32)
         kernel = (rng.standard_normal((3, 3, cin, cout)) * np.sqrt(2.0 / (9 * (cin + cout)))).astype(np.float32)
@@ -348,26 +415,44 @@ def per_layer(threads: int, quick: bool, lines):
             total[t] += ms[t]
         gflops = flop / ms[threads] / 1e9
         pct = f"{100 * gflops / peaks[threads]:.0f}%" if peaks[threads] else "n/a"
+        bf16_cells = "n/a | n/a | n/a | n/a | n/a"
+        if bf16_peak:
+            bf16_s = _core.testing.time_conv3x3_bf16(x, kernel, bias, repeats, "direct")  # threads: still `threads`
+            int14_s = _core.testing.time_conv3x3_bf16(x, kernel, bias, repeats, "winograd_int14")
+            bf16_total += bf16_s
+            int14_total += int14_s
+            bf16_gflops = flop / bf16_s / 1e9
+            bf16_cells = (f"{bf16_s * 1e3:.2f} | {bf16_gflops:.0f} | {100 * bf16_gflops / bf16_peak:.0f}% "
+                          f"| {int14_s * 1e3:.2f} | {flop / int14_s / 1e9:.0f}")
         lines.append(f"| {name} | {algorithm} | {ms[threads] * 1e3:.2f} | {gflops:.0f} | {pct} | {ms[1] * 1e3:.2f} "
-                     f"| {ms[1] / ms[threads]:.2f} |")
-    lines.append(f"| all convs | | {total[threads] * 1e3:.1f} | | | {total[1] * 1e3:.1f} | {total[1] / total[threads]:.2f} |")
+                     f"| {ms[1] / ms[threads]:.2f} | {bf16_cells} |")
+    bf16_sum = f"{bf16_total * 1e3:.1f} | | | {int14_total * 1e3:.1f} |" if bf16_peak else "n/a | | | n/a |"
+    lines.append(f"| all convs | | {total[threads] * 1e3:.1f} | | | {total[1] * 1e3:.1f} | {total[1] / total[threads]:.2f} "
+                 f"| {bf16_sum} |")
     _core.set_num_threads(threads)
 
     sum_gbps, gemv_gbps = stream_read_gbps(threads)
     lines += ["", f"Measured streaming read of a 411 MB float32 matrix: numpy sum (1 thread) {sum_gbps:.1f} GB/s, "
               f"numpy/BLAS sgemv ({threads} threads) {gemv_gbps:.1f} GB/s.", "",
-              f"| dense layer | weights MB | ms ({threads}T, batch 1) | GB/s |", "|---|---|---|---|"]
+              f"| dense layer | weights MB | ms ({threads}T, batch 1) | GB/s | bf16 weights MB | bf16 ms | bf16 GB/s |",
+              "|---|---|---|---|---|---|---|"]
     for name, depth, units, act in DENSES:
+        kernel = (rng.standard_normal((depth, units), dtype=np.float32) * np.float32(0.01))
         graph = _core.Graph(depth)
         graph.add_flatten()
         index = graph.add_dense(depth, units, act)
         network = _core.CpuExecutor(graph)
-        network.set_dense_kernel_rows(index, 0, (rng.standard_normal((depth, units)) * 0.01).astype(np.float32))
+        network.set_dense_kernel_rows(index, 0, kernel)
         network.set_dense_bias(index, np.zeros(units, np.float32))
         x = rng.standard_normal((1, 1, 1, depth)).astype(np.float32)
         seconds = min(_best(lambda: network.forward(x, [index]), repeats * 2))
+        del network
         nbytes = depth * units * 4
-        lines.append(f"| {name} | {nbytes / 1e6:.0f} | {seconds * 1e3:.2f} | {nbytes / seconds / 1e9:.1f} |")
+        bf16_cells = "n/a | n/a | n/a"
+        if bf16_peak:
+            bf16_s = _core.testing.time_dense_bf16(x.reshape(1, depth), kernel, np.zeros(units, np.float32), repeats * 2)
+            bf16_cells = f"{nbytes / 2e6:.0f} | {bf16_s * 1e3:.2f} | {nbytes / 2 / bf16_s / 1e9:.1f}"
+        lines.append(f"| {name} | {nbytes / 1e6:.0f} | {seconds * 1e3:.2f} | {nbytes / seconds / 1e9:.1f} | {bf16_cells} |")
     lines.append("")
 
 
@@ -440,7 +525,8 @@ def load_and_memory(names, model_dir, threads, lines):
                 break
             samples.append(json.loads(done.stdout.strip().splitlines()[-1]))
         if len(samples) < LOAD_SAMPLES:
-            lines.append(f"| {name} | failed: {done.stderr.strip().splitlines()[-1][:120]} | | | | |")
+            last_line = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+            lines.append(f"| {name} | failed: {last_line[:120].replace('|', '/')} | | | | |")
             continue
         median = {key: statistics.median(r[key] for r in samples) for key in samples[0]}
         ready = [r["load_s"] + r["first_predict_s"] for r in samples]
@@ -516,7 +602,7 @@ def main() -> int:
     batches = [1] if args.quick else [1, 8, 32]
     repeats = {1: 5, 8: 3, 32: 3} if args.quick else {1: 9, 8: 3, 32: 2}  # ~12 min on 2 cores
     budget = 5.0 if args.quick else 20.0
-    onnx_wanted = any(n in names for n in ("onnxruntime", "openvino f32", "openvino default"))
+    onnx_wanted = any(n in names for n in ONNX_PEERS)
 
     with tempfile.TemporaryDirectory() as tmp:
         lines.append("## Speed and agreement\n")
@@ -527,8 +613,12 @@ def main() -> int:
             kmodel = getattr(keras.applications, arch)(weights=None, include_top=include_top, input_shape=shape)
             stem = os.path.join(tmp, f"{arch.lower()}{'' if include_top else '_notop'}")
             kmodel.save(stem + ".h5")  # Keras 3 writes the legacy HDF5 layout fastvgg reads
+            failed = {}
             if onnx_wanted:
-                build_onnx(keras_layers(kmodel), include_top, stem + ".onnx")
+                try:
+                    build_onnx(keras_layers(kmodel), include_top, stem + ".onnx")
+                except Exception as error:  # noqa: BLE001 - the ONNX peers are skipped, the rest go on
+                    failed.update({n: "ONNX export failed, " + failure_reason(error) for n in ONNX_PEERS})
             if arch == "VGG16" and include_top and "torch" in names:
                 with torch.no_grad():  # TorchScript: a module file that loads without this script's classes
                     example = torch.zeros(1, 3, 224, 224).to(memory_format=torch.channels_last)
@@ -536,7 +626,7 @@ def main() -> int:
             title = f"{arch}, {'224x224 with the top (softmax)' if include_top else '480x640 without the top (block5_pool)'}"
             print(f"\n{title}", flush=True)
             compare(title, kmodel, stem + ".h5", stem + ".onnx", include_top, shape, sizes, args.threads, repeats,
-                    budget, names, lines)
+                    budget, names, lines, failed)
         lines.append("## fastvgg in detail\n")
         per_layer(args.threads, args.quick, lines)
         load_and_memory(names, tmp, args.threads, lines)

@@ -14,6 +14,9 @@
 #include <string>
 #include <vector>
 
+#include "bf16/bindings_bf16.h"
+#include "bf16/kernels_bf16.h"
+#include "bindings_winograd_batch.h"
 #include "cpu_features.h"
 #include "cpu_executor.h"
 #include "graph.h"
@@ -22,6 +25,7 @@ namespace py = pybind11;
 
 namespace fastvgg {
 double fma_peak_gflops(int threads, long iterations, const std::string& isa);  // csrc/fma_peak.cpp
+void register_ops(pybind11::module_& m, pybind11::module_& testing);  // csrc/bindings_ops.cpp
 }
 using namespace fastvgg;
 
@@ -361,6 +365,9 @@ py::dict describe_op(const Op& op) {
   d["out_channels"] = op.out_channels;
   d["activation"] = activation_name(op.activation);
   d["pool_mode"] = pool_mode_name(op.pool_mode);
+  d["kernel_size"] = op.kernel_size;
+  d["padding"] = op.same_padding ? "same" : "valid";
+  d["on_image"] = op.on_image;
   return d;
 }
 
@@ -436,6 +443,14 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<CpuExecutor>(m, "CpuExecutor", "A graph's weights packed for this CPU's kernels, and the loop that runs it.")
       .def(py::init([](const Graph& graph, const std::string& precision) {
+             const Precision p = parse_precision(precision);
+             if (p == Precision::Bf16) {
+               if (!bf16_kernel_set())
+                 throw std::runtime_error(std::string("precision='bf16' is not available here: ") +
+                                          bf16_unavailable_reason() + ". Use precision='fast'.");
+               // The bf16 set's methods in place of the fp32 ones; pooling and layout stay fp32's.
+               return std::make_unique<CpuExecutor>(graph, p, bf16_kernel_table(active_kernels()));
+             }
              return std::make_unique<CpuExecutor>(graph, parse_precision(precision), active_kernels());
            }),
            py::arg("graph"), py::arg("precision") = "fast")
@@ -502,8 +517,10 @@ PYBIND11_MODULE(_core, m) {
         const int i = checked_op_index(e.graph(), index);
         const Op& op = e.graph().op(i);
         if (!op.has_weights()) throw py::value_error("layer " + std::to_string(i) + " has no weights");
-        FloatArray kernel(op.kind == OpKind::Conv3x3 ? std::vector<py::ssize_t>{3, 3, op.in_channels, op.out_channels}
-                                                     : std::vector<py::ssize_t>{op.in_channels, op.out_channels});
+        const py::ssize_t k = op.kernel_size;
+        FloatArray kernel(op.is_convolution()         ? std::vector<py::ssize_t>{k, k, op.in_channels, op.out_channels}
+                          : op.kind == OpKind::Affine ? std::vector<py::ssize_t>{op.out_channels}
+                                                      : std::vector<py::ssize_t>{op.in_channels, op.out_channels});
         FloatArray bias(std::vector<py::ssize_t>{op.out_channels});
         float *kp = kernel.mutable_data(), *bp = bias.mutable_data();
         {
@@ -565,10 +582,13 @@ PYBIND11_MODULE(_core, m) {
     softmax_rows(y.mutable_data(), int(x.shape(0)), int(x.shape(1)), x.shape(1));
     return y;
   }, py::arg("x"));
+  register_ops(m, testing);
   testing.def("layout_roundtrip", &test_layout_roundtrip, py::arg("x"), py::arg("isa"));
   testing.def("fma_peak_gflops", [](int threads, long iterations, const std::string& isa) {
     py::gil_scoped_release release;
     return fma_peak_gflops(threads, iterations, isa);
   }, py::arg("threads"), py::arg("iterations") = 20000000L, py::arg("isa") = "auto",
      "Measured fp32 FMA GFLOP/s of `threads` threads (csrc/fma_peak.cpp), for bench/.");
+  register_bf16_testing(testing, &thread_count);
+  register_winograd_batch_testing(testing, &thread_count);
 }

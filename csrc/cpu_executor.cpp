@@ -1,6 +1,7 @@
 #include "cpu_executor.h"
 
 #include "cpu_features.h"
+#include "ops.h"
 
 #include <omp.h>
 
@@ -14,12 +15,19 @@ namespace fastvgg {
 // ---------------------------------------------------------------------------------------------
 // Shared by every executor
 
-const char* precision_name(Precision precision) { return precision == Precision::Highest ? "highest" : "fast"; }
+const char* precision_name(Precision precision) {
+  switch (precision) {
+    case Precision::Fast: return "fast";
+    case Precision::Highest: return "highest";
+    case Precision::Bf16: return "bf16";
+  }
+  return "?";
+}
 
 Precision parse_precision(const std::string& name) {
-  if (name == "fast") return Precision::Fast;
-  if (name == "highest") return Precision::Highest;
-  throw std::invalid_argument("unknown precision '" + name + "'; expected 'fast' or 'highest'");
+  for (Precision p : {Precision::Fast, Precision::Highest, Precision::Bf16})
+    if (name == precision_name(p)) return p;
+  throw std::invalid_argument("unknown precision '" + name + "'; expected 'fast', 'highest' or 'bf16'");
 }
 
 int check_output_requests(const Graph& graph, const std::vector<OutputRequest>& outputs) {
@@ -27,7 +35,7 @@ int check_output_requests(const Graph& graph, const std::vector<OutputRequest>& 
   for (std::size_t k = 0; k < outputs.size(); ++k) {
     const OutputRequest& request = outputs[k];
     const Op& op = graph.op(request.op);  // throws for an index out of range
-    if (request.before_activation && op.kind != OpKind::Conv3x3)
+    if (request.before_activation && !op.is_convolution())
       throw std::invalid_argument("layer " + std::to_string(request.op) +
                                   " is not a convolution: only convolutions have a pre-activation output");
     if (request.destination == nullptr) throw std::invalid_argument("an output request has no destination");
@@ -83,14 +91,17 @@ void* WeightBlob::writable() {
 // CpuExecutor
 
 namespace {
-enum class ConvChoice { None, Direct, Winograd };
+// Pointwise: a 1x1 convolution, weights in the fp32 dense layout (ops.h's conv1x1 reads it).
+enum class ConvChoice { None, Direct, Winograd, Pointwise };
 
 // Winograd's GEMM depth is the input channel count: with 3 channels (block1_conv1) the
 // transforms cost more than they save (bench/conv_layers.py: 1.7-2.1 ms direct against
 // 2.7-4.6 ms Winograd on that layer); from one full channel block on it wins 2-2.8x.
 ConvChoice choose_conv(const Op& op, Precision precision) {
-  if (op.kind != OpKind::Conv3x3) return ConvChoice::None;
-  return precision == Precision::Fast && op.in_channels >= kChannelBlock ? ConvChoice::Winograd : ConvChoice::Direct;
+  if (!op.is_convolution()) return ConvChoice::None;
+  if (op.kernel_size == 1) return ConvChoice::Pointwise;
+  // bf16: the kernel set's Winograd is F(4x4) with int14 products, chosen from the same depth on.
+  return precision != Precision::Highest && op.in_channels >= kChannelBlock ? ConvChoice::Winograd : ConvChoice::Direct;
 }
 
 const Conv3x3Method& conv_method(const KernelTable& kernels, ConvChoice choice) {
@@ -112,7 +123,42 @@ void relu_in_place(const BlockedImage& image) {
   for (std::size_t i = 0; i < size; ++i) data[i] = data[i] < 0.0f ? 0.0f : data[i];
 }
 
-std::size_t conv_weight_count(const Op& op) { return std::size_t(9) * op.in_channels * op.out_channels; }
+std::size_t conv_weight_count(const Op& op) {
+  return std::size_t(op.kernel_size) * op.kernel_size * op.in_channels * op.out_channels;
+}
+
+// A 1x1 convolution's weights, in the fp32 dense layout whatever the kernel set.
+std::size_t pointwise_bytes(const Op& op) { return packed_dense_size(op.in_channels, op.out_channels) * sizeof(float); }
+// An affine map's scale, padded to whole blocks with zeros (so padding channels stay zero).
+std::size_t affine_bytes(const Op& op) { return std::size_t(round_up_to_block(op.out_channels)) * sizeof(float); }
+
+// The element-wise kernels' name for an activation.
+Elementwise elementwise_of(Activation a) {
+  switch (a) {
+    case Activation::Relu: return Elementwise::Relu;
+    case Activation::Sigmoid: return Elementwise::Sigmoid;
+    case Activation::Tanh: return Elementwise::Tanh;
+    case Activation::Elu: return Elementwise::Elu;
+    case Activation::Selu: return Elementwise::Selu;
+    case Activation::Gelu: return Elementwise::Gelu;
+    case Activation::Swish: return Elementwise::Swish;
+    case Activation::Softplus: return Elementwise::Softplus;
+    default: return Elementwise::Linear;
+  }
+}
+
+// Whether an op's activation runs as a pass of its own (the kernels fuse only ReLU; softmax
+// runs on the flat rows).
+bool activation_pass(Activation a) { return a != Activation::Linear && a != Activation::Relu && a != Activation::Softmax; }
+
+// An activation on `count` flat rows of `cols` values, `stride` floats apart.
+void activate_rows(const OpsTable& ops, Activation a, float* rows, int count, int cols, std::ptrdiff_t stride) {
+  if (a == Activation::Softmax) {
+    softmax_rows(rows, count, cols, stride);
+  } else if (a != Activation::Linear) {
+    for (int r = 0; r < count; ++r) ops.activation_rows(rows + r * stride, std::size_t(cols), elementwise_of(a));
+  }
+}
 }  // namespace
 
 struct CpuExecutor::PreparedOp {
@@ -130,10 +176,12 @@ struct CpuExecutor::PreparedOp {
 struct CpuExecutor::Workspace {
   AlignedBuffer ping, pong;         // blocked activations of one image
   AlignedBuffer flat_in, flat_out;  // rows of the flat part, one per image, padded to the block
+  AlignedBuffer uncropped;          // a 'valid' 3x3 convolution's 'same' output before the crop
   KernelScratch scratch;
 
   std::size_t bytes() const {
-    return (ping.size() + pong.size() + flat_in.size() + flat_out.size()) * sizeof(float) + scratch.bytes();
+    return (ping.size() + pong.size() + flat_in.size() + flat_out.size() + uncropped.size()) * sizeof(float) +
+           scratch.bytes();
   }
 };
 
@@ -162,7 +210,9 @@ CpuExecutor::~CpuExecutor() = default;
 
 const char* CpuExecutor::method_name(int op) const {
   const Op& o = graph_.op(op);
-  if (o.kind == OpKind::Conv3x3) return conv_method(*kernels_, prepared(op).conv).name;
+  if (o.is_convolution() && prepared(op).conv == ConvChoice::Pointwise) return "pointwise_f32";
+  if (o.is_convolution()) return conv_method(*kernels_, prepared(op).conv).name;
+  if (o.kind == OpKind::Affine) return "affine_f32";
   if (o.kind == OpKind::Dense) return kernels_->dense.name;
   return "";
 }
@@ -211,15 +261,18 @@ void CpuExecutor::end_update() {
 
 void CpuExecutor::set_conv3x3_weights(int op, const float* kernel_hwio, const float* bias) {
   UpdateScope scope(*this);
-  PreparedOp& p = prepared(op, OpKind::Conv3x3);
   const Op& o = graph_.op(op);
+  // A 'valid' 3x3 convolution packs as VGG's 'same' one does (it runs by the same kernels).
+  PreparedOp& p = prepared(op, o.kind == OpKind::Conv && o.kernel_size == 3 ? OpKind::Conv : OpKind::Conv3x3);
   const Conv3x3Method& method = conv_method(*kernels_, p.conv);
   const int threads = this->threads();
   p.kernel_loaded = p.bias_loaded = false;
   const std::size_t bytes = method.packed_bytes(o.in_channels, o.out_channels);
   if (p.packed.is_adopted() || p.packed.bytes() != bytes) p.packed.allocate(bytes, /*zeroed=*/false);
   method.pack(kernel_hwio, o.in_channels, o.out_channels, p.packed.writable(), threads);
-  if (method.unpack_is_exact) {
+  // bf16 keeps no correction: get_weights gives what the kernels compute with (a byte or more
+  // a weight to restore the loaded values would cost most of what bf16 saves).
+  if (method.unpack_is_exact || precision_ == Precision::Bf16) {
     p.correction = KernelCorrection{};
   } else {
     std::vector<float> recovered(conv_weight_count(o));
@@ -227,6 +280,33 @@ void CpuExecutor::set_conv3x3_weights(int op, const float* kernel_hwio, const fl
     p.correction = correction_to(kernel_hwio, recovered.data(), recovered.size(), threads);
   }
   std::copy(bias, bias + o.out_channels, p.bias.data());
+  p.kernel_loaded = p.bias_loaded = true;
+}
+
+void CpuExecutor::set_conv_weights(int op, const float* kernel_hwio, const float* bias) {
+  const Op& o = graph_.op(op);
+  if (o.kernel_size == 3 || o.kind == OpKind::Conv3x3) return set_conv3x3_weights(op, kernel_hwio, bias);
+  UpdateScope scope(*this);
+  PreparedOp& p = prepared(op, OpKind::Conv);
+  p.kernel_loaded = p.bias_loaded = false;
+  const std::size_t bytes = pointwise_bytes(o);
+  if (p.packed.is_adopted() || p.packed.bytes() != bytes) p.packed.allocate(bytes, /*zeroed=*/true);
+  // A 1x1 kernel (1, 1, in, out) is an (in, out) matrix.
+  pack_dense_rows(kernel_hwio, 0, o.in_channels, o.in_channels, o.out_channels, static_cast<float*>(p.packed.writable()),
+                  threads());
+  std::copy(bias, bias + o.out_channels, p.bias.data());
+  p.correction = KernelCorrection{};
+  p.kernel_loaded = p.bias_loaded = true;
+}
+
+void CpuExecutor::set_affine(int op, const float* scale, const float* shift) {
+  UpdateScope scope(*this);
+  PreparedOp& p = prepared(op, OpKind::Affine);
+  const Op& o = graph_.op(op);
+  p.kernel_loaded = p.bias_loaded = false;
+  if (p.packed.is_adopted() || p.packed.bytes() != affine_bytes(o)) p.packed.allocate(affine_bytes(o), /*zeroed=*/true);
+  std::copy(scale, scale + o.out_channels, static_cast<float*>(p.packed.writable()));
+  std::copy(shift, shift + o.out_channels, p.bias.data());
   p.kernel_loaded = p.bias_loaded = true;
 }
 
@@ -280,10 +360,15 @@ void CpuExecutor::get_weights(int op, float* kernel, float* bias) const {
   if (!p.kernel_loaded || !p.bias_loaded)
     throw std::logic_error("layer " + std::to_string(op) + " has no weights loaded");
   const int threads = this->threads();
-  if (o.kind == OpKind::Conv3x3) {
+  if (p.conv == ConvChoice::Pointwise) {
+    unpack_dense(static_cast<const float*>(p.packed.data()), o.in_channels, o.out_channels, kernel, threads);
+  } else if (o.kind == OpKind::Affine) {
+    const float* scale = static_cast<const float*>(p.packed.data());
+    std::copy(scale, scale + o.out_channels, kernel);
+  } else if (o.is_convolution()) {
     const Conv3x3Method& method = conv_method(*kernels_, p.conv);
     method.unpack(p.packed.data(), o.in_channels, o.out_channels, kernel, threads);
-    if (!method.unpack_is_exact) {
+    if (!method.unpack_is_exact && precision_ != Precision::Bf16) {
       if (p.correction.ulps.size() != conv_weight_count(o) ||
           p.correction.exact_index.size() != p.correction.exact_value.size())
         throw std::logic_error("layer " + std::to_string(op) + ": the correction that makes get_weights exact is "
@@ -332,7 +417,8 @@ std::vector<CpuExecutor::Section> CpuExecutor::packed_sections() const {
     const std::string prefix = "op" + std::to_string(i) + ".";
     sections.push_back({prefix + "packed", p.packed.data(), p.packed.bytes()});
     sections.push_back({prefix + "bias", p.bias.data(), p.bias.size() * sizeof(float)});
-    if (p.conv != ConvChoice::None && !conv_method(*kernels_, p.conv).unpack_is_exact) {
+    if (p.conv != ConvChoice::None && p.conv != ConvChoice::Pointwise && !conv_method(*kernels_, p.conv).unpack_is_exact &&
+        precision_ != Precision::Bf16) {
       sections.push_back({prefix + "correction.ulps", p.correction.ulps.data(), p.correction.ulps.size()});
       sections.push_back({prefix + "correction.index", p.correction.exact_index.data(),
                           p.correction.exact_index.size() * sizeof(std::uint32_t)});
@@ -363,12 +449,14 @@ void CpuExecutor::adopt_section(const std::string& name, const void* data, std::
       throw std::invalid_argument("packed section '" + name + "' has " + std::to_string(bytes) + " bytes, expected " +
                                   std::to_string(expected));
   };
-  const bool conv = o.kind == OpKind::Conv3x3;
-  const bool corrected = conv && !conv_method(*kernels_, p.conv).unpack_is_exact;
+  const bool conv = o.is_convolution() && p.conv != ConvChoice::Pointwise;
+  const bool corrected = conv && !conv_method(*kernels_, p.conv).unpack_is_exact && precision_ != Precision::Bf16;
   const std::size_t count = conv ? conv_weight_count(o) : 0;
   if (part == "packed") {
-    require_bytes(conv ? conv_method(*kernels_, p.conv).packed_bytes(o.in_channels, o.out_channels)
-                       : kernels_->dense.packed_bytes(o.in_channels, o.out_channels));
+    require_bytes(conv                              ? conv_method(*kernels_, p.conv).packed_bytes(o.in_channels, o.out_channels)
+                  : p.conv == ConvChoice::Pointwise ? pointwise_bytes(o)
+                  : o.kind == OpKind::Affine        ? affine_bytes(o)
+                                                    : kernels_->dense.packed_bytes(o.in_channels, o.out_channels));
     p.packed.adopt(data, bytes, std::move(keepalive));
     p.dense_row_loaded.clear();
     p.dense_rows_missing = 0;
@@ -444,6 +532,16 @@ void CpuExecutor::run(const float* images, int count, int height, int width, con
   for (int i = spatial_end; i <= last; ++i)
     widest_flat = std::max(widest_flat, std::size_t(round_up_to_block(shapes[i][0])));
 
+  // A 'valid' 3x3 convolution runs the 'same' kernel on its full input size, then crops.
+  std::size_t uncropped_size = 0;
+  for (int i = 0; i < spatial_end; ++i) {
+    const Op& op = ops[std::size_t(i)];
+    if (op.kind == OpKind::Conv && !op.same_padding)
+      uncropped_size = std::max(uncropped_size, blocked_image_size(op.out_channels, shapes[i][0] + op.kernel_size - 1,
+                                                                   shapes[i][1] + op.kernel_size - 1));
+  }
+  workspace.uncropped.ensure_capacity(uncropped_size);
+  const OpsTable& ops_table = ops_for(kernels);
   workspace.ping.ensure_capacity(scratch_size);
   workspace.pong.ensure_capacity(scratch_size);
   if (has_flat_part) {
@@ -463,6 +561,15 @@ void CpuExecutor::run(const float* images, int count, int height, int width, con
     kernels.nhwc_to_blocked(images + n * input_image, current);
     for (int i = 0; i < spatial_end; ++i) {
       const Op& op = ops[std::size_t(i)];
+      const PreparedOp& p = *prepared_[std::size_t(i)];
+      if (op.in_place()) {  // an affine map or an activation changes the image where it is
+        if (op.kind == OpKind::Affine)
+          ops_table.affine_blocked(current, static_cast<const float*>(p.packed.data()), p.bias.data(), threads);
+        else if (op.activation != Activation::Linear)
+          ops_table.activation_blocked(current, elementwise_of(op.activation), threads);
+        if (float* dst = wanted[std::size_t(i)]) kernels.blocked_to_nhwc(current, dst + n * shape_elements(shapes[i]));
+        continue;
+      }
       next.channels = shapes[i][2];
       next.height = shapes[i][0];
       next.width = shapes[i][1];
@@ -471,10 +578,19 @@ void CpuExecutor::run(const float* images, int count, int height, int width, con
       // The pre-activation output needs the sums before ReLU: run the kernel without it and
       // apply it afterwards, only when somebody asked.
       const bool relu = op.activation == Activation::Relu && before_activation == nullptr;
-      if (op.kind == OpKind::Conv3x3) {
-        const PreparedOp& p = *prepared_[std::size_t(i)];
+      if (p.conv == ConvChoice::Pointwise) {
+        ops_table.conv1x1(current, static_cast<const float*>(p.packed.data()), p.bias.data(), relu, next, threads);
+      } else if (op.is_convolution() && op.same_padding) {
         conv_method(kernels, p.conv).run(current, p.packed.data(), p.bias.data(), relu, next, threads,
                                          workspace.scratch);
+      } else if (op.is_convolution()) {
+        // 'valid': only the outer ring of the 'same' output reads the zero padding; the rest is it.
+        const BlockedImage uncropped{workspace.uncropped.data(), next.channels, current.height, current.width};
+        conv_method(kernels, p.conv).run(current, p.packed.data(), p.bias.data(), relu, uncropped, threads,
+                                         workspace.scratch);
+        ops_table.crop_border(uncropped, next, threads);
+      } else if (op.kind == OpKind::Pool2x2) {
+        ops_table.pool2x2(current, op.pool_mode, next, threads);
       } else {
         kernels.max_pool2x2(current, next, threads);
       }
@@ -482,6 +598,7 @@ void CpuExecutor::run(const float* images, int count, int height, int width, con
         kernels.blocked_to_nhwc(next, before_activation + n * shape_elements(shapes[i]));
         if (op.activation == Activation::Relu) relu_in_place(next);
       }
+      if (activation_pass(op.activation)) ops_table.activation_blocked(next, elementwise_of(op.activation), threads);
       if (float* dst = wanted[std::size_t(i)]) kernels.blocked_to_nhwc(next, dst + n * shape_elements(shapes[i]));
       std::swap(current, next);
     }
@@ -509,10 +626,22 @@ void CpuExecutor::run(const float* images, int count, int height, int width, con
   for (int i = spatial_end + 1; i <= last; ++i) {
     const Op& op = ops[std::size_t(i)];
     const PreparedOp& p = *prepared_[std::size_t(i)];
+    if (op.in_place()) {  // on the rows where they are
+      const int features = shapes[std::size_t(i)][0];
+      if (op.kind == OpKind::Affine) {
+        for (int r = 0; r < count; ++r)
+          ops_table.affine_rows(flat_in + r * in_stride, 1, features, static_cast<const float*>(p.packed.data()),
+                                p.bias.data());
+      } else {
+        activate_rows(ops_table, op.activation, flat_in, count, features, in_stride);
+      }
+      copy_out(i, flat_in, in_stride);
+      continue;
+    }
     const std::ptrdiff_t out_stride = round_up_to_block(op.out_channels);
     kernels.dense.run(flat_in, count, op.in_channels, in_stride, p.packed.data(), p.bias.data(), op.out_channels,
                       op.activation == Activation::Relu, flat_out, out_stride, threads);
-    if (op.activation == Activation::Softmax) softmax_rows(flat_out, count, op.out_channels, out_stride);
+    if (op.activation != Activation::Relu) activate_rows(ops_table, op.activation, flat_out, count, op.out_channels, out_stride);
     copy_out(i, flat_out, out_stride);
     std::swap(flat_in, flat_out);
     in_stride = out_stride;

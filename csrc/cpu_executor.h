@@ -63,6 +63,10 @@ class CpuExecutor final : public Executor {
   void set_conv3x3_weights(int op, const float* kernel_hwio, const float* bias) override;
   void set_dense_kernel_rows(int op, int first_row, int row_count, const float* rows) override;
   void set_dense_bias(int op, const float* bias) override;
+  // Any convolution's weights, HWIO (1x1 or 3x3); a 3x3 packs as set_conv3x3_weights does.
+  void set_conv_weights(int op, const float* kernel_hwio, const float* bias);
+  // An affine op's per-channel scale and shift (get_weights returns them as kernel and bias).
+  void set_affine(int op, const float* scale, const float* shift);
   bool weights_loaded(int op) const override;
   void get_weights(int op, float* kernel, float* bias) const override;
   void forward(const float* images, int count, int height, int width,

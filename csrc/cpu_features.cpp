@@ -35,6 +35,14 @@ const KernelTable* initial_table() {
 
 }  // namespace
 
+bool cpu_has_avx512_bf16() {
+#if defined(__x86_64__) || defined(_M_X64)
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
 std::vector<const KernelTable*> supported_kernel_tables() {
   std::vector<const KernelTable*> tables;
 #if FASTVGG_HAVE_AVX512

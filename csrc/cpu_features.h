@@ -16,5 +16,7 @@ const KernelTable& active_kernels();
 // Throws std::invalid_argument naming the choices when `isa` is unknown or unsupported here.
 const KernelTable& kernels_for(const std::string& isa);
 void set_active_kernels(const std::string& isa);
+// AVX512_BF16 (vdpbf16ps) with everything the avx512 kernels need: the bf16 kernel set's test.
+bool cpu_has_avx512_bf16();
 
 }  // namespace fastvgg

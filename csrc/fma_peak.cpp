@@ -6,7 +6,9 @@
 // (4 cycles) every step, so enough chains are in flight to keep both FMA ports busy. The
 // functions carry target attributes instead of living in the per-ISA object libraries, and the
 // ISA is chosen from what the CPU reports at run time.
-#include <immintrin.h>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>  // x86 only: elsewhere (aarch64) fma_peak_gflops just raises
+#endif
 #include <omp.h>
 
 #include <stdexcept>

@@ -25,33 +25,48 @@ const char* op_kind_name(OpKind kind) {
     case OpKind::Flatten: return "flatten";
     case OpKind::GlobalPool: return "global_pool";
     case OpKind::Dense: return "dense";
+    case OpKind::Conv: return "conv";
+    case OpKind::Pool2x2: return "pool2x2";
+    case OpKind::Affine: return "affine";
+    case OpKind::Elementwise: return "activation";
   }
   return "?";
 }
-static_assert(kOpKindCount == 5, "op_kind_name and parse_op_kind list every OpKind");
+static_assert(kOpKindCount == 9, "op_kind_name and parse_op_kind list every OpKind");
 
 const char* activation_name(Activation activation) {
   switch (activation) {
     case Activation::Linear: return "linear";
     case Activation::Relu: return "relu";
     case Activation::Softmax: return "softmax";
+    case Activation::Sigmoid: return "sigmoid";
+    case Activation::Tanh: return "tanh";
+    case Activation::Elu: return "elu";
+    case Activation::Selu: return "selu";
+    case Activation::Gelu: return "gelu";
+    case Activation::Swish: return "swish";
+    case Activation::Softplus: return "softplus";
   }
   return "?";
 }
+static_assert(kActivationCount == 10, "activation_name and parse_activation list every Activation");
 
 const char* pool_mode_name(GlobalPoolMode mode) { return mode == GlobalPoolMode::Max ? "max" : "avg"; }
 
 OpKind parse_op_kind(const std::string& name) {
-  for (OpKind kind : {OpKind::Conv3x3, OpKind::MaxPool2x2, OpKind::Flatten, OpKind::GlobalPool, OpKind::Dense})
-    if (name == op_kind_name(kind)) return kind;
+  for (int k = 0; k < kOpKindCount; ++k)
+    if (name == op_kind_name(OpKind(k))) return OpKind(k);
   throw std::invalid_argument("unknown op kind '" + name +
-                              "'; expected 'conv3x3', 'max_pool2x2', 'flatten', 'global_pool' or 'dense'");
+                              "'; expected 'conv3x3', 'max_pool2x2', 'flatten', 'global_pool', 'dense', 'conv', "
+                              "'pool2x2', 'affine' or 'activation'");
 }
 
 Activation parse_activation(const std::string& name) {
-  for (Activation a : {Activation::Linear, Activation::Relu, Activation::Softmax})
-    if (name == activation_name(a)) return a;
-  throw std::invalid_argument("unknown activation '" + name + "'; expected 'linear', 'relu' or 'softmax'");
+  for (int a = 0; a < kActivationCount; ++a)
+    if (name == activation_name(Activation(a))) return Activation(a);
+  if (name == "silu") return Activation::Swish;  // Keras 3's name for it
+  throw std::invalid_argument("unknown activation '" + name +
+                              "'; expected linear, relu, softmax, sigmoid, tanh, elu, selu, gelu, swish or softplus");
 }
 
 GlobalPoolMode parse_pool_mode(const std::string& name) {
@@ -77,16 +92,32 @@ const Op& Graph::op(int index) const {
   return ops_[std::size_t(index)];
 }
 
+bool Graph::flat() const {
+  return std::any_of(ops_.begin(), ops_.end(), [](const Op& o) { return !o.is_spatial(); });
+}
+
+int Graph::current_channels() const {
+  // Pooling, affine maps and activations keep the channel count: it is the last convolution's.
+  for (auto it = ops_.rbegin(); it != ops_.rend(); ++it)
+    if (it->is_convolution()) return it->out_channels;
+  return input_channels_;
+}
+
 int Graph::append(Op op) {
-  const bool flat_so_far = std::any_of(ops_.begin(), ops_.end(), [](const Op& o) { return !o.is_spatial(); });
+  const bool flat_so_far = flat();
+  if (op.in_place()) op.on_image = !flat_so_far;
   if (op.is_spatial() && flat_so_far)
     throw std::invalid_argument("a convolution or pooling layer cannot follow a flatten, global pooling or dense layer");
   if ((op.kind == OpKind::Flatten || op.kind == OpKind::GlobalPool) && flat_so_far)
     throw std::invalid_argument("the network is already flat");
   if (op.kind == OpKind::Dense && !flat_so_far)
     throw std::invalid_argument("a dense layer needs a flatten or global pooling layer before it");
-  if (op.activation == Activation::Softmax && op.kind != OpKind::Dense)
-    throw std::invalid_argument("softmax is only supported after a dense layer");
+  if (op.activation == Activation::Softmax && !(op.kind == OpKind::Dense || (op.kind == OpKind::Elementwise && !op.on_image)))
+    throw std::invalid_argument("softmax is only supported after a dense layer or on other flat rows (after a flatten or "
+                                "global pooling layer)");
+  if (op.kind == OpKind::Affine && op.out_channels != (op.on_image ? current_channels() : op.out_channels))
+    throw std::invalid_argument("an affine map of " + std::to_string(op.out_channels) + " channels cannot follow a layer of " +
+                                std::to_string(current_channels()) + " channels");
   ops_.push_back(op);
   return int(ops_.size()) - 1;
 }
@@ -95,13 +126,9 @@ int Graph::add_conv3x3(int filters, Activation activation) {
   require(positive("filters", filters, kMaxChannels));
   Op op{OpKind::Conv3x3};
   // Pooling keeps the channel count, so the input is whatever the last convolution made.
-  op.in_channels = input_channels_;
-  for (auto it = ops_.rbegin(); it != ops_.rend(); ++it)
-    if (it->kind == OpKind::Conv3x3) {
-      op.in_channels = it->out_channels;
-      break;
-    }
+  op.in_channels = current_channels();
   op.out_channels = filters;
+  op.same_padding = true;
   op.activation = activation;
   return append(op);
 }
@@ -125,6 +152,39 @@ int Graph::add_dense(int in_features, int units, Activation activation) {
   return append(op);
 }
 
+int Graph::add_conv(int kernel_size, int filters, bool same_padding, Activation activation) {
+  if (kernel_size != 1 && kernel_size != 3)
+    throw std::invalid_argument("kernel_size must be 1 or 3, got " + std::to_string(kernel_size));
+  require(positive("filters", filters, kMaxChannels));
+  Op op{OpKind::Conv};
+  op.in_channels = current_channels();
+  op.out_channels = filters;
+  op.kernel_size = kernel_size;
+  op.same_padding = kernel_size == 1 || same_padding;  // the two are the same for a 1x1 kernel
+  op.activation = activation;
+  return append(op);
+}
+
+int Graph::add_pool2x2(GlobalPoolMode mode, bool same_padding) {
+  Op op{OpKind::Pool2x2};
+  op.pool_mode = mode;
+  op.same_padding = same_padding;
+  return append(op);
+}
+
+int Graph::add_affine(int channels) {
+  require(positive("channels", channels, kMaxFeatures));
+  Op op{OpKind::Affine};
+  op.in_channels = op.out_channels = channels;
+  return append(op);
+}
+
+int Graph::add_activation(Activation activation) {
+  Op op{OpKind::Elementwise};
+  op.activation = activation;
+  return append(op);
+}
+
 int Graph::add(const Op& op) {
   switch (op.kind) {
     case OpKind::Conv3x3: {
@@ -141,6 +201,19 @@ int Graph::add(const Op& op) {
     case OpKind::Flatten: return add_flatten();
     case OpKind::GlobalPool: return add_global_pool(op.pool_mode);
     case OpKind::Dense: return add_dense(op.in_channels, op.out_channels, op.activation);
+    case OpKind::Conv: {
+      const int index = add_conv(op.kernel_size, op.out_channels, op.same_padding, op.activation);
+      if (ops_.back().in_channels != op.in_channels) {
+        const int expected = ops_.back().in_channels;
+        ops_.pop_back();
+        throw std::invalid_argument("convolution " + std::to_string(index) + " would read " + std::to_string(expected) +
+                                    " channels, but its description says " + std::to_string(op.in_channels));
+      }
+      return index;
+    }
+    case OpKind::Pool2x2: return add_pool2x2(op.pool_mode, op.same_padding);
+    case OpKind::Affine: return add_affine(op.out_channels);
+    case OpKind::Elementwise: return add_activation(op.activation);
   }
   throw std::invalid_argument("unknown op kind");
 }
@@ -177,6 +250,37 @@ std::vector<OpShape> Graph::shapes(int height, int width) const {
       case OpKind::GlobalPool:
         features = c;
         result.push_back({c});
+        break;
+      case OpKind::Conv:
+        c = op.out_channels;
+        if (!op.same_padding) {
+          h -= op.kernel_size - 1;
+          w -= op.kernel_size - 1;
+          if (h < 1 || w < 1)
+            throw std::invalid_argument("input " + std::to_string(height) + "x" + std::to_string(width) +
+                                        " is too small: layer " + std::to_string(i) +
+                                        " ('valid' 3x3 convolution) would leave nothing");
+        }
+        result.push_back({h, w, c});
+        break;
+      case OpKind::Pool2x2:
+        h = op.same_padding ? (h + 1) / 2 : h / 2;
+        w = op.same_padding ? (w + 1) / 2 : w / 2;
+        if (h < 1 || w < 1)
+          throw std::invalid_argument("input " + std::to_string(height) + "x" + std::to_string(width) +
+                                      " is too small: layer " + std::to_string(i) + " would pool it to nothing");
+        result.push_back({h, w, c});
+        break;
+      case OpKind::Affine:
+      case OpKind::Elementwise:
+        if (op.kind == OpKind::Affine && (op.on_image ? c : features) != op.out_channels)
+          throw std::invalid_argument("affine layer " + std::to_string(i) + " has " + std::to_string(op.out_channels) +
+                                      " channels but an input of " + std::to_string(height) + "x" + std::to_string(width) +
+                                      " gives it " + std::to_string(op.on_image ? c : features));
+        if (op.on_image)
+          result.push_back({h, w, c});
+        else
+          result.push_back({int(features)});
         break;
       case OpKind::Dense:
         if (features != op.in_channels)

@@ -15,19 +15,36 @@
 
 namespace fastvgg {
 
-enum class OpKind { Conv3x3, MaxPool2x2, Flatten, GlobalPool, Dense };
-constexpr int kOpKindCount = 5;
-enum class Activation { Linear, Relu, Softmax };
+// Conv: a 1x1 or 'valid' 3x3 convolution (Conv3x3 is VGG's 'same' one); Pool2x2: 2x2 average
+// pooling, or max pooling with 'same' padding; Affine: per-channel x * scale + shift
+// (BatchNormalization, Rescaling, Normalization); Elementwise: an activation on its own. The
+// last two work in place, on images or on flat rows, wherever they stand in the chain.
+enum class OpKind { Conv3x3, MaxPool2x2, Flatten, GlobalPool, Dense, Conv, Pool2x2, Affine, Elementwise };
+constexpr int kOpKindCount = 9;
+// Keras's activations; softmax only on flat rows.
+enum class Activation { Linear, Relu, Softmax, Sigmoid, Tanh, Elu, Selu, Gelu, Swish, Softplus };
+constexpr int kActivationCount = 10;
 
 struct Op {
   OpKind kind;
   int in_channels = 0;   // conv: input channels; dense: input features; others: 0
   int out_channels = 0;  // conv: filters; dense: units; others: 0
   Activation activation = Activation::Linear;
-  GlobalPoolMode pool_mode = GlobalPoolMode::Average;
+  GlobalPoolMode pool_mode = GlobalPoolMode::Average;  // GlobalPool, Pool2x2
+  int kernel_size = 3;        // Conv: 1 or 3
+  bool same_padding = false;  // Conv (3x3 only) and Pool2x2: Keras's 'same', else 'valid'
+  bool on_image = false;      // Affine, Elementwise: set by the graph, true before the chain turns flat
 
-  bool has_weights() const { return kind == OpKind::Conv3x3 || kind == OpKind::Dense; }
-  bool is_spatial() const { return kind == OpKind::Conv3x3 || kind == OpKind::MaxPool2x2; }
+  bool has_weights() const {
+    return kind == OpKind::Conv3x3 || kind == OpKind::Dense || kind == OpKind::Conv || kind == OpKind::Affine;
+  }
+  bool is_convolution() const { return kind == OpKind::Conv3x3 || kind == OpKind::Conv; }
+  bool is_spatial() const {
+    return kind == OpKind::Conv3x3 || kind == OpKind::MaxPool2x2 || kind == OpKind::Conv || kind == OpKind::Pool2x2 ||
+           ((kind == OpKind::Affine || kind == OpKind::Elementwise) && on_image);
+  }
+  // Affine and Elementwise overwrite their input instead of writing a new buffer.
+  bool in_place() const { return kind == OpKind::Affine || kind == OpKind::Elementwise; }
 };
 
 const char* op_kind_name(OpKind kind);
@@ -56,6 +73,12 @@ class Graph {
   int add_flatten();
   int add_global_pool(GlobalPoolMode mode);
   int add_dense(int in_features, int units, Activation activation);
+  // A 1x1 convolution (kernel_size 1) or a 3x3 one with 'valid' (or 'same') padding.
+  int add_conv(int kernel_size, int filters, bool same_padding, Activation activation);
+  int add_pool2x2(GlobalPoolMode mode, bool same_padding);
+  // x * scale + shift over `channels` channels (an image's) or features (a flat row's).
+  int add_affine(int channels);
+  int add_activation(Activation activation);
   // Appends an op described by its fields (what describe() gives, what other executors rebuild from).
   int add(const Op& op);
 
@@ -71,6 +94,8 @@ class Graph {
 
  private:
   int append(Op op);
+  int current_channels() const;  // of an image at the end of the chain so far
+  bool flat() const;
 
   int input_channels_;
   std::vector<Op> ops_;

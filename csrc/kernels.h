@@ -130,7 +130,7 @@ struct KernelCorrection {
   std::vector<std::int8_t> ulps;
   std::vector<std::uint32_t> exact_index;
   std::vector<float> exact_value;
-  std::size_t bytes() const {
+  FASTVGG_PER_ISA std::size_t bytes() const {  // per_isa.h: kept apart per ISA object
     return ulps.size() + exact_index.size() * sizeof(std::uint32_t) + exact_value.size() * sizeof(float);
   }
 };

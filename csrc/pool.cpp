@@ -12,6 +12,12 @@
 
 namespace fastvgg {
 namespace FASTVGG_ISA {
+namespace {
+// A constant, not a call: an unoptimised build emits std::numeric_limits<float>::infinity()
+// as a weak function, which this object would compile with its -m flags and share by name
+// with every other object (see per_isa.h and tests/test_isa_symbols.py).
+constexpr float kMinusInfinity = -std::numeric_limits<float>::infinity();
+}  // namespace
 
 void max_pool2x2(const BlockedImage& in, const BlockedImage& out, int threads) {
   const int items = out.blocks() * out.height;
@@ -35,7 +41,7 @@ void max_pool2x2(const BlockedImage& in, const BlockedImage& out, int threads) {
 void global_pool(const BlockedImage& in, GlobalPoolMode mode, float* out) {
   alignas(64) float lanes[kChannelBlock];
   for (int b = 0; b < in.blocks(); ++b) {
-    Vec16 acc = mode == GlobalPoolMode::Max ? broadcast(-std::numeric_limits<float>::infinity()) : zero();
+    Vec16 acc = mode == GlobalPoolMode::Max ? broadcast(kMinusInfinity) : zero();
     for (int y = 0; y < in.height; ++y) {
       const float* row = in.at(b, y, 0);
       for (int x = 0; x < in.width; ++x) {

@@ -2,7 +2,11 @@
 //
 // Every kernel source is compiled once per ISA (see CMakeLists.txt); the compiler's own
 // feature macros pick the implementation here and FASTVGG_ISA names the namespace, so the
-// three builds of one kernel never collide at link time. Tile sizes live here too because
+// three builds of one kernel never collide at link time. That goes for the inline functions
+// below too: an out-of-line copy of load() or fmadd() is a weak symbol, and under one shared
+// name the linker would keep a single (maybe AVX-512) copy for every ISA. Anything added to
+// this file stays inside the namespace; tensor.h's helpers get the same effect from
+// FASTVGG_PER_ISA (per_isa.h). Tile sizes live here too because
 // they follow from the register file: 32 zmm registers on AVX-512, 16 ymm on AVX2.
 #pragma once
 

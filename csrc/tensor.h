@@ -14,11 +14,16 @@
 #include <new>
 #include <utility>
 
+#include "per_isa.h"
+
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
 
 namespace fastvgg {
+
+// Every function defined in this header carries FASTVGG_PER_ISA (per_isa.h says why): the
+// per-ISA kernel objects include it, and none of them may lend its compiled copy to another.
 
 constexpr int kChannelBlock = 16;
 constexpr std::size_t kAlignment = 64;
@@ -27,30 +32,30 @@ constexpr std::size_t kAlignment = 64;
 // every 2 MB instead of every 4 KB, and loading a model takes 512x fewer page faults.
 constexpr std::size_t kHugePageBytes = std::size_t(2) << 20;
 
-inline int channel_blocks(int channels) { return (channels + kChannelBlock - 1) / kChannelBlock; }
-inline int round_up_to_block(int channels) { return channel_blocks(channels) * kChannelBlock; }
+FASTVGG_PER_ISA inline int channel_blocks(int channels) { return (channels + kChannelBlock - 1) / kChannelBlock; }
+FASTVGG_PER_ISA inline int round_up_to_block(int channels) { return channel_blocks(channels) * kChannelBlock; }
 
 // A 64-byte aligned, zero-initialised float buffer that owns its memory.
 class AlignedBuffer {
  public:
   AlignedBuffer() = default;
-  explicit AlignedBuffer(std::size_t count, bool zeroed = true) { resize(count, zeroed); }
+  FASTVGG_PER_ISA explicit AlignedBuffer(std::size_t count, bool zeroed = true) { resize(count, zeroed); }
   AlignedBuffer(const AlignedBuffer&) = delete;
   AlignedBuffer& operator=(const AlignedBuffer&) = delete;
-  AlignedBuffer(AlignedBuffer&& other) noexcept { swap(other); }
-  AlignedBuffer& operator=(AlignedBuffer&& other) noexcept {
+  FASTVGG_PER_ISA AlignedBuffer(AlignedBuffer&& other) noexcept { swap(other); }
+  FASTVGG_PER_ISA AlignedBuffer& operator=(AlignedBuffer&& other) noexcept {
     AlignedBuffer tmp(std::move(other));
     swap(tmp);
     return *this;
   }
-  ~AlignedBuffer() { std::free(data_); }
+  FASTVGG_PER_ISA ~AlignedBuffer() { std::free(data_); }
 
   // Grows to at least `count` floats without zeroing; contents are undefined after a growth.
-  void ensure_capacity(std::size_t count) {
+  FASTVGG_PER_ISA void ensure_capacity(std::size_t count) {
     if (count > size_) resize(count, /*zeroed=*/false);
   }
   // Scratch that every kernel overwrites in full may skip the zeroing.
-  void resize(std::size_t count, bool zeroed = true) {
+  FASTVGG_PER_ISA void resize(std::size_t count, bool zeroed = true) {
     std::free(data_);
     data_ = nullptr;
     size_ = 0;
@@ -66,10 +71,10 @@ class AlignedBuffer {
     if (zeroed) std::memset(data_, 0, bytes);
     size_ = count;
   }
-  float* data() { return data_; }
-  const float* data() const { return data_; }
-  std::size_t size() const { return size_; }
-  void swap(AlignedBuffer& other) noexcept {
+  FASTVGG_PER_ISA float* data() { return data_; }
+  FASTVGG_PER_ISA const float* data() const { return data_; }
+  FASTVGG_PER_ISA std::size_t size() const { return size_; }
+  FASTVGG_PER_ISA void swap(AlignedBuffer& other) noexcept {
     std::swap(data_, other.data_);
     std::swap(size_, other.size_);
   }
@@ -86,23 +91,23 @@ struct BlockedImage {
   int height = 0;
   int width = 0;
 
-  int blocks() const { return channel_blocks(channels); }
-  std::ptrdiff_t row_stride() const { return std::ptrdiff_t(width + 2) * kChannelBlock; }
-  std::ptrdiff_t block_stride() const { return std::ptrdiff_t(height + 2) * row_stride(); }
-  std::size_t size() const { return std::size_t(blocks()) * std::size_t(block_stride()); }
+  FASTVGG_PER_ISA int blocks() const { return channel_blocks(channels); }
+  FASTVGG_PER_ISA std::ptrdiff_t row_stride() const { return std::ptrdiff_t(width + 2) * kChannelBlock; }
+  FASTVGG_PER_ISA std::ptrdiff_t block_stride() const { return std::ptrdiff_t(height + 2) * row_stride(); }
+  FASTVGG_PER_ISA std::size_t size() const { return std::size_t(blocks()) * std::size_t(block_stride()); }
   // Address of pixel (y, x) of channel block b; y and x may be -1 or height/width (the border).
-  float* at(int b, int y, int x) const {
+  FASTVGG_PER_ISA float* at(int b, int y, int x) const {
     return data + b * block_stride() + (y + 1) * row_stride() + std::ptrdiff_t(x + 1) * kChannelBlock;
   }
 };
 
-inline std::size_t blocked_image_size(int channels, int height, int width) {
+FASTVGG_PER_ISA inline std::size_t blocked_image_size(int channels, int height, int width) {
   return std::size_t(channel_blocks(channels)) * std::size_t(height + 2) * std::size_t(width + 2) * kChannelBlock;
 }
 
 // Zeroes the one-pixel border of every channel block. A buffer is reused for layers of
 // different shapes, so whatever a larger layer left there must be cleared before a 3x3 reads it.
-inline void zero_border(const BlockedImage& img) {
+FASTVGG_PER_ISA inline void zero_border(const BlockedImage& img) {
   const std::size_t row_bytes = std::size_t(img.row_stride()) * sizeof(float);
   for (int b = 0; b < img.blocks(); ++b) {
     std::memset(img.at(b, -1, -1), 0, row_bytes);

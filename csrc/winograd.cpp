@@ -31,6 +31,7 @@
 
 #include "gemm_microkernel.h"
 #include "kernels.h"
+#include "winograd_batch.h"
 #include "simd.h"
 
 namespace fastvgg {
@@ -230,27 +231,31 @@ int shared_block_tiles(int tiles, int in_channels, int out_channels) {
 }
 
 // Everything about one call that the three phases share.
+// A batch is one long row of tiles: image i's tiles are numbered from i * tiles_per_image, so
+// a block of tiles may span images and a panel of U then feeds several images at once.
 class WinogradLayer {
  public:
-  WinogradLayer(const BlockedImage& in, const float* packed_weights, const float* bias, bool relu,
-                const BlockedImage& out, int block_tiles)
-      : in_(in), out_(out), weights_(packed_weights), bias_(bias), relu_(relu) {
-    grid_.height = out.height;
-    grid_.width = out.width;
-    grid_.tiles_x = (out.width + kTileOut - 1) / kTileOut;
-    grid_.tiles = grid_.tiles_x * ((out.height + kTileOut - 1) / kTileOut);
-    in_blocks_ = in.blocks();
-    out_blocks_ = out.blocks();
+  WinogradLayer(const BlockedImage* in, const float* packed_weights, const float* bias, bool relu,
+                const BlockedImage* out, int images, int block_tiles)
+      : in_(in), out_(out), images_(images), weights_(packed_weights), bias_(bias), relu_(relu) {
+    const BlockedImage& first_in = in[0];
+    const BlockedImage& first_out = out[0];
+    grid_.height = first_out.height;
+    grid_.width = first_out.width;
+    grid_.tiles_x = (first_out.width + kTileOut - 1) / kTileOut;
+    grid_.tiles = grid_.tiles_x * ((first_out.height + kTileOut - 1) / kTileOut);
+    in_blocks_ = first_in.blocks();
+    out_blocks_ = first_out.blocks();
     groups_ = (out_blocks_ + kGemmBlocks - 1) / kGemmBlocks;
     padded_in_ = std::ptrdiff_t(in_blocks_) * kChannelBlock;
     v_point_stride_ = std::ptrdiff_t(block_tiles) * padded_in_;
     m_tile_stride_ = std::ptrdiff_t(out_blocks_) * kMBlockStride;
-    u_block_stride_ = std::ptrdiff_t(in.channels) * kChannelBlock;
+    u_block_stride_ = std::ptrdiff_t(first_in.channels) * kChannelBlock;
     u_point_stride_ = std::ptrdiff_t(out_blocks_) * u_block_stride_;
     block_tiles_ = block_tiles;
   }
 
-  int tiles() const { return grid_.tiles; }
+  int tiles() const { return grid_.tiles * images_; }
   int in_blocks() const { return in_blocks_; }
   int groups() const { return groups_; }
   // Floats of V and of M for one block of tiles.
@@ -259,7 +264,9 @@ class WinogradLayer {
 
   // V[xi][t][16 channels of in_block] for tile first_tile + t of the image.
   void transform_input(float* v, int first_tile, int t, int in_block) const {
-    transform_input_tile(in_, grid_, first_tile + t, in_block, v + t * padded_in_ + in_block * kChannelBlock,
+    const int tile = first_tile + t;
+    transform_input_tile(in_[tile / grid_.tiles], grid_, tile % grid_.tiles, in_block,
+                         v + t * padded_in_ + in_block * kChannelBlock,
                          v_point_stride_);
   }
 
@@ -271,7 +278,7 @@ class WinogradLayer {
     a.v_tile_stride = padded_in_;
     a.u = weights_ + xi * u_point_stride_ + first_block * u_block_stride_;
     a.u_block_stride = u_block_stride_;
-    a.depth = in_.channels;
+    a.depth = in_[0].channels;
     a.m_tile_stride = m_tile_stride_;
     a.m_block_stride = kMBlockStride;
     for (int t = 0; t < tiles; t += kGemmTiles) {
@@ -284,7 +291,7 @@ class WinogradLayer {
   // Output pixels of tile first_tile + t, output block out_block.
   void transform_output(const float* m, int first_tile, int t, int out_block) const {
     transform_output_tile(m + t * m_tile_stride_ + out_block * kMBlockStride, bias_ + out_block * kChannelBlock,
-                          relu_, out_, grid_, first_tile + t, out_block);
+                          relu_, out_[(first_tile + t) / grid_.tiles], grid_, (first_tile + t) % grid_.tiles, out_block);
   }
 
   // All output blocks of one GEMM group, for every tile of the block.
@@ -297,8 +304,9 @@ class WinogradLayer {
  private:
   static constexpr std::ptrdiff_t kMBlockStride = std::ptrdiff_t(kPoints) * kChannelBlock;
 
-  const BlockedImage& in_;
-  const BlockedImage& out_;
+  const BlockedImage* in_;
+  const BlockedImage* out_;
+  int images_;
   const float* weights_;
   const float* bias_;
   bool relu_;
@@ -350,13 +358,16 @@ void run_shared_blocks(const WinogradLayer& layer, int block_tiles, float* v, fl
 
 }  // namespace
 
-void conv3x3_winograd(const BlockedImage& in, const void* packed_weights, const float* bias, bool relu,
-                      const BlockedImage& out, int threads, KernelScratch& scratch) {
-  const int tiles = ((out.height + kTileOut - 1) / kTileOut) * ((out.width + kTileOut - 1) / kTileOut);
-  const Schedule schedule = winograd_schedule(in.channels, out.channels);
-  const int block_tiles = schedule == Schedule::SharedBlocks ? shared_block_tiles(tiles, in.channels, out.channels)
-                                                             : private_block_tiles(tiles, in.channels, out.channels);
-  const WinogradLayer layer(in, static_cast<const float*>(packed_weights), bias, relu, out, block_tiles);
+namespace {
+
+void run_winograd(const BlockedImage* in, const float* packed_weights, const float* bias, bool relu,
+                  const BlockedImage* out, int images, int threads, KernelScratch& scratch) {
+  const int tiles =
+      images * ((out[0].height + kTileOut - 1) / kTileOut) * ((out[0].width + kTileOut - 1) / kTileOut);
+  const Schedule schedule = winograd_schedule(in[0].channels, out[0].channels);
+  const int block_tiles = schedule == Schedule::SharedBlocks ? shared_block_tiles(tiles, in[0].channels, out[0].channels)
+                                                             : private_block_tiles(tiles, in[0].channels, out[0].channels);
+  const WinogradLayer layer(in, packed_weights, bias, relu, out, images, block_tiles);
   const int copies = schedule == Schedule::SharedBlocks ? 1 : threads;
 
   // The caller's scratch, kept between its calls: reallocating MBs on every call costs page faults.
@@ -366,6 +377,19 @@ void conv3x3_winograd(const BlockedImage& in, const void* packed_weights, const 
     run_shared_blocks(layer, block_tiles, scratch.transformed_input.data(), scratch.products.data(), threads);
   else
     run_private_blocks(layer, block_tiles, scratch.transformed_input.data(), scratch.products.data(), threads);
+}
+
+}  // namespace
+
+void conv3x3_winograd(const BlockedImage& in, const void* packed_weights, const float* bias, bool relu,
+                      const BlockedImage& out, int threads, KernelScratch& scratch) {
+  run_winograd(&in, static_cast<const float*>(packed_weights), bias, relu, &out, 1, threads, scratch);
+}
+
+void conv3x3_winograd_batch(const BlockedImage* in, const void* packed_weights, const float* bias, bool relu,
+                            const BlockedImage* out, int images, int threads, KernelScratch& scratch) {
+  if (images < 1) return;
+  run_winograd(in, static_cast<const float*>(packed_weights), bias, relu, out, images, threads, scratch);
 }
 
 }  // namespace FASTVGG_ISA

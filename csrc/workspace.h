@@ -16,7 +16,7 @@ struct KernelScratch {
   AlignedBuffer transformed_input;
   AlignedBuffer products;
 
-  std::size_t bytes() const { return (transformed_input.size() + products.size()) * sizeof(float); }
+  FASTVGG_PER_ISA std::size_t bytes() const { return (transformed_input.size() + products.size()) * sizeof(float); }
 };
 
 }  // namespace fastvgg

@@ -1,5 +1,6 @@
 """What the kernel tests share: the ISAs to run, the float32 rounding bound, exact float64
-convolution, and VGG16's convolution shapes."""
+convolution, VGG16's convolution shapes, and the float64 model of Winograd F(4x4, 3x3) with
+its error bounds (derived in tests/test_winograd.py's docstring)."""
 
 import numpy as np
 import pytest
@@ -48,4 +49,98 @@ def assert_within(actual, exact, bound, what):
     assert np.all(error <= bound), (
         f"{what}: error {error[worst]:.3g} exceeds bound {bound[worst]:.3g} at {worst} "
         f"(got {actual[worst]}, exact {exact[worst]})"
+    )
+
+
+# Lavin & Gray's F(4x4, 3x3) matrices, as in csrc/winograd.cpp.
+B_T = np.array(
+    [
+        [4, 0, -5, 0, 1, 0],
+        [0, -4, -4, 1, 1, 0],
+        [0, 4, -4, -1, 1, 0],
+        [0, -2, -1, 2, 1, 0],
+        [0, 2, -1, -2, 1, 0],
+        [0, 4, 0, -5, 0, 1],
+    ],
+    dtype=np.float64,
+)
+G = np.array(
+    [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]]
+)
+A_T = np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]], dtype=np.float64)
+
+
+def winograd_parts(x, kernel, b_t=B_T, g=G):
+    """V = B^T d B (36, tiles, in) for every 6x6 input tile with 'same' padding, and
+    U = G g G^T (36, in, out), in float64."""
+    n, h, w, cin = x.shape
+    tiles_y, tiles_x = -(-h // 4), -(-w // 4)
+    padded = np.zeros((n, 4 * tiles_y + 2, 4 * tiles_x + 2, cin))
+    padded[:, 1 : h + 1, 1 : w + 1, :] = x
+    tiles = np.lib.stride_tricks.sliding_window_view(padded, (6, 6), axis=(1, 2))[:, ::4, ::4]
+    # tiles: (n, ty, tx, cin, 6, 6) -> V: (36, n*ty*tx, cin), U: (36, cin, cout)
+    v = np.einsum("ai,ntxcij,bj->abntxc", b_t, tiles, b_t).reshape(36, -1, cin)
+    u = np.einsum("ai,ijco,bj->abco", g, kernel.astype(np.float64), g).reshape(36, cin, kernel.shape[3])
+    return v, u
+
+
+def output_transform(m, a_t, x_shape):
+    """A^T M A for M (36, tiles, out), cropped to the image: (n, h, w, out)."""
+    n, h, w, _ = x_shape
+    tiles_y, tiles_x = -(-h // 4), -(-w // 4)
+    m = m.reshape(6, 6, n, tiles_y, tiles_x, m.shape[-1])
+    y = np.einsum("ia,abntxo,jb->ntixjo", a_t, m, a_t).reshape(n, 4 * tiles_y, 4 * tiles_x, -1)
+    return y[:, :h, :w, :]
+
+
+def winograd_float64(x, kernel, bias, b_t=B_T, g=G, a_t=A_T):
+    """F(4x4, 3x3) in float64 on tiles with 'same' padding; with absolute values of the data and
+    the matrices, the scale of the rounding errors."""
+    v, u = winograd_parts(x, kernel, b_t, g)
+    return output_transform(np.matmul(v, u), a_t, x.shape) + bias.astype(np.float64)
+
+
+def winograd_error_bound(x, kernel, bias):
+    """gamma_{K+24} times the computation on absolute values (see the module docstring)."""
+    magnitude = winograd_float64(np.abs(x), np.abs(kernel), np.abs(bias), np.abs(B_T), np.abs(G), np.abs(A_T))
+    return gamma(x.shape[3] + 24) * magnitude
+
+
+# Chebyshev: P(||error|| > k * rms) <= 1/k^2 under the rounding model (module docstring).
+ROUNDING_SAFETY = 10.0
+
+
+def winograd_rms_error(x, kernel, bias):
+    """sqrt(E ||error||^2) of the float32 Winograd computation (see the module docstring)."""
+    u = UNIT_ROUNDOFF
+    v, w = winograd_parts(x, kernel)
+    v_abs, _ = winograd_parts(np.abs(x), kernel, np.abs(B_T))
+    a_squared, a_abs = A_T**2, np.abs(A_T)
+    # sum_xi |A_{p,xi}| for each of the 16 output pixels p of a tile, as an (n, h, w, 1) array.
+    pixel_weight = output_transform(np.ones((36, v.shape[1], 1)), a_abs, x.shape)
+
+    mean_square_u = u**2 * output_transform(np.matmul(v**2, w**2), a_squared, x.shape)
+    rms_v = np.sqrt(8) * u * v_abs
+    mean_square_v = pixel_weight * output_transform(np.matmul(rms_v**2, w**2), a_abs, x.shape)
+    partial = np.zeros((36, v.shape[1], w.shape[2]))
+    squares = np.zeros_like(partial)
+    for ic in range(v.shape[2]):  # the kernel's order: input channels 0, 1, ... into a zero accumulator
+        term = v[:, :, ic, None] * w[:, None, ic, :]
+        partial += term
+        squares += partial**2 + term**2
+    mean_square_m = u**2 * output_transform(squares, a_squared, x.shape)
+    m_abs = np.abs(np.matmul(v, w))
+    rms_y = np.sqrt(13) * u * (output_transform(m_abs, a_abs, x.shape) + np.abs(bias.astype(np.float64)))
+    rms = np.sqrt(mean_square_u) + np.sqrt(mean_square_v) + np.sqrt(mean_square_m) + rms_y
+    return float(np.sqrt(np.sum(rms**2)))
+
+
+def assert_relative_l2_within(actual, exact, rms_error, what):
+    """||actual - exact|| / ||exact|| within ROUNDING_SAFETY root mean squares of the error."""
+    norm = np.linalg.norm(exact)
+    error = np.linalg.norm(actual.astype(np.float64) - exact)
+    bound = ROUNDING_SAFETY * rms_error
+    assert error <= bound, (
+        f"{what}: relative L2 error {error / norm:.3g} exceeds the bound {bound / norm:.3g} "
+        f"({ROUNDING_SAFETY:g} x the rms rounding error {rms_error / norm:.3g})"
     )

@@ -21,11 +21,8 @@ import pytest
 import fastvgg
 import numpy_vgg as nv
 from fastvgg import _core
+from helpers import noise_images
 from kernel_checks import ISAS, conv3x3_float64, random_array
-
-
-def sample_images(count, hw, seed=0):
-    return np.random.default_rng(seed).uniform(-120, 140, (count,) + tuple(hw) + (3,)).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +82,7 @@ def test_ragged_list_of_images(model32):
 
 
 def test_masked_array_is_refused(model32):
-    x = np.ma.masked_greater(sample_images(1, (32, 32)), 100.0)
+    x = np.ma.masked_greater(noise_images(1, (32, 32)), 100.0)
     with pytest.raises(TypeError, match=r"masked arrays.*x\.filled"):
         model32.predict(x)
 
@@ -126,7 +123,7 @@ def _memmap(x, tmp_path):
     ids=["broadcast", "overlapping-rows", "misaligned", "big-endian", "memmap", "nested-lists", "every-axis-reversed"],
 )
 def test_unusual_memory_gives_the_contiguous_result(model32, tmp_path, make_input):
-    x = sample_images(3, (36, 33), seed=1)
+    x = noise_images(3, (36, 33), seed=1)
     given = make_input(x, tmp_path)
     expected = model32.predict(np.ascontiguousarray(np.asarray(given), dtype=np.float32))
     result = model32.predict(given)
@@ -229,7 +226,7 @@ def test_non_finite_pixel_reaches_the_outputs_it_should(notop_models, precision,
     models, weights = notop_models
     model = models[(precision, pooling)]
     # 96x128 leaves a 3x4 grid at block5_pool, and a pixel near a corner does not reach all of it.
-    x = sample_images(2, (96, 128), seed=4)
+    x = noise_images(2, (96, 128), seed=4)
     x[0, 3, 5, 1] = bad
     with np.errstate(invalid="ignore"):
         reference = nv.forward(x, weights, 16, include_top=False, pooling=pooling)
@@ -251,7 +248,7 @@ def test_non_finite_pixel_reaches_the_outputs_it_should(notop_models, precision,
 
 def test_nan_image_with_the_top_gives_nan_probabilities_only_for_itself():
     model = fastvgg.VGG16(None, input_shape=(32, 32, 3), classes=10, seed=0)
-    x = sample_images(3, (32, 32), seed=5)
+    x = noise_images(3, (32, 32), seed=5)
     x[1, 20, 7, 2] = np.nan
     probabilities = model.predict(x)
     assert np.isnan(probabilities[1]).all()

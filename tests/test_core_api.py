@@ -119,7 +119,7 @@ def test_weights_for_the_wrong_kind_of_layer_are_refused():
         (lambda g: g.add_conv3x3(0, "relu"), "filters must be between"),
         (lambda g: g.add_conv3x3(2**20, "relu"), "filters must be between"),
         (lambda g: g.add_conv3x3(4, "softmax"), "only supported after a dense"),
-        (lambda g: g.add_conv3x3(4, "gelu"), "unknown activation"),
+        (lambda g: g.add_conv3x3(4, "hard_sigmoid"), "unknown activation"),
         (lambda g: g.add_global_pool("median"), "unknown pooling mode"),
     ],
 )
@@ -141,7 +141,8 @@ def test_graph_limits_and_shapes():
         graph.output_shapes(2**20, 8)
     assert [op["kind"] for op in graph.describe()] == ["conv3x3", "conv3x3", "max_pool2x2", "flatten", "dense"]
     assert graph.describe()[1] == {
-        "kind": "conv3x3", "in_channels": 16, "out_channels": 20, "activation": "relu", "pool_mode": "avg"
+        "kind": "conv3x3", "in_channels": 16, "out_channels": 20, "activation": "relu", "pool_mode": "avg",
+        "kernel_size": 3, "padding": "same", "on_image": False,
     }
 
 

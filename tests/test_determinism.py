@@ -12,10 +12,7 @@ import numpy as np
 import pytest
 
 import fastvgg
-
-
-def sample_images(count, hw, seed):
-    return np.random.default_rng(seed).uniform(-120, 140, (count,) + hw + (3,)).astype(np.float32)
+from helpers import noise_images
 
 
 @pytest.fixture(scope="module", params=["fast", "highest"])
@@ -35,13 +32,13 @@ def restore_threads():
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_same_bits_run_after_run_and_for_any_thread_count(model, restore_threads, batch):
-    x = sample_images(batch, (64, 64), seed=batch)
+    x = noise_images(batch, (64, 64), seed=batch)
     results = {}
     for threads in (1, 2, 1, 2):
         fastvgg.set_num_threads(threads)
         results.setdefault(threads, []).append(model.predict(x))
         # Another size in between: reused scratch must not carry anything over.
-        model.predict(sample_images(2, (64, 64), seed=99), batch_size=1)
+        model.predict(noise_images(2, (64, 64), seed=99), batch_size=1)
     reference = results[1][0]
     assert reference.shape == (batch, 10) and np.isfinite(reference).all()
     assert len({r.tobytes() for runs in results.values() for r in runs}) == 1, (
@@ -51,7 +48,7 @@ def test_same_bits_run_after_run_and_for_any_thread_count(model, restore_threads
 
 
 def test_an_image_gives_the_same_bits_alone_and_in_a_batch(model, restore_threads):
-    x = sample_images(3, (64, 64), seed=7)
+    x = noise_images(3, (64, 64), seed=7)
     for threads in (1, 2):
         fastvgg.set_num_threads(threads)
         together = model.predict(x)
@@ -63,7 +60,7 @@ def test_an_image_gives_the_same_bits_alone_and_in_a_batch(model, restore_thread
 def test_features_without_the_top_for_any_thread_count(restore_threads, precision):
     # A size whose tiles, rows and channel groups split unevenly between 1, 2 and 3 threads.
     model = fastvgg.VGG16(None, include_top=False, pooling="avg", seed=4, precision=precision)
-    x = sample_images(3, (61, 83), seed=8)
+    x = noise_images(3, (61, 83), seed=8)
     outputs = []
     for threads in (1, 2, 3):
         fastvgg.set_num_threads(threads)

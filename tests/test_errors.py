@@ -16,10 +16,9 @@ import numpy as np
 import pytest
 
 import fastvgg
-import keras_h5
+from helpers import BIAS_SCALE, CONSTRUCTORS, assert_weights_unchanged, snapshot, write_weights
 import numpy_vgg as nv
 
-BIAS_SCALE = 0.05
 SMALL_TOP = dict(input_shape=(32, 32, 3), classes=5)
 
 # Keras's published file names and URLs of the ImageNet weights (keras.applications.vgg16/19).
@@ -30,23 +29,6 @@ IMAGENET_FILES = {
     (19, True): "vgg19_weights_tf_dim_ordering_tf_kernels.h5",
     (19, False): "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
 }
-CONSTRUCTORS = {16: fastvgg.VGG16, 19: fastvgg.VGG19}
-
-
-def write_weights(path, weights, depth: int, include_top: bool, **kwargs) -> str:
-    keras_h5.write_classic_h5(path, weights, nv.layer_names(depth, include_top), **kwargs)
-    return str(path)
-
-
-def snapshot(model) -> list:
-    return [array.copy() for array in model.get_weights()]
-
-
-def assert_weights_unchanged(model, before: list) -> None:
-    after = model.get_weights()
-    assert len(after) == len(before)
-    for i, (now, then) in enumerate(zip(after, before)):
-        assert np.array_equal(now, then), f"weight array {i} changed by a failed load"
 
 
 @pytest.fixture(scope="module")

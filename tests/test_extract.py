@@ -12,16 +12,13 @@ import pytest
 
 import fastvgg
 import numpy_vgg as nv
+from helpers import BIAS_SCALE, CONSTRUCTORS, noise_images, rel_l2
 from kernel_checks import conv3x3_float64
 
 PARITY_BAR = 1e-4  # relative L2, the project's bar for features
-BIAS_SCALE = 0.05
 # Neither side a multiple of 32: the pools floor (200 -> 6, 328 -> 10).
 ODD_HW = (200, 328)
 
-
-def rel_l2(actual, expected) -> float:
-    return float(np.linalg.norm(np.asarray(actual, np.float64) - expected) / np.linalg.norm(expected))
 
 
 def assert_close(actual, expected, what: str) -> None:
@@ -32,13 +29,9 @@ def assert_close(actual, expected, what: str) -> None:
     assert error < PARITY_BAR, f"{what}: relative L2 error {error:.3g}"
 
 
-def images(count: int, hw, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return (rng.uniform(0, 255, (count,) + tuple(hw) + (3,)) - 120.0).astype(np.float32)
-
 
 def weighted_model(depth: int, weights: nv.Weights, **kwargs):
-    model = {16: fastvgg.VGG16, 19: fastvgg.VGG19}[depth](None, include_top=False, **kwargs)
+    model = CONSTRUCTORS[depth](None, include_top=False, **kwargs)
     model.set_weights([a for name in nv.layer_names(depth, False) if name in weights for a in weights[name]])
     return model
 
@@ -47,7 +40,7 @@ def weighted_model(depth: int, weights: nv.Weights, **kwargs):
 def vgg16_case():
     weights = nv.random_weights(16, include_top=False, seed=7, bias_scale=BIAS_SCALE)
     model = weighted_model(16, weights)
-    x = images(2, ODD_HW, seed=3)
+    x = noise_images(2, ODD_HW, seed=3)
     names = nv.layer_names(16, include_top=False)
     reference = nv.forward(x, weights, 16, include_top=False, outputs=names)
     return weights, model, x, reference
@@ -136,7 +129,7 @@ def test_preact_output_tensor_of_a_conv_layer(vgg16_case):
 def test_preact_with_both_convolution_algorithms_on_vgg19(precision):
     weights = nv.random_weights(19, include_top=False, seed=19, bias_scale=BIAS_SCALE)
     model = weighted_model(19, weights, input_shape=(32, 48, 3), precision=precision)
-    x = images(3, (32, 48), seed=5)
+    x = noise_images(3, (32, 48), seed=5)
     reference = nv.forward(x, weights, 19, include_top=False, outputs=["block5_conv3"])
     features = model.extract(x, ["block5_conv4:preact", "block5_pool"])
     assert_close(features["block5_conv4:preact"], conv3x3_float64(reference["block5_conv3"], *weights["block5_conv4"]),
@@ -157,7 +150,7 @@ def test_pooled_features_are_two_dimensional(vgg16_case, pooling):
 def test_smallest_input_size(vgg16_case):
     weights, _, _, _ = vgg16_case
     model = weighted_model(16, weights, input_shape=(32, 32, 3))
-    x = images(2, (32, 32), seed=11)
+    x = noise_images(2, (32, 32), seed=11)
     features = model.extract(x, ["block5_pool", "block2_conv2"])
     assert features["block5_pool"].shape == (2, 1, 1, 512)
     reference = nv.forward(x, weights, 16, include_top=False, outputs=["block2_conv2", "block5_pool"])
@@ -225,7 +218,7 @@ def test_extraction_matches_keras_sub_models(keras3, hw):
     for name, arrays in weights.items():
         keras_base.get_layer(name).set_weights(list(arrays))
     keras_sub = keras3.Model(keras_base.input, [keras_base.get_layer(n).output for n in names])
-    x = images(1, hw, seed=13)
+    x = noise_images(1, hw, seed=13)
     expected = [np.asarray(t, np.float64) for t in keras_sub(x, training=False)]
 
     base = weighted_model(16, weights)

@@ -18,10 +18,10 @@ import pytest
 import fastvgg
 import keras_h5
 import numpy_vgg as nv
+from helpers import BIAS_SCALE
 import weight_files as wf
 
 SMALL = dict(input_shape=(32, 32, 3), classes=10)
-BIAS_SCALE = 0.05
 
 
 def assert_holds(model, weights) -> None:

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 import fastvgg
 import numpy_vgg as nv
 import weight_files as wf
+from helpers import assert_weights_unchanged, noise_images, snapshot
 
 FUZZ = settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -67,13 +68,23 @@ def mutate(source, ranges, choices, target) -> None:
     target.write_bytes(bytes(data))
 
 
+# A failed load must leave the model as it was. Comparing every weight (get_weights, about a
+# second for VGG16) after each of ~90 examples costs minutes, so each example compares the
+# model's output on fixed probe images, bit for bit (outputs are deterministic), and
+# test_a_failed_load_leaves_every_weight_unchanged compares every weight on a few files.
+PROBE = noise_images(2, (32, 32), seed=123)
+
+
 def load_or_clear_error(model, path) -> None:
+    """Loads, or raises a clear error and leaves the model computing what it computed before."""
+    before = model.predict(PROBE)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # NaN weights from a changed byte: a warning, not a failure
         try:
             model.load_weights(path)
         except (ValueError, FileNotFoundError) as error:
             assert str(error), "an error without a message"
+            assert np.array_equal(model.predict(PROBE), before, equal_nan=True), f"a failed load of {path} changed the model"
 
 
 mutations = st.lists(
@@ -115,3 +126,23 @@ def test_mutations_reach_the_loader(valid_files, tmp_path):
     with pytest.raises(ValueError, match=r"no weights for layer\(s\) \['block1_conv1'\]"):
         model.load_weights(target)
     assert np.isfinite(model.predict(np.zeros((1, 32, 32, 3), np.float32))).all()
+
+
+def test_a_failed_load_leaves_every_weight_unchanged(valid_files, tmp_path):
+    """Every weight, bit for bit, after loads that fail early, late and in the middle."""
+    files, model = valid_files
+    before = snapshot(model)
+    for source, _ in files.values():
+        data = source.read_bytes()
+        for cut in (0.3, 0.97):
+            target = tmp_path / f"cut{int(cut * 100)}{''.join(source.suffixes)}"
+            target.write_bytes(data[: int(cut * len(data))])
+            with pytest.raises(ValueError):
+                model.load_weights(target)
+    renamed = tmp_path / "renamed.weights.h5"
+    renamed.write_bytes(files["h5"][0].read_bytes())
+    with h5py.File(renamed, "r+") as f:
+        f["layers/conv2d/vars"].attrs["name"] = "block1_conw1"  # every other layer matches
+    with pytest.raises(ValueError, match="block1_conv1"):
+        model.load_weights(renamed)
+    assert_weights_unchanged(model, before)

@@ -26,11 +26,11 @@ import pytest
 
 import fastvgg
 import numpy_vgg as nv
+from helpers import CONSTRUCTORS, rel_l2
 
 DEPTHS = (16, 19)
 # Keras 2 (wrote the files) and Keras 3 (current), compared on the same files.
 PEERS = ("tf_keras", "keras3")
-FASTVGG_BUILDERS = {16: fastvgg.VGG16, 19: fastvgg.VGG19}
 
 # The bounds. Do not loosen them to make a failure pass.
 PROBABILITY_ATOL = 1e-4
@@ -71,10 +71,6 @@ MIN_TOP_LOG_PROB_GAP = 1e-3
 # --------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------
-
-
-def rel_l2(actual: np.ndarray, expected: np.ndarray) -> float:
-    return float(np.linalg.norm(actual.astype(np.float64) - expected) / np.linalg.norm(expected))
 
 
 def random_images(count: int, hw: Tuple[int, int], seed: int) -> np.ndarray:
@@ -225,12 +221,11 @@ def full_case(request, peers, imagenet_batch, tmp_path_factory) -> FullModelCase
     del keras3_model
     peers.keras.backend.clear_session()
 
-    build = FASTVGG_BUILDERS[depth]
+    build = CONSTRUCTORS[depth]
     predictions = build(weights_path).predict(imagenet_batch)
     # A file with the classifier top also fills a model without it.
     block5_pool = build(weights_path, include_top=False).predict(imagenet_batch)
     return FullModelCase(predictions, block5_pool, peer_outputs)
-
 
 
 # --------------------------------------------------------------------------
@@ -284,7 +279,7 @@ def test_global_pooling_at_odd_size_matches_tf_keras(peers, tmp_path_factory, de
     expected = np.asarray(keras_model(x, training=False))
     peers.tf_keras.backend.clear_session()
 
-    model = FASTVGG_BUILDERS[depth](notop_path, include_top=False, pooling=pooling, input_shape=input_shape)
+    model = CONSTRUCTORS[depth](notop_path, include_top=False, pooling=pooling, input_shape=input_shape)
     actual = model.predict(x)
     assert actual.shape == expected.shape == (BATCH_SIZE, 512)
     assert np.count_nonzero(expected) > 0.1 * expected.size

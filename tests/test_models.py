@@ -34,13 +34,10 @@ import numpy as np
 import pytest
 
 import fastvgg
-import keras_h5
 import numpy_vgg as nv
+from helpers import BIAS_SCALE, CONSTRUCTORS, dissimilar_images, rel_l2, write_weights
 
-CONSTRUCTORS = {16: fastvgg.VGG16, 19: fastvgg.VGG19}
 DEPTHS = (16, 19)
-# Non-zero biases, so a loader or kernel that drops a bias cannot pass.
-BIAS_SCALE = 0.05
 # Relative L2 bound for features and logits; derived in the module docstring.
 PARITY_BAR = 1e-4
 # Softmax outputs lie in [0, 1]; see assert_probabilities_close for why 1e-4 holds.
@@ -56,10 +53,6 @@ SMALL_TOP_CLASSES = 7
 
 
 # Helpers ----------------------------------------------------------------------------------
-def rel_l2(actual: np.ndarray, expected: np.ndarray) -> float:
-    return float(np.linalg.norm(np.asarray(actual, np.float64) - expected) / np.linalg.norm(expected))
-
-
 def assert_matches_reference(actual: np.ndarray, expected: np.ndarray, bound: float = PARITY_BAR) -> None:
     assert actual.dtype == np.float32
     assert actual.shape == expected.shape
@@ -89,35 +82,9 @@ def assert_probabilities_close(actual: np.ndarray, expected: np.ndarray, expecte
         assert rel_l2(got, want) < bound, f"row {row}: relative L2 error {rel_l2(got, want):.3g} > {bound:.3g}"
 
 
-def sample_images(count: int, hw, seed: int = 0) -> np.ndarray:
-    """``count`` dissimilar images in 0..255 minus 120 (a crude mean subtraction).
-
-    Even images are white noise and odd ones smooth patterns, so the rows of every output
-    differ and a batch-indexing bug would show.
-    """
-    h, w = hw
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
-    images = []
-    for i in range(count):
-        if i % 2 == 0:
-            images.append(rng.uniform(0, 255, (h, w, 3)))
-        else:
-            phase = rng.uniform(0, 1)
-            images.append(
-                np.stack([127.5 * (1 + np.sin(2 * np.pi * (k + 1) * (xx + yy / (k + 2) + phase))) for k in range(3)], -1)
-            )
-    return np.stack(images).astype(np.float32) - 120.0
-
-
 def weights_in_model_order(weights: nv.Weights, depth: int, include_top: bool) -> list:
     """The flat list ``Model.set_weights`` takes: kernel, bias of every weighted layer in order."""
     return [array for name in nv.layer_names(depth, include_top) if name in weights for array in weights[name]]
-
-
-def write_weights(path, weights: nv.Weights, depth: int, include_top: bool, **kwargs) -> str:
-    keras_h5.write_classic_h5(path, weights, nv.layer_names(depth, include_top), **kwargs)
-    return str(path)
 
 
 def conv_base_params(depth: int, in_channels: int = 3) -> int:
@@ -140,7 +107,7 @@ def top224(request, tmp_path_factory):
     depth = request.param
     weights = nv.random_weights(depth, seed=depth, bias_scale=BIAS_SCALE)
     path = write_weights(tmp_path_factory.mktemp("top224") / f"vgg{depth}.h5", weights, depth, True)
-    x = sample_images(2, (224, 224), seed=depth)
+    x = dissimilar_images(2, (224, 224), seed=depth)
     ref = nv.forward(x, weights, depth, outputs=["block5_pool", "fc2", "predictions"])
     ref["logits"] = nv.dense(ref["fc2"], *weights["predictions"])
     case = types.SimpleNamespace(
@@ -176,7 +143,7 @@ def small_top(request, tmp_path_factory):
         depth, input_hw=SMALL_TOP_SHAPE[:2], classes=SMALL_TOP_CLASSES, seed=200 + depth, bias_scale=BIAS_SCALE
     )
     directory = tmp_path_factory.mktemp("small_top")
-    x = sample_images(2, SMALL_TOP_SHAPE[:2], seed=depth)
+    x = dissimilar_images(2, SMALL_TOP_SHAPE[:2], seed=depth)
     ref = nv.forward(x, weights, depth, outputs=["fc2", "predictions"])
     return types.SimpleNamespace(
         depth=depth,
@@ -257,7 +224,7 @@ def test_top224_summary_lists_every_layer_and_the_total(top224):
 @pytest.mark.parametrize("depth", DEPTHS, ids=lambda d: f"vgg{d}")
 def test_notop_odd_sizes_with_every_pooling(notop_files, depth, hw, batch):
     weights, path = notop_files[depth]
-    x = sample_images(batch, hw, seed=depth)
+    x = dissimilar_images(batch, hw, seed=depth)
     block5_pool = nv.forward(x, weights, depth, include_top=False)
     # Max-pools floor odd sizes: 61x100 -> 30x50 -> ... -> 1x3, 33x47 -> 1x1.
     assert block5_pool.shape == (batch, hw[0] // 32, hw[1] // 32, 512)
@@ -281,7 +248,7 @@ def test_both_convolution_algorithms_match_the_reference(notop_files, precision)
     # convolution everywhere; both must meet the parity bar, at a size whose rows are not
     # multiples of Winograd's 4x4 tiles.
     weights, path = notop_files[16]
-    x = sample_images(2, (70, 45), seed=5)
+    x = dissimilar_images(2, (70, 45), seed=5)
     model = fastvgg.VGG16(path, include_top=False, precision=precision)
     assert model._executor.precision == precision
     features = model.predict(x)
@@ -301,7 +268,7 @@ def test_parity_bar_would_catch_a_missing_bias(notop_files):
     # The tolerance must not be so loose that a real mistake passes. Dropping the bias of the
     # first layer, whose effect the later layers dilute the most, is such a mistake.
     weights, path = notop_files[16]
-    x = sample_images(1, (33, 47), seed=16)
+    x = dissimilar_images(1, (33, 47), seed=16)
     features = fastvgg.VGG16(path, include_top=False).predict(x)
     without_bias = dict(weights)
     kernel, bias = weights["block1_conv1"]
@@ -435,7 +402,7 @@ def test_predict_float64_input_is_rounded_to_float32(notop16):
     ids=["rows-reversed", "channels-reversed", "fortran", "strided-columns", "strided-batch", "transposed-memory"],
 )
 def test_predict_non_contiguous_input(notop16, make_view):
-    base = sample_images(4, (64, 80), seed=3)
+    base = dissimilar_images(4, (64, 80), seed=3)
     original = base.copy()
     view = make_view(base)
     assert not view.flags.c_contiguous
@@ -445,7 +412,7 @@ def test_predict_non_contiguous_input(notop16, make_view):
 
 
 def test_predict_read_only_input_is_not_modified(notop16):
-    x = sample_images(2, (40, 40), seed=4)
+    x = dissimilar_images(2, (40, 40), seed=4)
     original = x.copy()
     x.flags.writeable = False
     result = notop16.predict(x)
@@ -458,7 +425,7 @@ def test_predict_in_chunks_equals_one_batch():
     # reduce within one image (convolutions) or one row (dense layers), in an order that
     # does not depend on the batch size, so chunking must not change a single bit.
     model = fastvgg.VGG16(None, input_shape=(32, 32, 3), classes=10, seed=0)
-    x = sample_images(5, (32, 32), seed=6)
+    x = dissimilar_images(5, (32, 32), seed=6)
     whole = model.predict(x, batch_size=5)
     assert whole.dtype == np.float32 and whole.shape == (5, 10)
     for batch_size in (1, 2, 32, np.int64(2)):
@@ -470,7 +437,7 @@ def test_predict_in_chunks_equals_one_batch():
 def test_no_state_leaks_between_calls(notop16):
     # Scratch buffers are reused across calls; poison them with NaN, infinities and a larger
     # image, and the next clean call must give exactly what it gave before.
-    x = sample_images(2, (40, 40), seed=7)
+    x = dissimilar_images(2, (40, 40), seed=7)
     clean = notop16.predict(x)
     poisoned = x.copy()
     poisoned[:, 5:9, 5:30] = np.nan
@@ -481,7 +448,7 @@ def test_no_state_leaks_between_calls(notop16):
 
 def test_concurrent_predict_from_python_threads(notop16):
     # predict releases the GIL, so threads really run together and must not share scratch.
-    inputs = [sample_images(2, (40, 40), seed=seed) for seed in range(3)]
+    inputs = [dissimilar_images(2, (40, 40), seed=seed) for seed in range(3)]
     expected = [notop16.predict(x) for x in inputs]
     mismatches = []
 
@@ -552,7 +519,7 @@ def test_seed_makes_random_init_reproducible():
 
 def test_random_model_predicts_probabilities():
     model = fastvgg.VGG16(None, input_shape=(32, 32, 3), classes=10, seed=0)
-    probabilities = model.predict(sample_images(2, (32, 32)))
+    probabilities = model.predict(dissimilar_images(2, (32, 32)))
     assert probabilities.shape == (2, 10) and probabilities.dtype == np.float32
     assert np.all(probabilities >= 0)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=0, atol=1e-5)
@@ -567,7 +534,7 @@ def test_softmax_is_stable_for_large_logits():
     large = [kernel * 1000, np.array([0, 3000, -3000, 1, 0], np.float32)]
     for model in (probabilities_model, logits_model):
         model.get_layer("predictions").set_weights(large)
-    x = sample_images(2, (32, 32), seed=10)
+    x = dissimilar_images(2, (32, 32), seed=10)
     logits = logits_model.predict(x)
     assert np.abs(logits).max() > 1000
     probabilities = probabilities_model.predict(x)
@@ -610,7 +577,7 @@ def test_get_layer_by_name_and_index(notop16):
 
 
 def test_threads_setting_round_trips_and_keeps_results(notop16):
-    x = sample_images(2, (40, 40), seed=9)
+    x = dissimilar_images(2, (40, 40), seed=9)
     before = fastvgg.get_num_threads()
     expected = notop16.predict(x)
     try:

@@ -1,7 +1,8 @@
 """Checks of the numpy VGG reference (tests/numpy_vgg.py).
 
 The reference is the oracle for fastvgg, so it is itself checked against real
-Keras (tf_keras) here. Those tests skip when tf_keras is missing; the
+Keras (tf_keras) here. Those tests skip, with the reason printed, only where
+TensorFlow cannot be imported; a missing tf_keras beside it is an error. The
 self-consistency tests at the top need only numpy.
 """
 
@@ -11,35 +12,18 @@ import numpy as np
 import pytest
 
 import numpy_vgg as nv
+from helpers import BIAS_SCALE, dissimilar_images, import_tf_keras, rel_l2
 
 DEPTHS = (16, 19)
 # An odd, non-square size: 200 and 232 are not multiples of 32, so flooring
 # max-pools drop trailing rows/cols (200 -> 100 -> 50 -> 25 -> 12 -> 6) and
 # H/W mix-ups would change the result's shape or values.
 ODD_HW = (200, 232)
-# Non-zero biases, so a loader or kernel that drops the bias cannot pass.
-BIAS_SCALE = 0.05
 
 
-def rel_l2(actual: np.ndarray, expected: np.ndarray) -> float:
-    return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
-
-
-def sample_batch(hw, seed: int = 0) -> np.ndarray:
-    """Two dissimilar images in 0..255, shifted by -120 as a crude preprocess.
-
-    One is white noise and one is a smooth pattern, so the two rows of every
-    output differ and a batch-indexing bug would show.
-    """
-    h, w = hw
-    rng = np.random.default_rng(seed)
-    noise = rng.uniform(0, 255, (h, w, 3))
-    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
-    smooth = np.stack(
-        [127.5 * (1 + np.sin(2 * np.pi * (k + 1) * (xx + yy / (k + 2)))) for k in range(3)],
-        axis=-1,
-    )
-    return np.stack([noise, smooth]).astype(np.float32) - 120.0
+def two_images(hw, seed: int = 0) -> np.ndarray:
+    """A white-noise image and a smooth one: every output's two rows differ."""
+    return dissimilar_images(2, hw, seed)
 
 
 # --------------------------------------------------------------------------
@@ -116,7 +100,7 @@ def test_max_pool_floors_odd_sizes():
 def test_forward_outputs_and_activation():
     hw = (64, 96)
     weights = nv.random_weights(16, input_hw=hw, classes=7, bias_scale=BIAS_SCALE)
-    x = sample_batch(hw)
+    x = two_images(hw)
     probs = nv.forward(x, weights, 16)
     assert probs.shape == (2, 7)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-12)
@@ -149,7 +133,9 @@ def test_softmax_is_stable_for_large_logits():
 def tf_keras():
     # Imported lazily so that collecting this file, or running only the
     # numpy tests, does not pay TensorFlow's multi-second import.
-    return pytest.importorskip("tf_keras", reason="tf_keras (Keras 2) is not installed; cannot check against Keras")
+    # A missing tf_keras beside a working TensorFlow is an error, not a skip: the yardstick
+    # of every parity test would otherwise go unchecked without anyone noticing.
+    return import_tf_keras()
 
 
 def build_keras_vgg(tf_keras, depth, include_top, pooling, hw):
@@ -179,7 +165,7 @@ def top_case(request, tf_keras):
     depth = request.param
     hw = (224, 224)
     model, weights = build_keras_vgg(tf_keras, depth, True, None, hw)
-    x = sample_batch(hw)
+    x = two_images(hw)
     names = ["block5_pool", "fc2", "predictions"]
     return depth, keras_outputs(tf_keras, model, x, names), nv.forward(x, weights, depth, outputs=names)
 
@@ -222,7 +208,7 @@ def test_top_predictions_match_keras(top_case):
 @pytest.mark.parametrize("depth", DEPTHS)
 def test_global_pooling_matches_keras_at_odd_size(tf_keras, depth, pooling):
     model, weights = build_keras_vgg(tf_keras, depth, False, pooling, ODD_HW)
-    x = sample_batch(ODD_HW, seed=1)
+    x = two_images(ODD_HW, seed=1)
     pool_name = nv.GLOBAL_POOL_LAYERS[pooling]
     names = ["block5_pool", pool_name]
     keras_out = keras_outputs(tf_keras, model, x, names)
@@ -241,7 +227,7 @@ def test_flatten_order_matches_keras_on_non_square_grid(tf_keras):
     # (w, h, c) flatten mix-up can hide in symmetric data; a 2x3 grid cannot.
     hw = (64, 96)
     model, weights = build_keras_vgg(tf_keras, 16, True, None, hw)
-    x = sample_batch(hw, seed=2)
+    x = two_images(hw, seed=2)
     names = ["fc1", "predictions"]
     keras_out = keras_outputs(tf_keras, model, x, names)
     ref = nv.forward(x, weights, 16, outputs=names)

@@ -27,10 +27,13 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE_SOURCE = REPO / "python" / "fastvgg"
 # The kernels on every ISA (all of test_kernels.py), the quick Winograd tests, and the NaN
 # handling of the pooling kernels; the large-layer accuracy tests spend their time in numpy.
-KERNEL_TESTS = ["tests/test_kernels.py", "tests/test_winograd.py", "tests/test_bad_input.py"]
+KERNEL_TESTS = ["tests/test_kernels.py", "tests/test_winograd.py", "tests/test_bad_input.py",
+                "tests/test_bf16_kernels.py", "tests/test_winograd_batch.py", "tests/test_winograd_int14.py",
+                "tests/test_ops_kernels.py"]
 KERNEL_SELECTION = (
     "test_kernels or edge_tiles or awkward_shapes or float64_model or (thread_counts and 64-64) "
-    "or keeps_nan or nan_survives"
+    "or keeps_nan or nan_survives or rounding or dense_bf16_shapes or bad_shapes or int14_shapes or int14_nan "
+    "or test_ops_kernels"
 )
 CHILD_TIMEOUT = 900  # seconds; a hang must fail the test, not the CI job
 

@@ -15,14 +15,11 @@ import numpy as np
 import pytest
 
 import fastvgg
+from helpers import noise_images
 
 # Different sizes per thread: a thread whose scratch was sized for a smaller image by a call
 # on another thread would read or write out of bounds, or mix images.
 SHAPES = [(2, 40, 40), (1, 64, 48), (3, 32, 32), (2, 56, 72)]
-
-
-def sample_images(count, height, width, seed):
-    return np.random.default_rng(seed).uniform(-120, 140, (count, height, width, 3)).astype(np.float32)
 
 
 @pytest.fixture(scope="module", params=["fast", "highest"])
@@ -32,7 +29,7 @@ def model(request):
 
 @pytest.fixture(scope="module")
 def inputs():
-    return [sample_images(n, h, w, seed) for seed, (n, h, w) in enumerate(SHAPES)]
+    return [noise_images(n, (h, w), seed) for seed, (n, h, w) in enumerate(SHAPES)]
 
 
 def run_threads(count, target):
@@ -75,7 +72,7 @@ def test_four_threads_give_the_serial_results_bit_for_bit(model, inputs):
 def test_threads_on_a_model_with_the_top():
     # The dense layers keep per-thread rows too, sized by the batch.
     model = fastvgg.VGG16(None, input_shape=(32, 32, 3), classes=7, seed=1)
-    batches = [sample_images(n, 32, 32, seed) for seed, n in enumerate((1, 5, 2, 9))]
+    batches = [noise_images(n, (32, 32), seed) for seed, n in enumerate((1, 5, 2, 9))]
     expected = [model.predict(x) for x in batches]
     results = {}
 
@@ -96,7 +93,7 @@ def test_other_python_threads_run_while_predict_computes():
     computation here is over a hundred times longer than one tick on any machine we know of.
     """
     model = fastvgg.VGG16(None, include_top=False, seed=0, precision="highest")
-    x = sample_images(2, 224, 224, seed=9)
+    x = noise_images(2, (224, 224), seed=9)
     model.predict(x[:1, :32, :32])  # warm-up: nothing lazily initialised during the timed call
     ticks = 0
     stop = threading.Event()

@@ -16,11 +16,13 @@ from ._core import __version__
 from .download import WeightsDownloadError
 from .imagenet import decode_predictions, preprocess_input
 from .models import VGG16, VGG19, Model
+from .saved_model import load_model
 
 __all__ = [
     "VGG16",
     "VGG19",
     "Model",
+    "load_model",
     "image",
     "WeightsDownloadError",
     "preprocess_input",
@@ -57,3 +59,12 @@ def _default_threads() -> int:
 
 
 _core.set_num_threads(_default_threads())
+
+
+def __getattr__(name: str):
+    # fastvgg.ray (and fastvgg.stream) load on first use, so `import fastvgg` never imports Ray.
+    if name in ("ray", "stream"):
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'fastvgg' has no attribute {name!r}")

@@ -263,10 +263,11 @@ class Model:
                 f"Input of model {self.name!r} is incompatible: expected shape {expected}, "
                 f"found shape {x.shape} (axis {axis} differs). {remedy}"
             )
-        if x.shape[1] < MIN_SIZE or x.shape[2] < MIN_SIZE:
+        minimum = getattr(self.layers[0], "min_input_size", MIN_SIZE)  # load_model's graphs check their own
+        if x.shape[1] < minimum or x.shape[2] < minimum:
             raise ValueError(
-                f"Images must be at least {MIN_SIZE}x{MIN_SIZE} pixels (five 2x2 poolings halve them); "
-                f"got {x.shape[1]}x{x.shape[2]}. Resize or pad them to at least {MIN_SIZE}x{MIN_SIZE}."
+                f"Images must be at least {minimum}x{minimum} pixels (five 2x2 poolings halve them); "
+                f"got {x.shape[1]}x{x.shape[2]}. Resize or pad them to at least {minimum}x{minimum}."
             )
         if not x.flags.aligned:
             # A float32 array at an odd byte offset (e.g. np.frombuffer with an offset) would reach
@@ -420,10 +421,11 @@ def _build(
     seed: Optional[int],
     precision: str,
     device: str = "cpu",
+    packed_cache=None,
 ) -> Model:
     weights = _check_weights_arg(weights)
-    if precision not in ("fast", "highest"):
-        raise ValueError(f"`precision` must be 'fast' or 'highest'. Received: precision={precision!r}")
+    if precision not in ("fast", "highest", "bf16"):
+        raise ValueError(f"`precision` must be 'fast', 'highest' or 'bf16'. Received: precision={precision!r}")
     if isinstance(classes, bool) or not isinstance(classes, (int, np.integer)) or classes < 1:
         raise ValueError(f"`classes` must be a positive integer. Received: classes={classes!r}")
     if weights == "imagenet" and include_top and classes != 1000:
@@ -494,15 +496,23 @@ def _build(
     if weights is None:
         _initialize(model, seed)
     else:
-        from .download import imagenet_weights_path
+        from .download import IMAGENET_FILES, imagenet_weights_path
+        from .packed_cache import load_model_weights
         from .weights import load_weights
 
-        # Keras's own file, md5-checked when it was downloaded, is parsed in-process, which
-        # saves starting the isolated HDF5 reader (see weights.load_weights).
         trusted = weights == "imagenet"
         path = imagenet_weights_path(architecture, include_top) if trusted else weights
-        with executor.updating():
-            load_weights(model, path, trusted=trusted)
+
+        def load() -> None:
+            with executor.updating():
+                # Keras's own ImageNet file, md5-checked when it was downloaded, is parsed
+                # in-process, which saves starting the isolated HDF5 reader (weights.load_weights).
+                load_weights(model, path, trusted=trusted)
+
+        # Keras's md5 names the ImageNet files' content (they are checked when downloaded);
+        # any other file is keyed by a hash of its bytes.
+        known_md5 = IMAGENET_FILES[(architecture, include_top)][1] if trusted else None
+        model._packed_cache_status = load_model_weights(executor, path, load, packed_cache, known_md5)
     _return_freed_heap()
     return model
 
@@ -559,6 +569,7 @@ def VGG16(
     seed: Optional[int] = None,
     precision: str = "fast",
     device: str = "cpu",
+    packed_cache=None,
 ) -> Model:
     """Builds VGG16 as ``keras.applications.VGG16`` does, with weights first.
 
@@ -575,12 +586,20 @@ def VGG16(
         seed: seed of the random initialisation when ``weights`` is None.
         precision: "fast" runs the 3x3 convolutions by Winograd F(4x4, 3x3) where that pays
             (about 3e-6 relative error per layer, well inside parity with Keras); "highest"
-            runs plain direct convolution everywhere.
+            runs plain direct convolution everywhere; "bf16" (CPUs with AVX512_BF16 and
+            AVX512_VNNI) runs bf16 products and Winograd with 14-bit integer products, about
+            2e-3 relative error on block5_pool, and its get_weights returns the rounded weights
+            the kernels use.
         device: "cpu" (default), "cuda" (an NVIDIA GPU; a clear error with the reason when none
             is usable, see fastvgg.cuda_status()) or "auto" (the GPU when usable, else the CPU).
+        packed_cache: where the weights packed for the kernels are cached, to be mapped
+            (and shared between processes) by later loads of the same file: None (the
+            default: ``$FASTVGG_PACKED_CACHE``, else ``packed/`` in fastvgg's cache), a
+            directory, or False (off). See ``fastvgg.packed_cache``.
     """
     return _build(
-        "vgg16", weights, include_top, input_shape, pooling, classes, classifier_activation, name, seed, precision, device
+        "vgg16", weights, include_top, input_shape, pooling, classes, classifier_activation, name, seed, precision,
+        device, packed_cache,
     )
 
 
@@ -596,8 +615,10 @@ def VGG19(
     seed: Optional[int] = None,
     precision: str = "fast",
     device: str = "cpu",
+    packed_cache=None,
 ) -> Model:
     """Builds VGG19 as ``keras.applications.VGG19`` does, with weights first (see :func:`VGG16`)."""
     return _build(
-        "vgg19", weights, include_top, input_shape, pooling, classes, classifier_activation, name, seed, precision, device
+        "vgg19", weights, include_top, input_shape, pooling, classes, classifier_activation, name, seed, precision,
+        device, packed_cache,
     )

@@ -1,0 +1,247 @@
+"""Scaling out: packed-cache load time, memory of N processes, and images/s for one process,
+the CLI over a folder, and Ray Data with 1 and 2 actors (same machine, same total threads).
+
+    python bench/scale.py                      # writes bench/scale-results.md
+    python bench/scale.py --images 200 --size 112 --threads 2 --skip-ray
+
+Everything runs on random weights written to a temporary Keras .h5 file (VGG16, with the top,
+528 MB), so nothing is downloaded. Each load figure comes from a fresh subprocess (warm page
+cache): "off" loads the .h5 and packs the weights, "cold" does that and writes the cache file,
+"warm" maps the cache file. Memory: N processes load the same model from the warm cache and
+predict one 224x224 image (which touches every weight page); the table gives the sum of their
+proportional set sizes (Pss, /proc/PID/smaps_rollup) against one process's.
+
+Throughput: VGG16 without the top at --size, block5_pool averaged, --images generated PNGs.
+"one process" is model.predict over images decoded beforehand (the upper bound); "CLI" is
+``fastvgg features DIR`` end to end (start, load, decode, predict, write); Ray Data runs
+``fastvgg.ray.Extractor`` on a dataset read and materialised first (so the read tasks do not
+compete with the actors for the CPUs), with 1 actor of --threads CPUs and with --threads
+actors of 1 CPU each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LOAD_SAMPLES = 3
+
+
+def write_weights(path: str) -> None:
+    """Random VGG16 weights in Keras's classic .h5 layout (what save_weights writes)."""
+    import h5py
+
+    import fastvgg
+
+    model = fastvgg.VGG16(None, seed=0, packed_cache=False)
+    with h5py.File(path, "w") as f:
+        names = [layer.name for layer in model.layers]
+        f.attrs["layer_names"] = np.array([n.encode() for n in names])
+        for layer in model.layers:
+            group = f.create_group(layer.name)
+            arrays = layer.get_weights()
+            weight_names = [f"{layer.name}/{kind}:0" for kind in ("kernel", "bias")][: len(arrays)]
+            group.attrs["weight_names"] = np.array([n.encode() for n in weight_names])
+            for name, array in zip(weight_names, arrays):
+                group.create_dataset(name, data=array)
+
+
+CHILD = r"""
+import json, os, sys, time
+started = time.perf_counter()
+import numpy as np, fastvgg
+imported = time.perf_counter()
+cache = sys.argv[2]
+model = fastvgg.VGG16(sys.argv[1], packed_cache=False if cache == "off" else cache)
+loaded = time.perf_counter()
+model.predict(np.zeros((1, 224, 224, 3), np.float32))
+ready = time.perf_counter()
+rollup = {}
+with open("/proc/self/smaps_rollup") as f:
+    for line in f:
+        parts = line.split()
+        if len(parts) >= 3 and parts[0].endswith(":"):
+            rollup[parts[0][:-1]] = int(parts[1])
+print(json.dumps({"status": model._packed_cache_status, "import_s": imported - started, "load_s": loaded - imported,
+                  "first_predict_s": ready - loaded, "pss_mb": rollup.get("Pss", 0) / 1024,
+                  "rss_mb": rollup.get("Rss", 0) / 1024}), flush=True)
+if len(sys.argv) > 3:
+    sys.stdin.readline()   # hold the memory until the parent has read every process's figures
+"""
+
+
+def child_env(threads: int) -> dict:
+    return {**os.environ, "FASTVGG_NUM_THREADS": str(threads)}
+
+
+def run_child(weights: str, cache: str, threads: int) -> dict:
+    done = subprocess.run([sys.executable, "-c", CHILD, weights, cache], capture_output=True, text=True,
+                          env=child_env(threads), timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def load_times(weights: str, cache_dir: str, threads: int, lines) -> None:
+    rows = {"off": [run_child(weights, "off", threads) for _ in range(LOAD_SAMPLES)],
+            "cold": [run_child(weights, cache_dir, threads)],
+            "warm": [run_child(weights, cache_dir, threads) for _ in range(LOAD_SAMPLES)]}
+    assert rows["cold"][0]["status"] == "built" and all(r["status"] == "hit" for r in rows["warm"]), rows
+    lines += ["### Load (VGG16 with the top, fresh process, warm page cache)", "",
+              f"Median of {LOAD_SAMPLES} processes (cold: one).", "",
+              "| packed cache | import s | load s | first predict s | Pss MB |", "|---|---|---|---|---|"]
+    for kind, samples in rows.items():
+        med = {k: statistics.median(r[k] for r in samples) for k in ("import_s", "load_s", "first_predict_s", "pss_mb")}
+        lines.append(f"| {kind} | {med['import_s']:.2f} | {med['load_s']:.3f} | {med['first_predict_s']:.2f} | "
+                     f"{med['pss_mb']:.0f} |")
+        print(lines[-1], flush=True)
+    lines.append("")
+
+
+def memory_of_n(weights: str, cache_dir: str, counts, lines) -> None:
+    lines += ["### Memory of N processes (VGG16 with the top, 1 thread each, after one 224x224 prediction)", "",
+              "| packed cache | N | sum of Pss MB | one process's Pss MB | ratio |", "|---|---|---|---|---|"]
+    for cache in (cache_dir, "off"):
+        single = None
+        for n in counts:
+            if cache == "off" and n > 2:
+                continue
+            processes = [subprocess.Popen([sys.executable, "-c", CHILD, weights, cache, "hold"], text=True,
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=child_env(1))
+                         for _ in range(n)]
+            try:
+                for p in processes:
+                    json.loads(p.stdout.readline())  # loaded and predicted
+                # Read once all N hold the model: a page's Pss is divided among its sharers now.
+                total = sum(rollup_kb(p.pid)["Pss"] for p in processes) / 1024
+            finally:
+                for p in processes:
+                    p.communicate("\n", timeout=120)
+            single = single or total
+            label = "warm" if cache != "off" else "off"
+            lines.append(f"| {label} | {n} | {total:.0f} | {single:.0f} | {total / single:.2f}x |")
+            print(lines[-1], flush=True)
+    lines.append("")
+
+
+def rollup_kb(pid: int) -> dict:
+    figures = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 3 and parts[0].endswith(":"):
+                figures[parts[0][:-1]] = int(parts[1])
+    return figures
+
+
+def make_images(directory: str, count: int, size: int) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        base = np.linspace(0, 255, size)[None, :, None] * rng.uniform(0.2, 1, 3)
+        pixels = np.clip(base + rng.normal(0, 30, (size, size, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(os.path.join(directory, f"img{i:05d}.png"))
+
+
+def throughput(weights: str, cache_dir: str, image_dir: str, count: int, size: int, threads: int, skip_ray: bool,
+               lines) -> None:
+    import fastvgg
+    from fastvgg.image import img_to_array, load_img
+
+    rows = []
+    fastvgg.set_num_threads(threads)
+    model = fastvgg.VGG16(weights, include_top=False, pooling="avg", packed_cache=cache_dir)
+    paths = sorted(os.path.join(image_dir, n) for n in os.listdir(image_dir))
+    x = fastvgg.preprocess_input(np.stack([img_to_array(load_img(p, target_size=(size, size))) for p in paths]))
+    model.predict(x[:32])
+    started = time.perf_counter()
+    model.predict(x, batch_size=32)
+    rows.append(("one process, model.predict on decoded images", f"{threads} threads", time.perf_counter() - started))
+    print(rows[-1], flush=True)
+
+    with tempfile.TemporaryDirectory() as out:
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "fastvgg", "features", image_dir, "--weights", weights, "--size",
+                        str(size), str(size), "--pooling", "avg", "--quiet", "-o", os.path.join(out, "f.npy")],
+                       check=True, env={**child_env(threads), "FASTVGG_PACKED_CACHE": cache_dir}, capture_output=True)
+        rows.append(("CLI `fastvgg features DIR`, end to end", f"{threads} threads + decoding pool",
+                     time.perf_counter() - started))
+        print(rows[-1], flush=True)
+
+    if not skip_ray:
+        import ray
+
+        import fastvgg.ray as fastvgg_ray
+
+        os.environ["FASTVGG_PACKED_CACHE"] = cache_dir  # the actors inherit the driver's environment
+        ray.init(num_cpus=threads, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        try:
+            ray.data.DataContext.get_current().enable_progress_bars = False
+            ds = ray.data.read_images(image_dir, size=(size, size), mode="RGB").materialize()
+            for actors in (1, threads):
+                mapped = ds.map_batches(fastvgg_ray.Extractor, fn_constructor_kwargs=dict(
+                    weights=weights, layer="block5_pool", pooling="avg"), concurrency=actors,
+                    num_cpus=threads // actors, batch_size=32, batch_format="numpy")
+                started = time.perf_counter()
+                result = mapped.materialize()
+                elapsed = time.perf_counter() - started
+                assert result.count() == count
+                rows.append((f"Ray Data, {actors} actor(s) x {threads // actors} CPU, incl. actor start",
+                             f"{threads} threads in all", elapsed))
+                print(rows[-1], flush=True)
+        finally:
+            ray.shutdown()
+
+    lines += [f"### Throughput (VGG16 without the top, {size}x{size}, block5_pool averaged, {count} PNG images)", "",
+              "| pipeline | threads | seconds | images/s | vs one process |", "|---|---|---|---|---|"]
+    base = count / rows[0][2]
+    for name, how, seconds in rows:
+        lines.append(f"| {name} | {how} | {seconds:.2f} | {count / seconds:.1f} | {count / seconds / base:.2f} |")
+    lines.append("")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--size", type=int, default=112)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--skip-ray", action="store_true")
+    parser.add_argument("--output", default=os.path.join(HERE, "scale-results.md"))
+    args = parser.parse_args()
+
+    import fastvgg
+    from fastvgg import _core
+
+    lines = ["# Scaling out: packed cache, N processes, CLI and Ray Data", "",
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; fastvgg {fastvgg.__version__}, kernels "
+             f"{_core.active_isa()}, {os.cpu_count()} CPUs visible, {args.threads} threads; random weights. "
+             "Command: `python bench/scale.py " + " ".join(sys.argv[1:]) + "`.", ""]
+    with tempfile.TemporaryDirectory() as work:
+        weights = os.path.join(work, "vgg16.h5")
+        cache_dir = os.path.join(work, "packed")
+        image_dir = os.path.join(work, "images")
+        os.makedirs(image_dir)
+        write_weights(weights)
+        load_times(weights, cache_dir, args.threads, lines)
+        memory_of_n(weights, cache_dir, args.processes, lines)
+        make_images(image_dir, args.images, max(args.size, 128))
+        throughput(weights, cache_dir, image_dir, args.images, args.size, args.threads, args.skip_ray, lines)
+    with open(args.output, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

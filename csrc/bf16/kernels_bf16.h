@@ -1,0 +1,127 @@
+// The bf16 kernel set: 3x3 convolution and dense layers whose products take bfloat16 inputs
+// (8-bit significands) and accumulate in fp32, for CPUs with AVX512_BF16 (vdpbf16ps).
+//
+// Activations stay fp32 in the blocked nChw16c layout of tensor.h; the kernels round them to
+// bf16 as they read them, and the weights are rounded once, when packed. Each kernel has a
+// plain twin (reference::*_bf16) that rounds its inputs exactly the same way and accumulates
+// in double, so a test can hold the two to fp32 accumulation-order differences.
+//
+// Rounding is the one vcvtneps2bf16 performs (Intel SDM, "convert_fp32_to_bfloat16"):
+// round to nearest, ties to even; denormal inputs become a zero of the same sign; NaN stays
+// NaN (made quiet); infinities stay infinite. round_to_bf16 below is that rule in plain C++,
+// shared by the packers and the references.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#include "kernels.h"
+#include "tensor.h"
+
+namespace fastvgg {
+
+inline std::uint16_t round_to_bf16(float value) {
+  std::uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  const std::uint32_t exponent = bits & 0x7f800000u, mantissa = bits & 0x007fffffu;
+  if (exponent == 0) return std::uint16_t((bits >> 16) & 0x8000u);  // zero or denormal: signed zero
+  if (exponent == 0x7f800000u) {
+    if (mantissa == 0) return std::uint16_t(bits >> 16);  // infinity
+    return std::uint16_t((bits >> 16) | 0x0040u);          // NaN, made quiet
+  }
+  const std::uint32_t lowest_kept_bit = (bits >> 16) & 1u;
+  return std::uint16_t((bits + 0x7fffu + lowest_kept_bit) >> 16);
+}
+
+inline float bf16_to_float(std::uint16_t value) {
+  const std::uint32_t bits = std::uint32_t(value) << 16;
+  float result;
+  std::memcpy(&result, &bits, sizeof result);
+  return result;
+}
+
+// Winograd F(4x4, 3x3) with 14-bit integer products (winograd_int14.cpp): transformed values
+// are quantised to integers of at most this magnitude.
+constexpr int kWinogradInt14Max = 8191;
+
+// The bf16 kernel set: three methods in the shape of kernels.h's (packers beside run functions),
+// so an executor runs them as it runs the fp32 ones.
+//   conv3x3_direct    "direct_bf16": vdpbf16ps on bf16-rounded inputs and weights.
+//                     Layout: [out/16][in/16][3][3][8 input-channel pairs][16 out][2] bf16.
+//   conv3x3_winograd  "winograd_f4x4_int14": Winograd F(4x4, 3x3), fp32 transforms, 14-bit integer
+//                     products (vpdpwssd). Layout: int16 [36][out16/16][in16/2][16][2], then fp32
+//                     steps [36][out16] (in16, out16: the channel counts rounded up to 16).
+//   dense             "dense_bf16": bf16 weights and inputs, fp32 sums.
+//                     Layout: column panels [cols/16][ceil(depth/2) row pairs][16 cols][2] bf16.
+// None of the three unpacks exactly (rounded or quantised weights): unpack_is_exact is false.
+struct Bf16KernelSet {
+  const char* name;
+  Conv3x3Method conv3x3_direct;
+  Conv3x3Method conv3x3_winograd;
+  DenseMethod dense;
+  // The hardware's own conversion (vcvtneps2bf16), exposed so tests can hold round_to_bf16 to it.
+  void (*round_to_bf16)(const float* values, std::size_t count, std::uint16_t* rounded);
+};
+
+// The set this CPU can run, or nullptr: this build has no AVX512_BF16 kernels, or the CPU (or
+// the OS, for the AVX-512 register state) does not offer AVX512_BF16 and AVX512_VNNI.
+const Bf16KernelSet* bf16_kernel_set();
+// Why bf16_kernel_set() is nullptr here, in words for an error message ("" when it is not).
+const char* bf16_unavailable_reason();
+// A whole kernel table for an executor: `fp32`'s pooling and layout functions with the bf16
+// set's convolution and dense methods; built once per fp32 table and kept for the process (an
+// executor holds a pointer to its table). Throws std::runtime_error (with the reason) where
+// the set is unavailable.
+const KernelTable& bf16_kernel_table(const KernelTable& fp32);
+
+// Packers (pack_bf16.cpp): plain C++, shared by every CPU that runs the set. Sizes count
+// uint16 elements.
+std::size_t packed_conv3x3_bf16_size(int in_channels, int out_channels);
+void pack_conv3x3_bf16(const float* kernel_hwio, int in_channels, int out_channels, std::uint16_t* packed,
+                       int threads);
+void unpack_conv3x3_bf16(const std::uint16_t* packed, int in_channels, int out_channels, float* kernel_hwio,
+                         int threads);
+std::size_t packed_dense_bf16_size(int depth, int cols);
+// Rows [first_row, first_row + row_count); the buffer must start zeroed (padding columns and the
+// odd row of an odd depth stay 0), rows may come in any number of pieces.
+void pack_dense_rows_bf16(const float* kernel_rows, int first_row, int row_count, int depth, int cols,
+                          std::uint16_t* packed, int threads);
+void unpack_dense_bf16(const std::uint16_t* packed, int depth, int cols, float* kernel, int threads);
+std::size_t packed_winograd_int14_size(int in_channels, int out_channels);
+void pack_winograd_int14(const float* kernel_hwio, int in_channels, int out_channels, std::uint16_t* packed,
+                         int threads);
+// The kernel back from the dequantised U by a left inverse of G: within ~1e-4 of it, not exact.
+void unpack_winograd_int14(const std::uint16_t* packed, int in_channels, int out_channels, float* kernel_hwio,
+                           int threads);
+// Lavin & Gray's G for F(4x4, 3x3) (points 0, -1, 1, -2, 2, infinity), in double.
+extern const double kWinogradG[6][3];
+
+// The AVX512_BF16 / AVX512_VNNI kernels (conv3x3_bf16.cpp, dense_bf16.cpp, winograd_int14.cpp).
+namespace avx512bf16 {
+void conv3x3(const BlockedImage& in, const void* packed_weights, const float* bias, bool relu, const BlockedImage& out,
+             int threads, KernelScratch& scratch);
+void conv3x3_winograd_int14(const BlockedImage& in, const void* packed_weights, const float* bias, bool relu,
+                            const BlockedImage& out, int threads, KernelScratch& scratch);
+void dense(const float* x, int rows, int depth, std::ptrdiff_t x_stride, const void* packed_weights, const float* bias,
+           int cols, bool relu, float* y, std::ptrdiff_t y_stride, int threads);
+void round_floats(const float* values, std::size_t count, std::uint16_t* rounded);
+}  // namespace avx512bf16
+
+// Plain twins on NHWC arrays and Keras layouts: inputs and weights rounded by round_to_bf16,
+// products summed in double, the sum rounded to float once.
+namespace reference {
+void conv3x3_bf16(const float* x, int images, int height, int width, int in_channels, const float* kernel_hwio,
+                  const float* bias, int out_channels, bool relu, float* y);
+void dense_bf16(const float* x, int rows, int depth, const float* kernel, const float* bias, int cols, bool relu,
+                float* y);
+// Winograd F(4x4) with the int14 quantisation of the kernel, all in double: U = G g G^T and
+// V = B^T d B exact, each quantised by the kernel's rule (one step per point and output channel
+// for U, per tile and point over all input channels, padded to 16, for V; round half to even),
+// integer sums, Y = A^T M A + bias. It differs from the kernel only where the kernel's fp32 V
+// lands on the other side of a rounding boundary, and by fp32 rounding.
+void conv3x3_winograd_int14(const float* x, int images, int height, int width, int in_channels,
+                            const float* kernel_hwio, const float* bias, int out_channels, bool relu, float* y);
+}  // namespace reference
+
+}  // namespace fastvgg

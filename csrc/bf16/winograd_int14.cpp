@@ -1,0 +1,325 @@
+// 3x3 convolution by Winograd F(4x4, 3x3) with 14-bit integer products (AVX512_VNNI
+// vpdpwssd), fp32 transforms; fp32 blocked images in and out, same contract as conv3x3.
+//
+// Why integers: the accuracy bar (block5_pool within 1e-2 after 13 layers) leaves a
+// layer ~2.5e-3 of relative error. bf16 products inside F(4x4) cost ~2e-2 a layer (the
+// transforms' coefficients, up to 5 and 8, amplify bf16's 8-bit rounding), so bf16 can only
+// run direct, 4x the multiplications. Quantising the transformed values to 14-bit integers
+// (one scale per tile and point for V, per point and output channel for U) costs ~1.4e-3 a
+// layer (bench/winograd_rounding_study.py), and vpdpwssd does 32 int16 multiply-adds per
+// instruction: twice fp32 FMA's lanes at the same rate on Zen 4.
+//
+// Exactness of the integer sums: |q| <= 8191, so one pair of products is at most
+// 2 * 8191^2 = 134,184,962 and 16 pairs (32 channels) at most 2,146,959,392 < 2^31 - 1: the
+// int32 accumulators are converted to fp32 and cleared every 16 pairs, and can never
+// overflow, whatever the input.
+//
+// Phases per block of tiles, as in the fp32 kernel (winograd.cpp):
+//   1. input transform of one tile, all channel blocks, to fp32; per point xi, the largest
+//      |V| over the channels gives the scale; V quantised to int16 pairs: Vq[xi][tile][ch].
+//   2. per xi, a GEMM on int16 pairs: M[tile][out block][xi][16] = fp32 sums x scales.
+//   3. output transform, bias, ReLU, straight into the blocked output.
+//
+// Packed weights (pack_winograd_int14): int16 [36 xi][out/16][in16/2 pairs][16 out][2], then
+// the fp32 dequantisation steps [36 xi][out16]; in16 and out16 are the channels rounded up to 16.
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "bf16/kernels_bf16.h"
+
+namespace fastvgg {
+namespace avx512bf16 {
+namespace {
+
+constexpr int kTileOut = 4, kTileIn = 6, kPoints = 36;
+constexpr float kQuantMax = float(kWinogradInt14Max);
+constexpr float kLargestFloat = 3.4028234663852886e38f;
+constexpr float kSmallestQuantised = 1e-30f;  // 8191 / 1e-30 is still a finite scale
+constexpr int kChunkPairs = 16;  // see the overflow bound above
+// GEMM register tile: 6 tiles x 2 output blocks = 12 int32 + 12 fp32 accumulators + 2 weights.
+// Measured (CPU time, 1 thread, VGG16's block1_conv2 to block4_conv2): 6 x 2 is 1.3-1.9x
+// faster than 3 x 4 and than fp32 Winograd; it reads half as many bytes of U per product.
+constexpr int kGemmTiles = 6, kGemmBlocks = 2;
+
+inline __m512 fma_const(float c, __m512 a, __m512 b) { return _mm512_fmadd_ps(_mm512_set1_ps(c), a, b); }
+
+// r = B^T d for one column of 6 (Lavin & Gray's points 0, +-1, +-2, infinity).
+inline void input_transform_6(const __m512 d[6], __m512 r[6]) {
+  const __m512 t0 = fma_const(-4.0f, d[2], d[4]), t1 = fma_const(-4.0f, d[1], d[3]);
+  const __m512 t2 = _mm512_sub_ps(d[4], d[2]), t3 = _mm512_sub_ps(d[3], d[1]);
+  r[0] = fma_const(4.0f, d[0], fma_const(-5.0f, d[2], d[4]));
+  r[1] = _mm512_add_ps(t0, t1);
+  r[2] = _mm512_sub_ps(t0, t1);
+  r[3] = fma_const(2.0f, t3, t2);
+  r[4] = fma_const(-2.0f, t3, t2);
+  r[5] = fma_const(4.0f, d[1], fma_const(-5.0f, d[3], d[5]));
+}
+
+// r = A^T m for one column of 6 (4 values).
+inline void output_transform_6(const __m512 m[6], __m512 r[4]) {
+  const __m512 s12 = _mm512_add_ps(m[1], m[2]), d12 = _mm512_sub_ps(m[1], m[2]);
+  const __m512 s34 = _mm512_add_ps(m[3], m[4]), d34 = _mm512_sub_ps(m[3], m[4]);
+  r[0] = _mm512_add_ps(_mm512_add_ps(m[0], s12), s34);
+  r[1] = fma_const(2.0f, d34, d12);
+  r[2] = fma_const(4.0f, s34, s12);
+  r[3] = _mm512_add_ps(fma_const(8.0f, d34, d12), m[5]);
+}
+
+struct Geometry {
+  int height, width, tiles_x, tiles_per_image;
+  int in_blocks, out_blocks, groups;
+  int padded_in;  // channels of V rows: in_blocks * 16
+};
+
+class Int14Layer {
+ public:
+  Int14Layer(const BlockedImage& in, const std::uint16_t* packed, const float* bias, bool relu,
+             const BlockedImage& out, int block_tiles)
+      : in_(in), out_(out), bias_(bias), relu_(relu), block_tiles_(block_tiles) {
+    g_.height = out.height;
+    g_.width = out.width;
+    g_.tiles_x = (out.width + kTileOut - 1) / kTileOut;
+    g_.tiles_per_image = g_.tiles_x * ((out.height + kTileOut - 1) / kTileOut);
+    g_.in_blocks = in.blocks();
+    g_.out_blocks = out.blocks();
+    g_.groups = (g_.out_blocks + kGemmBlocks - 1) / kGemmBlocks;
+    g_.padded_in = g_.in_blocks * kChannelBlock;
+    u_ = reinterpret_cast<const std::int16_t*>(packed);
+    u_block_stride_ = std::ptrdiff_t(g_.padded_in) * kChannelBlock;  // int16 values per (xi, out block)
+    u_point_stride_ = std::ptrdiff_t(g_.out_blocks) * u_block_stride_;
+    u_steps_ = reinterpret_cast<const float*>(packed + std::size_t(kPoints) * std::size_t(u_point_stride_));
+    v_point_stride_ = std::ptrdiff_t(block_tiles) * g_.padded_in;
+    m_tile_stride_ = std::ptrdiff_t(g_.out_blocks) * kPoints * kChannelBlock;
+  }
+
+  int tiles() const { return g_.tiles_per_image; }
+  int groups() const { return g_.groups; }
+  std::size_t v_size() const { return std::size_t(kPoints) * std::size_t(v_point_stride_); }      // int16
+  std::size_t steps_size() const { return std::size_t(kPoints) * std::size_t(block_tiles_); }      // floats
+  std::size_t m_size() const { return std::size_t(block_tiles_) * std::size_t(m_tile_stride_); }   // floats
+  std::size_t tile_scratch_size() const { return std::size_t(kPoints) * g_.padded_in; }            // floats
+
+  // Transforms tile first_tile + t (all channel blocks) into fp32 scratch, then quantises each
+  // point's row of channels into v[xi][t][...] and its step into steps[xi][t].
+  void transform_input(std::int16_t* v, float* steps, float* scratch, int first_tile, int t) const {
+    const int tile = first_tile + t;
+    const int y0 = tile / g_.tiles_x * kTileOut - 1, x0 = tile % g_.tiles_x * kTileOut - 1;
+    const int rows = std::min(kTileIn, g_.height + 1 - y0), cols = std::min(kTileIn, g_.width + 1 - x0);
+    const std::ptrdiff_t row_stride = in_.row_stride();
+    for (int ib = 0; ib < g_.in_blocks; ++ib) {
+      const float* origin = in_.at(ib, y0, x0);
+      __m512 d[kTileIn][kTileIn];
+      for (int i = 0; i < kTileIn; ++i)
+        for (int j = 0; j < kTileIn; ++j)
+          d[i][j] = i < rows && j < cols ? _mm512_loadu_ps(origin + i * row_stride + j * kChannelBlock)
+                                         : _mm512_setzero_ps();
+      __m512 column[kTileIn], transformed[kTileIn], half[kTileIn][kTileIn];
+      for (int j = 0; j < kTileIn; ++j) {
+        for (int i = 0; i < kTileIn; ++i) column[i] = d[i][j];
+        input_transform_6(column, transformed);
+        for (int i = 0; i < kTileIn; ++i) half[i][j] = transformed[i];
+      }
+      for (int i = 0; i < kTileIn; ++i) {
+        input_transform_6(half[i], transformed);
+        for (int j = 0; j < kTileIn; ++j)
+          _mm512_storeu_ps(scratch + (i * kTileIn + j) * g_.padded_in + ib * kChannelBlock, transformed[j]);
+      }
+    }
+    for (int xi = 0; xi < kPoints; ++xi) {
+      const float* row = scratch + xi * g_.padded_in;
+      __m512 peak = _mm512_setzero_ps();
+      __mmask16 nan_lanes = 0;
+      for (int c = 0; c < g_.padded_in; c += kChannelBlock) {
+        const __m512 x = _mm512_loadu_ps(row + c);
+        nan_lanes |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);  // max would drop NaNs
+        peak = _mm512_max_ps(peak, _mm512_abs_ps(x));
+      }
+      const float largest = _mm512_reduce_max_ps(peak);
+      float scale = 0.0f, step = 0.0f;
+      if (nan_lanes != 0 || !(largest <= kLargestFloat)) {
+        // NaN or infinity in the tile: fp32 Winograd spreads it over the whole tile, and so does a NaN step.
+        step = __builtin_nanf("");
+      } else if (largest >= kSmallestQuantised) {
+        scale = kQuantMax / largest;
+        step = largest / kQuantMax;
+      }  // else: every |V| < 1e-30, quantised to zero (scale 0), an error below 1e-30 per value
+      steps[xi * block_tiles_ + t] = step;
+      const __m512 scale_v = _mm512_set1_ps(scale);
+      std::int16_t* dst = v + xi * v_point_stride_ + std::ptrdiff_t(t) * g_.padded_in;
+      for (int c = 0; c < g_.padded_in; c += kChannelBlock) {
+        // Round to nearest even (the MXCSR default); |V| * scale <= 8191 by construction.
+        const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(row + c), scale_v));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c), _mm512_cvtsepi32_epi16(q));
+      }
+    }
+  }
+
+  // M[t][group's blocks][xi] for tiles [0, tiles) of the block.
+  void multiply(const std::int16_t* v, const float* steps, float* m, int tiles, int xi, int group) const {
+    const int first_block = group * kGemmBlocks;
+    const int blocks = std::min(kGemmBlocks, g_.out_blocks - first_block);
+    for (int t = 0; t < tiles; t += kGemmTiles) {
+      gemm_edge<kGemmTiles, kGemmBlocks>(std::min(kGemmTiles, tiles - t), blocks, v, steps, m, t, xi, first_block);
+    }
+  }
+
+  void transform_outputs(const float* m, int first_tile, int tiles, int group) const {
+    const int first_block = group * kGemmBlocks, last_block = std::min(g_.out_blocks, first_block + kGemmBlocks);
+    for (int t = 0; t < tiles; ++t)
+      for (int ob = first_block; ob < last_block; ++ob) transform_output(m, first_tile, t, ob);
+  }
+
+ private:
+  template <int kT, int kB>
+  void gemm_tile(const std::int16_t* v, const float* steps, float* m, int t0, int xi, int first_block) const {
+    const std::int16_t* u = u_ + xi * u_point_stride_ + first_block * u_block_stride_;
+    const std::int16_t* vrow = v + xi * v_point_stride_ + std::ptrdiff_t(t0) * g_.padded_in;
+    __m512 sum[kT][kB];
+    for (int t = 0; t < kT; ++t)
+      for (int j = 0; j < kB; ++j) sum[t][j] = _mm512_setzero_ps();
+    const int pairs = g_.padded_in / 2;
+    for (int p0 = 0; p0 < pairs; p0 += kChunkPairs) {
+      __m512i acc[kT][kB];
+      for (int t = 0; t < kT; ++t)
+        for (int j = 0; j < kB; ++j) acc[t][j] = _mm512_setzero_si512();
+      const int p1 = std::min(pairs, p0 + kChunkPairs);
+      for (int p = p0; p < p1; ++p) {
+        __m512i w[kB];
+        for (int j = 0; j < kB; ++j) w[j] = _mm512_loadu_si512(u + j * u_block_stride_ + std::ptrdiff_t(p) * 2 * kChannelBlock);
+        for (int t = 0; t < kT; ++t) {
+          std::int32_t pair;
+          std::memcpy(&pair, vrow + std::ptrdiff_t(t) * g_.padded_in + 2 * p, sizeof pair);
+          const __m512i x = _mm512_set1_epi32(pair);
+          for (int j = 0; j < kB; ++j) acc[t][j] = _mm512_dpwssd_epi32(acc[t][j], x, w[j]);
+        }
+      }
+      for (int t = 0; t < kT; ++t)
+        for (int j = 0; j < kB; ++j) sum[t][j] = _mm512_add_ps(sum[t][j], _mm512_cvtepi32_ps(acc[t][j]));
+    }
+    for (int j = 0; j < kB; ++j) {
+      const __m512 u_step = _mm512_loadu_ps(u_steps_ + xi * g_.out_blocks * kChannelBlock + (first_block + j) * kChannelBlock);
+      for (int t = 0; t < kT; ++t) {
+        const __m512 step = _mm512_mul_ps(u_step, _mm512_set1_ps(steps[xi * block_tiles_ + t0 + t]));
+        _mm512_storeu_ps(m + (t0 + t) * m_tile_stride_ + (first_block + j) * kPoints * kChannelBlock + xi * kChannelBlock,
+                         _mm512_mul_ps(sum[t][j], step));
+      }
+    }
+  }
+
+  // The register tile for the tiles and blocks left at an edge (block5: 16 tiles = 6 + 6 + 4).
+  template <int kT, int kB>
+  void gemm_edge(int tiles, int blocks, const std::int16_t* v, const float* steps, float* m, int t0, int xi,
+                 int first_block) const {
+    if constexpr (kT > 1) {
+      if (tiles < kT) return gemm_edge<kT - 1, kB>(tiles, blocks, v, steps, m, t0, xi, first_block);
+    }
+    if constexpr (kB > 1) {
+      if (blocks < kB) return gemm_edge<kT, kB - 1>(tiles, blocks, v, steps, m, t0, xi, first_block);
+    }
+    gemm_tile<kT, kB>(v, steps, m, t0, xi, first_block);
+  }
+
+  void transform_output(const float* m, int first_tile, int t, int out_block) const {
+    const int tile = first_tile + t;
+    const int y0 = tile / g_.tiles_x * kTileOut, x0 = tile % g_.tiles_x * kTileOut;
+    const int rows = std::min(kTileOut, g_.height - y0), cols = std::min(kTileOut, g_.width - x0);
+    const float* mt = m + t * m_tile_stride_ + out_block * kPoints * kChannelBlock;
+    __m512 column[kTileIn], transformed[kTileOut], half[kTileOut][kTileIn];
+    for (int j = 0; j < kTileIn; ++j) {
+      for (int i = 0; i < kTileIn; ++i) column[i] = _mm512_loadu_ps(mt + (i * kTileIn + j) * kChannelBlock);
+      output_transform_6(column, transformed);
+      for (int i = 0; i < kTileOut; ++i) half[i][j] = transformed[i];
+    }
+    const __m512 b = _mm512_loadu_ps(bias_ + out_block * kChannelBlock);
+    const __m512 zero = _mm512_setzero_ps();
+    float* origin = out_.at(out_block, y0, x0);
+    for (int i = 0; i < rows; ++i) {
+      output_transform_6(half[i], transformed);
+      for (int j = 0; j < cols; ++j) {
+        const __m512 y = _mm512_add_ps(transformed[j], b);
+        _mm512_storeu_ps(origin + i * out_.row_stride() + j * kChannelBlock, relu_ ? _mm512_max_ps(zero, y) : y);
+      }
+    }
+  }
+
+  const BlockedImage& in_;
+  const BlockedImage& out_;
+  const float* bias_;
+  bool relu_;
+  int block_tiles_;
+  Geometry g_;
+  const std::int16_t* u_;
+  const float* u_steps_;
+  std::ptrdiff_t u_block_stride_, u_point_stride_, v_point_stride_, m_tile_stride_;
+};
+
+// Private blocks for small U (each thread transforms, multiplies and writes out its own blocks
+// of tiles, no barrier); shared blocks for U of 8 MB and more (block4/5 of VGG: every tile in one
+// block, the threads split its output groups, so U is read once). The thresholds follow the fp32
+// kernel's measurements, halved with U's element size.
+constexpr std::size_t kSharedWeightBytes = std::size_t(6) << 20;
+
+}  // namespace
+
+void conv3x3_winograd_int14(const BlockedImage& in, const void* packed, const float* bias, bool relu,
+                            const BlockedImage& out, int threads, KernelScratch& scratch) {
+  const auto* packed_weights = static_cast<const std::uint16_t*>(packed);
+  const int tiles = ((out.height + kTileOut - 1) / kTileOut) * ((out.width + kTileOut - 1) / kTileOut);
+  const int padded_in = in.blocks() * kChannelBlock, padded_out = out.blocks() * kChannelBlock;
+  const std::size_t u_bytes = std::size_t(kPoints) * padded_in * padded_out * sizeof(std::int16_t);
+  const std::size_t bytes_per_tile = std::size_t(kPoints) * (padded_in * sizeof(std::int16_t) + padded_out * sizeof(float));
+  const bool shared = u_bytes >= kSharedWeightBytes;
+  const std::size_t block_bytes = shared ? (std::size_t(16) << 20) : (std::size_t(256) << 10);
+  const int fitting = int(block_bytes / bytes_per_tile) / kGemmTiles * kGemmTiles;
+  const int block_tiles = std::min(tiles, std::max(shared ? kGemmTiles : 2 * kGemmTiles, fitting));
+  const Int14Layer layer(in, packed_weights, bias, relu, out, block_tiles);
+  const std::size_t copies = shared ? 1 : std::size_t(threads);
+
+  // The caller's scratch, kept between its calls: V (int16, two a float) in transformed_input;
+  // the steps of V, M and each thread's fp32 tile in products. Every piece starts on a cache line.
+  auto lines = [](std::size_t floats) { return (floats + 15) / 16 * 16; };
+  const std::size_t v_floats = lines((layer.v_size() + 1) / 2), steps_floats = lines(layer.steps_size()),
+                    m_floats = lines(layer.m_size()), tile_floats = lines(layer.tile_scratch_size());
+  scratch.transformed_input.ensure_capacity(copies * v_floats);
+  scratch.products.ensure_capacity(copies * (steps_floats + m_floats) + std::size_t(threads) * tile_floats);
+  auto* v_all = reinterpret_cast<std::int16_t*>(scratch.transformed_input.data());
+  float* steps_all = scratch.products.data();
+  float* m_all = steps_all + copies * steps_floats;
+  float* tile_all = m_all + copies * m_floats;
+  const int blocks = (tiles + block_tiles - 1) / block_tiles;
+#pragma omp parallel num_threads(threads)
+  {
+    const int thread = omp_get_thread_num();
+    float* tile_scratch = tile_all + std::size_t(thread) * tile_floats;
+    if (!shared) {
+      std::int16_t* v = v_all + std::size_t(thread) * v_floats * 2;
+      float* steps = steps_all + std::size_t(thread) * steps_floats;
+      float* m = m_all + std::size_t(thread) * m_floats;
+#pragma omp for schedule(dynamic, 1)
+      for (int block = 0; block < blocks; ++block) {
+        const int first_tile = block * block_tiles, count = std::min(block_tiles, tiles - first_tile);
+        for (int t = 0; t < count; ++t) layer.transform_input(v, steps, tile_scratch, first_tile, t);
+        for (int xi = 0; xi < kPoints; ++xi)
+          for (int g = 0; g < layer.groups(); ++g) layer.multiply(v, steps, m, count, xi, g);
+        for (int g = 0; g < layer.groups(); ++g) layer.transform_outputs(m, first_tile, count, g);
+      }
+    } else {
+      for (int block = 0; block < blocks; ++block) {
+        const int first_tile = block * block_tiles, count = std::min(block_tiles, tiles - first_tile);
+#pragma omp for schedule(dynamic, 4)
+        for (int t = 0; t < count; ++t) layer.transform_input(v_all, steps_all, tile_scratch, first_tile, t);
+#pragma omp for schedule(dynamic, 1)
+        for (int g = 0; g < layer.groups(); ++g) {
+          for (int xi = 0; xi < kPoints; ++xi) layer.multiply(v_all, steps_all, m_all, count, xi, g);
+          layer.transform_outputs(m_all, first_tile, count, g);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace avx512bf16
+}  // namespace fastvgg

@@ -1,0 +1,776 @@
+"""Reading a whole Keras model (architecture and weights) as data: ``fastvgg.load_model``.
+
+A ``.keras`` archive keeps the architecture in ``config.json`` and the weights in
+``model.weights.h5``; a whole-model ``.h5`` (Keras 2 / tf.keras ``model.save``, Keras 3's
+legacy format) keeps it in the ``model_config`` attribute and the weights under
+``model_weights/``. Both configs are JSON: this module reads them as plain data, never
+importing a module, deserialising a class or evaluating code named in them. A layer whose
+class is not one of :data:`SUPPORTED_LAYERS` (a ``Lambda``, a custom or registered class) is
+refused with an error that names it.
+
+Sequential and Functional models, nested or flat, are flattened into one chain of
+:class:`LayerSpec`, the layers in the order they run. Anything that is not a chain (branches,
+merges, several inputs or outputs, a layer called twice) is refused: fastvgg runs one chain.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+# Model classes whose config holds other layers: flattened into the chain.
+_MODEL_CLASSES = ("Sequential", "Functional", "Model")
+# Layers that are the identity at inference (Keras calls them with training=False).
+_IDENTITY_AT_INFERENCE = (
+    "Dropout",
+    "SpatialDropout1D",
+    "SpatialDropout2D",
+    "GaussianNoise",
+    "GaussianDropout",
+    "AlphaDropout",
+    "ActivityRegularization",
+    "RandomFlip",
+    "RandomRotation",
+    "RandomZoom",
+    "RandomTranslation",
+    "RandomContrast",
+    "RandomBrightness",
+)
+SUPPORTED_LAYERS = (
+    "InputLayer",
+    "Conv2D",
+    "MaxPooling2D",
+    "AveragePooling2D",
+    "Flatten",
+    "Dense",
+    "GlobalAveragePooling2D",
+    "GlobalMaxPooling2D",
+    "BatchNormalization",
+    "Rescaling",
+    "Normalization",
+    "Activation",
+    "ReLU",
+    "Softmax",
+) + _IDENTITY_AT_INFERENCE + _MODEL_CLASSES
+# Keras's class aliases, as stored by older versions.
+_CLASS_ALIASES = {
+    "Convolution2D": "Conv2D",
+    "MaxPool2D": "MaxPooling2D",
+    "AvgPool2D": "AveragePooling2D",
+    "GlobalAvgPool2D": "GlobalAveragePooling2D",
+    "GlobalMaxPool2D": "GlobalMaxPooling2D",
+}
+# Element-wise activations the kernels have; "silu" is Keras 3's name for swish.
+ACTIVATIONS = ("linear", "relu", "sigmoid", "tanh", "softmax", "elu", "selu", "gelu", "swish", "softplus")
+_ACTIVATION_ALIASES = {None: "linear", "silu": "swish"}
+
+# Keras nests a base model a level or two deep; deeper means a hostile or broken file.
+MAX_NESTING = 16
+# A VGG chain has a few dozen layers; a config with more than this is not one we run.
+MAX_LAYERS = 4096
+# Keras's backend.epsilon(), the floor of Normalization's standard deviation.
+_KERAS_EPSILON = 1e-7
+
+Shape = Tuple[Optional[int], ...]
+
+
+class UnsupportedModelError(ValueError):
+    """The model uses a layer or a structure fastvgg does not run; the message says which."""
+
+
+@dataclass
+class LayerSpec:
+    """One Keras layer of the chain: what it computes, its shapes (no batch axis) and weights.
+
+    ``kind`` is one of: "input", "conv", "max_pool", "avg_pool", "flatten", "global_pool",
+    "dense", "affine" (per-channel scale and shift: BatchNormalization, Rescaling,
+    Normalization), "activation", "identity".
+    """
+
+    name: str
+    class_name: str
+    kind: str
+    config: dict = field(repr=False, default_factory=dict)
+    input_shape: Shape = ()
+    output_shape: Shape = ()
+    # conv / dense
+    units: int = 0  # filters or units
+    kernel_size: int = 0
+    padding: str = "valid"  # conv and pooling
+    use_bias: bool = True
+    activation: str = "linear"  # conv / dense / activation
+    pool_mode: str = "avg"  # global_pool
+    keepdims: bool = False
+    # The arrays as Keras keeps them (what get_weights returns), in Keras's order, and their names.
+    weight_names: List[str] = field(default_factory=list)
+    weight_shapes: List[Tuple[int, ...]] = field(default_factory=list)
+    weights: List[np.ndarray] = field(default_factory=list, repr=False)
+    # affine: y = x * scale + shift per channel (float32), derived from the weights or config.
+    scale: Optional[np.ndarray] = field(default=None, repr=False)
+    shift: Optional[np.ndarray] = field(default=None, repr=False)
+
+    def count_params(self) -> int:
+        return int(sum(int(np.prod(s)) for s in self.weight_shapes))
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    input_name: str
+    layers: List[LayerSpec]  # layers[0] is the input
+
+    @property
+    def input_shape(self) -> Shape:
+        return self.layers[0].output_shape
+
+
+# Reading the files --------------------------------------------------------------------------------
+def read_model(filepath, *, custom_objects=None, compile=True, safe_mode=True) -> ModelSpec:
+    """The architecture and weights of a Keras model file, as a checked chain of layers."""
+    _check_keywords(custom_objects, compile, safe_mode)
+    from .weights import _open_weights, _stored_layers
+
+    path = os.fspath(filepath)
+    with _open_weights(path) as (handle, archive_config):
+        config = archive_config if archive_config is not None else _h5_model_config(handle, path)
+        if config is None:
+            raise ValueError(
+                f"{path!r} holds weights only, no model architecture (a save_weights file). Build the model "
+                "with fastvgg.VGG16/VGG19(weights=path), or save the whole model with model.save(...)."
+            )
+        spec = model_from_config(config, path, custom_objects)
+        try:
+            stored = _stored_layers(handle, config, _NoFallbackNames(), path)
+        except (KeyError, RuntimeError, OSError, TypeError) as error:
+            raise ValueError(f"{path!r} is damaged or not a Keras model file: {type(error).__name__}: {error}") from None
+        _attach_weights(spec, stored, path)
+    return spec
+
+
+class _NoFallbackNames:
+    """Stands in for a model in weights.py's name recovery: a whole-model file names its layers in
+    its config, so recovering names from VGG's layer order must not happen."""
+
+    name = "the saved model"
+    layers: list = []
+
+
+def _check_keywords(custom_objects, compile, safe_mode) -> None:
+    if not isinstance(compile, bool):
+        raise TypeError(f"`compile` must be True or False, got {compile!r}.")
+    if not isinstance(safe_mode, bool):
+        raise TypeError(f"`safe_mode` must be True or False, got {safe_mode!r}.")
+    if custom_objects is not None and not isinstance(custom_objects, dict):
+        raise TypeError(f"`custom_objects` must be a dict or None, got {type(custom_objects).__name__}.")
+
+
+def _h5_model_config(handle, path: str) -> Optional[dict]:
+    raw = handle.attrs.get("model_config")
+    if raw is None:
+        return None
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf8", errors="replace")
+    if not isinstance(raw, str) or len(raw) > (16 << 20):
+        raise ValueError(f"{path!r}: its 'model_config' attribute is not a JSON text of a sane size.")
+    try:
+        config = json.loads(raw)
+    except ValueError as error:
+        raise ValueError(f"{path!r}: its 'model_config' attribute is not valid JSON ({error}).") from None
+    return config
+
+
+# Flattening the config into a chain ---------------------------------------------------------------------
+def model_from_config(config, path: str = "<config>", custom_objects=None) -> ModelSpec:
+    """A checked chain of layer specs (no weights yet) from a Keras model config (a dict)."""
+    if not isinstance(config, dict) or "class_name" not in config:
+        raise ValueError(f"{path!r}: the stored model config is not a Keras model description.")
+    class_name = _class_name(config)
+    if class_name not in _MODEL_CLASSES:
+        raise UnsupportedModelError(f"{path!r}: the stored object is a {class_name!r}, not a Keras model.")
+    flattener = _Flattener(path, custom_objects)
+    input_shape, input_name, leaves = flattener.model(config, 0)
+    if input_shape is None:
+        raise ValueError(f"{path!r}: the model config gives no input shape; build the model on an Input before saving.")
+    name = str((config.get("config") or {}).get("name") or "model")
+    return ModelSpec(name, input_name, _specs(leaves, input_name, input_shape, path))
+
+
+def _class_name(layer: dict) -> str:
+    name = str(layer.get("class_name", ""))
+    return _CLASS_ALIASES.get(name, name)
+
+
+def _layer_name(layer: dict) -> str:
+    config = layer.get("config") if isinstance(layer.get("config"), dict) else {}
+    return str(layer.get("name") or config.get("name") or "")
+
+
+class _Flattener:
+    def __init__(self, path: str, custom_objects) -> None:
+        self.path = path
+        self.custom_objects = custom_objects or {}
+        self.count = 0
+
+    def fail(self, message: str):
+        raise UnsupportedModelError(f"{self.path!r}: {message}")
+
+    def model(self, config: dict, depth: int):
+        """(input batch shape or None, input layer name, leaf layer configs in order)."""
+        if depth > MAX_NESTING:
+            self.fail(f"models nested more than {MAX_NESTING} deep; Keras never writes that, fastvgg does not read it.")
+        inner = config.get("config")
+        if isinstance(inner, list):  # Sequential of early tf.keras: the config is the layer list
+            inner = {"layers": inner}
+        if not isinstance(inner, dict) or not isinstance(inner.get("layers"), list):
+            self.fail(f"model {_layer_name(config)!r} has no layer list in its config.")
+        if _class_name(config) == "Sequential":
+            return self.sequential(config, inner, depth)
+        return self.functional(config, inner, depth)
+
+    def checked_layer(self, layer) -> dict:
+        if not isinstance(layer, dict) or not isinstance(layer.get("config", {}), dict):
+            self.fail("a layer entry of the model config is not a dict.")
+        self.count += 1
+        if self.count > MAX_LAYERS:
+            self.fail(f"more than {MAX_LAYERS} layers: not a model fastvgg runs.")
+        return layer
+
+    def sequential(self, config, inner, depth):
+        input_shape, input_name, leaves = None, "", []
+        for position, layer in enumerate(inner["layers"]):
+            layer = self.checked_layer(layer)
+            kind = _class_name(layer)
+            if kind == "InputLayer":
+                if position != 0:
+                    self.fail(f"InputLayer {_layer_name(layer)!r} inside a Sequential model, after other layers.")
+                input_shape, input_name = _input_shape(layer), _layer_name(layer)
+                continue
+            if kind in _MODEL_CLASSES:
+                nested_shape, nested_input, nested = self.model(layer, depth + 1)
+                if input_shape is None and not leaves:
+                    input_shape, input_name = nested_shape, nested_input
+                leaves.extend(nested)
+                continue
+            if input_shape is None and not leaves:
+                input_shape = _declared_input_shape(layer)
+            leaves.append(self.leaf(layer))
+        if input_shape is None:
+            input_shape = _build_input_shape(config, inner)
+        return input_shape, input_name or f"{_layer_name(config) or 'sequential'}_input", leaves
+
+    def functional(self, config, inner, depth):
+        model_name = _layer_name(config)
+        layers: Dict[str, dict] = {}
+        for layer in inner["layers"]:
+            layer = self.checked_layer(layer)
+            name = _layer_name(layer)
+            if name in layers:
+                self.fail(f"model {model_name!r} has two layers named {name!r}.")
+            layers[name] = layer
+        inputs = _tensor_refs(inner.get("input_layers"))
+        outputs = _tensor_refs(inner.get("output_layers"))
+        if len(inputs) != 1:
+            self.fail(
+                f"model {model_name!r} has {len(inputs)} inputs ({[r[0] for r in inputs]}); fastvgg runs models "
+                "with one input whose layers form one chain."
+            )
+        if len(outputs) != 1:
+            self.fail(
+                f"model {model_name!r} has {len(outputs)} outputs ({[r[0] for r in outputs]}); fastvgg runs models "
+                "with one output whose layers form one chain."
+            )
+        # Each layer's one call and the one tensor it reads.
+        source: Dict[str, str] = {}
+        consumers: Dict[str, List[str]] = {}
+        for name, layer in layers.items():
+            nodes = layer.get("inbound_nodes") or []
+            if _class_name(layer) == "InputLayer":
+                continue
+            if not isinstance(nodes, list) or len(nodes) == 0:
+                continue  # not called in this model: not part of its graph
+            if len(nodes) > 1:
+                self.fail(
+                    f"layer {name!r} ({_class_name(layer)}) is called {len(nodes)} times in model {model_name!r} "
+                    "(a shared layer); fastvgg runs models whose layers form one chain, each layer used once."
+                )
+            refs, training = _node_inputs(nodes[0])
+            if training:
+                self.fail(
+                    f"layer {name!r} ({_class_name(layer)}) is called with training=True, so Keras keeps it random "
+                    "at inference (e.g. Monte Carlo dropout); fastvgg runs deterministic inference only."
+                )
+            if len(refs) != 1:
+                self.fail(
+                    f"layer {name!r} ({_class_name(layer)}) takes {len(refs)} inputs "
+                    f"({[r[0] for r in refs]}): merges and branches (Add, Concatenate, residual connections) "
+                    "are not supported; fastvgg runs models whose layers form one chain."
+                )
+            if refs[0][0] not in layers:
+                self.fail(f"layer {name!r} reads the output of {refs[0][0]!r}, which model {model_name!r} does not have.")
+            if refs[0][2] != 0:
+                self.fail(f"layer {name!r} reads output {refs[0][2]} of {refs[0][0]!r}; only single-output layers are supported.")
+            source[name] = refs[0][0]
+            consumers.setdefault(refs[0][0], []).append(name)
+        for producer, readers in consumers.items():
+            if len(readers) > 1:
+                self.fail(
+                    f"the output of layer {producer!r} feeds {len(readers)} layers ({readers}) in model "
+                    f"{model_name!r}: a branch. fastvgg runs models whose layers form one chain."
+                )
+        input_name = inputs[0][0]
+        if input_name not in layers or _class_name(layers[input_name]) != "InputLayer":
+            self.fail(f"model {model_name!r}'s input {input_name!r} is not an InputLayer of the model.")
+        # Walk back from the output to the input.
+        chain: List[str] = []
+        current = outputs[0][0]
+        if current not in layers:
+            self.fail(f"model {model_name!r}'s output {current!r} is not one of its layers.")
+        while current != input_name:
+            if current in chain or len(chain) > len(layers):
+                self.fail(f"model {model_name!r} has a cycle through layer {current!r}.")
+            chain.append(current)
+            if current not in source:
+                self.fail(f"model {model_name!r}: layer {current!r} is not connected to the input {input_name!r}.")
+            current = source[current]
+        chain.reverse()
+        input_shape = _input_shape(layers[input_name])
+        leaves: List[dict] = []
+        for name in chain:
+            layer = layers[name]
+            if _class_name(layer) in _MODEL_CLASSES:
+                _, _, nested = self.model(layer, depth + 1)
+                leaves.extend(nested)
+            elif _class_name(layer) == "InputLayer":
+                self.fail(f"InputLayer {name!r} in the middle of model {model_name!r}.")
+            else:
+                leaves.append(self.leaf(layer))
+        return input_shape, input_name, leaves
+
+    def leaf(self, layer: dict) -> dict:
+        """A layer that computes something: refused here unless its class is one fastvgg runs."""
+        name, class_name = _layer_name(layer), _class_name(layer)
+        registered = layer.get("registered_name")
+        module = str(layer.get("module") or "keras")
+        custom = (registered not in (None, class_name) and not str(registered).startswith("keras")) or not module.startswith(
+            ("keras", "tf_keras", "tensorflow")
+        )
+        if class_name == "Lambda":
+            self.fail(
+                f"layer {name!r} is a Lambda layer: it holds Python code, and fastvgg never runs code from a file "
+                "(safe_mode=False does not change that). Replace it with built-in layers (e.g. Rescaling) and save "
+                f"again. Supported layers: {', '.join(SUPPORTED_LAYERS)}."
+            )
+        if class_name not in SUPPORTED_LAYERS or custom or class_name in self.custom_objects:
+            what = f"custom class {registered or class_name!r}" if custom or class_name in self.custom_objects else f"class {class_name!r}"
+            hint = (
+                " custom_objects cannot help: fastvgg runs only the layers it implements, never Python classes."
+                if self.custom_objects
+                else ""
+            )
+            self.fail(
+                f"layer {name!r} of {what} is not supported.{hint} Supported layers: {', '.join(SUPPORTED_LAYERS)}."
+            )
+        return layer
+
+
+def _tensor_refs(value) -> List[Tuple[str, int, int]]:
+    """Functional input_layers / output_layers: Keras 3 stores one ref as [name, node, index]."""
+    if not isinstance(value, list):
+        return []
+    if len(value) == 3 and isinstance(value[0], str):
+        value = [value]
+    refs = []
+    for ref in value:
+        if not (isinstance(ref, list) and len(ref) >= 3 and isinstance(ref[0], str)):
+            raise UnsupportedModelError(f"a model's input or output reference {ref!r} is not Keras's [name, node, index].")
+        refs.append((ref[0], _int(ref[1]), _int(ref[2])))
+    return refs
+
+
+def _int(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UnsupportedModelError(f"expected an integer in a tensor reference, got {value!r}.")
+    return value
+
+
+def _node_inputs(node) -> Tuple[List[Tuple[str, int, int]], bool]:
+    """The tensors one call of a layer reads, and whether it was called with training=True.
+
+    Keras 3: {"args": [...], "kwargs": {...}} with tensors as {"class_name": "__keras_tensor__",
+    "config": {"keras_history": [name, node, index]}}; Keras 2: [[name, node, index, kwargs], ...].
+    """
+    refs: List[Tuple[str, int, int]] = []
+    training = False
+    if isinstance(node, dict):
+
+        def collect(value, depth=0):
+            if depth > 8:
+                return
+            if isinstance(value, dict):
+                if value.get("class_name") == "__keras_tensor__":
+                    history = (value.get("config") or {}).get("keras_history")
+                    if isinstance(history, list) and len(history) == 3 and isinstance(history[0], str):
+                        refs.append((history[0], _int(history[1]), _int(history[2])))
+                    else:
+                        raise UnsupportedModelError(f"a tensor in the model config has no valid keras_history: {history!r}.")
+                else:
+                    for item in value.values():
+                        collect(item, depth + 1)
+            elif isinstance(value, list):
+                for item in value:
+                    collect(item, depth + 1)
+
+        collect(node.get("args"))
+        kwargs = node.get("kwargs") or {}
+        collect(kwargs)
+        training = isinstance(kwargs, dict) and kwargs.get("training") is True
+    elif isinstance(node, list):
+        for entry in node:
+            if not (isinstance(entry, list) and len(entry) >= 3 and isinstance(entry[0], str)):
+                raise UnsupportedModelError(f"an inbound node entry {entry!r} is not Keras's [name, node, index, kwargs].")
+            refs.append((entry[0], _int(entry[1]), _int(entry[2])))
+            if len(entry) > 3 and isinstance(entry[3], dict) and entry[3].get("training") is True:
+                training = True
+    else:
+        raise UnsupportedModelError(f"an inbound node {node!r} is in no format Keras writes.")
+    return refs, training
+
+
+def _shape_list(value) -> Optional[Shape]:
+    if not isinstance(value, (list, tuple)):
+        return None
+    dims = []
+    for d in value:
+        if d is None:
+            dims.append(None)
+        elif isinstance(d, int) and not isinstance(d, bool) and 0 < d <= (1 << 20):
+            dims.append(int(d))
+        else:
+            raise UnsupportedModelError(f"shape {value!r} in the model config has a dimension that is not a positive integer.")
+    return tuple(dims)
+
+
+def _input_shape(layer: dict) -> Optional[Shape]:
+    config = layer.get("config") or {}
+    for key in ("batch_shape", "batch_input_shape"):
+        shape = _shape_list(config.get(key))
+        if shape is not None:
+            return shape
+    shape = _shape_list(config.get("input_shape") or config.get("shape"))
+    return (None,) + shape if shape is not None else None
+
+
+def _declared_input_shape(layer: dict) -> Optional[Shape]:
+    config = layer.get("config") or {}
+    for key in ("batch_shape", "batch_input_shape"):
+        shape = _shape_list(config.get(key))
+        if shape is not None:
+            return shape
+    build = layer.get("build_config") or {}
+    return _shape_list(build.get("input_shape")) if isinstance(build, dict) else None
+
+
+def _build_input_shape(config: dict, inner: dict) -> Optional[Shape]:
+    shape = _shape_list(inner.get("build_input_shape"))
+    if shape is None and isinstance(config.get("build_config"), dict):
+        shape = _shape_list(config["build_config"].get("input_shape"))
+    return shape
+
+
+# Layer specs and their shapes ------------------------------------------------------------------------------
+def _activation(name, value, path: str) -> str:
+    if isinstance(value, dict):  # Keras 3 may store {"class_name": "function", "config": "relu", ...}
+        value = value.get("config") if isinstance(value.get("config"), str) else value.get("class_name")
+    value = _ACTIVATION_ALIASES.get(value, value)
+    if value not in ACTIVATIONS:
+        raise UnsupportedModelError(
+            f"{path!r}: layer {name!r} uses activation {value!r}, which fastvgg does not have. "
+            f"Supported activations: {', '.join(ACTIVATIONS)}."
+        )
+    return value
+
+
+def _pair(value, name: str, what: str, path: str) -> Tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value, value
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return int(value[0]), int(value[1])
+    raise UnsupportedModelError(f"{path!r}: layer {name!r} has {what} {value!r}; expected two integers.")
+
+
+def _pooled(size: Optional[int], padding: str) -> Optional[int]:
+    if size is None:
+        return None
+    return (size + 1) // 2 if padding == "same" else size // 2
+
+
+def _specs(leaves: List[dict], input_name: str, input_shape: Shape, path: str) -> List[LayerSpec]:
+    if len(input_shape) != 4:
+        raise UnsupportedModelError(
+            f"{path!r}: the model's input has shape {input_shape}; fastvgg runs image models, input (batch, height, width, channels)."
+        )
+    if input_shape[3] is None:
+        raise UnsupportedModelError(f"{path!r}: the model's input has no fixed channel count ({input_shape}).")
+    shape: Shape = tuple(input_shape[1:])
+    specs = [LayerSpec(input_name or "input_layer", "InputLayer", "input", {}, shape, shape)]
+    names = {specs[0].name}
+    for layer in leaves:
+        spec = _spec(layer, shape, path)
+        if spec.name in names:
+            raise UnsupportedModelError(
+                f"{path!r}: two layers are named {spec.name!r} once the nested models are flattened; fastvgg needs "
+                "unique layer names. Rename one in Keras (layer.name) and save again."
+            )
+        names.add(spec.name)
+        specs.append(spec)
+        shape = spec.output_shape
+    return specs
+
+
+def _spec(layer: dict, shape: Shape, path: str) -> LayerSpec:
+    name, class_name = _layer_name(layer), _class_name(layer)
+    config = layer.get("config") or {}
+    spec = LayerSpec(name, class_name, "identity", config, shape, shape)
+    spatial = len(shape) == 3
+
+    def refuse(reason: str):
+        raise UnsupportedModelError(f"{path!r}: layer {name!r} ({class_name}) {reason}")
+
+    def need_spatial():
+        if not spatial:
+            refuse(f"needs an image input (height, width, channels), but its input has shape {shape}.")
+
+    if config.get("data_format") not in (None, "channels_last"):
+        refuse(f"uses data_format={config.get('data_format')!r}; only channels_last is supported.")
+    if config.get("dtype") not in (None, "float32") and not (
+        isinstance(config.get("dtype"), dict) and (config["dtype"].get("config") or {}).get("name") in ("float32", None)
+    ):
+        refuse(f"computes in dtype {config.get('dtype')!r}; only float32 models are supported.")
+
+    if class_name in _IDENTITY_AT_INFERENCE:
+        return spec
+    if class_name == "Conv2D":
+        need_spatial()
+        kh, kw = _pair(config.get("kernel_size"), name, "kernel_size", path)
+        if (kh, kw) not in ((1, 1), (3, 3)):
+            refuse(f"has kernel_size {(kh, kw)}; supported are (3, 3) and (1, 1).")
+        if _pair(config.get("strides", 1), name, "strides", path) != (1, 1):
+            refuse(f"has strides {config.get('strides')}; only stride 1 is supported.")
+        if _pair(config.get("dilation_rate", 1), name, "dilation_rate", path) != (1, 1):
+            refuse(f"has dilation_rate {config.get('dilation_rate')}; only 1 is supported.")
+        if config.get("groups", 1) != 1:
+            refuse(f"has groups={config.get('groups')}; only 1 is supported.")
+        padding = config.get("padding", "valid")
+        if padding not in ("same", "valid"):
+            refuse(f"has padding {padding!r}; supported are 'same' and 'valid'.")
+        filters = config.get("filters")
+        if not isinstance(filters, int) or isinstance(filters, bool) or not 0 < filters <= 65536:
+            refuse(f"has filters={filters!r}.")
+        spec.kind, spec.units, spec.kernel_size = "conv", filters, kh
+        spec.padding = "same" if kh == 1 else padding
+        spec.use_bias = bool(config.get("use_bias", True))
+        spec.activation = _activation(name, config.get("activation"), path)
+        if spec.activation == "softmax":
+            refuse("applies softmax over an image's channels; fastvgg applies softmax to flat (batch, features) outputs only.")
+        h, w, c = shape
+        if spec.padding == "valid" and kh == 3:
+            h, w = (None if h is None else h - 2), (None if w is None else w - 2)
+            if (h is not None and h < 1) or (w is not None and w < 1):
+                refuse(f"is a 'valid' 3x3 convolution of a {shape[0]}x{shape[1]} input, which leaves nothing.")
+        spec.output_shape = (h, w, filters)
+        spec.weight_names = ["kernel"] + (["bias"] if spec.use_bias else [])
+        spec.weight_shapes = [(kh, kw, c, filters)] + ([(filters,)] if spec.use_bias else [])
+        return spec
+    if class_name in ("MaxPooling2D", "AveragePooling2D"):
+        need_spatial()
+        pool = _pair(config.get("pool_size", 2), name, "pool_size", path)
+        strides = config.get("strides")
+        strides = pool if strides is None else _pair(strides, name, "strides", path)
+        if pool != (2, 2) or strides != (2, 2):
+            refuse(f"has pool_size {pool} and strides {strides}; only 2x2 pooling with stride 2 is supported.")
+        padding = config.get("padding", "valid")
+        if padding not in ("same", "valid"):
+            refuse(f"has padding {padding!r}; supported are 'same' and 'valid'.")
+        spec.kind = "max_pool" if class_name == "MaxPooling2D" else "avg_pool"
+        spec.padding = padding
+        h, w, c = shape
+        spec.output_shape = (_pooled(h, padding), _pooled(w, padding), c)
+        if 0 in spec.output_shape[:2]:
+            refuse(f"pools a {h}x{w} input to nothing.")
+        return spec
+    if class_name == "Flatten":
+        spec.kind = "flatten"
+        if len(shape) == 1:
+            return spec
+        if None in shape:
+            refuse(f"flattens an input of unknown size {shape}; save the model with a fixed input size.")
+        spec.output_shape = (int(np.prod(shape)),)
+        return spec
+    if class_name in ("GlobalAveragePooling2D", "GlobalMaxPooling2D"):
+        need_spatial()
+        spec.kind = "global_pool"
+        spec.pool_mode = "avg" if class_name == "GlobalAveragePooling2D" else "max"
+        spec.keepdims = bool(config.get("keepdims", False))
+        spec.output_shape = (1, 1, shape[2]) if spec.keepdims else (shape[2],)
+        return spec
+    if class_name == "Dense":
+        if len(shape) != 1 and not (len(shape) == 3 and shape[:2] == (1, 1)):
+            refuse(f"is applied to an input of shape {shape}; fastvgg applies Dense to flat inputs (put a Flatten or global pooling before it).")
+        units = config.get("units")
+        if not isinstance(units, int) or isinstance(units, bool) or not 0 < units <= (1 << 20):
+            refuse(f"has units={units!r}.")
+        spec.kind, spec.units = "dense", units
+        spec.use_bias = bool(config.get("use_bias", True))
+        spec.activation = _activation(name, config.get("activation"), path)
+        spec.output_shape = shape[:-1] + (units,)
+        spec.weight_names = ["kernel"] + (["bias"] if spec.use_bias else [])
+        spec.weight_shapes = [(shape[-1], units)] + ([(units,)] if spec.use_bias else [])
+        return spec
+    if class_name == "BatchNormalization":
+        axis = config.get("axis", -1)
+        axis = axis[0] if isinstance(axis, list) and len(axis) == 1 else axis
+        if axis not in (-1, len(shape)):
+            refuse(f"normalises axis {config.get('axis')!r}; only the channel (last) axis is supported.")
+        if config.get("renorm") or config.get("virtual_batch_size") or config.get("adjustment"):
+            refuse("uses batch renormalisation or virtual batches, which fastvgg does not run.")
+        epsilon = config.get("epsilon", 1e-3)
+        if not isinstance(epsilon, (int, float)) or isinstance(epsilon, bool) or not epsilon >= 0:
+            refuse(f"has epsilon={epsilon!r}.")
+        spec.kind = "affine"
+        channels = shape[-1]
+        spec.weight_names = (["gamma"] if config.get("scale", True) else []) + (["beta"] if config.get("center", True) else []) + [
+            "moving_mean",
+            "moving_variance",
+        ]
+        spec.weight_shapes = [(channels,)] * len(spec.weight_names)
+        return spec
+    if class_name == "Rescaling":
+        spec.kind = "affine"
+        channels = shape[-1]
+        spec.scale = _per_channel(config.get("scale", 1.0), channels, refuse, "scale")
+        spec.shift = _per_channel(config.get("offset", 0.0), channels, refuse, "offset")
+        return spec
+    if class_name == "Normalization":
+        axis = config.get("axis", -1)
+        axis = tuple(axis) if isinstance(axis, (list, tuple)) else (axis,)
+        if axis not in ((-1,), (len(shape),)):
+            refuse(f"normalises axis {config.get('axis')!r}; only the channel (last) axis is supported.")
+        spec.kind = "affine"
+        channels = shape[-1]
+        if config.get("mean") is not None or config.get("variance") is not None:
+            mean = _per_channel(config.get("mean"), channels, refuse, "mean")
+            variance = _per_channel(config.get("variance"), channels, refuse, "variance")
+            _set_normalization(spec, mean, variance, bool(config.get("invert", False)))
+        else:
+            spec.weight_names = ["mean", "variance", "count"]
+            spec.weight_shapes = [(channels,), (channels,), ()]
+        return spec
+    if class_name == "Activation":
+        spec.kind = "activation"
+        spec.activation = _activation(name, config.get("activation"), path)
+    elif class_name == "ReLU":
+        if config.get("max_value") is not None or config.get("negative_slope", 0) or config.get("threshold", 0):
+            refuse("has max_value, negative_slope or threshold set; only the plain ReLU is supported.")
+        spec.kind, spec.activation = "activation", "relu"
+    elif class_name == "Softmax":
+        axis = config.get("axis", -1)
+        if axis not in (-1, [-1], len(shape)):
+            refuse(f"applies softmax over axis {axis!r}; only the last axis is supported.")
+        spec.kind, spec.activation = "activation", "softmax"
+    else:  # pragma: no cover - every supported class is handled above
+        refuse("is not supported.")
+    if spec.activation == "softmax" and len(shape) != 1:
+        refuse(f"applies softmax to an input of shape {shape}; fastvgg applies softmax to flat inputs only.")
+    return spec
+
+
+def _per_channel(value, channels: int, refuse, what: str) -> np.ndarray:
+    if isinstance(value, dict):  # Keras 3 may serialise arrays as {"class_name": "__numpy__", "config": {"value": ...}}
+        value = (value.get("config") or {}).get("value")
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        refuse(f"has a {what} that is not a number or a list of numbers: {value!r}.")
+    if array.dtype != np.float64 or array.size not in (1, channels):
+        refuse(f"has a {what} of {array.size} values for {channels} channels.")
+    if not np.all(np.isfinite(array)):
+        refuse(f"has a {what} that is not finite.")
+    return np.broadcast_to(array.reshape(-1), (channels,)).astype(np.float64)
+
+
+def _set_normalization(spec: LayerSpec, mean: np.ndarray, variance: np.ndarray, invert: bool) -> None:
+    # Keras: (x - mean) / max(sqrt(variance), epsilon); inverted: mean + x * max(sqrt(variance), epsilon).
+    std = np.maximum(np.sqrt(np.maximum(variance, 0.0)), _KERAS_EPSILON)
+    if invert:
+        spec.scale, spec.shift = std, mean
+    else:
+        spec.scale, spec.shift = 1.0 / std, -mean / std
+
+
+# Weights ---------------------------------------------------------------------------------------------------------
+def _attach_weights(spec: ModelSpec, stored, path: str) -> None:
+    """Checks every stored array against the config before reading any, then reads them."""
+    plan = []
+    for layer in spec.layers:
+        if not layer.weight_names:
+            continue
+        entry = stored.get(layer.name)
+        if entry is None or not entry.arrays:
+            raise ValueError(
+                f"{path!r} has no weights for layer {layer.name!r} ({layer.class_name}); the file is incomplete "
+                "or its config and weights do not belong together."
+            )
+        arrays = list(entry.arrays)
+        if len(arrays) != len(layer.weight_names):
+            raise ValueError(
+                f"{path!r}: layer {layer.name!r} ({layer.class_name}) has {len(arrays)} weight arrays in the file; "
+                f"its config says {len(layer.weight_names)} ({', '.join(layer.weight_names)})."
+            )
+        for array, name, shape in zip(arrays, layer.weight_names, layer.weight_shapes):
+            # Normalization's sample count is an integer that inference does not use.
+            if array.dtype.kind != "f" and not (name == "count" and array.dtype.kind in "iu"):
+                raise ValueError(f"{path!r}: layer {layer.name!r}'s {name} has dtype {array.dtype}; weights must be floating point.")
+            if tuple(array.shape) != tuple(shape) and not (layer.class_name == "Normalization" and int(np.prod(array.shape)) == int(np.prod(shape))):
+                raise ValueError(
+                    f"{path!r}: layer {layer.name!r} ({layer.class_name}) has {name} of shape {tuple(array.shape)} in the "
+                    f"file, but its config makes it {tuple(shape)}: config and weights disagree."
+                )
+        plan.append((layer, arrays))
+    for layer, arrays in plan:
+        try:
+            values = [np.asarray(a[()], dtype=np.float32).reshape(shape) for a, shape in zip(arrays, layer.weight_shapes)]
+        except (KeyError, RuntimeError, OSError, TypeError) as error:
+            raise ValueError(f"{path!r} is damaged: reading layer {layer.name!r} failed ({type(error).__name__}: {error}).") from None
+        layer.weights = values
+        if layer.class_name == "BatchNormalization":
+            _set_batch_norm(layer)
+        elif layer.class_name == "Normalization":
+            by_name = dict(zip(layer.weight_names, values))
+            _set_normalization(layer, by_name["mean"].astype(np.float64), by_name["variance"].astype(np.float64), bool(layer.config.get("invert", False)))
+    for layer in spec.layers:
+        if layer.kind == "affine":
+            layer.scale = np.asarray(layer.scale, dtype=np.float32)
+            layer.shift = np.asarray(layer.shift, dtype=np.float32)
+
+
+def _set_batch_norm(layer: LayerSpec) -> None:
+    """Keras's inference BatchNormalization, y = (x - mean) * gamma / sqrt(var + eps) + beta, as
+    one scale and shift per channel (computed in float64, rounded once)."""
+    by_name = {n: w.astype(np.float64) for n, w in zip(layer.weight_names, layer.weights)}
+    channels = layer.output_shape[-1]
+    gamma = by_name.get("gamma", np.ones(channels))
+    beta = by_name.get("beta", np.zeros(channels))
+    epsilon = float(layer.config.get("epsilon", 1e-3))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inverse = 1.0 / np.sqrt(by_name["moving_variance"] + epsilon)
+    layer.scale = inverse * gamma
+    layer.shift = beta - by_name["moving_mean"] * layer.scale
+
+
+def describe(spec: ModelSpec) -> List[Tuple[str, str, Shape, int]]:
+    """(name, class, output shape with batch axis, parameter count) per layer, for `fastvgg info`."""
+    return [(l.name, l.class_name, (None,) + tuple(l.output_shape), l.count_params()) for l in spec.layers]

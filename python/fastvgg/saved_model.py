@@ -1,0 +1,233 @@
+"""``fastvgg.load_model``: a whole Keras model file, run by the compiled core.
+
+keras_model.py reads the file into a chain of layer specs; this module turns the chain into
+the core's graph (one op per layer, a convolution or dense layer's activation fused into it)
+and into ``fastvgg.Model`` layers whose names, shapes and weights are the Keras model's. The
+whole chain then runs in C++ in one call per batch.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+
+from . import _core
+from .keras_model import LayerSpec, ModelSpec, read_model
+from .layers import Conv2D, Dense, InputLayer, Layer, _float32
+from .models import Model
+
+PRECISIONS = ("fast", "highest")
+
+
+def load_model(
+    filepath: Union[str, "os.PathLike[str]"],
+    *,
+    precision: str = "fast",
+    compile: bool = True,
+    safe_mode: bool = True,
+    custom_objects: Optional[dict] = None,
+) -> Model:
+    """Loads a Keras model saved with ``model.save`` (``.keras``, or a whole-model ``.h5`` from
+    Keras 3, Keras 2 or tf.keras) and returns a :class:`fastvgg.Model` that predicts what Keras
+    predicts.
+
+    The architecture is read from the file as data; nothing in it is executed. Models whose
+    layers form one chain (Sequential, or Functional without branches, nested VGG bases
+    included) of the layers in ``fastvgg.keras_model.SUPPORTED_LAYERS`` load; anything else
+    raises ``ValueError`` naming the layer or structure that is not supported.
+
+    Args:
+        filepath: the ``.keras`` or ``.h5`` file.
+        precision: "fast" (Winograd 3x3 convolutions where they pay) or "highest".
+        compile: accepted for Keras compatibility; fastvgg only predicts, so there is nothing
+            to compile (the optimizer and losses in the file are ignored).
+        safe_mode: accepted for Keras compatibility; fastvgg never deserialises code, so it is
+            always safe, and ``safe_mode=False`` does not make a ``Lambda`` layer loadable.
+        custom_objects: accepted for Keras compatibility; a model that needs a custom class
+            is refused whatever this holds, since fastvgg runs only the layers it implements.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"`precision` must be 'fast' or 'highest'. Received: precision={precision!r}")
+    spec = read_model(filepath, custom_objects=custom_objects, compile=compile, safe_mode=safe_mode)
+    return build_model(spec, precision)
+
+
+def build_model(spec: ModelSpec, precision: str = "fast") -> "LoadedModel":
+    """The core graph, the executor with the weights, and the layers of a checked chain."""
+    input_spec = spec.layers[0]
+    graph = _core.Graph(int(input_spec.output_shape[-1]))
+    layers: List[Layer] = [InputLayer(input_spec.name, (None,) + input_spec.output_shape, (None,) + input_spec.output_shape)]
+    # The graph itself checks that an input is large enough for its poolings and 'valid'
+    # convolutions; a model without VGG's five poolings takes images smaller than 32x32.
+    layers[0].min_input_size = 1
+    flat = False
+    for layer_spec in spec.layers[1:]:
+        index = _add_op(graph, layer_spec, flat)
+        flat = flat or layer_spec.kind in ("flatten", "global_pool", "dense")
+        layer = _layer_for(layer_spec)
+        layer._index = index
+        layers.append(layer)
+    executor = _core.CpuExecutor(graph, precision)
+    for layer in layers:
+        layer._graph = layers
+        layer._executor = executor
+    with executor.updating():
+        for layer in layers[1:]:
+            layer._load_from_spec()
+    return LoadedModel(layers[0].output, layers[-1].output, name=spec.name)
+
+
+def _add_op(graph, spec: LayerSpec, flat: bool) -> int:
+    kind = spec.kind
+    if kind == "conv":
+        if spec.kernel_size == 3 and spec.padding == "same":
+            return graph.add_conv3x3(spec.units, spec.activation)
+        return graph.add_conv(spec.kernel_size, spec.units, spec.padding, spec.activation)
+    if kind == "max_pool" and spec.padding == "valid":
+        return graph.add_max_pool2x2()
+    if kind in ("max_pool", "avg_pool"):
+        return graph.add_pool2x2("max" if kind == "max_pool" else "avg", spec.padding)
+    if kind == "flatten":
+        # Flattening what is already flat (a global pooling with keepdims, in the core's flat
+        # layout already) changes nothing.
+        return graph.add_activation("linear") if flat else graph.add_flatten()
+    if kind == "global_pool":
+        return graph.add_global_pool(spec.pool_mode)
+    if kind == "dense":
+        return graph.add_dense(int(spec.input_shape[-1]), spec.units, spec.activation)
+    if kind == "affine":
+        return graph.add_affine(int(spec.output_shape[-1]))
+    if kind == "activation":
+        return graph.add_activation(spec.activation)
+    if kind == "identity":  # Dropout and friends: nothing happens at inference
+        return graph.add_activation("linear")
+    raise ValueError(f"layer {spec.name!r}: no core op for kind {kind!r}")  # pragma: no cover
+
+
+class LoadedModel(Model):
+    """A model read from a Keras file: a :class:`fastvgg.Model` like any other."""
+
+    def _run(self, x, tensors, batch_size, verbose):
+        # The core keeps a global pooling with keepdims (and a Dense after it) flat; Keras's
+        # shape for them is (1, 1, channels): same numbers, its shape restored here.
+        results = super()._run(x, tensors, batch_size, verbose)
+        shaped = []
+        for result, tensor in zip(results, tensors):
+            shape = tuple(tensor.shape[1:])
+            if None not in shape and result.shape[1:] != shape and result[0].size == int(np.prod(shape)):
+                result = result.reshape((len(result),) + shape)
+            shaped.append(result)
+        return shaped
+
+
+# Layers ---------------------------------------------------------------------------------------------------
+def _layer_for(spec: LayerSpec) -> Layer:
+    if spec.kind == "conv":
+        return LoadedConv2D(spec)
+    if spec.kind == "dense":
+        return LoadedDense(spec)
+    return LoadedLayer(spec)
+
+
+class _SpecLayer:
+    """What every loaded layer shares: Keras's class name, shapes and weights from the spec."""
+
+    def _init_from_spec(self, spec: LayerSpec) -> None:
+        Layer.__init__(self, spec.name, (None,) + tuple(spec.input_shape), (None,) + tuple(spec.output_shape))
+        self.class_name = spec.class_name
+        self._spec = spec
+
+    def weight_shapes(self):
+        return [tuple(s) for s in self._spec.weight_shapes]
+
+
+class LoadedLayer(_SpecLayer, Layer):
+    """A layer without kernel: pooling, flatten, activation, identity, or a per-channel affine
+    map (BatchNormalization, Rescaling, Normalization) whose Keras weights it keeps."""
+
+    def __init__(self, spec: LayerSpec) -> None:
+        self._init_from_spec(spec)
+        if spec.kind == "activation":
+            self.activation = spec.activation
+
+    def get_weights(self) -> List[np.ndarray]:
+        return [np.array(w, dtype=np.float32) for w in self._spec.weights]
+
+    def _load_from_spec(self) -> None:
+        if self._spec.kind == "affine":
+            self._set_affine()
+
+    def _set_affine(self) -> None:
+        self._executor.set_affine(self._index, self._spec.scale, self._spec.shift)
+
+    def _assign(self, *arrays) -> None:
+        from .keras_model import _set_batch_norm, _set_normalization
+
+        spec = self._spec
+        spec.weights = [_float32(a[()], self.name).reshape(s) for a, s in zip(arrays, spec.weight_shapes)]
+        if spec.class_name == "BatchNormalization":
+            _set_batch_norm(spec)
+        elif spec.class_name == "Normalization":
+            values = dict(zip(spec.weight_names, spec.weights))
+            _set_normalization(spec, values["mean"].astype(np.float64), values["variance"].astype(np.float64),
+                               bool(spec.config.get("invert", False)))
+        spec.scale = np.asarray(spec.scale, dtype=np.float32)
+        spec.shift = np.asarray(spec.shift, dtype=np.float32)
+        self._set_affine()
+
+
+class LoadedConv2D(_SpecLayer, Conv2D):
+    """A Keras Conv2D: 3x3 or 1x1, 'same' or 'valid', stride 1, with or without bias."""
+
+    def __init__(self, spec: LayerSpec) -> None:
+        self._init_from_spec(spec)
+        self.filters = spec.units
+        self.kernel_size = (spec.kernel_size, spec.kernel_size)
+        self.strides = (1, 1)
+        self.padding = spec.padding
+        self.activation = spec.activation
+        self.use_bias = spec.use_bias
+
+    def get_weights(self) -> List[np.ndarray]:
+        kernel, bias = self._executor.get_weights(self._index)
+        return [kernel, bias] if self.use_bias else [kernel]
+
+    def _load_from_spec(self) -> None:
+        self._assign(*self._spec.weights)
+        self._spec.weights = []  # the executor holds them now; get_weights reads them back from it
+
+    def _assign(self, kernel, bias=None) -> None:
+        kernel = _float32(kernel[()], self.name)
+        bias = np.zeros(self.filters, np.float32) if bias is None else _float32(bias[()], self.name)
+        if self._spec.kernel_size == 3 and self.padding == "same":
+            self._executor.set_conv3x3_weights(self._index, kernel, bias)
+        else:
+            self._executor.set_conv_weights(self._index, kernel, bias)
+
+
+class LoadedDense(_SpecLayer, Dense):
+    def __init__(self, spec: LayerSpec) -> None:
+        self._init_from_spec(spec)
+        self.units = spec.units
+        self.activation = spec.activation
+        self.use_bias = spec.use_bias
+
+    def get_weights(self) -> List[np.ndarray]:
+        kernel, bias = self._executor.get_weights(self._index)
+        return [kernel, bias] if self.use_bias else [kernel]
+
+    def _load_from_spec(self) -> None:
+        self._assign(*self._spec.weights)
+        self._spec.weights = []
+
+    def _assign(self, kernel, bias=None) -> None:
+        if bias is None:
+            bias = np.zeros(self.units, np.float32)
+        Dense._assign(self, kernel, bias)
+
+
+def summary_rows(model: Model) -> Sequence[tuple]:
+    """(name, class, output shape, parameters) per layer, for ``fastvgg info``."""
+    return [(layer.name, layer.class_name, layer.output_shape, layer.count_params()) for layer in model.layers]

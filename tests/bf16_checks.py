@@ -1,0 +1,22 @@
+"""What the bf16 tests share: the skip when the CPU cannot run the kernels, and an independent
+numpy model of the hardware's float32 -> bf16 rounding (vcvtneps2bf16)."""
+
+import numpy as np
+import pytest
+
+from fastvgg import _core
+
+BF16_UNAVAILABLE = _core.testing.bf16_unavailable_reason()
+requires_bf16 = pytest.mark.skipif(bool(BF16_UNAVAILABLE), reason=f"bf16 kernels skipped: {BF16_UNAVAILABLE}")
+
+
+def bf16_round(a):
+    """float32 -> bf16 -> float32 as vcvtneps2bf16 does it (Intel SDM): round to nearest, ties to
+    even; zero and denormal inputs become a zero of the same sign; NaN is made quiet."""
+    bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    exponent = bits & 0x7F800000
+    is_nan = (exponent == 0x7F800000) & ((bits & 0x007FFFFF) != 0)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+    rounded = np.where(exponent == 0, bits & 0x80000000, rounded)
+    rounded = np.where(is_nan, ((bits >> 16) | 0x40) << 16, rounded)
+    return rounded.astype(np.uint32).view(np.float32).reshape(np.shape(a))

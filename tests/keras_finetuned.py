@@ -1,0 +1,205 @@
+"""Fine-tuned Keras models of the shapes users write, built, trained and saved by real Keras.
+
+Each builder takes the Keras module (Keras 3's ``keras`` or ``tf_keras``) and returns a model.
+``make`` then moves every weight off its initial value (biases are zero at initialisation, so a
+loader that dropped them would pass otherwise), trains it for two steps so the
+BatchNormalization statistics move too and the file carries an optimizer, and saves it.
+Small inputs (48x48, 64x64, 40x56) keep a VGG16/VGG19 base quick.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+HW = (48, 48)
+
+
+def _base(keras, depth=16, input_shape=(48, 48, 3)):
+    build = keras.applications.VGG16 if depth == 16 else keras.applications.VGG19
+    return build(weights=None, include_top=False, input_shape=input_shape)
+
+
+def gap_head(keras):
+    """The issue's first shape: Sequential([base, GAP, Dense relu, Dense softmax])."""
+    layers = keras.layers
+    return keras.Sequential(
+        [_base(keras), layers.GlobalAveragePooling2D(), layers.Dense(24, activation="relu"), layers.Dense(5, activation="softmax")]
+    )
+
+
+def bn_head(keras):
+    """Flatten -> Dense -> BatchNormalization -> Dropout -> Dense(sigmoid): a binary classifier."""
+    layers = keras.layers
+    return keras.Sequential(
+        [
+            _base(keras),
+            layers.Flatten(),
+            layers.Dense(16, activation="relu"),
+            layers.BatchNormalization(),
+            layers.Dropout(0.5),
+            layers.Dense(1, activation="sigmoid"),
+        ]
+    )
+
+
+def cut_block2(keras):
+    """The base cut at block2_pool and extended with a 'valid' conv (Functional, flat)."""
+    layers = keras.layers
+    base = _base(keras, input_shape=(64, 64, 3))
+    x = base.get_layer("block2_pool").output
+    x = layers.Conv2D(16, (3, 3), activation="relu")(x)
+    x = layers.MaxPooling2D((2, 2))(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(32, activation="relu")(x)
+    x = layers.Dropout(0.5)(x)
+    out = layers.Dense(10, activation="softmax")(x)
+    return keras.Model(base.input, out)
+
+
+def surgery(keras):
+    """VGG's layers taken apart and put together again, block3_conv3 replaced by a 1x1 conv."""
+    layers = keras.layers
+    base = _base(keras)
+    inputs = keras.Input((48, 48, 3))
+    x = inputs
+    for layer in base.layers[1:]:
+        if layer.name == "block3_conv3":
+            x = layers.Conv2D(256, (1, 1), activation="elu", name="block3_conv3_1x1")(x)
+        else:
+            x = layer(x)
+    x = layers.GlobalMaxPooling2D()(x)
+    out = layers.Dense(4, activation="softmax")(x)
+    return keras.Model(inputs, out)
+
+
+def rescaling_nested(keras):
+    """Rescaling in front of a base called as a layer of a Functional model, sigmoid head."""
+    layers = keras.layers
+    base = _base(keras)
+    inputs = keras.Input((48, 48, 3))
+    x = layers.Rescaling(1.0 / 255)(inputs)
+    x = base(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    out = layers.Dense(1, activation="sigmoid")(x)
+    return keras.Model(inputs, out)
+
+
+def vgg19_other_size(keras):
+    """A VGG19 base at 40x56 under Flatten + Dense softmax."""
+    layers = keras.layers
+    return keras.Sequential([_base(keras, 19, (40, 56, 3)), layers.Flatten(), layers.Dense(6, activation="softmax")])
+
+
+def every_op(keras):
+    """A head that uses every op fastvgg adds, on a base cut at block3_pool (odd sizes on purpose)."""
+    layers = keras.layers
+    base = _base(keras, input_shape=(56, 40, 3))
+    x = base.get_layer("block3_pool").output  # 7x5
+    x = layers.Conv2D(32, (1, 1), use_bias=False)(x)
+    x = layers.BatchNormalization()(x)
+    x = layers.Activation("gelu")(x)
+    x = layers.AveragePooling2D((2, 2), padding="same")(x)  # 4x3, the edge windows hang over
+    x = layers.SpatialDropout2D(0.2)(x)
+    x = layers.Conv2D(16, (3, 3), padding="same", activation="swish")(x)
+    x = layers.GaussianNoise(0.3)(x)
+    x = layers.MaxPooling2D((2, 2), padding="same")(x)  # 2x2
+    x = layers.AveragePooling2D((2, 2))(x)  # 1x1
+    x = layers.GlobalAveragePooling2D(keepdims=True)(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(12, activation="tanh")(x)
+    x = layers.Dense(12, activation="selu")(x)
+    x = layers.BatchNormalization(center=False)(x)
+    x = layers.Dense(12, activation="softplus")(x)
+    x = layers.ReLU()(x)
+    x = layers.Dense(12, activation="elu")(x)
+    x = layers.Dense(6, activation="sigmoid")(x)
+    x = layers.Dense(4)(x)
+    out = layers.Softmax()(x)
+    return keras.Model(base.input, out)
+
+
+def normalization_front(keras):
+    """A Normalization layer adapted to data in front of a small conv net with no VGG at all."""
+    layers = keras.layers
+    norm = layers.Normalization(axis=-1)
+    norm.adapt(np.random.default_rng(0).uniform(0, 255, (16, 20, 20, 3)).astype("float32"))
+    return keras.Sequential(
+        [
+            keras.Input((20, 20, 3)),
+            norm,
+            layers.Conv2D(8, (3, 3), activation="relu"),
+            layers.AveragePooling2D((2, 2)),
+            layers.Conv2D(8, (1, 1), activation="sigmoid"),
+            layers.Flatten(),
+            layers.Dense(3, activation="softmax"),
+        ]
+    )
+
+
+BUILDERS = {
+    "gap_head": gap_head,
+    "bn_head": bn_head,
+    "cut_block2": cut_block2,
+    "surgery": surgery,
+    "rescaling_nested": rescaling_nested,
+    "vgg19_other_size": vgg19_other_size,
+    "every_op": every_op,
+    "normalization_front": normalization_front,
+}
+
+
+def input_range(name):
+    """(low, high) of the test images: 0..255 where the model scales its input itself, else
+    values of about unit size, so that the random-weight heads give outputs away from 0 and 1
+    (a saturated softmax would hide errors)."""
+    return (0.0, 255.0) if name in ("rescaling_nested", "normalization_front") else (-2.0, 2.0)
+
+
+def _leaf_layers(model):
+    for layer in model.layers:
+        if layer.__class__.__name__ in ("Sequential", "Functional", "Model"):
+            yield from _leaf_layers(layer)
+        else:
+            yield layer
+
+
+def perturb_and_train(keras, model, seed, low=-2.0, high=2.0):
+    """Every weight off its initial value, then two training steps (which move the
+    BatchNormalization statistics and give the file an optimizer state)."""
+    rng = np.random.default_rng(seed)
+    for layer in _leaf_layers(model):
+        # Keras 3's Normalization computes from its adapted statistics once (finalize_state) and
+        # ignores later set_weights until the model is reloaded: leave it as adapted.
+        if layer.__class__.__name__ == "Normalization":
+            continue
+        moved = []
+        for w in layer.get_weights():
+            scale = 0.05 * (np.abs(w).mean() + 0.1) if w.ndim > 0 else 0.0
+            moved.append((w + rng.normal(0, 1, w.shape) * scale).astype(w.dtype))
+        layer.set_weights(moved)
+    shape = (4,) + tuple(model.input_shape[1:])
+    x = rng.uniform(low, high, shape).astype("float32")
+    y = model.predict(x, verbose=0)
+    target = rng.uniform(0, 1, y.shape).astype("float32")
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=1e-3), loss="mse")
+    model.fit(x, target, batch_size=2, epochs=1, verbose=0)
+    _spread_outputs(model, x)
+    return model
+
+
+def _spread_outputs(model, x):
+    """Random VGG activations shrink or blow up at these sizes, so a head's softmax or sigmoid
+    ends up uniform or saturated, and a 1e-4 check of it says little. This rescales the last
+    Dense layer (as training would) so that its logits are centred with a spread of about 2 on
+    these images; the gain is capped, since amplifying a difference the features barely carry
+    would only measure float32 rounding."""
+    last = [layer for layer in _leaf_layers(model) if layer.__class__.__name__ == "Dense"][-1]
+    kernel, bias = last.get_weights()
+    p = np.clip(np.asarray(model.predict(x, verbose=0), dtype=np.float64), 1e-12, 1 - 1e-12)
+    logits = np.log(p / (1 - p)) if p.shape[-1] == 1 else np.log(p)
+    contribution = logits - bias  # x . W, up to a per-row constant under softmax
+    if p.shape[-1] > 1:
+        contribution -= contribution.mean(axis=1, keepdims=True)
+    mean = contribution.mean(axis=0)
+    gain = min(2.0 / max(float((contribution - mean).std()), 1e-12), 50.0)
+    last.set_weights([(kernel * gain).astype(kernel.dtype), (-gain * mean).astype(bias.dtype)])

@@ -1,0 +1,214 @@
+"""The bf16 kernel set (vdpbf16ps) against its plain twins, on VGG shapes and awkward ones.
+
+The twins round every input and weight to bf16 by the same rule as the hardware and sum the
+products in double. A product of two bf16 values (8-bit significands) is exact in float32, so
+the kernels and the twins add the same exact terms and differ only by the float32 summation:
+for a sum of K terms in any order that is at most gamma_K * sum|terms| (Higham 3.1), plus one
+float32 rounding of the twin's double result. The rounding rule itself is checked bit for bit
+against the hardware on the edge cases (ties, denormals, infinities, NaN) and random bit
+patterns, and against an independent numpy model of it. A kernel that skipped the rounding
+(fp32 products) would be off by ~1e-3 of the magnitude, and each conv test also checks that
+the kernel lies over ten times closer to its bf16 twin than to the unrounded result.
+
+Skipped, with the reason printed, where the CPU lacks AVX512_BF16.
+"""
+
+import numpy as np
+import pytest
+
+from bf16_checks import bf16_round, requires_bf16
+from fastvgg import _core
+from kernel_checks import UNIT_ROUNDOFF, VGG_CHANNEL_PAIRS, assert_within, conv3x3_float64, gamma, random_array
+
+pytestmark = requires_bf16
+testing = _core.testing
+
+
+def edge_case_floats():
+    f32 = np.finfo(np.float32)
+    specials = np.array(
+        [0.0, -0.0, np.inf, -np.inf, np.nan, f32.max, -f32.max, f32.tiny, -f32.tiny, f32.tiny / 2, -f32.tiny / 3,
+         1e-45, 1.0, -1.0, 3.0, 1.0 / 3],
+        dtype=np.float32,
+    )
+    # Ties and near-ties: the 16 dropped bits exactly 0x8000 (half an ulp), one below and one
+    # above, with the kept lowest bit even and odd; a tie that carries into the exponent.
+    heads = np.array([0x3F80, 0x3F81, 0xBF80, 0xBF81, 0x3FFF, 0x7F7F, 0x0080, 0x4049], dtype=np.uint32) << 16
+    tails = np.array([0x7FFF, 0x8000, 0x8001, 0xFFFF, 0x0001], dtype=np.uint32)
+    ties = (heads[:, None] | tails[None, :]).ravel().view(np.float32)
+    # Signalling and quiet NaNs with payloads.
+    nans = np.array([0x7F800001, 0xFF800001, 0x7FC00000, 0x7FBFFFFF, 0xFFFFFFFF], dtype=np.uint32).view(np.float32)
+    random_bits = np.random.default_rng(5).integers(0, 2**32, 100_000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    return np.concatenate([specials, ties, nans, random_bits])
+
+
+def test_reference_rounding_matches_the_hardware_bit_for_bit():
+    values = edge_case_floats()
+    hardware = testing.round_to_bf16(values, "hardware").view(np.uint32)
+    reference = testing.round_to_bf16(values, "reference").view(np.uint32)
+    model = bf16_round(values).view(np.uint32)
+    mismatch = np.flatnonzero(hardware != reference)
+    assert mismatch.size == 0, (
+        f"{mismatch.size} values round differently, e.g. {values.view(np.uint32)[mismatch[:5]]} -> hardware "
+        f"{hardware[mismatch[:5]]}, reference {reference[mismatch[:5]]}"
+    )
+    assert np.array_equal(model, reference), "numpy model of the rounding disagrees with the C++ one"
+    # The rounding keeps 8 significant bits: at most half an ulp of 2**-7 relative, for normal values.
+    normal = np.isfinite(values) & (np.abs(values) >= np.finfo(np.float32).tiny) & (np.abs(values) < 3e38)
+    rel = np.abs(reference.view(np.float32)[normal].astype(np.float64) - values[normal]) / np.abs(values[normal])
+    assert rel.max() <= 2.0**-8
+
+
+def test_rounding_odd_lengths_use_the_masked_tail():
+    values = np.random.default_rng(1).standard_normal(37).astype(np.float32)
+    assert np.array_equal(testing.round_to_bf16(values, "hardware"), bf16_round(values))
+
+
+def check_conv(rng, n, h, w, cin, cout, relu):
+    x = random_array(rng, (n, h, w, cin))
+    kernel = random_array(rng, (3, 3, cin, cout))
+    bias = random_array(rng, (cout,))
+    xr, kr = bf16_round(x), bf16_round(kernel)
+    exact = conv3x3_float64(xr, kr, bias)
+    if relu:
+        exact = np.maximum(exact, 0.0)
+    magnitude = conv3x3_float64(np.abs(xr), np.abs(kr), np.abs(bias))
+    # 9 taps x channels rounded up to whole pairs, + the bias, each one float32 addition.
+    bound = gamma(9 * (cin + 1) + 2) * magnitude
+    fast = testing.conv3x3_bf16(x, kernel, bias, relu)
+    reference = testing.conv3x3_bf16_reference(x, kernel, bias, relu)
+    assert fast.shape == (n, h, w, cout) and fast.dtype == np.float32
+    assert_within(reference, exact, UNIT_ROUNDOFF * np.abs(exact) + 1e-30, "bf16 reference conv3x3 vs float64")
+    assert_within(fast, reference.astype(np.float64), 2 * bound, "bf16 conv3x3 vs its reference")
+    # The rounding really happens: the kernel is far closer to the bf16 twin than to float32 products.
+    if cin * cout >= 16:
+        unrounded = conv3x3_float64(x, kernel, bias)
+        if relu:
+            unrounded = np.maximum(unrounded, 0.0)
+        assert np.abs(fast - unrounded).max() > 10 * np.abs(fast - reference).max()
+
+
+# The register tile is 14 pixels x 2 blocks of 16 output channels; pairs of input channels.
+# Widths around 14 and 28, 1 to 3 channels (one pair, half a pair), 15/17/33 across blocks
+# and pairs, and output blocks that leave a lone block at the end (48, 33).
+@pytest.mark.parametrize(
+    "n, h, w, cin, cout",
+    [
+        (1, 7, 13, 3, 5),
+        (3, 13, 7, 17, 33),
+        (1, 33, 33, 5, 17),
+        (2, 1, 1, 16, 16),
+        (1, 2, 15, 15, 31),
+        (1, 6, 29, 32, 48),
+        (1, 5, 28, 1, 1),
+        (3, 4, 14, 16, 32),
+        (1, 3, 43, 33, 64),
+        (1, 9, 27, 2, 65),
+    ],
+)
+@pytest.mark.parametrize("relu", [True, False])
+def test_conv3x3_bf16_awkward_shapes(n, h, w, cin, cout, relu):
+    check_conv(np.random.default_rng([n, h, w, cin, cout]), n, h, w, cin, cout, relu)
+
+
+@pytest.mark.parametrize("cin, cout", VGG_CHANNEL_PAIRS)
+def test_conv3x3_bf16_vgg_layer_shapes(cin, cout):
+    check_conv(np.random.default_rng([cin, cout, 16]), 1, 7, 15, cin, cout, relu=True)
+
+
+def test_conv3x3_bf16_random_shapes():
+    rng = np.random.default_rng(2026)
+    for _ in range(10):
+        n, h, w = rng.integers(1, 3), rng.integers(1, 18), rng.integers(1, 40)
+        cin, cout = rng.integers(1, 70), rng.integers(1, 70)
+        check_conv(rng, n, h, w, cin, cout, relu=bool(rng.integers(2)))
+
+
+def test_conv3x3_bf16_keeps_nan():
+    x = np.ones((1, 4, 5, 3), np.float32)
+    x[0, 2, 2, 1] = np.nan
+    kernel = np.ones((3, 3, 3, 4), np.float32)
+    y = testing.conv3x3_bf16(x, kernel, np.zeros(4, np.float32), True)
+    assert np.isnan(y[0, 1:4, 1:4]).all() and not np.isnan(y[0, 0]).any()
+
+
+def check_dense(rng, rows, depth, cols, relu):
+    x = random_array(rng, (rows, depth))
+    kernel = random_array(rng, (depth, cols))
+    bias = random_array(rng, (cols,))
+    xr, kr = bf16_round(x).astype(np.float64), bf16_round(kernel).astype(np.float64)
+    exact = xr @ kr + bias
+    if relu:
+        exact = np.maximum(exact, 0.0)
+    bound = gamma(depth + 2) * (np.abs(xr) @ np.abs(kr) + np.abs(bias))
+    fast = testing.dense_bf16(x, kernel, bias, relu)
+    reference = testing.dense_bf16_reference(x, kernel, bias, relu)
+    assert fast.shape == (rows, cols) and fast.dtype == np.float32
+    assert_within(reference, exact, UNIT_ROUNDOFF * np.abs(exact) + 1e-30, "bf16 reference dense vs float64")
+    assert_within(fast, reference.astype(np.float64), 2 * bound, "bf16 dense vs its reference")
+
+
+# The tile is 6 rows x 4 panels of 16 columns, the depth cut in blocks of 512 pairs; odd depths
+# leave half a pair; the binding packs the rows in two pieces split at an odd row.
+@pytest.mark.parametrize(
+    "rows, depth, cols",
+    [(1, 1, 1), (1, 2, 16), (7, 33, 17), (6, 64, 64), (13, 1025, 40), (2, 2049, 81), (1, 3, 1000), (32, 512, 10)],
+)
+@pytest.mark.parametrize("relu", [True, False])
+def test_dense_bf16_shapes(rows, depth, cols, relu):
+    check_dense(np.random.default_rng([rows, depth, cols]), rows, depth, cols, relu)
+
+
+def test_dense_bf16_vgg_head_shape():
+    # fc2's shape (4096 -> 4096) at batch 2: a depth of many pair blocks and 64 panel groups.
+    check_dense(np.random.default_rng(4096), 2, 4096, 4096, relu=True)
+
+
+@pytest.mark.parametrize(
+    "call, args, message",
+    [
+        ("conv3x3_bf16", ((1, 4, 4, 3), (3, 3, 4, 8), (8,)), "kernel"),
+        ("conv3x3_bf16", ((1, 4, 4, 3), (3, 3, 3, 8), (7,)), "bias"),
+        ("conv3x3_bf16", ((4, 4, 3), (3, 3, 3, 8), (8,)), "x"),
+        ("conv3x3_bf16", ((1, 0, 4, 3), (3, 3, 3, 8), (8,)), "height"),
+        ("conv3x3_bf16_reference", ((1, 4, 4, 3), (2, 3, 3, 8), (8,)), "kernel"),
+        ("dense_bf16", ((2, 5), (6, 3), (3,)), "kernel"),
+        ("dense_bf16", ((2, 5), (5, 3), (4,)), "bias"),
+        ("dense_bf16_reference", ((0, 5), (5, 3), (3,)), "rows"),
+    ],
+)
+def test_bad_shapes_raise_value_error(call, args, message):
+    arrays = [np.zeros(shape, np.float32) for shape in args]
+    with pytest.raises(ValueError, match=message):
+        getattr(testing, call)(*arrays, True)
+
+
+def test_unknown_rounding_mode_raises():
+    with pytest.raises(ValueError, match="hardware"):
+        testing.round_to_bf16(np.zeros(3, np.float32), "truncate")
+
+
+@pytest.mark.parametrize("method", ["direct_bf16", "dense_bf16"])
+def test_unpack_returns_the_rounded_weights(method):
+    # The bf16 layouts only move (rounded) values: unpacking gives exactly bf16_round(kernel).
+    rng = np.random.default_rng(3)
+    kernel = random_array(rng, (3, 3, 17, 33) if method == "direct_bf16" else (37, 21))
+    assert np.array_equal(testing.bf16_unpack_roundtrip(kernel, method), bf16_round(kernel))
+
+
+def test_unpack_winograd_int14_is_close():
+    # Quantised U (steps of max|U| / 8191 per point and output channel) mapped back by a left
+    # inverse of G whose coefficients sum to at most 4 * 4 in absolute value per weight.
+    rng = np.random.default_rng(4)
+    kernel = random_array(rng, (3, 3, 24, 40))
+    back = testing.bf16_unpack_roundtrip(kernel, "winograd_f4x4_int14")
+    g = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                  [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]])
+    u = np.einsum("pi,ijcf,qj->pqcf", g, kernel.astype(np.float64), g)
+    largest_step = (np.abs(u).max(axis=2) / 8191).max()
+    assert np.abs(back - kernel).max() <= 16 * 0.5 * largest_step * (1 + 1e-6) + 1e-6 * np.abs(kernel).max()
+
+
+def test_unpack_rejects_unknown_methods():
+    with pytest.raises(ValueError, match="direct_bf16"):
+        testing.bf16_unpack_roundtrip(np.zeros((3, 3, 2, 2), np.float32), "winograd_bf16")
