@@ -222,9 +222,10 @@ def test_external_storage_is_refused(tmp_path, copy_of, base16):
         fastvgg.VGG16(copy_of, include_top=False)
 
 
-def test_damaged_chunk_names_the_layer(copy_of, base16):
-    """A compressed chunk that no longer inflates is found only when read; the error names the
-    layer and says the earlier layers were already loaded."""
+def test_damaged_chunk_is_found_before_the_model_changes(copy_of, base16):
+    """A compressed chunk that no longer inflates is found only when read; every chunked dataset
+    is read before the first layer is written, so the error names the dataset and the model
+    keeps its weights."""
     kernel = base16["block5_conv3"][0]
     with h5py.File(copy_of, "r+") as f:
         del f["layers/conv2d_12/vars/0"]
@@ -234,8 +235,12 @@ def test_damaged_chunk_names_the_layer(copy_of, base16):
     data = bytearray(copy_of.read_bytes())
     data[offset : offset + size] = bytes(size)  # zeros are not a deflate stream
     copy_of.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match=r"damaged: reading layer 'block5_conv3' failed.*already hold"):
-        fastvgg.VGG16(copy_of, include_top=False)
+    model = fastvgg.VGG16(None, include_top=False, seed=3)
+    before = model.get_weights()
+    with pytest.raises(ValueError, match=r"conv2d_12/vars/0 cannot be read back.*corrupt compressed chunk.*left as it was"):
+        model.load_weights(copy_of)
+    for old, new in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(old, new)
 
 
 def test_archive_member_declared_larger_than_the_archive(tmp_path, base16):

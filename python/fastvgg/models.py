@@ -500,15 +500,18 @@ def _build(
         from .packed_cache import load_model_weights
         from .weights import load_weights
 
-        path = imagenet_weights_path(architecture, include_top) if weights == "imagenet" else weights
+        trusted = weights == "imagenet"
+        path = imagenet_weights_path(architecture, include_top) if trusted else weights
 
         def load() -> None:
             with executor.updating():
-                load_weights(model, path)
+                # Keras's own ImageNet file, md5-checked when it was downloaded, is parsed
+                # in-process, which saves starting the isolated HDF5 reader (weights.load_weights).
+                load_weights(model, path, trusted=trusted)
 
         # Keras's md5 names the ImageNet files' content (they are checked when downloaded);
         # any other file is keyed by a hash of its bytes.
-        known_md5 = IMAGENET_FILES[(architecture, include_top)][1] if weights == "imagenet" else None
+        known_md5 = IMAGENET_FILES[(architecture, include_top)][1] if trusted else None
         model._packed_cache_status = load_model_weights(executor, path, load, packed_cache, known_md5)
     _return_freed_heap()
     return model
