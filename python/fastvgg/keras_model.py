@@ -130,24 +130,31 @@ class ModelSpec:
 
 # Reading the files --------------------------------------------------------------------------------
 def read_model(filepath, *, custom_objects=None, compile=True, safe_mode=True) -> ModelSpec:
-    """The architecture and weights of a Keras model file, as a checked chain of layers."""
+    """The architecture and weights of a Keras model file, as a checked chain of layers.
+
+    The file's HDF5 metadata is parsed by weights.py's isolated reader (a short-lived child
+    process with time and memory limits), as for a weights file; every failure is a ValueError
+    (OSError for I/O) naming the file."""
     _check_keywords(custom_objects, compile, safe_mode)
-    from .weights import _open_weights, _stored_layers
+    from .weights import _with_clear_errors
 
     path = os.fspath(filepath)
-    with _open_weights(path) as (handle, archive_config):
-        config = archive_config if archive_config is not None else _h5_model_config(handle, path)
+    return _with_clear_errors(path, lambda: _read_model(path, custom_objects))
+
+
+def _read_model(path: str, custom_objects) -> ModelSpec:
+    from .weights import _open_weights, _stored_layers
+
+    with _open_weights(path) as (source, root, archive_config):
+        config = archive_config if archive_config is not None else _h5_model_config(root, path)
         if config is None:
             raise ValueError(
                 f"{path!r} holds weights only, no model architecture (a save_weights file). Build the model "
                 "with fastvgg.VGG16/VGG19(weights=path), or save the whole model with model.save(...)."
             )
         spec = model_from_config(config, path, custom_objects)
-        try:
-            stored = _stored_layers(handle, config, _NoFallbackNames(), path)
-        except (KeyError, RuntimeError, OSError, TypeError) as error:
-            raise ValueError(f"{path!r} is damaged or not a Keras model file: {type(error).__name__}: {error}") from None
-        _attach_weights(spec, stored, path)
+        stored = _stored_layers(root, config, _NoFallbackNames(), path)
+        _attach_weights(spec, stored, path, source)
     return spec
 
 
@@ -712,7 +719,7 @@ def _set_normalization(spec: LayerSpec, mean: np.ndarray, variance: np.ndarray, 
 
 
 # Weights ---------------------------------------------------------------------------------------------------------
-def _attach_weights(spec: ModelSpec, stored, path: str) -> None:
+def _attach_weights(spec: ModelSpec, stored, path: str, source) -> None:
     """Checks every stored array against the config before reading any, then reads them."""
     plan = []
     for layer in spec.layers:
@@ -740,11 +747,24 @@ def _attach_weights(spec: ModelSpec, stored, path: str) -> None:
                     f"file, but its config makes it {tuple(shape)}: config and weights disagree."
                 )
         plan.append((layer, arrays))
+    from ._hdf5_reader import HDF5ReadError, read_arrays
+    from .weights import _StoredArray
+
+    # Data libhdf5 must decode (chunked, compressed) is read by one isolated child; the rest
+    # straight from its checked offsets.
+    indirect = [array for _, arrays in plan for array in arrays if not array.readable_in_place]
+    try:
+        preloaded = dict(zip((id(a) for a in indirect), read_arrays(source, indirect, isolated=True)))
+    except HDF5ReadError as error:
+        raise ValueError(str(error)) from None
     for layer, arrays in plan:
         try:
-            values = [np.asarray(a[()], dtype=np.float32).reshape(shape) for a, shape in zip(arrays, layer.weight_shapes)]
-        except (KeyError, RuntimeError, OSError, TypeError) as error:
-            raise ValueError(f"{path!r} is damaged: reading layer {layer.name!r} failed ({type(error).__name__}: {error}).") from None
+            values = [
+                np.asarray(_StoredArray(source, a, preloaded.get(id(a)))[()], dtype=np.float32).reshape(shape)
+                for a, shape in zip(arrays, layer.weight_shapes)
+            ]
+        except HDF5ReadError as error:
+            raise ValueError(f"{path!r} is damaged: reading layer {layer.name!r} failed ({error}).") from None
         layer.weights = values
         if layer.class_name == "BatchNormalization":
             _set_batch_norm(layer)
