@@ -8,7 +8,9 @@
 // On blocked images only the real channels of the real pixels change: f(0) is not 0 for
 // sigmoid or softplus, and the border and padding channels must stay zero for the next kernel.
 #include <algorithm>
-#include <cmath>
+#include <cmath>  // the per-ISA code calls the C library's float functions (expf, fmaf, ...), not
+                  // <cmath>'s inline std:: overloads: those are weak symbols that an AVX object
+                  // would share by name with every ISA (tests/test_isa_symbols.py)
 #include <stdexcept>
 
 #include "ops.h"
@@ -45,16 +47,16 @@ namespace {
 template <Elementwise F>
 inline float apply(float x) {
   if constexpr (F == Elementwise::Relu) return x < 0.0f ? 0.0f : x;  // keeps NaN
-  if constexpr (F == Elementwise::Sigmoid) return 1.0f / (1.0f + std::exp(-x));
-  if constexpr (F == Elementwise::Tanh) return std::tanh(x);
-  if constexpr (F == Elementwise::Elu) return x > 0.0f ? x : std::expm1(x);
+  if constexpr (F == Elementwise::Sigmoid) return 1.0f / (1.0f + expf(-x));
+  if constexpr (F == Elementwise::Tanh) return tanhf(x);
+  if constexpr (F == Elementwise::Elu) return x > 0.0f ? x : expm1f(x);
   if constexpr (F == Elementwise::Selu)
-    return x > 0.0f ? float(kSeluScale) * x : float(kSeluScale * kSeluAlpha) * std::expm1(x);
+    return x > 0.0f ? float(kSeluScale) * x : float(kSeluScale * kSeluAlpha) * expm1f(x);
   // 0.5 x (1 + erf(x / sqrt 2)) without 1 + erf's cancellation for negative x.
-  if constexpr (F == Elementwise::Gelu) return 0.5f * x * std::erfc(-x * float(kSqrtHalf));
-  if constexpr (F == Elementwise::Swish) return x / (1.0f + std::exp(-x));
+  if constexpr (F == Elementwise::Gelu) return 0.5f * x * erfcf(-x * float(kSqrtHalf));
+  if constexpr (F == Elementwise::Swish) return x / (1.0f + expf(-x));
   // log(1 + e^x) = max(x, 0) + log1p(e^-|x|): never overflows.
-  if constexpr (F == Elementwise::Softplus) return std::max(x, 0.0f) + std::log1p(std::exp(-std::fabs(x)));
+  if constexpr (F == Elementwise::Softplus) return (x < 0.0f ? 0.0f : x) + log1pf(expf(-fabsf(x)));
   return x;
 }
 

@@ -3,7 +3,9 @@
 //
 // One fused multiply-add per value; in place, because the map is the last thing done to an
 // activation before the next layer reads it.
-#include <cmath>
+#include <cmath>  // the per-ISA code calls the C library's float functions (expf, fmaf, ...), not
+                  // <cmath>'s inline std:: overloads: those are weak symbols that an AVX object
+                  // would share by name with every ISA (tests/test_isa_symbols.py)
 
 #include "ops.h"
 #include "simd.h"
@@ -29,7 +31,7 @@ void affine_rows(float* rows, int count, int cols, const float* scale, const flo
     int c = 0;
     for (; c + kChannelBlock <= cols; c += kChannelBlock)
       store(row + c, fmadd(load(row + c), load(scale + c), load(shift + c)));
-    for (; c < cols; ++c) row[c] = std::fma(row[c], scale[c], shift[c]);
+    for (; c < cols; ++c) row[c] = fmaf(row[c], scale[c], shift[c]);
   }
 }
 

@@ -34,3 +34,15 @@ def test_cuda_without_a_usable_gpu_says_why():
 def test_unknown_devices_are_refused():
     with pytest.raises(ValueError, match="`device` must be one of"):
         small("gpu")
+
+
+def test_load_model_takes_the_same_device_argument(tmp_path):
+    missing = tmp_path / "never_read.keras"
+    with pytest.raises(ValueError, match="`device` must be one of"):
+        fastvgg.load_model(missing, device="gpu")
+    usable, reason = fastvgg.cuda_status()
+    if usable:
+        pytest.skip(f"a GPU is usable here ({reason})")
+    # The device is checked before the file is read: the GPU's absence is what the error says.
+    with pytest.raises(RuntimeError, match="device='cuda' needs a usable NVIDIA GPU"):
+        fastvgg.load_model(missing, device="cuda")

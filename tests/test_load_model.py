@@ -101,8 +101,10 @@ def check_against_keras(saved: Saved, path: str, precision: str):
     error = np.abs(got - saved.expected).max()
     assert error <= KERAS_ATOL, f"{path}: max |fastvgg - Keras| = {error:.3g}"
     # The heads are built so that their outputs are informative (not saturated): a check of
-    # 1e-4 on outputs that are all 0 or 1 would say nothing.
-    assert saved.expected.max() < 0.995
+    # 1e-4 on outputs that are all 0 or 1 would say nothing. Training is not deterministic,
+    # so one image's output may saturate; some must not.
+    informative = (saved.expected > 0.005) & (saved.expected < 0.995)
+    assert informative.any(), f"{path}: every Keras output is saturated; the check would say nothing"
     if saved.expected.shape[-1] == 1:
         assert saved.expected.min() > 0.005
     if saved.expected.shape[-1] > 1:

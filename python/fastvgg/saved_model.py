@@ -18,13 +18,14 @@ from .keras_model import LayerSpec, ModelSpec, read_model
 from .layers import Conv2D, Dense, InputLayer, Layer, _float32
 from .models import Model
 
-PRECISIONS = ("fast", "highest")
+PRECISIONS = ("fast", "highest", "bf16")
 
 
 def load_model(
     filepath: Union[str, "os.PathLike[str]"],
     *,
     precision: str = "fast",
+    device: str = "cpu",
     compile: bool = True,
     safe_mode: bool = True,
     custom_objects: Optional[dict] = None,
@@ -40,7 +41,10 @@ def load_model(
 
     Args:
         filepath: the ``.keras`` or ``.h5`` file.
-        precision: "fast" (Winograd 3x3 convolutions where they pay) or "highest".
+        precision: "fast" (Winograd 3x3 convolutions where they pay), "highest" or "bf16" (see
+            ``fastvgg.VGG16``).
+        device: "cpu" (default), "cuda" or "auto", as for ``fastvgg.VGG16``; the GPU executor
+            runs VGG's own ops only, so a head with other layers raises there.
         compile: accepted for Keras compatibility; fastvgg only predicts, so there is nothing
             to compile (the optimizer and losses in the file are ignored).
         safe_mode: accepted for Keras compatibility; fastvgg never deserialises code, so it is
@@ -49,12 +53,15 @@ def load_model(
             is refused whatever this holds, since fastvgg runs only the layers it implements.
     """
     if precision not in PRECISIONS:
-        raise ValueError(f"`precision` must be 'fast' or 'highest'. Received: precision={precision!r}")
+        raise ValueError(f"`precision` must be 'fast', 'highest' or 'bf16'. Received: precision={precision!r}")
+    from .cuda import resolve_device
+
+    resolve_device(device)  # an unknown device or an unusable GPU fails before the file is read
     spec = read_model(filepath, custom_objects=custom_objects, compile=compile, safe_mode=safe_mode)
-    return build_model(spec, precision)
+    return build_model(spec, precision, device)
 
 
-def build_model(spec: ModelSpec, precision: str = "fast") -> "LoadedModel":
+def build_model(spec: ModelSpec, precision: str = "fast", device: str = "cpu") -> "LoadedModel":
     """The core graph, the executor with the weights, and the layers of a checked chain."""
     input_spec = spec.layers[0]
     graph = _core.Graph(int(input_spec.output_shape[-1]))
@@ -69,7 +76,9 @@ def build_model(spec: ModelSpec, precision: str = "fast") -> "LoadedModel":
         layer = _layer_for(layer_spec)
         layer._index = index
         layers.append(layer)
-    executor = _core.CpuExecutor(graph, precision)
+    from .models import new_executor
+
+    executor = new_executor(graph, precision, device)
     for layer in layers:
         layer._graph = layers
         layer._executor = executor
