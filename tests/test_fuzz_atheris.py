@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -50,8 +51,12 @@ def test_short_fuzz_run(seeds, tmp_path, target, seconds, suffixes, fewest):
     assert any(corpus.iterdir()), "no seeds for this target"
     artifacts = tmp_path / "findings"
     artifacts.mkdir()
+    # libFuzzer's RSS limit reads the peak RSS, which Linux carries across exec from the process
+    # that spawned it (this pytest process: gigabytes after the Keras tests), so the limit is
+    # 4 GiB above what the child starts with.
+    inherited_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
     command = [sys.executable, os.path.join(FUZZ_DIR, "fuzz_loader.py"), target, str(corpus),
-               f"-max_total_time={seconds}", "-timeout=60", "-rss_limit_mb=4096", "-seed=1",
+               f"-max_total_time={seconds}", "-timeout=60", f"-rss_limit_mb={4096 + inherited_mb}", "-seed=1",
                f"-artifact_prefix={artifacts}{os.sep}"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 240)
     log = result.stdout + result.stderr
