@@ -505,7 +505,7 @@ void CpuExecutor::forward(const float* images, int count, int height, int width,
   const KernelTable& kernels = same_layouts(active, *kernels_) ? active : *kernels_;
   std::unique_ptr<Workspace> workspace = borrow_workspace();
   try {
-    run(images, count, height, width, outputs, last, *workspace, kernels, threads());
+    run(images, count, height, width, shapes, outputs, last, *workspace, kernels, threads());
   } catch (...) {
     return_workspace(std::move(workspace));
     throw;
@@ -588,9 +588,9 @@ bool CpuExecutor::run_spatial_op(const SpatialRun& run, int i, BlockedImage& cur
   return true;
 }
 
-void CpuExecutor::run(const float* images, int count, int height, int width, const std::vector<OutputRequest>& outputs,
-                      int last, Workspace& workspace, const KernelTable& kernels, int threads) const {
-  const std::vector<OpShape> shapes = graph_.shapes(height, width);
+void CpuExecutor::run(const float* images, int count, int height, int width, const std::vector<OpShape>& shapes,
+                      const std::vector<OutputRequest>& outputs, int last, Workspace& workspace,
+                      const KernelTable& kernels, int threads) const {
   const std::vector<Op>& ops = graph_.ops();
   // Destinations of op i's output and of its pre-activation output, or nullptr.
   std::vector<float*> wanted(std::size_t(last) + 1, nullptr), wanted_before(std::size_t(last) + 1, nullptr);

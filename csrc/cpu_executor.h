@@ -106,8 +106,10 @@ class CpuExecutor final : public Executor {
   bool runs_batched(const Op& op, const PreparedOp& p, const KernelTable& kernels) const;
   bool run_spatial_op(const SpatialRun& run, int i, BlockedImage& current, BlockedImage& next, int n) const;
   void finish_spatial_op(const SpatialRun& run, int i, const BlockedImage& next, int n) const;
-  void run(const float* images, int count, int height, int width, const std::vector<OutputRequest>& outputs,
-           int last, Workspace& workspace, const KernelTable& kernels, int threads) const;
+  // `shapes` are the graph's shapes for height x width, which forward computed to check the input.
+  void run(const float* images, int count, int height, int width, const std::vector<OpShape>& shapes,
+           const std::vector<OutputRequest>& outputs, int last, Workspace& workspace, const KernelTable& kernels,
+           int threads) const;
 
   Graph graph_;
   Precision precision_;
