@@ -459,7 +459,7 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("kernel_set", [](const CpuExecutor& e) { return std::string(e.kernels().isa_name); })
       .def("method", [](const CpuExecutor& e, py::ssize_t index) {
         return std::string(e.method_name(checked_op_index(e.graph(), index)));
-      }, py::arg("index"), "The kernel method a layer runs by, e.g. 'winograd_f4x4_f32' ('' without weights).")
+      }, py::arg("index"), "The kernel method a layer runs by, e.g. 'winograd_f4x4_f32' ('' without weights; 'folded' for an affine map folded into the convolution before it).")
       .def_property("num_threads", &CpuExecutor::threads, [](CpuExecutor& e, int n) {
         if (n < 0) throw py::value_error("num_threads must be at least 1 (or 0 for the process default)");
         e.set_threads(n);
@@ -536,7 +536,7 @@ PYBIND11_MODULE(_core, m) {
            "Runs a float32 NHWC batch, writing each (layer_index, before_activation, out_array) request's output "
            "straight into out_array (C-contiguous float32 of shape (batch,) + the layer's shape).")
       .def("packed_sections", [](py::object self) {
-        const CpuExecutor& e = self.cast<const CpuExecutor&>();
+        CpuExecutor& e = self.cast<CpuExecutor&>();  // non-const: settles pending folds first
         // Read-only views, not copies; each keeps the executor alive. Replacing a layer's
         // weights (set_*) frees what an older view shows: take views, write them, drop them.
         py::list sections;

@@ -6,6 +6,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -171,6 +172,22 @@ struct CpuExecutor::PreparedOp {
   int dense_rows_missing = 0;
   bool kernel_loaded = false;
   bool bias_loaded = false;
+  // Set when the next op's affine map (a BatchNormalization) is folded into this convolution:
+  // its scale and shift, and the bias as loaded (`bias` then holds bias * scale + shift).
+  std::vector<float> fold_scale, fold_shift, loaded_bias;
+  bool folded() const { return !fold_scale.empty() && !fold_shift.empty() && !loaded_bias.empty(); }
+  // Whether get_weights needs `correction` to give the loaded kernel back: a folded layer, or a
+  // method whose unpack only approximates (fp32 Winograd; bf16 returns what it computes with).
+  bool corrected(const Op& op, const KernelTable& kernels, Precision precision) const {
+    if (!op.is_convolution()) return false;
+    if (folded()) return true;
+    return conv != ConvChoice::Pointwise && !conv_method(kernels, conv).unpack_is_exact && precision != Precision::Bf16;
+  }
+  void clear_fold() {
+    fold_scale.clear();
+    fold_shift.clear();
+    loaded_bias.clear();
+  }
 };
 
 struct CpuExecutor::Workspace {
@@ -190,7 +207,8 @@ struct CpuExecutor::Workspace {
 class CpuExecutor::UpdateScope {
  public:
   explicit UpdateScope(CpuExecutor& executor) : executor_(executor) { executor_.begin_update(); }
-  ~UpdateScope() { executor_.end_update(); }
+  // Never settles (a destructor must not throw): the setters call settle_if_outermost themselves.
+  ~UpdateScope() { executor_.leave_update(); }
   UpdateScope(const UpdateScope&) = delete;
   UpdateScope& operator=(const UpdateScope&) = delete;
 
@@ -214,7 +232,7 @@ const char* CpuExecutor::method_name(int op) const {
   const Op& o = graph_.op(op);
   if (o.is_convolution() && prepared(op).conv == ConvChoice::Pointwise) return "pointwise_f32";
   if (o.is_convolution()) return conv_method(*kernels_, prepared(op).conv).name;
-  if (o.kind == OpKind::Affine) return "affine_f32";
+  if (o.kind == OpKind::Affine) return op > 0 && prepared(op - 1).folded() ? "folded" : "affine_f32";
   if (o.kind == OpKind::Dense) return kernels_->dense.name;
   return "";
 }
@@ -255,49 +273,104 @@ void CpuExecutor::begin_update() {
 void CpuExecutor::end_update() {
   if (updater_.load() != std::this_thread::get_id())
     throw std::logic_error("end_update without a matching begin_update on this thread");
+  // The outermost update settles the folds, so that a loaded model is final (method(),
+  // packed_sections) before anyone predicts.
+  if (update_depth_ == 1) {
+    try {
+      settle_folds();
+    } catch (...) {
+      leave_update();
+      throw;
+    }
+  }
+  leave_update();
+}
+
+void CpuExecutor::leave_update() noexcept {
   if (--update_depth_ == 0) {
     updater_.store(std::thread::id{});
     weights_mutex_.unlock();
   }
 }
 
+void CpuExecutor::settle_if_outermost() {
+  if (update_depth_ == 1) settle_folds();
+}
+
 void CpuExecutor::set_conv3x3_weights(int op, const float* kernel_hwio, const float* bias) {
   UpdateScope scope(*this);
   const Op& o = graph_.op(op);
   // A 'valid' 3x3 convolution packs as VGG's 'same' one does (it runs by the same kernels).
-  PreparedOp& p = prepared(op, o.kind == OpKind::Conv && o.kernel_size == 3 ? OpKind::Conv : OpKind::Conv3x3);
-  const Conv3x3Method& method = conv_method(*kernels_, p.conv);
-  const int threads = this->threads();
-  p.kernel_loaded = p.bias_loaded = false;
-  const std::size_t bytes = method.packed_bytes(o.in_channels, o.out_channels);
-  if (p.packed.is_adopted() || p.packed.bytes() != bytes) p.packed.allocate(bytes, /*zeroed=*/false);
-  method.pack(kernel_hwio, o.in_channels, o.out_channels, p.packed.writable(), threads);
-  // bf16 keeps no correction: get_weights gives what the kernels compute with (a byte or more
-  // a weight to restore the loaded values would cost most of what bf16 saves).
-  if (method.unpack_is_exact || precision_ == Precision::Bf16) {
-    p.correction = KernelCorrection{};
-  } else {
-    std::vector<float> recovered(conv_weight_count(o));
-    method.unpack(p.packed.data(), o.in_channels, o.out_channels, recovered.data(), threads);
-    p.correction = correction_to(kernel_hwio, recovered.data(), recovered.size(), threads);
-  }
-  std::copy(bias, bias + o.out_channels, p.bias.data());
-  p.kernel_loaded = p.bias_loaded = true;
+  prepared(op, o.kind == OpKind::Conv && o.kernel_size == 3 ? OpKind::Conv : OpKind::Conv3x3);
+  pack_conv(op, kernel_hwio, bias, nullptr, nullptr);
+  folds_pending_.store(true);
+  settle_if_outermost();
 }
 
 void CpuExecutor::set_conv_weights(int op, const float* kernel_hwio, const float* bias) {
   const Op& o = graph_.op(op);
   if (o.kernel_size == 3 || o.kind == OpKind::Conv3x3) return set_conv3x3_weights(op, kernel_hwio, bias);
   UpdateScope scope(*this);
-  PreparedOp& p = prepared(op, OpKind::Conv);
+  prepared(op, OpKind::Conv);
+  pack_conv(op, kernel_hwio, bias, nullptr, nullptr);
+  folds_pending_.store(true);
+  settle_if_outermost();
+}
+
+// Packs a convolution's kernel and bias as loaded, or with an affine map folded in (scale and
+// shift given): kernel * scale and bias * scale + shift, per output channel. A folded layer
+// keeps a correction against the loaded kernel, so get_weights stays exact.
+void CpuExecutor::pack_conv(int op, const float* kernel_hwio, const float* bias, const float* fold_scale,
+                            const float* fold_shift) {
+  const Op& o = graph_.op(op);
+  PreparedOp& p = *prepared_[std::size_t(op)];
+  const int threads = this->threads();
+  const std::size_t count = conv_weight_count(o);
+  const int filters = o.out_channels;
   p.kernel_loaded = p.bias_loaded = false;
-  const std::size_t bytes = pointwise_bytes(o);
-  if (p.packed.is_adopted() || p.packed.bytes() != bytes) p.packed.allocate(bytes, /*zeroed=*/true);
-  // A 1x1 kernel (1, 1, in, out) is an (in, out) matrix.
-  pack_dense_rows(kernel_hwio, 0, o.in_channels, o.in_channels, o.out_channels, static_cast<float*>(p.packed.writable()),
-                  threads());
-  std::copy(bias, bias + o.out_channels, p.bias.data());
-  p.correction = KernelCorrection{};
+  p.clear_fold();
+  std::vector<float> folded;
+  const float* packed_from = kernel_hwio;
+  if (fold_scale) {
+    folded.resize(count);
+    // HWIO: the output channel is the fastest index.
+    for (std::size_t k = 0; k < count; ++k) folded[k] = kernel_hwio[k] * fold_scale[k % std::size_t(filters)];
+    packed_from = folded.data();
+  }
+  std::vector<float> recovered;
+  if (p.conv == ConvChoice::Pointwise) {
+    const std::size_t bytes = pointwise_bytes(o);
+    if (p.packed.is_adopted() || p.packed.bytes() != bytes) p.packed.allocate(bytes, /*zeroed=*/true);
+    // A 1x1 kernel (1, 1, in, out) is an (in, out) matrix.
+    pack_dense_rows(packed_from, 0, o.in_channels, o.in_channels, filters, static_cast<float*>(p.packed.writable()),
+                    threads);
+    if (fold_scale) {
+      recovered.resize(count);
+      unpack_dense(static_cast<const float*>(p.packed.data()), o.in_channels, filters, recovered.data(), threads);
+    }
+  } else {
+    const Conv3x3Method& method = conv_method(*kernels_, p.conv);
+    const std::size_t bytes = method.packed_bytes(o.in_channels, filters);
+    if (p.packed.is_adopted() || p.packed.bytes() != bytes) p.packed.allocate(bytes, /*zeroed=*/false);
+    method.pack(packed_from, o.in_channels, filters, p.packed.writable(), threads);
+    // bf16 keeps no correction: get_weights gives what the kernels compute with (a byte or more
+    // a weight to restore the loaded values would cost most of what bf16 saves). bf16 never folds.
+    if (fold_scale || (!method.unpack_is_exact && precision_ != Precision::Bf16)) {
+      recovered.resize(count);
+      method.unpack(p.packed.data(), o.in_channels, filters, recovered.data(), threads);
+    }
+  }
+  if (fold_scale)
+    for (std::size_t k = 0; k < count; ++k) recovered[k] /= fold_scale[k % std::size_t(filters)];
+  p.correction = recovered.empty() ? KernelCorrection{} : correction_to(kernel_hwio, recovered.data(), count, threads);
+  if (fold_scale) {
+    p.fold_scale.assign(fold_scale, fold_scale + filters);
+    p.fold_shift.assign(fold_shift, fold_shift + filters);
+    p.loaded_bias.assign(bias, bias + filters);
+    for (int c = 0; c < filters; ++c) p.bias.data()[c] = bias[c] * fold_scale[c] + fold_shift[c];
+  } else {
+    std::copy(bias, bias + filters, p.bias.data());
+  }
   p.kernel_loaded = p.bias_loaded = true;
 }
 
@@ -307,9 +380,17 @@ void CpuExecutor::set_affine(int op, const float* scale, const float* shift) {
   const Op& o = graph_.op(op);
   p.kernel_loaded = p.bias_loaded = false;
   if (p.packed.is_adopted() || p.packed.bytes() != affine_bytes(o)) p.packed.allocate(affine_bytes(o), /*zeroed=*/true);
+  // A convolution that folded the previous values goes back to its loaded weights first.
+  if (op > 0 && prepared_[std::size_t(op) - 1]->folded()) {
+    std::vector<float> kernel(conv_weight_count(graph_.op(op - 1))), bias(std::size_t(graph_.op(op - 1).out_channels));
+    unpack_conv(op - 1, kernel.data(), bias.data());
+    pack_conv(op - 1, kernel.data(), bias.data(), nullptr, nullptr);
+  }
   std::copy(scale, scale + o.out_channels, static_cast<float*>(p.packed.writable()));
   std::copy(shift, shift + o.out_channels, p.bias.data());
   p.kernel_loaded = p.bias_loaded = true;
+  folds_pending_.store(true);
+  settle_if_outermost();
 }
 
 void CpuExecutor::set_dense_kernel_rows(int op, int first_row, int row_count, const float* rows) {
@@ -361,32 +442,44 @@ void CpuExecutor::get_weights(int op, float* kernel, float* bias) const {
   if (!o.has_weights()) throw std::invalid_argument("layer " + std::to_string(op) + " has no weights");
   if (!p.kernel_loaded || !p.bias_loaded)
     throw std::logic_error("layer " + std::to_string(op) + " has no weights loaded");
-  const int threads = this->threads();
-  if (p.conv == ConvChoice::Pointwise) {
-    unpack_dense(static_cast<const float*>(p.packed.data()), o.in_channels, o.out_channels, kernel, threads);
-  } else if (o.kind == OpKind::Affine) {
+  if (o.is_convolution()) return unpack_conv(op, kernel, bias);
+  if (o.kind == OpKind::Affine) {
     const float* scale = static_cast<const float*>(p.packed.data());
     std::copy(scale, scale + o.out_channels, kernel);
-  } else if (o.is_convolution()) {
-    const Conv3x3Method& method = conv_method(*kernels_, p.conv);
-    method.unpack(p.packed.data(), o.in_channels, o.out_channels, kernel, threads);
-    if (!method.unpack_is_exact && precision_ != Precision::Bf16) {
-      if (p.correction.ulps.size() != conv_weight_count(o) ||
-          p.correction.exact_index.size() != p.correction.exact_value.size())
-        throw std::logic_error("layer " + std::to_string(op) + ": the correction that makes get_weights exact is "
-                               "incomplete (a packed cache missing sections?)");
-      apply_correction(p.correction, kernel, conv_weight_count(o), threads);
-    }
   } else {
-    kernels_->dense.unpack(p.packed.data(), o.in_channels, o.out_channels, kernel, threads);
+    kernels_->dense.unpack(p.packed.data(), o.in_channels, o.out_channels, kernel, this->threads());
   }
   std::copy(p.bias.data(), p.bias.data() + o.out_channels, bias);
+}
+
+// A convolution's weights as loaded (the caller holds the weights, shared or exclusive).
+void CpuExecutor::unpack_conv(int op, float* kernel, float* bias) const {
+  const Op& o = graph_.op(op);
+  const PreparedOp& p = *prepared_[std::size_t(op)];
+  const int threads = this->threads();
+  const std::size_t count = conv_weight_count(o);
+  if (p.conv == ConvChoice::Pointwise)
+    unpack_dense(static_cast<const float*>(p.packed.data()), o.in_channels, o.out_channels, kernel, threads);
+  else
+    conv_method(*kernels_, p.conv).unpack(p.packed.data(), o.in_channels, o.out_channels, kernel, threads);
+  if (p.folded())
+    for (std::size_t k = 0; k < count; ++k) kernel[k] /= p.fold_scale[k % std::size_t(o.out_channels)];
+  if (p.corrected(o, *kernels_, precision_)) {
+    if (p.correction.ulps.size() != count || p.correction.exact_index.size() != p.correction.exact_value.size())
+      throw std::logic_error("layer " + std::to_string(op) + ": the correction that makes get_weights exact is "
+                             "incomplete (a packed cache missing sections?)");
+    apply_correction(p.correction, kernel, count, threads);
+  }
+  const float* loaded_bias = p.folded() ? p.loaded_bias.data() : p.bias.data();
+  std::copy(loaded_bias, loaded_bias + o.out_channels, bias);
 }
 
 std::size_t CpuExecutor::weights_bytes() const {
   std::shared_lock lock(weights_mutex_);
   std::size_t total = 0;
-  for (const auto& p : prepared_) total += p->packed.bytes() + p->bias.size() * sizeof(float) + p->correction.bytes();
+  for (const auto& p : prepared_)
+    total += p->packed.bytes() + p->bias.size() * sizeof(float) + p->correction.bytes() +
+             (p->fold_scale.size() + p->fold_shift.size() + p->loaded_bias.size()) * sizeof(float);
   return total;
 }
 
@@ -408,8 +501,10 @@ void CpuExecutor::return_workspace(std::unique_ptr<Workspace> workspace) {
   if (!idle_workspace_) idle_workspace_ = std::move(workspace);
 }
 
-std::vector<CpuExecutor::Section> CpuExecutor::packed_sections() const {
-  std::shared_lock lock(weights_mutex_);
+std::vector<CpuExecutor::Section> CpuExecutor::packed_sections() {
+  settle_folds();  // the file keeps the folded weights, so a load from it needs no refolding
+  std::shared_lock lock(weights_mutex_, std::defer_lock);
+  if (updater_.load() != std::this_thread::get_id()) lock.lock();
   std::vector<Section> sections;
   for (int i = 0; i < graph_.op_count(); ++i) {
     const PreparedOp& p = *prepared_[std::size_t(i)];
@@ -419,8 +514,13 @@ std::vector<CpuExecutor::Section> CpuExecutor::packed_sections() const {
     const std::string prefix = "op" + std::to_string(i) + ".";
     sections.push_back({prefix + "packed", p.packed.data(), p.packed.bytes()});
     sections.push_back({prefix + "bias", p.bias.data(), p.bias.size() * sizeof(float)});
-    if (p.conv != ConvChoice::None && p.conv != ConvChoice::Pointwise && !conv_method(*kernels_, p.conv).unpack_is_exact &&
-        precision_ != Precision::Bf16) {
+    // After packed and bias, before the correction: adopting them in this order rebuilds the fold.
+    if (p.folded()) {
+      sections.push_back({prefix + "fold.scale", p.fold_scale.data(), p.fold_scale.size() * sizeof(float)});
+      sections.push_back({prefix + "fold.shift", p.fold_shift.data(), p.fold_shift.size() * sizeof(float)});
+      sections.push_back({prefix + "fold.loaded_bias", p.loaded_bias.data(), p.loaded_bias.size() * sizeof(float)});
+    }
+    if (p.corrected(graph_.op(i), *kernels_, precision_)) {
       sections.push_back({prefix + "correction.ulps", p.correction.ulps.data(), p.correction.ulps.size()});
       sections.push_back({prefix + "correction.index", p.correction.exact_index.data(),
                           p.correction.exact_index.size() * sizeof(std::uint32_t)});
@@ -452,14 +552,25 @@ void CpuExecutor::adopt_section(const std::string& name, const void* data, std::
                                   std::to_string(expected));
   };
   const bool conv = o.is_convolution() && p.conv != ConvChoice::Pointwise;
-  const bool corrected = conv && !conv_method(*kernels_, p.conv).unpack_is_exact && precision_ != Precision::Bf16;
-  const std::size_t count = conv ? conv_weight_count(o) : 0;
+  const bool corrected = p.corrected(o, *kernels_, precision_);
+  const std::size_t count = o.is_convolution() ? conv_weight_count(o) : 0;
+  folds_pending_.store(true);
+  // An affine map folded into the convolution before it must be the one it folded.
+  if (o.kind == OpKind::Affine && op > 0 && prepared_[std::size_t(op) - 1]->folded()) {
+    const PreparedOp& conv = *prepared_[std::size_t(op) - 1];
+    const std::vector<float>& folded = part == "packed" ? conv.fold_scale : conv.fold_shift;
+    if (bytes < folded.size() * sizeof(float) || std::memcmp(data, folded.data(), folded.size() * sizeof(float)) != 0)
+      throw std::invalid_argument("packed section '" + name + "' disagrees with the affine map layer " +
+                                  std::to_string(op - 1) + " folded; adopt sections into a fresh executor");
+  }
   if (part == "packed") {
     require_bytes(conv                              ? conv_method(*kernels_, p.conv).packed_bytes(o.in_channels, o.out_channels)
                   : p.conv == ConvChoice::Pointwise ? pointwise_bytes(o)
                   : o.kind == OpKind::Affine        ? affine_bytes(o)
                                                     : kernels_->dense.packed_bytes(o.in_channels, o.out_channels));
     p.packed.adopt(data, bytes, std::move(keepalive));
+    p.clear_fold();  // until the fold's own sections follow
+    p.correction = KernelCorrection{};
     p.dense_row_loaded.clear();
     p.dense_rows_missing = 0;
     p.kernel_loaded = true;
@@ -467,6 +578,20 @@ void CpuExecutor::adopt_section(const std::string& name, const void* data, std::
     require_bytes(p.bias.size() * sizeof(float));
     std::memcpy(p.bias.data(), data, bytes);
     p.bias_loaded = true;
+  } else if (part.compare(0, 5, "fold.") == 0 && o.is_convolution() && may_fold(op)) {
+    const std::size_t filters = std::size_t(o.out_channels);
+    require_bytes(filters * sizeof(float));
+    const auto* values = static_cast<const float*>(data);
+    std::vector<float>* target = part == "fold.scale"         ? &p.fold_scale
+                                 : part == "fold.shift"       ? &p.fold_shift
+                                 : part == "fold.loaded_bias" ? &p.loaded_bias
+                                                              : nullptr;
+    if (!target) throw std::invalid_argument("unknown packed section '" + name + "'");
+    if (part == "fold.scale")
+      for (std::size_t c = 0; c < filters; ++c)
+        if (!std::isfinite(values[c]) || values[c] == 0.0f)
+          throw std::invalid_argument("packed section '" + name + "' holds a scale that cannot have been folded");
+    target->assign(values, values + filters);
   } else if (corrected && part == "correction.ulps") {
     require_bytes(count);
     const auto* ulps = static_cast<const std::int8_t*>(data);
@@ -487,6 +612,54 @@ void CpuExecutor::adopt_section(const std::string& name, const void* data, std::
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Folding
+//
+// A convolution without activation followed by an affine map on its image (Keras's
+// Conv2D -> BatchNormalization) runs as one convolution with kernel * scale and
+// bias * scale + shift: the affine map's pass over the image disappears, and a ReLU after it
+// fuses into the convolution's kernel when nobody asked for the outputs in between. The
+// products differ from Keras's order by one rounding of each folded weight (relative 2^-24).
+// Asking for the convolution's own output gives (y - shift) / scale, whose error is a few
+// ulps of (|y| + |shift|) / |scale|. fp32 only: bf16 keeps the two apart (its weights would
+// round twice). An affine map with a zero or non-finite scale or a non-finite shift is
+// applied as a pass of its own.
+
+bool CpuExecutor::may_fold(int conv) const {
+  if (conv < 0 || conv + 1 >= graph_.op_count() || precision_ == Precision::Bf16) return false;
+  const Op& op = graph_.ops()[std::size_t(conv)];
+  const Op& next = graph_.ops()[std::size_t(conv) + 1];
+  return op.is_convolution() && op.activation == Activation::Linear && next.kind == OpKind::Affine && next.on_image &&
+         next.out_channels == op.out_channels;
+}
+
+void CpuExecutor::settle_folds() {
+  if (!folds_pending_.load()) return;
+  const bool held_here = updater_.load() == std::this_thread::get_id();
+  std::unique_lock<std::shared_mutex> lock(weights_mutex_, std::defer_lock);
+  if (!held_here) lock.lock();
+  if (!folds_pending_.load()) return;
+  for (int i = 0; i + 1 < graph_.op_count(); ++i) {
+    PreparedOp& conv = *prepared_[std::size_t(i)];
+    const PreparedOp& affine = *prepared_[std::size_t(i) + 1];
+    if (!may_fold(i) || conv.folded() || !conv.kernel_loaded || !conv.bias_loaded || !affine.kernel_loaded ||
+        !affine.bias_loaded)
+      continue;
+    const int filters = graph_.op(i).out_channels;
+    const float* scale = static_cast<const float*>(affine.packed.data());
+    const float* shift = affine.bias.data();
+    bool foldable = true;
+    for (int c = 0; c < filters; ++c)
+      foldable = foldable && std::isfinite(scale[c]) && scale[c] != 0.0f && std::isfinite(shift[c]);
+    if (!foldable) continue;
+    std::vector<float> kernel(conv_weight_count(graph_.op(i)));
+    std::vector<float> bias(static_cast<std::size_t>(filters));
+    unpack_conv(i, kernel.data(), bias.data());
+    pack_conv(i, kernel.data(), bias.data(), scale, shift);
+  }
+  folds_pending_.store(false);
+}
+
 void CpuExecutor::forward(const float* images, int count, int height, int width,
                           const std::vector<OutputRequest>& outputs) {
   if (updater_.load() == std::this_thread::get_id())
@@ -496,6 +669,7 @@ void CpuExecutor::forward(const float* images, int count, int height, int width,
   const std::vector<OpShape> shapes = graph_.shapes(height, width);  // checks the input size
   if (last < 0 || count == 0) return;
   if (images == nullptr) throw std::invalid_argument("no input images");
+  settle_folds();
   std::shared_lock lock(weights_mutex_);
   for (int i = 0; i <= last; ++i)
     if (graph_.op(i).has_weights() && !(prepared_[std::size_t(i)]->kernel_loaded && prepared_[std::size_t(i)]->bias_loaded))
@@ -520,9 +694,25 @@ struct CpuExecutor::SpatialRun {
   const std::vector<OpShape>& shapes;
   const std::vector<float*>& wanted;
   const std::vector<float*>& wanted_before;
+  // absorbed[i]: op i's work was done by an earlier kernel (a folded affine map, a fused ReLU);
+  // fused_relu[i]: convolution i applies that ReLU.
+  const std::vector<char>& absorbed;
+  const std::vector<char>& fused_relu;
   Workspace& workspace;
   int threads;
+
+  bool relu_in_kernel(const Op& op, int i) const {
+    return (op.activation == Activation::Relu && wanted_before[std::size_t(i)] == nullptr) || fused_relu[std::size_t(i)];
+  }
 };
+
+namespace {
+// A folded convolution's own output from the folded one, in place on `count` NHWC values.
+void unfold_nhwc(float* values, std::size_t count, const std::vector<float>& scale, const std::vector<float>& shift) {
+  const std::size_t channels = scale.size();
+  for (std::size_t k = 0; k < count; ++k) values[k] = (values[k] - shift[k % channels]) / scale[k % channels];
+}
+}  // namespace
 
 // Weights this large (Winograd U of block4/block5, 19-38 MB) come from memory on every read:
 // reading them once per block of tiles of several images instead of once per image is what
@@ -537,13 +727,18 @@ bool CpuExecutor::runs_batched(const Op& op, const PreparedOp& p, const KernelTa
 // not fuse, the requested output.
 void CpuExecutor::finish_spatial_op(const SpatialRun& run, int i, const BlockedImage& next, int n) const {
   const Op& op = graph_.ops()[std::size_t(i)];
+  const PreparedOp& p = *prepared_[std::size_t(i)];
   const std::size_t elements = shape_elements(run.shapes[std::size_t(i)]);
   if (float* before_activation = run.wanted_before[std::size_t(i)]) {
     run.kernels.blocked_to_nhwc(next, before_activation + n * elements);
+    if (p.folded()) unfold_nhwc(before_activation + n * elements, elements, p.fold_scale, p.fold_shift);
     if (op.activation == Activation::Relu) relu_in_place(next);
   }
   if (activation_pass(op.activation)) run.ops_table.activation_blocked(next, elementwise_of(op.activation), run.threads);
-  if (float* dst = run.wanted[std::size_t(i)]) run.kernels.blocked_to_nhwc(next, dst + n * elements);
+  if (float* dst = run.wanted[std::size_t(i)]) {
+    run.kernels.blocked_to_nhwc(next, dst + n * elements);
+    if (p.folded()) unfold_nhwc(dst + n * elements, elements, p.fold_scale, p.fold_shift);
+  }
 }
 
 // Runs spatial op i on image n from `current` into `next`; false when the op worked in place
@@ -554,7 +749,9 @@ bool CpuExecutor::run_spatial_op(const SpatialRun& run, int i, BlockedImage& cur
   const std::vector<OpShape>& shapes = run.shapes;
   const int threads = run.threads;
   if (op.in_place()) {  // an affine map or an activation changes the image where it is
-    if (op.kind == OpKind::Affine)
+    if (run.absorbed[std::size_t(i)])
+      ;  // done by the convolution before it
+    else if (op.kind == OpKind::Affine)
       run.ops_table.affine_blocked(current, static_cast<const float*>(p.packed.data()), p.bias.data(), threads);
     else if (op.activation != Activation::Linear)
       run.ops_table.activation_blocked(current, elementwise_of(op.activation), threads);
@@ -567,7 +764,7 @@ bool CpuExecutor::run_spatial_op(const SpatialRun& run, int i, BlockedImage& cur
   zero_border(next);
   // The pre-activation output needs the sums before ReLU: run the kernel without it and
   // apply it afterwards, only when somebody asked.
-  const bool relu = op.activation == Activation::Relu && run.wanted_before[std::size_t(i)] == nullptr;
+  const bool relu = run.relu_in_kernel(op, i);
   if (p.conv == ConvChoice::Pointwise) {
     run.ops_table.conv1x1(current, static_cast<const float*>(p.packed.data()), p.bias.data(), relu, next, threads);
   } else if (op.is_convolution() && op.same_padding) {
@@ -649,7 +846,18 @@ void CpuExecutor::run(const float* images, int count, int height, int width, con
     workspace.batch_ping.ensure_capacity(std::size_t(count) * batch_image);
     workspace.batch_pong.ensure_capacity(std::size_t(count) * batch_image);
   }
-  const SpatialRun step{ops_table, kernels, shapes, wanted, wanted_before, workspace, threads};
+  std::vector<char> absorbed(std::size_t(last) + 1, 0), fused_relu(std::size_t(last) + 1, 0);
+  for (int i = 0; i + 1 <= last; ++i) {
+    if (!prepared_[std::size_t(i)]->folded()) continue;
+    absorbed[std::size_t(i) + 1] = 1;
+    const bool relu_next = i + 2 <= last && ops[std::size_t(i) + 2].kind == OpKind::Elementwise &&
+                           ops[std::size_t(i) + 2].activation == Activation::Relu;
+    if (relu_next && !wanted[std::size_t(i)] && !wanted_before[std::size_t(i)] && !wanted[std::size_t(i) + 1]) {
+      fused_relu[std::size_t(i)] = 1;
+      absorbed[std::size_t(i) + 2] = 1;
+    }
+  }
+  const SpatialRun step{ops_table, kernels, shapes, wanted, wanted_before, absorbed, fused_relu, workspace, threads};
   auto to_flat_row = [&](const BlockedImage& image, int n) {
     const Op& op = ops[std::size_t(spatial_end)];
     float* row = flat_in + std::size_t(n) * std::size_t(in_stride);
@@ -688,7 +896,7 @@ void CpuExecutor::run(const float* images, int count, int height, int width, con
         next.width = shapes[i][1];
         zero_border(next);
       }
-      const bool relu = op.activation == Activation::Relu && wanted_before[std::size_t(i)] == nullptr;
+      const bool relu = step.relu_in_kernel(op, i);
       conv_method(kernels, p.conv).run_batch(current_batch.data(), p.packed.data(), p.bias.data(), relu,
                                              next_batch.data(), count, threads, workspace.scratch);
       for (int n = 0; n < count; ++n) finish_spatial_op(step, i, next_batch[std::size_t(n)], n);

@@ -54,7 +54,7 @@ class CpuExecutor final : public Executor {
   Precision precision() const { return precision_; }
   const KernelTable& kernels() const { return *kernels_; }
   // The method an op runs by ("winograd_f4x4_f32", "direct_f32", "dense_f32"), or "" for an op
-  // without weights.
+  // without weights; "folded" for an affine map folded into the convolution before it.
   const char* method_name(int op) const;
 
   void set_threads(int threads);  // 0: the process default (set_default_threads)
@@ -86,7 +86,8 @@ class CpuExecutor final : public Executor {
     const void* data;
     std::size_t bytes;
   };
-  std::vector<Section> packed_sections() const;
+  // Settles pending folds first (cpu_executor.cpp, "Folding"), which needs the weights exclusively.
+  std::vector<Section> packed_sections();
   // Uses a region instead of the packed weights of `name` (as packed_sections() names them),
   // without copying. The region must hold exactly what packed_sections() gave for the same
   // graph, precision and kernel set; `keepalive` owns it.
@@ -103,6 +104,13 @@ class CpuExecutor final : public Executor {
   std::unique_ptr<Workspace> borrow_workspace();
   void return_workspace(std::unique_ptr<Workspace> workspace);
   struct SpatialRun;
+  // BatchNormalization folding (see "Folding" in cpu_executor.cpp).
+  bool may_fold(int conv) const;
+  void pack_conv(int op, const float* kernel_hwio, const float* bias, const float* fold_scale, const float* fold_shift);
+  void unpack_conv(int op, float* kernel_hwio, float* bias) const;
+  void settle_folds();
+  void settle_if_outermost();  // by a setter, while it holds the weights
+  void leave_update() noexcept;
   bool runs_batched(const Op& op, const PreparedOp& p, const KernelTable& kernels) const;
   bool run_spatial_op(const SpatialRun& run, int i, BlockedImage& current, BlockedImage& next, int n) const;
   void finish_spatial_op(const SpatialRun& run, int i, const BlockedImage& next, int n) const;
@@ -116,6 +124,8 @@ class CpuExecutor final : public Executor {
   const KernelTable* kernels_;
   std::vector<std::unique_ptr<PreparedOp>> prepared_;
   std::atomic<int> threads_{0};
+  // A convolution or affine map changed since the folds were last settled.
+  std::atomic<bool> folds_pending_{false};
 
   mutable std::shared_mutex weights_mutex_;
   std::atomic<std::thread::id> updater_{};

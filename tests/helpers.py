@@ -83,3 +83,13 @@ def import_tf_keras():
     import tf_keras
 
     return tf_keras
+
+
+def aligned_copy(view) -> np.ndarray:
+    """A read-only copy of a packed section, aligned to 64 bytes like a mapped cache file's."""
+    buffer = np.empty(len(view) + 64, np.uint8)
+    offset = (-buffer.ctypes.data) % 64
+    aligned = buffer[offset : offset + len(view)]
+    aligned[:] = view
+    aligned.flags.writeable = False
+    return aligned

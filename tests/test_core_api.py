@@ -10,6 +10,8 @@ import pytest
 
 from fastvgg import _core
 
+from helpers import aligned_copy
+
 
 def small_graph(input_channels=3):
     graph = _core.Graph(input_channels)
@@ -189,13 +191,8 @@ def test_packed_sections_adopted_by_a_second_executor_give_the_same_model():
     copy = _core.CpuExecutor(executor.graph, "fast")
     # Copies aligned like a mapped file's sections; the executor keeps each buffer alive.
     for name, view in sections:
-        buffer = np.empty(len(view) + 64, np.uint8)
-        offset = (-buffer.ctypes.data) % 64
-        aligned = buffer[offset : offset + len(view)]
-        aligned[:] = view
-        aligned.flags.writeable = False
-        copy.adopt_section(name, aligned)
-    del sections, aligned, buffer
+        copy.adopt_section(name, aligned_copy(view))
+    del sections
     x = images()
     for a, b in zip(executor.forward(x, [conv2, dense]), copy.forward(x, [conv2, dense])):
         np.testing.assert_array_equal(a, b)

@@ -155,6 +155,25 @@ def test_every_layer_matches_the_numpy_chain(saved_models, name, precision):
     assert np.abs(numpy_chain.run_chain(spec, saved.x) - saved.expected).max() <= KERAS_ATOL / 10
 
 
+@pytest.mark.parametrize("precision", ["fast", "highest"])
+def test_batch_normalization_after_a_convolution_is_folded(saved_models, precision):
+    # every_op has Conv2D (no activation) -> BatchNormalization twice (a 1x1 and a 3x3): both
+    # fold into the convolution (tests/test_fold.py checks the arithmetic); the Keras parity
+    # tests above run the folded model.
+    saved = saved_models("keras3", "every_op")
+    model = fastvgg.load_model(saved.paths[".keras"], precision=precision)
+    methods = {layer.name: model._executor.method(layer._index) for layer in model.layers[1:]}
+    batch_norms = [layer.name for layer in model.layers if layer.class_name == "BatchNormalization"]
+    assert [methods[name] for name in batch_norms] == ["folded", "folded", "affine_f32"], methods
+    # The outputs of the layers in between are still the unfolded ones (within the chain's tolerance).
+    spec = keras_model.read_model(saved.paths[".keras"])
+    names = [layer.name for layer in model.layers if layer.class_name in ("Conv2D", "BatchNormalization", "ReLU")]
+    got = model.extract(saved.x, names)
+    expected = numpy_chain.run_chain(spec, saved.x, names)
+    for key in names:
+        assert rel_l2(got[key], expected[key]) <= NUMPY_REL_L2[precision], key
+
+
 def _keras_layers(model, found=None):
     """Every leaf layer of a Keras model by name, nested models flattened."""
     found = {} if found is None else found

@@ -481,8 +481,11 @@ class ExecutorSections:
 
     def import_packed(self, sections: Dict[str, np.ndarray]) -> None:
         try:
-            for name, buffer in sections.items():
-                self.executor.adopt_section(name, buffer.reshape(-1).view(np.uint8))
+            # One update: the executor settles what depends on several sections (a folded
+            # BatchNormalization) once, after the last.
+            with self.executor.updating():
+                for name, buffer in sections.items():
+                    self.executor.adopt_section(name, buffer.reshape(-1).view(np.uint8))
             reported = {name for name, _ in self.executor.packed_sections()}
         except (RuntimeError, IndexError) as error:  # e.g. a layer left without weights
             raise ValueError(str(error)) from None
