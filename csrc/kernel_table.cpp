@@ -12,7 +12,7 @@ namespace FASTVGG_ISA {
 const KernelTable kernel_table = {
     FASTVGG_STRINGIFY(FASTVGG_ISA),
     fp32_direct_method(conv3x3),
-    fp32_winograd_method(conv3x3_winograd, conv3x3_winograd_batch),
+    fp32_winograd_method(conv3x3_winograd, conv3x3_winograd_batch, conv3x3_winograd_batch_max_pool),
     fp32_dense_method(dense),
     max_pool2x2,
     global_pool,

@@ -38,6 +38,11 @@ struct Conv3x3Method {
   // image; nullptr for a method without it.
   void (*run_batch)(const BlockedImage* in, const void* packed, const float* bias, bool relu, const BlockedImage* out,
                     int images, int threads, KernelScratch& scratch) = nullptr;
+  // run_batch followed by a 2x2 max pool (stride 2, 'valid'), writing only the pooled images
+  // (floor(h/2) x floor(w/2)), bit-identical to run and then max_pool2x2; nullptr where the
+  // method has none. One image is a batch of one.
+  void (*run_batch_max_pool)(const BlockedImage* in, const void* packed, const float* bias, bool relu,
+                             const BlockedImage* pooled, int images, int threads, KernelScratch& scratch) = nullptr;
 };
 
 // A dense layer y = x W + bias, ReLU optional, with its layout.
@@ -124,7 +129,8 @@ void unpack_dense(const float* packed, int depth, int cols, float* kernel, int t
 
 // The fp32 methods every fp32 kernel set shares, but for the run function.
 Conv3x3Method fp32_direct_method(decltype(Conv3x3Method::run) run);
-Conv3x3Method fp32_winograd_method(decltype(Conv3x3Method::run) run, decltype(Conv3x3Method::run_batch) run_batch);
+Conv3x3Method fp32_winograd_method(decltype(Conv3x3Method::run) run, decltype(Conv3x3Method::run_batch) run_batch,
+                                   decltype(Conv3x3Method::run_batch_max_pool) run_batch_max_pool);
 DenseMethod fp32_dense_method(decltype(DenseMethod::run) run);
 
 // What turns an approximate copy of a kernel into the exact one: per weight, how many float

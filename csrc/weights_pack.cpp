@@ -169,8 +169,10 @@ void dense_unpack(const void* packed, int depth, int cols, float* kernel, int th
 Conv3x3Method fp32_direct_method(decltype(Conv3x3Method::run) run) {
   return {"direct_f32", direct_bytes, direct_pack, direct_unpack, /*unpack_is_exact=*/true, run};
 }
-Conv3x3Method fp32_winograd_method(decltype(Conv3x3Method::run) run, decltype(Conv3x3Method::run_batch) run_batch) {
-  return {"winograd_f4x4_f32", winograd_bytes, winograd_pack, winograd_unpack, /*unpack_is_exact=*/false, run, run_batch};
+Conv3x3Method fp32_winograd_method(decltype(Conv3x3Method::run) run, decltype(Conv3x3Method::run_batch) run_batch,
+                                   decltype(Conv3x3Method::run_batch_max_pool) run_batch_max_pool) {
+  return {"winograd_f4x4_f32", winograd_bytes, winograd_pack, winograd_unpack, /*unpack_is_exact=*/false,
+          run,                 run_batch,      run_batch_max_pool};
 }
 DenseMethod fp32_dense_method(decltype(DenseMethod::run) run) {
   return {"dense_f32", dense_bytes, dense_pack_rows, dense_unpack, run};

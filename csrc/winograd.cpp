@@ -151,6 +151,40 @@ inline void transform_output_tile(const float* m, const float* bias, bool relu, 
   }
 }
 
+// The same tile followed by Keras's 2x2 max pool ('valid', stride 2), written to `pooled`
+// (floor(h/2) x floor(w/2)): tiles start at even pixels, so every window lies in one tile, and
+// a window that the image's last odd row or column would cut is dropped, as Keras does. The
+// maxima are taken in max_pool2x2's order on the same values, so the result is bit-identical
+// to the convolution followed by that kernel.
+inline void transform_output_tile_pooled(const float* m, const float* bias, bool relu, const BlockedImage& pooled,
+                                         const TileGrid& grid, int tile, int out_block) {
+  static_assert(kTileOut % 2 == 0, "pooling windows must not straddle tiles");
+  const int y0 = tile / grid.tiles_x * kTileOut, x0 = tile % grid.tiles_x * kTileOut;
+  const int rows = std::min(kTileOut, grid.height - y0), cols = std::min(kTileOut, grid.width - x0);
+  if (rows < 2 || cols < 2) return;  // no whole window in this tile
+  Vec16 column[kTileIn], transformed[kTileOut], half[kTileOut][kTileIn], y[kTileOut][kTileOut];
+  for (int j = 0; j < kTileIn; ++j) {
+    for (int i = 0; i < kTileIn; ++i) column[i] = load(m + (i * kTileIn + j) * kChannelBlock);
+    output_transform_6(column, transformed);
+    for (int i = 0; i < kTileOut; ++i) half[i][j] = transformed[i];
+  }
+  const Vec16 b = load(bias);
+  const int pooled_rows = rows / 2, pooled_cols = cols / 2;
+  for (int i = 0; i < 2 * pooled_rows; ++i) {
+    output_transform_6(half[i], transformed);
+    for (int j = 0; j < 2 * pooled_cols; ++j) {
+      const Vec16 sum = add(transformed[j], b);
+      y[i][j] = relu ? FASTVGG_ISA::relu(sum) : sum;
+    }
+  }
+  float* origin = pooled.at(out_block, y0 / 2, x0 / 2);
+  for (int i = 0; i < pooled_rows; ++i)
+    for (int j = 0; j < pooled_cols; ++j)
+      store(origin + i * pooled.row_stride() + j * kChannelBlock,
+            max_keep_nan(max_keep_nan(y[2 * i][2 * j], y[2 * i][2 * j + 1]),
+                         max_keep_nan(y[2 * i + 1][2 * j], y[2 * i + 1][2 * j + 1])));
+}
+
 struct GemmArgs {
   const float* v;                  // first tile's row of V[xi]
   std::ptrdiff_t v_tile_stride;    // floats between tiles in V (the padded channel count)
@@ -235,15 +269,17 @@ int shared_block_tiles(int tiles, int in_channels, int out_channels) {
 // a block of tiles may span images and a panel of U then feeds several images at once.
 class WinogradLayer {
  public:
+  // `pool`: out holds the 2x2 max-pooled result (transform_output_tile_pooled).
   WinogradLayer(const BlockedImage* in, const float* packed_weights, const float* bias, bool relu,
-                const BlockedImage* out, int images, int block_tiles)
-      : in_(in), out_(out), images_(images), weights_(packed_weights), bias_(bias), relu_(relu) {
+                const BlockedImage* out, int images, int block_tiles, bool pool)
+      : in_(in), out_(out), images_(images), weights_(packed_weights), bias_(bias), relu_(relu), pool_(pool) {
     const BlockedImage& first_in = in[0];
     const BlockedImage& first_out = out[0];
-    grid_.height = first_out.height;
-    grid_.width = first_out.width;
-    grid_.tiles_x = (first_out.width + kTileOut - 1) / kTileOut;
-    grid_.tiles = grid_.tiles_x * ((first_out.height + kTileOut - 1) / kTileOut);
+    // 'same': the convolution's output has the input's size, whatever `out` holds.
+    grid_.height = first_in.height;
+    grid_.width = first_in.width;
+    grid_.tiles_x = (first_in.width + kTileOut - 1) / kTileOut;
+    grid_.tiles = grid_.tiles_x * ((first_in.height + kTileOut - 1) / kTileOut);
     in_blocks_ = first_in.blocks();
     out_blocks_ = first_out.blocks();
     groups_ = (out_blocks_ + kGemmBlocks - 1) / kGemmBlocks;
@@ -290,8 +326,13 @@ class WinogradLayer {
 
   // Output pixels of tile first_tile + t, output block out_block.
   void transform_output(const float* m, int first_tile, int t, int out_block) const {
-    transform_output_tile(m + t * m_tile_stride_ + out_block * kMBlockStride, bias_ + out_block * kChannelBlock,
-                          relu_, out_[(first_tile + t) / grid_.tiles], grid_, (first_tile + t) % grid_.tiles, out_block);
+    const float* tile_m = m + t * m_tile_stride_ + out_block * kMBlockStride;
+    const BlockedImage& out = out_[(first_tile + t) / grid_.tiles];
+    const int tile = (first_tile + t) % grid_.tiles;
+    if (pool_)
+      transform_output_tile_pooled(tile_m, bias_ + out_block * kChannelBlock, relu_, out, grid_, tile, out_block);
+    else
+      transform_output_tile(tile_m, bias_ + out_block * kChannelBlock, relu_, out, grid_, tile, out_block);
   }
 
   // All output blocks of one GEMM group, for every tile of the block.
@@ -310,6 +351,7 @@ class WinogradLayer {
   const float* weights_;
   const float* bias_;
   bool relu_;
+  bool pool_;
   TileGrid grid_;
   int in_blocks_, out_blocks_, groups_, block_tiles_;
   // V[xi][tile][channel] and M[tile][out block][xi][16], tiles counted within the block.
@@ -361,13 +403,13 @@ void run_shared_blocks(const WinogradLayer& layer, int block_tiles, float* v, fl
 namespace {
 
 void run_winograd(const BlockedImage* in, const float* packed_weights, const float* bias, bool relu,
-                  const BlockedImage* out, int images, int threads, KernelScratch& scratch) {
+                  const BlockedImage* out, int images, int threads, KernelScratch& scratch, bool pool) {
   const int tiles =
-      images * ((out[0].height + kTileOut - 1) / kTileOut) * ((out[0].width + kTileOut - 1) / kTileOut);
+      images * ((in[0].height + kTileOut - 1) / kTileOut) * ((in[0].width + kTileOut - 1) / kTileOut);
   const Schedule schedule = winograd_schedule(in[0].channels, out[0].channels);
   const int block_tiles = schedule == Schedule::SharedBlocks ? shared_block_tiles(tiles, in[0].channels, out[0].channels)
                                                              : private_block_tiles(tiles, in[0].channels, out[0].channels);
-  const WinogradLayer layer(in, packed_weights, bias, relu, out, images, block_tiles);
+  const WinogradLayer layer(in, packed_weights, bias, relu, out, images, block_tiles, pool);
   const int copies = schedule == Schedule::SharedBlocks ? 1 : threads;
 
   // The caller's scratch, kept between its calls: reallocating MBs on every call costs page faults.
@@ -383,13 +425,19 @@ void run_winograd(const BlockedImage* in, const float* packed_weights, const flo
 
 void conv3x3_winograd(const BlockedImage& in, const void* packed_weights, const float* bias, bool relu,
                       const BlockedImage& out, int threads, KernelScratch& scratch) {
-  run_winograd(&in, static_cast<const float*>(packed_weights), bias, relu, &out, 1, threads, scratch);
+  run_winograd(&in, static_cast<const float*>(packed_weights), bias, relu, &out, 1, threads, scratch, /*pool=*/false);
 }
 
 void conv3x3_winograd_batch(const BlockedImage* in, const void* packed_weights, const float* bias, bool relu,
                             const BlockedImage* out, int images, int threads, KernelScratch& scratch) {
   if (images < 1) return;
-  run_winograd(in, static_cast<const float*>(packed_weights), bias, relu, out, images, threads, scratch);
+  run_winograd(in, static_cast<const float*>(packed_weights), bias, relu, out, images, threads, scratch, /*pool=*/false);
+}
+
+void conv3x3_winograd_batch_max_pool(const BlockedImage* in, const void* packed_weights, const float* bias, bool relu,
+                                     const BlockedImage* pooled, int images, int threads, KernelScratch& scratch) {
+  if (images < 1) return;
+  run_winograd(in, static_cast<const float*>(packed_weights), bias, relu, pooled, images, threads, scratch, /*pool=*/true);
 }
 
 }  // namespace FASTVGG_ISA

@@ -6,7 +6,9 @@
 // images and U is read once per block instead of once per image (at 224x224: block5 holds ~7
 // images a block, block4 ~2). Same contract as conv3x3_winograd, image by image; every image
 // has the shape and channels of in[0] / out[0], and the results are bit-identical to calling
-// conv3x3_winograd on each image (the same sums in the same order).
+// conv3x3_winograd on each image (the same sums in the same order). The max-pool variant writes
+// only the pooled image: the full-size output never goes through memory (VGG's last
+// convolution of each block), bit-identical to conv3x3_winograd followed by max_pool2x2.
 #pragma once
 
 #include "tensor.h"
@@ -19,6 +21,10 @@ namespace fastvgg {
   void conv3x3_winograd_batch(const BlockedImage* in, const void* packed_weights, const float* bias,  \
                               bool relu, const BlockedImage* out, int images, int threads,            \
                               KernelScratch& scratch);                                                \
+  /* The same followed by a 2x2 max pool: `pooled` images are floor(h/2) x floor(w/2). */           \
+  void conv3x3_winograd_batch_max_pool(const BlockedImage* in, const void* packed_weights,            \
+                                       const float* bias, bool relu, const BlockedImage* pooled,      \
+                                       int images, int threads, KernelScratch& scratch);              \
   }
 
 FASTVGG_DECLARE_WINOGRAD_BATCH(generic)

@@ -43,7 +43,8 @@ void dense_unpack(const void* packed, int depth, int cols, float* kernel, int th
 const Bf16KernelSet kAvx512Bf16Set = {
     "avx512_bf16",
     {"direct_bf16", direct_bytes, direct_pack, direct_unpack, false, avx512bf16::conv3x3},
-    {"winograd_f4x4_int14", winograd_bytes, winograd_pack, winograd_unpack, false, avx512bf16::conv3x3_winograd_int14},
+    {"winograd_f4x4_int14", winograd_bytes, winograd_pack, winograd_unpack, false, avx512bf16::conv3x3_winograd_int14,
+     /*run_batch=*/nullptr, avx512bf16::conv3x3_winograd_int14_max_pool},
     {"dense_bf16", dense_bytes, dense_pack_rows, dense_unpack, avx512bf16::dense},
     avx512bf16::round_floats,
 };

@@ -103,6 +103,10 @@ void conv3x3(const BlockedImage& in, const void* packed_weights, const float* bi
              int threads, KernelScratch& scratch);
 void conv3x3_winograd_int14(const BlockedImage& in, const void* packed_weights, const float* bias, bool relu,
                             const BlockedImage& out, int threads, KernelScratch& scratch);
+// The same followed by a 2x2 max pool ('valid'), image by image, writing only the pooled images;
+// bit-identical to conv3x3_winograd_int14 and then the fp32 max_pool2x2.
+void conv3x3_winograd_int14_max_pool(const BlockedImage* in, const void* packed_weights, const float* bias, bool relu,
+                                     const BlockedImage* pooled, int images, int threads, KernelScratch& scratch);
 void dense(const float* x, int rows, int depth, std::ptrdiff_t x_stride, const void* packed_weights, const float* bias,
            int cols, bool relu, float* y, std::ptrdiff_t y_stride, int threads);
 void round_floats(const float* values, std::size_t count, std::uint16_t* rounded);

@@ -74,15 +74,23 @@ struct Geometry {
   int padded_in;  // channels of V rows: in_blocks * 16
 };
 
+// max(a, b) that keeps a NaN in either, as the fp32 max_pool2x2 kernel's max_keep_nan does
+// (max_ps returns its second operand when either is NaN): the same bits in the same order.
+inline __m512 max_keep_nan(__m512 a, __m512 b) {
+  return _mm512_mask_mov_ps(_mm512_max_ps(a, b), _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), a);
+}
+
 class Int14Layer {
  public:
+  // `pool`: out holds the convolution's output after a 2x2 max pool ('valid', stride 2).
   Int14Layer(const BlockedImage& in, const std::uint16_t* packed, const float* bias, bool relu,
-             const BlockedImage& out, int block_tiles)
-      : in_(in), out_(out), bias_(bias), relu_(relu), block_tiles_(block_tiles) {
-    g_.height = out.height;
-    g_.width = out.width;
-    g_.tiles_x = (out.width + kTileOut - 1) / kTileOut;
-    g_.tiles_per_image = g_.tiles_x * ((out.height + kTileOut - 1) / kTileOut);
+             const BlockedImage& out, int block_tiles, bool pool)
+      : in_(in), out_(out), bias_(bias), relu_(relu), pool_(pool), block_tiles_(block_tiles) {
+    // 'same': the convolution's output has the input's size, whatever `out` holds.
+    g_.height = in.height;
+    g_.width = in.width;
+    g_.tiles_x = (in.width + kTileOut - 1) / kTileOut;
+    g_.tiles_per_image = g_.tiles_x * ((in.height + kTileOut - 1) / kTileOut);
     g_.in_blocks = in.blocks();
     g_.out_blocks = out.blocks();
     g_.groups = (g_.out_blocks + kGemmBlocks - 1) / kGemmBlocks;
@@ -235,6 +243,25 @@ class Int14Layer {
     }
     const __m512 b = _mm512_loadu_ps(bias_ + out_block * kChannelBlock);
     const __m512 zero = _mm512_setzero_ps();
+    if (pool_) {
+      // Tiles start at even pixels, so each window lies in one tile; a window cut by the
+      // image's last odd row or column is dropped, as Keras does.
+      const int pooled_rows = rows / 2, pooled_cols = cols / 2;
+      __m512 y[kTileOut][kTileOut];
+      for (int i = 0; i < 2 * pooled_rows; ++i) {
+        output_transform_6(half[i], transformed);
+        for (int j = 0; j < 2 * pooled_cols; ++j) {
+          const __m512 sum = _mm512_add_ps(transformed[j], b);
+          y[i][j] = relu_ ? _mm512_max_ps(zero, sum) : sum;
+        }
+      }
+      for (int i = 0; i < pooled_rows; ++i)
+        for (int j = 0; j < pooled_cols; ++j)
+          _mm512_storeu_ps(out_.at(out_block, y0 / 2 + i, x0 / 2 + j),
+                           max_keep_nan(max_keep_nan(y[2 * i][2 * j], y[2 * i][2 * j + 1]),
+                                        max_keep_nan(y[2 * i + 1][2 * j], y[2 * i + 1][2 * j + 1])));
+      return;
+    }
     float* origin = out_.at(out_block, y0, x0);
     for (int i = 0; i < rows; ++i) {
       output_transform_6(half[i], transformed);
@@ -249,6 +276,7 @@ class Int14Layer {
   const BlockedImage& out_;
   const float* bias_;
   bool relu_;
+  bool pool_;
   int block_tiles_;
   Geometry g_;
   const std::int16_t* u_;
@@ -264,10 +292,11 @@ constexpr std::size_t kSharedWeightBytes = std::size_t(6) << 20;
 
 }  // namespace
 
-void conv3x3_winograd_int14(const BlockedImage& in, const void* packed, const float* bias, bool relu,
-                            const BlockedImage& out, int threads, KernelScratch& scratch) {
+namespace {
+void run_int14(const BlockedImage& in, const void* packed, const float* bias, bool relu, const BlockedImage& out,
+               int threads, KernelScratch& scratch, bool pool) {
   const auto* packed_weights = static_cast<const std::uint16_t*>(packed);
-  const int tiles = ((out.height + kTileOut - 1) / kTileOut) * ((out.width + kTileOut - 1) / kTileOut);
+  const int tiles = ((in.height + kTileOut - 1) / kTileOut) * ((in.width + kTileOut - 1) / kTileOut);
   const int padded_in = in.blocks() * kChannelBlock, padded_out = out.blocks() * kChannelBlock;
   const std::size_t u_bytes = std::size_t(kPoints) * padded_in * padded_out * sizeof(std::int16_t);
   const std::size_t bytes_per_tile = std::size_t(kPoints) * (padded_in * sizeof(std::int16_t) + padded_out * sizeof(float));
@@ -275,7 +304,7 @@ void conv3x3_winograd_int14(const BlockedImage& in, const void* packed, const fl
   const std::size_t block_bytes = shared ? (std::size_t(16) << 20) : (std::size_t(256) << 10);
   const int fitting = int(block_bytes / bytes_per_tile) / kGemmTiles * kGemmTiles;
   const int block_tiles = std::min(tiles, std::max(shared ? kGemmTiles : 2 * kGemmTiles, fitting));
-  const Int14Layer layer(in, packed_weights, bias, relu, out, block_tiles);
+  const Int14Layer layer(in, packed_weights, bias, relu, out, block_tiles, pool);
   const std::size_t copies = shared ? 1 : std::size_t(threads);
 
   // The caller's scratch, kept between its calls: V (int16, two a float) in transformed_input;
@@ -319,6 +348,17 @@ void conv3x3_winograd_int14(const BlockedImage& in, const void* packed, const fl
       }
     }
   }
+}
+}  // namespace
+
+void conv3x3_winograd_int14(const BlockedImage& in, const void* packed, const float* bias, bool relu,
+                            const BlockedImage& out, int threads, KernelScratch& scratch) {
+  run_int14(in, packed, bias, relu, out, threads, scratch, /*pool=*/false);
+}
+
+void conv3x3_winograd_int14_max_pool(const BlockedImage* in, const void* packed, const float* bias, bool relu,
+                                     const BlockedImage* pooled, int images, int threads, KernelScratch& scratch) {
+  for (int n = 0; n < images; ++n) run_int14(in[n], packed, bias, relu, pooled[n], threads, scratch, /*pool=*/true);
 }
 
 }  // namespace avx512bf16
