@@ -196,7 +196,7 @@ def onnxruntime_runner(onnx_path: str, threads: int):
     return lambda x: session.run(["output"], {"input": x})[0]
 
 
-PEERS = ["fastvgg", "keras predict", "keras tf.function", "onnxruntime", "openvino f32", "openvino default", "torch"]
+PEERS = ["fastvgg", "fastvgg bf16", "keras predict", "keras tf.function", "onnxruntime", "openvino f32", "openvino default", "torch"]
 PEER_MODULES = {"onnxruntime": ("onnx", "onnxruntime"), "openvino f32": ("onnx", "openvino"),
                 "openvino default": ("onnx", "openvino"), "torch": ("torch",)}
 
@@ -204,9 +204,20 @@ PEER_MODULES = {"onnxruntime": ("onnx", "onnxruntime"), "openvino f32": ("onnx",
 ONNX_PEERS = ("onnxruntime", "openvino f32", "openvino default")
 
 
+def bf16_unavailable():
+    """Why this CPU or build cannot run precision='bf16', or None."""
+    from fastvgg import _core
+
+    if not hasattr(_core.testing, "bf16_unavailable_reason"):
+        return "this build has no bf16 kernels"
+    return _core.testing.bf16_unavailable_reason() or None
+
+
 def installed(name: str) -> bool:
     import importlib.util
 
+    if name == "fastvgg bf16":
+        return bf16_unavailable() is None
     return all(importlib.util.find_spec(m) is not None for m in PEER_MODULES.get(name, ()))
 
 
@@ -240,8 +251,9 @@ def make_contenders(keras_model, h5_path, onnx_path, include_top, input_shape, t
 def _make_runner(name, build, layers, keras_model, h5_path, onnx_path, include_top, input_shape, threads):
     import tensorflow as tf
 
-    if name == "fastvgg":
-        ours = build(h5_path, include_top=include_top, input_shape=input_shape)
+    if name.startswith("fastvgg"):
+        precision = "bf16" if name == "fastvgg bf16" else "fast"
+        ours = build(h5_path, include_top=include_top, input_shape=input_shape, precision=precision, packed_cache=False)
         return lambda x, m=ours: m.predict(x, batch_size=len(x))
     if name == "keras predict":
         return lambda x: keras_model.predict(x, batch_size=len(x), verbose=0)
@@ -284,8 +296,9 @@ def agreement(out, ref, include_top: bool) -> str:
 
 
 def compare(title, keras_model, h5_path, onnx_path, include_top, input_shape, batches, threads, repeats, budget, names, lines,
-            failed):
-    """failed: {contender: reason} of peers that could not be built or run (grows here)."""
+            failed, medians):
+    """failed: {contender: reason} of peers that could not be built or run (grows here);
+    medians[(title, batch, contender)] = seconds per image (filled here)."""
     import numpy as np
 
     failed = dict(failed)  # a peer that fails on one model may still load the next
@@ -317,10 +330,35 @@ def compare(title, keras_model, h5_path, onnx_path, include_top, input_shape, ba
             per_image = [s / batch for s in seconds]
             median = statistics.median(per_image)
             base = base or median
+            medians[(title, batch, name)] = median
             row = (f"| {name} | {batch} | {median * 1e3:.1f} | {min(per_image) * 1e3:.1f}-{max(per_image) * 1e3:.1f} "
                    f"| {1 / median:.2f} | {median / base:.2f}x | {check} |")
             lines.append(row)
             print(row, flush=True)
+    lines.append("")
+
+
+FP32_PEERS = ("onnxruntime", "openvino f32", "torch", "keras predict", "keras tf.function")
+
+
+def goals(medians, lines):
+    """The speed goals as ratios of this run's medians: fastvgg fp32 against the fastest fp32
+    peer (at most 0.4 at batch 1, a third at batch 32) and fastvgg bf16 against OpenVINO's
+    default precision (at most half)."""
+    lines += ["### Against the goals (ratios of this run's medians; lower is faster)", "",
+              "| model | batch | fastvgg fp32 / fastest fp32 peer | goal | fastvgg bf16 / OpenVINO default | goal |",
+              "|---|---|---|---|---|---|"]
+    for title, batch in dict.fromkeys((t, b) for t, b, _ in medians):
+        get = lambda name: medians.get((title, batch, name))
+        peers = {name: get(name) for name in FP32_PEERS if get(name)}
+        fp32_goal = {1: "0.40", 32: "0.33"}.get(batch, "") if title.startswith("VGG16, 224") else ""
+        if get("fastvgg") and peers:
+            fastest = min(peers, key=peers.get)
+            fp32 = f"{get('fastvgg') / peers[fastest]:.2f} ({fastest})"
+        else:
+            fp32 = "n/a"
+        bf16 = f"{get('fastvgg bf16') / get('openvino default'):.2f}" if get("fastvgg bf16") and get("openvino default") else "n/a"
+        lines.append(f"| {title} | {batch} | {fp32} | {fp32_goal} | {bf16} | 0.50 |")
     lines.append("")
 
 
@@ -465,7 +503,7 @@ def child(name: str, model_dir: str, threads: int) -> None:
     import numpy as np
 
     h5, onnx_path, torch_path = (os.path.join(model_dir, f) for f in ("vgg16.h5", "vgg16.onnx", "vgg16_torch.pt"))
-    if name == "fastvgg":
+    if name.startswith("fastvgg"):
         import fastvgg
     elif name.startswith("keras"):
         import keras
@@ -476,8 +514,12 @@ def child(name: str, model_dir: str, threads: int) -> None:
     elif name == "torch":
         import torch
     imported = time.perf_counter()
-    if name == "fastvgg":
-        run = lambda x, m=fastvgg.VGG16(h5): m.predict(x, batch_size=1)
+    if name.startswith("fastvgg"):
+        # "fastvgg" and "fastvgg bf16" unpack the .h5 file; "fastvgg cached" maps the packed
+        # cache that an earlier process wrote (FASTVGG_PACKED_CACHE, set by the parent).
+        precision = "bf16" if name == "fastvgg bf16" else "fast"
+        cache = os.environ["FASTVGG_PACKED_CACHE"] if name == "fastvgg cached" else False
+        run = lambda x, m=fastvgg.VGG16(h5, precision=precision, packed_cache=cache): m.predict(x, batch_size=1)
     elif name.startswith("keras"):
         model = keras.models.load_model(h5, compile=False)
         run = lambda x: model.predict(x, verbose=0)
@@ -513,14 +555,22 @@ def load_and_memory(names, model_dir, threads, lines):
               f"Each figure is the median of {LOAD_SAMPLES} fresh processes; the load + first predict column also gives their min-max.", "",
               "| contender | import s | load s | first predict s | load + first predict s | peak RSS MB |",
               "|---|---|---|---|---|---|"]
-    for name in names:
+    cache_dir = os.path.join(model_dir, "packed-cache")
+    rows = names[:1] + ["fastvgg cached"] + names[1:]
+    for name in rows:
         if name == "keras tf.function":
             continue  # same process footprint as keras predict
+        env = os.environ.copy()
+        if name == "fastvgg cached":
+            env["FASTVGG_PACKED_CACHE"] = cache_dir
+            # The first process writes the cache file; the timed ones map it.
+            subprocess.run([sys.executable, os.path.abspath(__file__), "--child", name, "--model-dir", model_dir,
+                            "--threads", str(threads)], capture_output=True, text=True, env=env)
         samples = []
         for _ in range(LOAD_SAMPLES):
             # The page cache is warm: the parent just wrote the files and imported the libraries.
             done = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", name, "--model-dir", model_dir,
-                                   "--threads", str(threads)], capture_output=True, text=True, env=os.environ.copy())
+                                   "--threads", str(threads)], capture_output=True, text=True, env=env)
             if done.returncode != 0:
                 break
             samples.append(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -530,7 +580,7 @@ def load_and_memory(names, model_dir, threads, lines):
             continue
         median = {key: statistics.median(r[key] for r in samples) for key in samples[0]}
         ready = [r["load_s"] + r["first_predict_s"] for r in samples]
-        label = "keras" if name == "keras predict" else name
+        label = {"keras predict": "keras", "fastvgg cached": "fastvgg, packed cache warm"}.get(name, name)
         lines.append(f"| {label} | {median['import_s']:.2f} | {median['load_s']:.2f} | {median['first_predict_s']:.2f} "
                      f"| {statistics.median(ready):.2f} ({min(ready):.2f}-{max(ready):.2f}) | {median['peak_rss_mb']:.0f} |")
         print(lines[-1], flush=True)
@@ -604,6 +654,7 @@ def main() -> int:
     budget = 5.0 if args.quick else 20.0
     onnx_wanted = any(n in names for n in ONNX_PEERS)
 
+    medians = {}
     with tempfile.TemporaryDirectory() as tmp:
         lines.append("## Speed and agreement\n")
         for arch, include_top, shape, sizes in (("VGG16", True, (224, 224, 3), batches),
@@ -626,7 +677,8 @@ def main() -> int:
             title = f"{arch}, {'224x224 with the top (softmax)' if include_top else '480x640 without the top (block5_pool)'}"
             print(f"\n{title}", flush=True)
             compare(title, kmodel, stem + ".h5", stem + ".onnx", include_top, shape, sizes, args.threads, repeats,
-                    budget, names, lines, failed)
+                    budget, names, lines, failed, medians)
+        goals(medians, lines)
         lines.append("## fastvgg in detail\n")
         per_layer(args.threads, args.quick, lines)
         load_and_memory(names, tmp, args.threads, lines)
