@@ -174,6 +174,36 @@ def test_batch_normalization_after_a_convolution_is_folded(saved_models, precisi
         assert rel_l2(got[key], expected[key]) <= NUMPY_REL_L2[precision], key
 
 
+@pytest.mark.parametrize("name", ["every_op", "bn_head"])
+def test_packed_cache_maps_a_fine_tuned_model(saved_models, tmp_path, name):
+    # The second load maps the packed weights (folded BatchNormalization included) without
+    # reading the convolution and dense arrays from the file; the model is the same, bit for bit.
+    saved = saved_models("keras3", name)
+    path = saved.paths[".keras"]
+    plain = fastvgg.load_model(path, packed_cache=False)
+    first = fastvgg.load_model(path, packed_cache=tmp_path)
+    second = fastvgg.load_model(path, packed_cache=tmp_path)
+    assert (plain._packed_cache_status, first._packed_cache_status, second._packed_cache_status) == (
+        "off", "built", "hit")
+    expected = plain.predict(saved.x)
+    for model in (first, second):
+        np.testing.assert_array_equal(model.predict(saved.x), expected)
+        for ours, theirs in zip(model.layers, plain.layers):
+            for a, b in zip(ours.get_weights(), theirs.get_weights()):
+                np.testing.assert_array_equal(a, b)
+    # A file saved again with other weights under the same name is another cache entry.
+    copy = str(tmp_path / "model.keras")
+    shutil.copy(path, copy)
+    assert fastvgg.load_model(copy, packed_cache=tmp_path)._packed_cache_status == "built"
+    keras = _keras("keras3")
+    changed = keras.models.load_model(copy, compile=False)
+    changed.layers[-1].set_weights([w + 1 for w in changed.layers[-1].get_weights()])
+    changed.save(copy)
+    model = fastvgg.load_model(copy, packed_cache=tmp_path)
+    assert model._packed_cache_status == "built"
+    np.testing.assert_allclose(model.predict(saved.x), changed.predict(saved.x, verbose=0), atol=KERAS_ATOL)
+
+
 def _keras_layers(model, found=None):
     """Every leaf layer of a Keras model by name, nested models flattened."""
     found = {} if found is None else found

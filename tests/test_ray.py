@@ -232,3 +232,27 @@ def test_top_layers_build_the_top_and_other_columns_pass_through():
     np.testing.assert_array_equal(out["id"], [7, 9])
     expected = fastvgg.VGG16(None, seed=0).extract(fastvgg.preprocess_input(x), ["fc2"])["fc2"]
     np.testing.assert_array_equal(out["fc2"], expected)
+
+
+def test_a_fine_tuned_model_file_is_a_model(tmp_path):
+    # model=<a whole Keras model file>: its own layers and weights, what load_model gives.
+    keras = pytest.importorskip("keras", reason="the fine-tuned model is built by Keras")
+    layers = keras.layers
+    net = keras.Sequential([keras.Input((32, 32, 3)), layers.Rescaling(1 / 255.0, name="scale"),
+                            layers.Conv2D(8, 3, padding="same", activation="relu", name="conv"),
+                            layers.MaxPooling2D(name="pool"), layers.GlobalAveragePooling2D(name="gap"),
+                            layers.Dense(3, activation="softmax", name="probs")])
+    path = str(tmp_path / "tuned.keras")
+    net.save(path)
+    extractor = fastvgg_ray.Extractor(model=path, layer=["probs", "conv"], preprocess=False, num_threads=1,
+                                      packed_cache=str(tmp_path / "cache"))
+    x = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3)).astype(np.uint8)
+    out = extractor({"image": x})
+    expected = fastvgg.load_model(path, packed_cache=False).extract(x.astype(np.float32), ["probs", "conv"])
+    for name in ("probs", "conv"):
+        np.testing.assert_array_equal(out[name], expected[name])
+    np.testing.assert_allclose(out["probs"], net.predict(x.astype(np.float32), verbose=0), atol=1e-5)
+    with pytest.raises(ValueError, match="holds its own weights"):
+        fastvgg_ray.Extractor("imagenet_weights.h5", model=path)
+    with pytest.raises(ValueError, match="`model`"):
+        fastvgg_ray.Extractor(None, model=str(tmp_path / "missing.keras"), seed=0)

@@ -129,20 +129,39 @@ class ModelSpec:
 
 
 # Reading the files --------------------------------------------------------------------------------
-def read_model(filepath, *, custom_objects=None, compile=True, safe_mode=True) -> ModelSpec:
+def read_model(filepath, *, custom_objects=None, compile=True, safe_mode=True, read_kernels=True) -> ModelSpec:
     """The architecture and weights of a Keras model file, as a checked chain of layers.
 
     The file's HDF5 metadata is parsed by weights.py's isolated reader (a short-lived child
     process with time and memory limits), as for a weights file; every failure is a ValueError
-    (OSError for I/O) naming the file."""
+    (OSError for I/O) naming the file. With ``read_kernels=False`` the convolution and dense
+    layers' arrays are checked against the config but not read (their ``weights`` stay empty):
+    a load that maps packed weights from the cache never needs them; ``read_kernel_weights``
+    reads them when it does."""
     _check_keywords(custom_objects, compile, safe_mode)
     from .weights import _with_clear_errors
 
     path = os.fspath(filepath)
-    return _with_clear_errors(path, lambda: _read_model(path, custom_objects))
+    return _with_clear_errors(path, lambda: _read_model(path, custom_objects, read_kernels))
 
 
-def _read_model(path: str, custom_objects) -> ModelSpec:
+KERNEL_KINDS = ("conv", "dense")  # layers whose weights the executor holds (and packs)
+
+
+def read_kernel_weights(spec: ModelSpec, filepath, *, custom_objects=None) -> None:
+    """Reads the arrays that ``read_model(..., read_kernels=False)`` left out into ``spec``,
+    from the same file, which must still hold the same model."""
+    again = read_model(filepath, custom_objects=custom_objects)
+    if [(l.name, l.class_name, tuple(l.output_shape)) for l in again.layers] != [
+        (l.name, l.class_name, tuple(l.output_shape)) for l in spec.layers
+    ]:
+        raise ValueError(f"{os.fspath(filepath)!r} changed while it was being loaded; load it again.")
+    for layer, read in zip(spec.layers, again.layers):
+        if layer.kind in KERNEL_KINDS:
+            layer.weights = read.weights
+
+
+def _read_model(path: str, custom_objects, read_kernels: bool = True) -> ModelSpec:
     from .weights import _open_weights, _stored_layers
 
     with _open_weights(path) as (source, root, archive_config):
@@ -154,7 +173,7 @@ def _read_model(path: str, custom_objects) -> ModelSpec:
             )
         spec = model_from_config(config, path, custom_objects)
         stored = _stored_layers(root, config, _NoFallbackNames(), path)
-        _attach_weights(spec, stored, path, source)
+        _attach_weights(spec, stored, path, source, read_kernels)
     return spec
 
 
@@ -719,8 +738,9 @@ def _set_normalization(spec: LayerSpec, mean: np.ndarray, variance: np.ndarray, 
 
 
 # Weights ---------------------------------------------------------------------------------------------------------
-def _attach_weights(spec: ModelSpec, stored, path: str, source) -> None:
-    """Checks every stored array against the config before reading any, then reads them."""
+def _attach_weights(spec: ModelSpec, stored, path: str, source, read_kernels: bool = True) -> None:
+    """Checks every stored array against the config before reading any, then reads them (all
+    but the convolution and dense layers' without ``read_kernels``)."""
     plan = []
     for layer in spec.layers:
         if not layer.weight_names:
@@ -746,7 +766,8 @@ def _attach_weights(spec: ModelSpec, stored, path: str, source) -> None:
                     f"{path!r}: layer {layer.name!r} ({layer.class_name}) has {name} of shape {tuple(array.shape)} in the "
                     f"file, but its config makes it {tuple(shape)}: config and weights disagree."
                 )
-        plan.append((layer, arrays))
+        if read_kernels or layer.kind not in KERNEL_KINDS:
+            plan.append((layer, arrays))
     from ._hdf5_reader import HDF5ReadError, read_arrays
     from .weights import _StoredArray
 

@@ -55,7 +55,9 @@ class Extractor:
     Args:
         weights: "imagenet", None (random weights, seeded by ``seed``) or the path of a Keras
             weights file, also a fine-tuned model's ``.keras``/``.h5`` (its VGG part is used).
-        model: "vgg16" or "vgg19".
+        model: "vgg16", "vgg19", or the path of a whole fine-tuned Keras model (``.keras`` or
+            ``.h5``, what ``fastvgg.load_model`` reads), whose own layers and weights are
+            used; ``weights`` and ``seed`` must then be left out.
         layer: one layer name or a list of them; ``"block5_conv3:preact"`` gives a
             convolution's output before the ReLU. ``fc1``, ``fc2``, ``predictions`` and
             ``flatten`` need the top (224x224 images); every other layer takes any image of
@@ -88,8 +90,13 @@ class Extractor:
         seed: Optional[int] = None,
         packed_cache=None,
     ) -> None:
-        if model not in ARCHITECTURES:
-            raise ValueError(f"`model` must be 'vgg16' or 'vgg19', got {model!r}.")
+        model_file = None
+        if not (isinstance(model, str) and model in ARCHITECTURES):
+            if not isinstance(model, (str, os.PathLike)) or not os.path.isfile(model):
+                raise ValueError(f"`model` must be 'vgg16', 'vgg19' or the path of a Keras model file, got {model!r}.")
+            if weights != "imagenet" or seed is not None:
+                raise ValueError("A model file holds its own weights: leave out `weights` and `seed` with model=<file>.")
+            model_file = os.fspath(model)
         layers = [layer] if isinstance(layer, str) else list(layer)
         if not layers or not all(isinstance(name, str) for name in layers):
             raise ValueError(f"`layer` must be a layer name or a list of them, got {layer!r}.")
@@ -104,9 +111,14 @@ class Extractor:
             import fastvgg
 
             fastvgg.set_num_threads(int(threads))
-        include_top = any(name.split(":")[0] in TOP_LAYERS for name in self.layers)
-        self.model = ARCHITECTURES[model](weights, include_top=include_top, precision=precision, seed=seed,
-                                          packed_cache=packed_cache)
+        if model_file is not None:
+            from .saved_model import load_model
+
+            self.model = load_model(model_file, precision=precision, packed_cache=packed_cache)
+        else:
+            include_top = any(name.split(":")[0] in TOP_LAYERS for name in self.layers)
+            self.model = ARCHITECTURES[model](weights, include_top=include_top, precision=precision, seed=seed,
+                                              packed_cache=packed_cache)
         # A wrong layer name fails here, when the actor starts, not at the first batch.
         for name in self.layers:
             self.model._named_output(name)

@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 
 from . import _core
-from .keras_model import LayerSpec, ModelSpec, read_model
+from .keras_model import LayerSpec, ModelSpec, read_kernel_weights, read_model
 from .layers import Conv2D, Dense, InputLayer, Layer, _float32
 from .models import Model
 
@@ -29,6 +29,7 @@ def load_model(
     compile: bool = True,
     safe_mode: bool = True,
     custom_objects: Optional[dict] = None,
+    packed_cache=None,
 ) -> Model:
     """Loads a Keras model saved with ``model.save`` (``.keras``, or a whole-model ``.h5`` from
     Keras 3, Keras 2 or tf.keras) and returns a :class:`fastvgg.Model` that predicts what Keras
@@ -51,18 +52,37 @@ def load_model(
             always safe, and ``safe_mode=False`` does not make a ``Lambda`` layer loadable.
         custom_objects: accepted for Keras compatibility; a model that needs a custom class
             is refused whatever this holds, since fastvgg runs only the layers it implements.
+        packed_cache: where the weights packed for the kernels are cached, as for
+            ``fastvgg.VGG16``: None (the default location, or ``$FASTVGG_PACKED_CACHE``), a
+            directory, or False (off). A load that finds the file's packed weights maps them
+            and never reads the convolution and dense arrays from the model file.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"`precision` must be 'fast', 'highest' or 'bf16'. Received: precision={precision!r}")
     from .cuda import resolve_device
 
     resolve_device(device)  # an unknown device or an unusable GPU fails before the file is read
-    spec = read_model(filepath, custom_objects=custom_objects, compile=compile, safe_mode=safe_mode)
-    return build_model(spec, precision, device)
+    from .packed_cache import cache_directory
+
+    path = os.fspath(filepath)
+    # With a cache, the kernels' arrays are read only if the packed file is missing.
+    cached = cache_directory(packed_cache) is not None and device == "cpu"
+    spec = read_model(path, custom_objects=custom_objects, compile=compile, safe_mode=safe_mode,
+                      read_kernels=not cached)
+    if not cached:
+        return build_model(spec, precision, device)
+
+    def read_kernels() -> None:
+        read_kernel_weights(spec, path, custom_objects=custom_objects)
+
+    return build_model(spec, precision, device, source=(path, read_kernels, packed_cache))
 
 
-def build_model(spec: ModelSpec, precision: str = "fast", device: str = "cpu") -> "LoadedModel":
-    """The core graph, the executor with the weights, and the layers of a checked chain."""
+def build_model(spec: ModelSpec, precision: str = "fast", device: str = "cpu", source=None) -> "LoadedModel":
+    """The core graph, the executor with the weights, and the layers of a checked chain.
+
+    ``source``: (path, read_kernels, packed_cache) to load through the packed cache, where
+    ``read_kernels()`` fills the spec's convolution and dense weights when the cache misses."""
     input_spec = spec.layers[0]
     graph = _core.Graph(int(input_spec.output_shape[-1]))
     layers: List[Layer] = [InputLayer(input_spec.name, (None,) + input_spec.output_shape, (None,) + input_spec.output_shape)]
@@ -82,10 +102,27 @@ def build_model(spec: ModelSpec, precision: str = "fast", device: str = "cpu") -
     for layer in layers:
         layer._graph = layers
         layer._executor = executor
-    with executor.updating():
-        for layer in layers[1:]:
-            layer._load_from_spec()
-    return LoadedModel(layers[0].output, layers[-1].output, name=spec.name)
+    def load() -> None:
+        with executor.updating():
+            for layer in layers[1:]:
+                layer._load_from_spec()
+
+    status = "off"
+    if source is None:
+        load()
+    else:
+        from .packed_cache import load_model_weights
+
+        path, read_kernels, packed_cache = source
+
+        def read_and_load() -> None:
+            read_kernels()
+            load()
+
+        status = load_model_weights(executor, path, read_and_load, packed_cache)
+    model = LoadedModel(layers[0].output, layers[-1].output, name=spec.name)
+    model._packed_cache_status = status
+    return model
 
 
 def _add_op(graph, spec: LayerSpec, flat: bool) -> int:
