@@ -8,6 +8,7 @@ threads on one image size; these mix sizes, precisions and the thread setting.)
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -155,3 +156,18 @@ def test_set_num_threads_while_predicting(model, inputs):
         fastvgg.set_num_threads(original)
     assert mismatches == []
     assert fastvgg.get_num_threads() == original
+
+
+@pytest.mark.parametrize("preset, expected", [({}, "PASSIVE"), ({"OMP_WAIT_POLICY": "active"}, "active"),
+                                              ({"GOMP_SPINCOUNT": "1000"}, None)])
+def test_waiting_threads_sleep_unless_the_user_says_otherwise(preset, expected):
+    # fastvgg asks libgomp for sleeping (not spinning) waits when nobody chose a policy: spinning
+    # threads starve other busy processes on the machine (see fastvgg/__init__.py).
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(preset)
+    code = "import os, fastvgg; print(os.environ.get('OMP_WAIT_POLICY'))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(expected)

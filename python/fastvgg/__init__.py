@@ -10,13 +10,23 @@ time) with the GIL released; this package holds the graph, the layer names and t
 
 import os as _os
 
-from . import _core, image
-from .cuda import cuda_status
-from ._core import __version__
-from .download import WeightsDownloadError
-from .imagenet import decode_predictions, preprocess_input
-from .models import VGG16, VGG19, Model
-from .saved_model import load_model
+# Threads waiting at a barrier sleep instead of spinning (libgomp spins for a while by
+# default). On a machine shared with other busy processes (Ray actors, Spark or Dask workers,
+# two fastvgg processes, image decoding) spinning threads take the cores the others need:
+# measured on 2 cores, two concurrent VGG16 processes of 2 threads ran 5x slower each with
+# spinning and 2x (the fair share) without; alone, not spinning costs 1-2%. A user's own
+# OMP_WAIT_POLICY or GOMP_SPINCOUNT wins. libgomp reads them once, when it loads: this applies
+# when fastvgg is the first library of the process to load it.
+if "OMP_WAIT_POLICY" not in _os.environ and "GOMP_SPINCOUNT" not in _os.environ:
+    _os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+from . import _core, image  # noqa: E402 (after the thread policy above)
+from .cuda import cuda_status  # noqa: E402
+from ._core import __version__  # noqa: E402
+from .download import WeightsDownloadError  # noqa: E402
+from .imagenet import decode_predictions, preprocess_input  # noqa: E402
+from .models import VGG16, VGG19, Model  # noqa: E402
+from .saved_model import load_model  # noqa: E402
 
 __all__ = [
     "VGG16",
