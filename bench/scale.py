@@ -2,7 +2,7 @@
 the CLI over a folder, and Ray Data with 1 and 2 actors (same machine, same total threads).
 
     python bench/scale.py                      # writes bench/scale-results.md
-    python bench/scale.py --images 200 --size 112 --threads 2 --skip-ray
+    python bench/scale.py --images 320 --size 224 --threads 2 --skip-ray
 
 Everything runs on random weights written to a temporary Keras .h5 file (VGG16, with the top,
 528 MB), so nothing is downloaded. Each load figure comes from a fresh subprocess (warm page
@@ -11,12 +11,20 @@ cache): "off" loads the .h5 and packs the weights, "cold" does that and writes t
 predict one 224x224 image (which touches every weight page); the table gives the sum of their
 proportional set sizes (Pss, /proc/PID/smaps_rollup) against one process's.
 
+Sharing the machine: one busy VGG16 process alone and two at once, with fastvgg's default
+(waiting OpenMP threads sleep) and with libgomp's spinning waits.
+
 Throughput: VGG16 without the top at --size, block5_pool averaged, --images generated PNGs.
-"one process" is model.predict over images decoded beforehand (the upper bound); "CLI" is
+"one process" is model.predict over images decoded and preprocessed beforehand (the upper
+bound), and fastvgg.ray.Extractor called in the process on batches of --batch decoded images (the
+actors' work without Ray: preprocessing, prediction, pooling); "CLI" is
 ``fastvgg features DIR`` end to end (start, load, decode, predict, write); Ray Data runs
 ``fastvgg.ray.Extractor`` on a dataset read and materialised first (so the read tasks do not
 compete with the actors for the CPUs), with 1 actor of --threads CPUs and with --threads
-actors of 1 CPU each.
+actors of 1 CPU each. Each Ray row gives the whole job (actor processes started by Ray
+included) and the steady state: images from the first actor's model being ready to the last
+batch's end. Actor start-up: the Extractor's construction inside a fresh actor (model load from
+the warm cache), and Ray's actor creation to ready on top of it.
 """
 
 from __future__ import annotations
@@ -133,6 +141,43 @@ def memory_of_n(weights: str, cache_dir: str, counts, lines) -> None:
     lines.append("")
 
 
+BUSY_CHILD = r"""
+import sys, time
+import numpy as np
+import fastvgg
+model = fastvgg.VGG16(None, include_top=False, seed=0, packed_cache=False)
+x = np.random.default_rng(0).uniform(-120, 150, (1, 224, 224, 3)).astype(np.float32)
+model.predict(x)
+seconds, started = [], time.perf_counter()
+while time.perf_counter() - started < float(sys.argv[1]):
+    began = time.perf_counter()
+    model.predict(x)
+    seconds.append(time.perf_counter() - began)
+print(sorted(seconds)[len(seconds) // 2] * 1e3)
+"""
+
+
+def contention(threads: int, lines) -> None:
+    """VGG16 (no top, batch 1) alone and with a second busy process, each of `threads` threads,
+    with fastvgg's default (waiting threads sleep) and with libgomp's spinning waits."""
+    lines += ["### Sharing the machine (VGG16 without the top, 224x224, batch 1, median ms/image)", "",
+              f"Each process runs {threads} threads for 12 s; 'two at once' starts two such processes together "
+              "(the machine's cores shared by both: the fair figure is twice the one alone).", "",
+              "| waiting threads | alone | two at once (each) |", "|---|---|---|"]
+    for label, policy in (("sleep (fastvgg's default)", None), ("spin (OMP_WAIT_POLICY=active)", "active")):
+        env = {k: v for k, v in child_env(threads).items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+        if policy:
+            env["OMP_WAIT_POLICY"] = policy
+        run = lambda: subprocess.Popen([sys.executable, "-c", BUSY_CHILD, "12"], env=env, text=True,
+                                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        alone = float(run().communicate()[0])
+        pair = [run(), run()]
+        together = [float(p.communicate()[0]) for p in pair]
+        lines.append(f"| {label} | {alone:.1f} | {together[0]:.1f}, {together[1]:.1f} |")
+        print(lines[-1], flush=True)
+    lines.append("")
+
+
 def rollup_kb(pid: int) -> dict:
     figures = {}
     with open(f"/proc/{pid}/smaps_rollup") as f:
@@ -154,7 +199,7 @@ def make_images(directory: str, count: int, size: int) -> None:
 
 
 def throughput(weights: str, cache_dir: str, image_dir: str, count: int, size: int, threads: int, skip_ray: bool,
-               lines) -> None:
+               lines, batch: int = 64) -> None:
     import fastvgg
     from fastvgg.image import img_to_array, load_img
 
@@ -163,10 +208,23 @@ def throughput(weights: str, cache_dir: str, image_dir: str, count: int, size: i
     model = fastvgg.VGG16(weights, include_top=False, pooling="avg", packed_cache=cache_dir)
     paths = sorted(os.path.join(image_dir, n) for n in os.listdir(image_dir))
     x = fastvgg.preprocess_input(np.stack([img_to_array(load_img(p, target_size=(size, size))) for p in paths]))
-    model.predict(x[:32])
+    model.predict(x[:batch])
     started = time.perf_counter()
-    model.predict(x, batch_size=32)
+    model.predict(x, batch_size=batch)
     rows.append(("one process, model.predict on decoded images", f"{threads} threads", time.perf_counter() - started))
+    print(rows[-1], flush=True)
+    # The Ray actors' own work without Ray: the same Extractor called on batches of decoded
+    # images (uint8), which preprocesses, predicts and pools as each actor does.
+    import fastvgg.ray as fastvgg_ray
+
+    extractor = fastvgg_ray.Extractor(weights, layer="block5_pool", pooling="avg", packed_cache=cache_dir)
+    pixels = np.stack([img_to_array(load_img(p, target_size=(size, size))) for p in paths]).astype(np.uint8)
+    extractor({"image": pixels[:batch]})
+    started = time.perf_counter()
+    for first in range(0, len(pixels), batch):
+        extractor({"image": pixels[first:first + batch]})
+    rows.append((f"one process, the Extractor on batches of {batch} (no Ray)", f"{threads} threads",
+                 time.perf_counter() - started))
     print(rows[-1], flush=True)
 
     with tempfile.TemporaryDirectory() as out:
@@ -178,10 +236,25 @@ def throughput(weights: str, cache_dir: str, image_dir: str, count: int, size: i
                      time.perf_counter() - started))
         print(rows[-1], flush=True)
 
+    ray_extra = []
     if not skip_ray:
         import ray
 
-        import fastvgg.ray as fastvgg_ray
+
+        class TimedExtractor(fastvgg_ray.Extractor):
+            """The Extractor, stamping when its model was ready and when each batch ended."""
+
+            def __init__(self, **kwargs):
+                began = time.time()
+                super().__init__(**kwargs)
+                self.ready = time.time()
+                self.init_s = self.ready - began
+
+            def __call__(self, batch):
+                out = super().__call__(batch)
+                n = len(out["block5_pool"])
+                out.update(_ready=np.full(n, self.ready), _init_s=np.full(n, self.init_s), _done=np.full(n, time.time()))
+                return out
 
         os.environ["FASTVGG_PACKED_CACHE"] = cache_dir  # the actors inherit the driver's environment
         ray.init(num_cpus=threads, include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -189,16 +262,43 @@ def throughput(weights: str, cache_dir: str, image_dir: str, count: int, size: i
             ray.data.DataContext.get_current().enable_progress_bars = False
             ds = ray.data.read_images(image_dir, size=(size, size), mode="RGB").materialize()
             for actors in (1, threads):
-                mapped = ds.map_batches(fastvgg_ray.Extractor, fn_constructor_kwargs=dict(
+                mapped = ds.map_batches(TimedExtractor, fn_constructor_kwargs=dict(
                     weights=weights, layer="block5_pool", pooling="avg"), concurrency=actors,
-                    num_cpus=threads // actors, batch_size=32, batch_format="numpy")
+                    num_cpus=threads // actors, batch_size=batch, batch_format="numpy")
                 started = time.perf_counter()
                 result = mapped.materialize()
                 elapsed = time.perf_counter() - started
-                assert result.count() == count
-                rows.append((f"Ray Data, {actors} actor(s) x {threads // actors} CPU, incl. actor start",
+                stamps = result.select_columns(["_ready", "_init_s", "_done"]).to_pandas()
+                assert len(stamps) == count
+                rows.append((f"Ray Data, {actors} actor(s) x {threads // actors} CPU, whole job",
                              f"{threads} threads in all", elapsed))
-                print(rows[-1], flush=True)
+                steady = stamps["_done"].max() - stamps["_ready"].min()
+                rows.append((f"Ray Data, {actors} actor(s) x {threads // actors} CPU, steady state",
+                             f"{threads} threads in all", steady))
+                ray_extra.append(f"{actors} actor(s): model built in the actor in {stamps['_init_s'].max():.3f} s")
+                print(rows[-2:], ray_extra[-1], flush=True)
+
+            @ray.remote(num_cpus=threads)
+            class Probe:
+                def __init__(self):
+                    began = time.time()
+                    self.extractor = fastvgg_ray.Extractor(weights, layer="block5_pool", pooling="avg")
+                    self.init_s = time.time() - began
+
+                def init_seconds(self):
+                    return self.init_s
+
+            starts = []
+            for _ in range(3):
+                began = time.perf_counter()
+                probe = Probe.remote()
+                init_s = ray.get(probe.init_seconds.remote())
+                starts.append((time.perf_counter() - began, init_s))
+                ray.kill(probe)
+            ray_extra.append("a fresh actor (median of 3): created to ready in "
+                             f"{statistics.median(s[0] for s in starts):.2f} s, of which the Extractor (model "
+                             f"mapped from the warm cache) {statistics.median(s[1] for s in starts):.3f} s")
+            print(ray_extra[-1], flush=True)
         finally:
             ray.shutdown()
 
@@ -208,13 +308,16 @@ def throughput(weights: str, cache_dir: str, image_dir: str, count: int, size: i
     for name, how, seconds in rows:
         lines.append(f"| {name} | {how} | {seconds:.2f} | {count / seconds:.1f} | {count / seconds / base:.2f} |")
     lines.append("")
+    if ray_extra:
+        lines += ["Ray actors: " + "; ".join(ray_extra) + ".", ""]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=200)
-    parser.add_argument("--size", type=int, default=112)
+    parser.add_argument("--images", type=int, default=320)
+    parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=64, help="images a batch (model.predict, Ray's map_batches)")
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--skip-ray", action="store_true")
     parser.add_argument("--output", default=os.path.join(HERE, "scale-results.md"))
@@ -235,8 +338,10 @@ def main() -> int:
         write_weights(weights)
         load_times(weights, cache_dir, args.threads, lines)
         memory_of_n(weights, cache_dir, args.processes, lines)
+        contention(args.threads, lines)
         make_images(image_dir, args.images, max(args.size, 128))
-        throughput(weights, cache_dir, image_dir, args.images, args.size, args.threads, args.skip_ray, lines)
+        throughput(weights, cache_dir, image_dir, args.images, args.size, args.threads, args.skip_ray, lines,
+                   args.batch)
     with open(args.output, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
