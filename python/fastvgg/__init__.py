@@ -15,12 +15,20 @@ import os as _os
 # two fastvgg processes, image decoding) spinning threads take the cores the others need:
 # measured on 2 cores, two concurrent VGG16 processes of 2 threads ran 5x slower each with
 # spinning and 2x (the fair share) without; alone, not spinning costs 1-2%. A user's own
-# OMP_WAIT_POLICY or GOMP_SPINCOUNT wins. libgomp reads them once, when it loads: this applies
-# when fastvgg is the first library of the process to load it.
-if "OMP_WAIT_POLICY" not in _os.environ and "GOMP_SPINCOUNT" not in _os.environ:
+# OMP_WAIT_POLICY or GOMP_SPINCOUNT wins. libgomp reads them once, when it loads (with _core,
+# just below), so this applies when fastvgg is the first library of the process to load it;
+# the variable is removed again afterwards, so that other libraries (OpenVINO, a PyTorch with
+# its own OpenMP) and child processes see the user's environment unchanged.
+_WAIT_POLICY_SET_HERE = "OMP_WAIT_POLICY" not in _os.environ and "GOMP_SPINCOUNT" not in _os.environ
+if _WAIT_POLICY_SET_HERE:
     _os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+try:
+    from . import _core  # noqa: E402 (loads libgomp, which reads the policy above)
+finally:
+    if _WAIT_POLICY_SET_HERE:
+        del _os.environ["OMP_WAIT_POLICY"]
 
-from . import _core, image  # noqa: E402 (after the thread policy above)
+from . import image  # noqa: E402
 from .cuda import cuda_status  # noqa: E402
 from ._core import __version__  # noqa: E402
 from .download import WeightsDownloadError  # noqa: E402
