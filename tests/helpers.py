@@ -6,6 +6,10 @@ fixtures live in the test files that use them.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+
 import numpy as np
 import pytest
 
@@ -93,3 +97,32 @@ def aligned_copy(view) -> np.ndarray:
     aligned[:] = view
     aligned.flags.writeable = False
     return aligned
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int, what: str):
+    """Fails with TimeoutError after `seconds` instead of letting a stuck cluster hang the suite
+    (where SIGALRM exists)."""
+    if not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def stuck(signum, frame):
+        raise TimeoutError(f"{what} took more than {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, stuck)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def random_vgg16_notop_h5(directory, seed: int) -> str:
+    """A Keras-layout .h5 of VGG16 without the top, random weights with small biases (what a
+    fine-tuned base's weights file is), in `directory`."""
+    path = os.path.join(str(directory), "vgg16_notop.h5")
+    keras_h5.write_classic_h5(path, nv.random_weights(16, include_top=False, seed=seed, bias_scale=0.05),
+                              nv.layer_names(16, include_top=False))
+    return path

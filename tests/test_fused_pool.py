@@ -38,6 +38,15 @@ def loaded(graph, conv, in_channels, filters, seed=0, precision="fast"):
     return executor, kernel, bias
 
 
+def fused_equals_unfused(executor, x, before, pool):
+    """The pool's output run fused (nothing else asked for) and unfused (the output before it
+    asked for too): bit-identical. Returns (pooled, output before the pool)."""
+    (fused,) = executor.forward(x, [pool])
+    got_before, unfused = executor.forward(x, [before, pool])
+    np.testing.assert_array_equal(fused, unfused)
+    return fused, got_before
+
+
 # Even and odd sides, sides that end inside a tile (tiles are 4x4), a side of 2 and of 3
 # (one window).
 SIZES = [(8, 8), (14, 14), (9, 13), (6, 10), (2, 3), (3, 2), (5, 7), (3, 3)]
@@ -50,9 +59,7 @@ def test_fused_pool_is_bit_identical_to_conv_then_pool(height, width, activation
     executor, kernel, bias = loaded(graph, conv, 24, 40)
     assert executor.method(conv).startswith("winograd")
     x = np.random.default_rng(1).standard_normal((2, height, width, 24)).astype(np.float32)
-    (fused,) = executor.forward(x, [pool])
-    got_conv, unfused = executor.forward(x, [conv, pool])
-    np.testing.assert_array_equal(fused, unfused)
+    fused, got_conv = fused_equals_unfused(executor, x, conv, pool)
     assert fused.shape == (2, height // 2, width // 2, 40)
     exact = conv3x3_float64(x, kernel, bias)
     bound = winograd_error_bound(x, kernel, bias)
@@ -72,10 +79,8 @@ def test_bf16_fused_pool_is_bit_identical_to_conv_then_pool(height, width):
     assert executor.method(conv) == "winograd_f4x4_int14"
     x = np.random.default_rng(7).standard_normal((2, height, width, 24)).astype(np.float32)
     x[1, 0, 0, 3] = np.nan
-    (fused,) = executor.forward(x, [pool])
-    got_conv, unfused = executor.forward(x, [conv, pool])
-    np.testing.assert_array_equal(fused, unfused)
-    np.testing.assert_array_equal(unfused, pool_float64(got_conv.astype(np.float64)).astype(np.float32))
+    pooled, got_conv = fused_equals_unfused(executor, x, conv, pool)
+    np.testing.assert_array_equal(pooled, pool_float64(got_conv.astype(np.float64)).astype(np.float32))
 
 
 def test_nan_in_a_window_survives_the_fused_pool():
@@ -83,11 +88,8 @@ def test_nan_in_a_window_survives_the_fused_pool():
     executor, _, _ = loaded(graph, conv, 16, 16)
     x = np.random.default_rng(2).standard_normal((1, 8, 8, 16)).astype(np.float32)
     x[0, 3, 5, 7] = np.nan
-    (fused,) = executor.forward(x, [pool])
-    _, unfused = executor.forward(x, [conv, pool])
-    np.testing.assert_array_equal(np.isnan(fused), np.isnan(unfused))
-    assert np.isnan(fused).any()
-    np.testing.assert_array_equal(fused, unfused)
+    pooled, _ = fused_equals_unfused(executor, x, conv, pool)
+    assert np.isnan(pooled).any()
 
 
 def test_the_pool_after_a_folded_normalization_and_relu_fuses_too():
@@ -106,10 +108,8 @@ def test_the_pool_after_a_folded_normalization_and_relu_fuses_too():
         executor.set_affine(affine, rng.uniform(0.5, 2, 32).astype(np.float32), rng.standard_normal(32).astype(np.float32))
     assert executor.method(affine) == "folded"
     x = rng.standard_normal((2, 10, 11, 20)).astype(np.float32)
-    (fused,) = executor.forward(x, [pool])
-    got_relu, unfused = executor.forward(x, [relu, pool])
-    np.testing.assert_array_equal(fused, unfused)
-    np.testing.assert_array_equal(unfused, pool_float64(got_relu.astype(np.float64)).astype(np.float32))
+    pooled, got_relu = fused_equals_unfused(executor, x, relu, pool)
+    np.testing.assert_array_equal(pooled, pool_float64(got_relu.astype(np.float64)).astype(np.float32))
 
 
 def test_batched_layers_pool_inside_the_kernel_too():
@@ -117,9 +117,7 @@ def test_batched_layers_pool_inside_the_kernel_too():
     graph, conv, pool = conv_pool(512, 512)
     executor, _, _ = loaded(graph, conv, 512, 512, seed=4)
     x = np.random.default_rng(5).standard_normal((3, 7, 9, 512)).astype(np.float32)
-    (fused,) = executor.forward(x, [pool])
-    _, unfused = executor.forward(x, [conv, pool])
-    np.testing.assert_array_equal(fused, unfused)
+    fused, _ = fused_equals_unfused(executor, x, conv, pool)
     for n in range(3):
         (single,) = executor.forward(x[n : n + 1], [pool])
         np.testing.assert_array_equal(fused[n], single[0])

@@ -11,14 +11,12 @@ well under two minutes.
 from __future__ import annotations
 
 import os
-import signal
 
 import numpy as np
 import pytest
 
 import fastvgg
-import keras_h5
-import numpy_vgg as nv
+import helpers
 
 PIL = pytest.importorskip("PIL.Image", reason="the Ray tests decode images with Pillow")
 ray = pytest.importorskip("ray", reason='the Ray tests need Ray Data: pip install "fastvgg[ray]"')
@@ -32,10 +30,7 @@ LAYERS = ["block3_conv3:preact", "block5_pool"]
 
 @pytest.fixture(scope="module")
 def weights_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("weights") / "vgg16_notop.h5"
-    keras_h5.write_classic_h5(path, nv.random_weights(16, include_top=False, seed=3, bias_scale=0.05),
-                              nv.layer_names(16, include_top=False))
-    return str(path)
+    return helpers.random_vgg16_notop_h5(tmp_path_factory.mktemp("weights"), seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -65,18 +60,8 @@ def read_images(image_dir):
 @pytest.fixture(autouse=True)
 def time_limit():
     """A stuck pipeline fails the test after 100 s instead of hanging the suite."""
-    if not hasattr(signal, "SIGALRM"):
+    with helpers.time_limit(100, "the Ray pipeline"):
         yield
-        return
-
-    def stuck(signum, frame):
-        raise TimeoutError("the Ray pipeline took more than 100 s")
-
-    previous = signal.signal(signal.SIGALRM, stuck)
-    signal.alarm(100)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
 
 
 def reference(weights_file, paths, pooling):

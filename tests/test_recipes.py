@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import sys
 
 import numpy as np
 import pytest
 
 import fastvgg
-import keras_h5
-import numpy_vgg as nv
+import helpers
 
 PIL = pytest.importorskip("PIL.Image", reason="the recipe tests decode images with Pillow")
 
@@ -35,27 +33,14 @@ SIZE = 64  # the README says 224; any size from 32 up works without the top
 
 @pytest.fixture(scope="module")
 def weights_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("weights") / "vgg16_notop.h5"
-    keras_h5.write_classic_h5(path, nv.random_weights(16, include_top=False, seed=5, bias_scale=0.05),
-                              nv.layer_names(16, include_top=False))
-    return str(path)
+    return helpers.random_vgg16_notop_h5(tmp_path_factory.mktemp("weights"), seed=5)
 
 
 @pytest.fixture(autouse=True)
 def time_limit():
     """A stuck cluster fails the test after 120 s instead of hanging the suite."""
-    if not hasattr(signal, "SIGALRM"):
+    with helpers.time_limit(120, "the recipe"):
         yield
-        return
-
-    def stuck(signum, frame):
-        raise TimeoutError("the recipe took more than 120 s")
-
-    previous = signal.signal(signal.SIGALRM, stuck)
-    signal.alarm(120)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
 
 
 def counted(make_predict_fn, log):
