@@ -32,6 +32,9 @@ KERNEL_BLOCK_THREADS = {
     "global_pool_kernel": 256,
     "softmax_kernel": 256,
     "transpose_kernel": 256,
+    "window_pool_kernel": 256,
+    "affine_kernel": 256,
+    "activation_kernel": 256,
 }
 ARCHITECTURES = ("sm_80", "sm_90")
 REGISTERS_PER_SM = 65536  # sm_80 and sm_90

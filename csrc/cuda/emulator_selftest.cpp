@@ -7,6 +7,7 @@
 //
 // Build: g++ -std=c++17 -DFASTVGG_CUDA_EMULATE -Icsrc/cuda -x c++ csrc/cuda/executor.cu
 //        -x c++ csrc/cuda/emulator_selftest.cpp -pthread [-fsanitize=...]
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -114,9 +115,10 @@ int main() {
   {
     using K = cuda::OpSpec::Kind;
     std::vector<cuda::OpSpec> ops = {
-        {K::Conv3x3, 3, 8, 1, 0, 1},  {K::Conv3x3, 8, 8, 1, 0, 1}, {K::MaxPool2x2, 0, 0, 0, 0, 1},
-        {K::Conv3x3, 8, 16, 1, 0, 0}, {K::MaxPool2x2, 0, 0, 0, 0, 1}, {K::Flatten, 0, 0, 0, 0, 1},
-        {K::Dense, 2 * 2 * 16, 12, 1, 0, 1}, {K::Dense, 12, 5, 2, 0, 1}};
+        {K::Conv3x3, 3, 8, 1, 0, 1, 3, false},       {K::Conv3x3, 8, 8, 1, 0, 1, 3, false},
+        {K::MaxPool2x2, 0, 0, 0, 0, 1, 3, false},    {K::Conv3x3, 8, 16, 1, 0, 0, 3, false},
+        {K::MaxPool2x2, 0, 0, 0, 0, 1, 3, false},    {K::Flatten, 0, 0, 0, 0, 1, 3, false},
+        {K::Dense, 2 * 2 * 16, 12, 1, 0, 1, 3, false}, {K::Dense, 12, 5, 2, 0, 1, 3, false}};
     cuda::Executor executor(3, ops);
     for (int i : {0, 1, 3}) {
       const cuda::OpSpec& op = executor.op(i);
@@ -138,6 +140,55 @@ int main() {
         double sum = 0;
         for (int o = 0; o < 5; ++o) sum += probabilities[std::size_t(i) * 5 + o];
         expect_close({float(sum)}, {1.0}, 1e-5, "executor softmax sums");
+      }
+    }
+  }
+  // The executor on a fine-tuned head: every op kind and kernel fine-tuned models add, the
+  // activations fused and as passes, in-place ops on images and on flat rows. (Their numbers
+  // are checked by tests/test_cuda_ops_kernels.py and test_cuda_finetuned.py; here the
+  // sanitizers watch them, one launch each where possible: every launch of the OS-thread
+  // emulator starts 256 threads, slow under ThreadSanitizer.)
+  {
+    using K = cuda::OpSpec::Kind;
+    // kind, in, out, activation (graph.h's order), pool mode, padding, kernel size, on_image
+    std::vector<cuda::OpSpec> ops = {
+        {K::Conv3x3, 3, 16, 1, 0, 1, 3, false},  {K::Conv, 0, 12, 0, 0, 1, 1, false},     // 9x7, 1x1 linear
+        {K::Affine, 0, 12, 0, 0, 1, 3, false},   {K::Elementwise, 0, 0, 7, 0, 1, 3, false},  // BN, gelu
+        {K::Conv, 0, 10, 8, 0, 0, 3, false},     {K::Pool2x2, 0, 0, 0, 0, 1, 3, false},   // 'valid' swish 7x5, avg 4x3
+        {K::Pool2x2, 0, 0, 0, 1, 1, 3, false},   {K::GlobalPool, 0, 0, 0, 0, 1, 3, false},  // max 'same' 2x2
+        {K::Dense, 10, 9, 3, 0, 1, 3, false},    {K::Affine, 0, 9, 0, 0, 1, 3, false},    // sigmoid, flat affine
+        {K::Dense, 9, 4, 0, 0, 1, 3, false},     {K::Elementwise, 0, 0, 2, 0, 1, 3, false}};  // softmax
+    cuda::Executor executor(3, ops);
+    for (int i = 0; i < executor.layer_count(); ++i) {
+      const cuda::OpSpec& op = executor.op(i);
+      if (op.kind == K::Conv3x3 || op.kind == K::Conv) {
+        auto k = random_vector(rng, std::size_t(op.kernel_size) * op.kernel_size * op.in_channels * op.out_channels),
+             b = random_vector(rng, std::size_t(op.out_channels));
+        executor.set_conv_weights(i, k.data(), b.data());
+      } else if (op.kind == K::Affine) {
+        auto scale = random_vector(rng, std::size_t(op.out_channels)), shift = random_vector(rng, std::size_t(op.out_channels));
+        executor.set_affine(i, scale.data(), shift.data());
+      } else if (op.kind == K::Dense) {
+        auto k = random_vector(rng, std::size_t(op.in_channels) * op.out_channels), b = random_vector(rng, std::size_t(op.out_channels));
+        executor.set_dense_kernel_rows(i, 0, op.in_channels, k.data());
+        executor.set_dense_bias(i, b.data());
+      }
+    }
+    for (int count : {2}) {
+      auto x = random_vector(rng, std::size_t(count) * 9 * 7 * 3);
+      std::vector<float> probabilities(std::size_t(count) * 4), swish(std::size_t(count) * 7 * 5 * 10), logits(probabilities.size());
+      executor.forward(x.data(), count, 9, 7,
+                       {{11, false, probabilities.data()}, {4, false, swish.data()}, {10, false, logits.data()}});
+      for (int i = 0; i < count; ++i) {
+        double sum = 0;
+        for (int o = 0; o < 4; ++o) sum += probabilities[std::size_t(i) * 4 + o];
+        expect_close({float(sum)}, {1.0}, 1e-5, "fine-tuned head softmax sums");
+      }
+      bool finite = true;
+      for (float v : swish) finite = finite && std::isfinite(v);
+      if (!finite) {
+        std::printf("FAIL the fine-tuned head's swish output is not finite\n");
+        ++failures;
       }
     }
   }

@@ -10,6 +10,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "kernels/activation.cuh"
+#include "kernels/affine.cuh"
 #include "kernels/conv3x3.cuh"
 #include "kernels/dense.cuh"
 #include "kernels/layout.cuh"
@@ -168,15 +170,52 @@ void run_transpose(const TransposeProblem& p, device::Stream stream) {
   FASTVGG_LAUNCH(transpose_kernel, transpose_geometry(p), stream, p);
 }
 
-int kernel_activation(int activation) { return activation == 1 ? kRelu : kLinear; }
+void run_window_pool(const Pool2x2Problem& p, device::Stream stream) {
+  if (window_pool_outputs(p) > 0) FASTVGG_LAUNCH(window_pool_kernel, window_pool_geometry(p), stream, p);
+}
+
+// max_blocks: 0 for the default grid; the tests pass a few to run the grid-stride loops.
+void run_affine(const AffineProblem& p, device::Stream stream, long long max_blocks = 0) {
+  if (affine_count(p) > 0) FASTVGG_LAUNCH(affine_kernel, affine_geometry(p, max_blocks), stream, p);
+}
+
+void run_activation(const ActivationProblem& p, device::Stream stream, long long max_blocks = 0) {
+  if (p.activation == kSoftmax) throw std::logic_error("softmax is not element-wise");
+  if (p.activation != kLinear && p.count > 0)
+    FASTVGG_LAUNCH(activation_kernel, activation_geometry(p, max_blocks), stream, p);
+}
+
+// The activations the GEMM epilogues apply (see kernels/activation.cuh for why only these);
+// the others run after the GEMM, on its linear output.
+bool fused_activation(int activation) { return activation == kLinear || activation == kRelu; }
+int kernel_activation(int activation) { return activation == kRelu ? kRelu : kLinear; }
+
+constexpr long long kMaxGemmRows = 2147483647;  // DenseProblem::rows is an int
+
+// A 1x1 convolution on NHWC data is a dense layer applied to every pixel: the (1, 1, in, out)
+// kernel is the (in, out) matrix the dense kernels read, and the pixels are the rows.
+DenseProblem conv1x1_problem(const float* input, const float* kernel, const float* bias, float* output,
+                             float* preactivation, long long pixels, int in_channels, int out_channels, int activation) {
+  if (pixels > kMaxGemmRows) throw std::invalid_argument("too many pixels for one call; split the batch");
+  return DenseProblem{input, kernel, bias, output, preactivation, int(pixels), in_channels, out_channels,
+                      kernel_activation(activation)};
+}
 
 }  // namespace
 
 // ------------------------------------------------------------------------------------------
+namespace {
+bool has_weights(OpSpec::Kind kind) {
+  return kind == OpSpec::Kind::Conv3x3 || kind == OpSpec::Kind::Conv || kind == OpSpec::Kind::Dense ||
+         kind == OpSpec::Kind::Affine;
+}
+bool is_convolution(OpSpec::Kind kind) { return kind == OpSpec::Kind::Conv3x3 || kind == OpSpec::Kind::Conv; }
+}  // namespace
+
 struct Executor::Impl {
   struct Layer {
     OpSpec spec;
-    DeviceBuffer kernel, bias;
+    DeviceBuffer kernel, bias;  // an affine map: scale and shift
     bool kernel_loaded = false, bias_loaded = false;
   };
   int input_channels = 0;
@@ -192,19 +231,36 @@ struct Executor::Impl {
   ~Impl() { device::destroy_stream(stream); }
 
   std::size_t kernel_count(const OpSpec& s) const {
-    return s.kind == OpSpec::Kind::Conv3x3 ? std::size_t(9) * s.in_channels * s.out_channels
-                                            : std::size_t(s.in_channels) * s.out_channels;
+    switch (s.kind) {
+      case OpSpec::Kind::Conv3x3: return std::size_t(9) * s.in_channels * s.out_channels;
+      case OpSpec::Kind::Conv: return std::size_t(s.kernel_size) * s.kernel_size * s.in_channels * s.out_channels;
+      case OpSpec::Kind::Affine: return std::size_t(s.out_channels);
+      default: return std::size_t(s.in_channels) * s.out_channels;
+    }
+  }
+  Layer& at(int index) {
+    if (index < 0 || index >= int(layers.size())) throw std::out_of_range("layer index out of range");
+    return layers[std::size_t(index)];
   }
   Layer& weighted(int index, OpSpec::Kind kind, const char* what) {
-    if (index < 0 || index >= int(layers.size())) throw std::out_of_range("layer index out of range");
-    if (layers[std::size_t(index)].spec.kind != kind)
+    Layer& layer = at(index);
+    if (layer.spec.kind != kind)
       throw std::invalid_argument(std::string("layer ") + std::to_string(index) + " is not a " + what + " layer");
-    return layers[std::size_t(index)];
+    return layer;
+  }
+  Layer& convolution(int index, int kernel_size) {
+    Layer& layer = at(index);
+    const OpSpec& s = layer.spec;
+    if (!is_convolution(s.kind) || (kernel_size && s.kernel_size != kernel_size))
+      throw std::invalid_argument("layer " + std::to_string(index) + " is not a " +
+                                  (kernel_size == 3 ? "3x3 convolution" : "convolution") + " layer");
+    return layer;
   }
 };
 
 namespace {
 constexpr int kMaxGridY = 65535;  // CUDA's limit on gridDim.y and gridDim.z
+constexpr int kMaxFeatures = 1 << 28;  // csrc/graph.h's limit on flat rows
 
 std::vector<OpSpec> validated(int input_channels, std::vector<OpSpec> ops) {
   if (input_channels < 1 || input_channels > (1 << 16)) throw std::invalid_argument("input_channels must be in [1, 65536]");
@@ -213,17 +269,26 @@ std::vector<OpSpec> validated(int input_channels, std::vector<OpSpec> ops) {
   for (std::size_t i = 0; i < ops.size(); ++i) {
     OpSpec& op = ops[i];
     const std::string where = "op " + std::to_string(i) + ": ";
+    if (op.activation < 0 || op.activation >= kActivationCount) throw std::invalid_argument(where + "unknown activation");
     switch (op.kind) {
       case OpSpec::Kind::Conv3x3:
+      case OpSpec::Kind::Conv:
         if (flat) throw std::invalid_argument(where + "a convolution cannot follow a flat output");
         if (op.out_channels < 1 || op.out_channels > (1 << 16)) throw std::invalid_argument(where + "filters out of range");
-        if (op.activation == 2) throw std::invalid_argument(where + "softmax on a convolution is not supported");
+        if (op.activation == kSoftmax) throw std::invalid_argument(where + "softmax on a convolution is not supported");
         if (op.padding != 0 && op.padding != 1) throw std::invalid_argument(where + "padding must be 'same' or 'valid'");
+        if (op.kind == OpSpec::Kind::Conv3x3) op.kernel_size = 3;
+        if (op.kernel_size != 1 && op.kernel_size != 3) throw std::invalid_argument(where + "kernel_size must be 1 or 3");
+        if (op.kernel_size == 1) op.padding = 1;  // 'same' and 'valid' are one thing for a 1x1 kernel
         op.in_channels = channels;
         channels = op.out_channels;
         break;
       case OpSpec::Kind::MaxPool2x2:
+      case OpSpec::Kind::Pool2x2:
         if (flat) throw std::invalid_argument(where + "a pooling cannot follow a flat output");
+        if (op.kind == OpSpec::Kind::Pool2x2 &&
+            ((op.pool_mode != 0 && op.pool_mode != 1) || (op.padding != 0 && op.padding != 1)))
+          throw std::invalid_argument(where + "pool_mode must be 'avg' or 'max' and padding 'same' or 'valid'");
         op.in_channels = op.out_channels = channels;
         break;
       case OpSpec::Kind::Flatten:
@@ -239,6 +304,24 @@ std::vector<OpSpec> validated(int input_channels, std::vector<OpSpec> ops) {
             op.out_channels > kMaxGridY * kGemmTileCols)
           throw std::invalid_argument(where + "dense sizes out of range");
         break;
+      case OpSpec::Kind::Affine:
+        // The features of flat rows depend on the input size: output_shapes checks them.
+        op.on_image = !flat;
+        if (op.out_channels < 1 || op.out_channels > kMaxFeatures) throw std::invalid_argument(where + "channels out of range");
+        if (op.on_image && op.out_channels != channels)
+          throw std::invalid_argument(where + "an affine map of " + std::to_string(op.out_channels) +
+                                      " channels cannot follow a layer of " + std::to_string(channels) + " channels");
+        if (op.activation != kLinear) throw std::invalid_argument(where + "an affine map has no activation");
+        op.in_channels = op.out_channels;
+        break;
+      case OpSpec::Kind::Elementwise:
+        op.on_image = !flat;
+        if (op.on_image && op.activation == kSoftmax)
+          throw std::invalid_argument(where + "softmax on an image is not supported: it applies to flat rows");
+        op.in_channels = op.out_channels = op.on_image ? channels : 0;
+        break;
+      default:
+        throw std::invalid_argument(where + "unknown op kind");
     }
   }
   return ops;
@@ -256,7 +339,7 @@ Executor::Executor(int input_channels, std::vector<OpSpec> ops) : impl_(new Impl
   for (std::size_t i = 0; i < checked.size(); ++i) {
     Impl::Layer& layer = impl_->layers[i];
     layer.spec = checked[i];
-    if (layer.spec.kind == OpSpec::Kind::Conv3x3 || layer.spec.kind == OpSpec::Kind::Dense) {
+    if (has_weights(layer.spec.kind)) {
       layer.kernel.reserve(impl_->kernel_count(layer.spec));
       layer.bias.reserve(std::size_t(layer.spec.out_channels));
     }
@@ -282,7 +365,8 @@ std::vector<std::vector<int>> Executor::output_shapes(int height, int width) con
     const std::string where = "op " + std::to_string(i) + ": ";
     switch (op.kind) {
       case OpSpec::Kind::Conv3x3:
-        if (op.padding == 0) {
+      case OpSpec::Kind::Conv:
+        if (op.padding == 0 && op.kernel_size == 3) {
           h -= 2;
           w -= 2;
           if (h < 1 || w < 1) throw std::invalid_argument(where + "the image is too small for a 'valid' 3x3 convolution");
@@ -291,11 +375,14 @@ std::vector<std::vector<int>> Executor::output_shapes(int height, int width) con
         shapes.push_back({h, w, c});
         break;
       case OpSpec::Kind::MaxPool2x2:
-        h /= 2;
-        w /= 2;
+      case OpSpec::Kind::Pool2x2: {
+        const bool same = op.kind == OpSpec::Kind::Pool2x2 && op.padding == 1;
+        h = same ? (h + 1) / 2 : h / 2;
+        w = same ? (w + 1) / 2 : w / 2;
         if (h < 1 || w < 1) throw std::invalid_argument(where + "the image is too small for another 2x2 pooling");
         shapes.push_back({h, w, c});
         break;
+      }
       case OpSpec::Kind::Flatten:
         features = static_cast<long long>(h) * w * c;
         if (features > (1 << 30)) throw std::invalid_argument(where + "too many features");
@@ -312,18 +399,44 @@ std::vector<std::vector<int>> Executor::output_shapes(int height, int width) con
         features = op.out_channels;
         shapes.push_back({op.out_channels});
         break;
+      case OpSpec::Kind::Affine:
+      case OpSpec::Kind::Elementwise:
+        if (op.on_image) {
+          shapes.push_back({h, w, c});
+          break;
+        }
+        if (op.kind == OpSpec::Kind::Affine && features != op.out_channels)
+          throw std::invalid_argument(where + "the affine map has " + std::to_string(op.out_channels) +
+                                      " features, but this input size gives " + std::to_string(features));
+        shapes.push_back({int(features)});
+        break;
     }
   }
   return shapes;
 }
 
 void Executor::set_conv3x3_weights(int index, const float* kernel_hwio, const float* bias) {
-  Impl::Layer& layer = impl_->weighted(index, OpSpec::Kind::Conv3x3, "3x3 convolution");
+  impl_->convolution(index, 3);
+  set_conv_weights(index, kernel_hwio, bias);
+}
+
+void Executor::set_conv_weights(int index, const float* kernel_hwio, const float* bias) {
+  Impl::Layer& layer = impl_->convolution(index, 0);
   std::lock_guard<std::recursive_mutex> lock(impl_->run_mutex);
   device::use_device(impl_->device_id);
   device::to_device(layer.kernel.data(), kernel_hwio, impl_->kernel_count(layer.spec), impl_->stream);
   device::to_device(layer.bias.data(), bias, std::size_t(layer.spec.out_channels), impl_->stream);
   device::synchronize(impl_->stream);  // the caller's arrays may go away after we return
+  layer.kernel_loaded = layer.bias_loaded = true;
+}
+
+void Executor::set_affine(int index, const float* scale, const float* shift) {
+  Impl::Layer& layer = impl_->weighted(index, OpSpec::Kind::Affine, "affine map");
+  std::lock_guard<std::recursive_mutex> lock(impl_->run_mutex);
+  device::use_device(impl_->device_id);
+  device::to_device(layer.kernel.data(), scale, std::size_t(layer.spec.out_channels), impl_->stream);
+  device::to_device(layer.bias.data(), shift, std::size_t(layer.spec.out_channels), impl_->stream);
+  device::synchronize(impl_->stream);
   layer.kernel_loaded = layer.bias_loaded = true;
 }
 
@@ -352,8 +465,7 @@ void Executor::set_dense_bias(int index, const float* bias) {
 void Executor::get_weights(int index, float* kernel, float* bias) const {
   if (index < 0 || index >= layer_count()) throw std::out_of_range("layer index out of range");
   Impl::Layer& layer = impl_->layers[std::size_t(index)];
-  if (layer.spec.kind != OpSpec::Kind::Conv3x3 && layer.spec.kind != OpSpec::Kind::Dense)
-    throw std::invalid_argument("layer " + std::to_string(index) + " has no weights");
+  if (!has_weights(layer.spec.kind)) throw std::invalid_argument("layer " + std::to_string(index) + " has no weights");
   std::lock_guard<std::recursive_mutex> lock(impl_->run_mutex);
   device::use_device(impl_->device_id);
   device::to_host(kernel, layer.kernel.data(), impl_->kernel_count(layer.spec), impl_->stream);
@@ -363,7 +475,7 @@ void Executor::get_weights(int index, float* kernel, float* bias) const {
 
 bool Executor::weights_loaded(int index) const {
   const OpSpec& spec = op(index);
-  if (spec.kind != OpSpec::Kind::Conv3x3 && spec.kind != OpSpec::Kind::Dense) return true;
+  if (!has_weights(spec.kind)) return true;
   const Impl::Layer& layer = impl_->layers[std::size_t(index)];
   std::lock_guard<std::recursive_mutex> lock(impl_->run_mutex);
   return layer.kernel_loaded && layer.bias_loaded;
@@ -413,9 +525,12 @@ void Executor::forward(const float* images, int count, int height, int width, co
   };
   for (int i = 0; i <= deepest; ++i) {
     const Impl::Layer& layer = impl_->layers[std::size_t(i)];
-    const bool weighted = layer.spec.kind == OpSpec::Kind::Conv3x3 || layer.spec.kind == OpSpec::Kind::Dense;
-    if (weighted && !(layer.kernel_loaded && layer.bias_loaded))
+    if (has_weights(layer.spec.kind) && !(layer.kernel_loaded && layer.bias_loaded))
       throw std::runtime_error("layer " + std::to_string(i) + " has no weights loaded yet");
+    // A 1x1 convolution's pixels are the rows of a dense GEMM, an int there.
+    if (layer.spec.kind == OpSpec::Kind::Conv && layer.spec.kernel_size == 1 &&
+        static_cast<long long>(count) * shapes[std::size_t(i)][0] * shapes[std::size_t(i)][1] > kMaxGemmRows)
+      throw std::invalid_argument("op " + std::to_string(i) + ": too many pixels for one call; split the batch");
   }
 
   const std::size_t input_floats = std::size_t(count) * height * width * impl_->input_channels;
@@ -449,6 +564,16 @@ void Executor::forward(const float* images, int count, int height, int width, co
       std::memcpy(r.destination, impl_->staging.data(), n * sizeof(float));
     }
   };
+  // An activation as a pass of its own, in place on layer i's `rows` x `cols` values; the
+  // values before it go to whoever asked for layer i's pre-activation output.
+  auto activation_pass = [&](int i, int activation, float* values, long long rows, int cols) {
+    if (activation == kLinear) return;
+    if (requested(i, true)) deliver(i, true, values);
+    if (activation == kSoftmax)
+      run_softmax(SoftmaxProblem{values, int(rows), cols}, stream);
+    else
+      run_activation(ActivationProblem{values, values, rows * cols, activation}, stream);
+  };
 
   const float* current = impl_->input.data();
   int h = height, w = width, c = impl_->input_channels;
@@ -457,35 +582,57 @@ void Executor::forward(const float* images, int count, int height, int width, co
     const Impl::Layer& layer = impl_->layers[std::size_t(i)];
     const OpSpec& op = layer.spec;
     float* out = impl_->activations[next_buffer].data();
-    const bool want_preactivation = requested(i, true) && op.activation != 0;
+    const bool fused = fused_activation(op.activation);
+    // The epilogue writes the pre-activation output beside the ReLU's; a pass activation
+    // delivers it from the GEMM's linear output before it runs.
+    float* preactivation = requested(i, true) && op.activation == kRelu ? impl_->preactivation.data() : nullptr;
     int produced = i;  // the last layer whose output `out` holds
     switch (op.kind) {
-      case OpSpec::Kind::Conv3x3: {
-        Conv3x3Problem p{};
-        p.input = current;
-        p.kernel = layer.kernel.data();
-        p.bias = layer.bias.data();
-        p.output = out;
-        p.preactivation = want_preactivation ? impl_->preactivation.data() : nullptr;
-        p.images = count;
-        p.in_height = h;
-        p.in_width = w;
-        p.in_channels = c;
-        p.out_channels = op.out_channels;
-        p.padding = op.padding;
-        p.out_height = shapes[std::size_t(i)][0];
-        p.out_width = shapes[std::size_t(i)][1];
-        p.activation = kernel_activation(op.activation);
-        // Fuse the following pool unless someone wants this convolution's own output.
-        const bool pool_next = i + 1 <= deepest && impl_->layers[std::size_t(i) + 1].spec.kind == OpSpec::Kind::MaxPool2x2;
-        p.pool = pool_next && !requested(i, false) && !requested(i, true);
-        run_conv3x3(p, stream);
-        if (p.preactivation) deliver(i, true, p.preactivation);
-        if (p.pool) produced = i + 1;
+      case OpSpec::Kind::Conv3x3:
+      case OpSpec::Kind::Conv: {
+        const std::vector<int>& shape = shapes[std::size_t(i)];
+        if (op.kernel_size == 1) {
+          run_dense(conv1x1_problem(current, layer.kernel.data(), layer.bias.data(), out, preactivation,
+                                    static_cast<long long>(count) * h * w, c, op.out_channels, op.activation),
+                    gemv_pays(count * h * w), impl_->dense_workspace, stream);
+        } else {
+          Conv3x3Problem p{};
+          p.input = current;
+          p.kernel = layer.kernel.data();
+          p.bias = layer.bias.data();
+          p.output = out;
+          p.preactivation = preactivation;
+          p.images = count;
+          p.in_height = h;
+          p.in_width = w;
+          p.in_channels = c;
+          p.out_channels = op.out_channels;
+          p.padding = op.padding;
+          p.out_height = shape[0];
+          p.out_width = shape[1];
+          p.activation = kernel_activation(op.activation);
+          // Fuse the following max pool unless someone wants this convolution's own output. Only
+          // after a linear or ReLU epilogue: max-then-activate equals activate-then-max for a
+          // monotone function, and gelu and swish are not monotone.
+          const bool pool_next =
+              fused && i + 1 <= deepest && impl_->layers[std::size_t(i) + 1].spec.kind == OpSpec::Kind::MaxPool2x2;
+          p.pool = pool_next && !requested(i, false) && !requested(i, true);
+          run_conv3x3(p, stream);
+          if (p.pool) produced = i + 1;
+        }
+        if (preactivation) deliver(i, true, preactivation);
+        if (!fused) activation_pass(i, op.activation, out, static_cast<long long>(count) * shape[0] * shape[1], shape[2]);
         break;
       }
       case OpSpec::Kind::MaxPool2x2: {
         run_max_pool2x2(MaxPool2x2Problem{current, out, count, h, w, c}, stream);
+        break;
+      }
+      case OpSpec::Kind::Pool2x2: {
+        const std::vector<int>& shape = shapes[std::size_t(i)];
+        run_window_pool(Pool2x2Problem{current, out, count, h, w, c, shape[0], shape[1],
+                                       op.pool_mode == 1 ? kGlobalMax : kGlobalAverage},
+                        stream);
         break;
       }
       case OpSpec::Kind::Flatten:
@@ -496,16 +643,30 @@ void Executor::forward(const float* images, int count, int height, int width, co
                         stream);
         break;
       case OpSpec::Kind::Dense: {
-        DenseProblem p{current, layer.kernel.data(), layer.bias.data(), out,
-                       want_preactivation ? impl_->preactivation.data() : nullptr,
+        DenseProblem p{current, layer.kernel.data(), layer.bias.data(), out, preactivation,
                        count, op.in_channels, op.out_channels, kernel_activation(op.activation)};
         run_dense(p, gemv_pays(count), impl_->dense_workspace, stream);
-        if (op.activation == 2) run_softmax(SoftmaxProblem{out, count, op.out_channels}, stream);
-        if (p.preactivation) deliver(i, true, p.preactivation);
+        if (preactivation) deliver(i, true, preactivation);
+        if (!fused) activation_pass(i, op.activation, out, count, op.out_channels);
+        break;
+      }
+      case OpSpec::Kind::Affine: {
+        out = const_cast<float*>(current);  // in place: the buffer is the executor's own
+        const long long rows = op.on_image ? static_cast<long long>(count) * h * w : count;
+        run_affine(AffineProblem{out, layer.kernel.data(), layer.bias.data(), rows, op.out_channels}, stream);
+        break;
+      }
+      case OpSpec::Kind::Elementwise: {
+        out = const_cast<float*>(current);
+        const std::vector<int>& shape = shapes[std::size_t(i)];
+        if (op.on_image)
+          activation_pass(i, op.activation, out, static_cast<long long>(count) * shape[0] * shape[1], shape[2]);
+        else
+          activation_pass(i, op.activation, out, count, shape[0]);
         break;
       }
     }
-    if (requested(i, true) && op.activation == 0) deliver(i, true, out);  // linear: before = after
+    if (requested(i, true) && op.activation == kLinear) deliver(i, true, out);  // linear: before = after
     deliver(produced, false, out);
     const std::vector<int>& shape = shapes[std::size_t(produced)];
     if (shape.size() == 3) {
@@ -544,10 +705,23 @@ struct Scratch {  // device copies of host arrays for one call
     device::synchronize(stream);
   }
 };
+
+// After a convolution's GEMM, as the executor does it: the pre-activation output (from the
+// epilogue's, or from the linear output before a pass activation runs on it), then the pass.
+void finish_convolution(Scratch& s, float* output, const float* epilogue_preactivation, std::size_t outputs,
+                        int activation, float* y, float* preactivation) {
+  if (preactivation) s.download(preactivation, epilogue_preactivation ? epilogue_preactivation : output, outputs);
+  if (!fused_activation(activation))
+    run_activation(ActivationProblem{output, output, static_cast<long long>(outputs), activation}, s.stream);
+  s.download(y, output, outputs);
+}
 }  // namespace
 
 void conv3x3(const float* x, int images, int height, int width, int in_channels, const float* kernel_hwio,
              const float* bias, int out_channels, int padding, int activation, bool pool, float* y, float* preactivation) {
+  if (activation == kSoftmax) throw std::invalid_argument("softmax on a convolution is not supported");
+  if (pool && !fused_activation(activation))
+    throw std::logic_error("conv3x3: a fused pool follows a linear or ReLU epilogue only");
   Scratch s;
   Conv3x3Problem p{};
   p.images = images;
@@ -566,10 +740,56 @@ void conv3x3(const float* x, int images, int height, int width, int in_channels,
   p.kernel = s.upload(kernel_hwio, std::size_t(9) * in_channels * out_channels);
   p.bias = s.upload(bias, std::size_t(out_channels));
   p.output = s.empty(outputs);
-  p.preactivation = preactivation ? s.empty(outputs) : nullptr;
+  p.preactivation = preactivation && fused_activation(activation) ? s.empty(outputs) : nullptr;
   run_conv3x3(p, s.stream);
+  finish_convolution(s, p.output, p.preactivation, outputs, activation, y, preactivation);
+}
+
+void conv(const float* x, int images, int height, int width, int in_channels, const float* kernel_hwio, int kernel_size,
+          const float* bias, int out_channels, int padding, int activation, float* y, float* preactivation) {
+  if (kernel_size == 3)
+    return conv3x3(x, images, height, width, in_channels, kernel_hwio, bias, out_channels, padding, activation, false, y,
+                   preactivation);
+  if (kernel_size != 1) throw std::invalid_argument("kernel_size must be 1 or 3");
+  if (activation == kSoftmax) throw std::invalid_argument("softmax on a convolution is not supported");
+  Scratch s;
+  const long long pixels = static_cast<long long>(images) * height * width;
+  const std::size_t outputs = std::size_t(pixels) * std::size_t(out_channels);
+  DenseProblem p = conv1x1_problem(s.upload(x, std::size_t(pixels) * std::size_t(in_channels)),
+                                   s.upload(kernel_hwio, std::size_t(in_channels) * std::size_t(out_channels)),
+                                   s.upload(bias, std::size_t(out_channels)), s.empty(outputs),
+                                   preactivation && fused_activation(activation) ? s.empty(outputs) : nullptr, pixels,
+                                   in_channels, out_channels, activation);
+  DeviceBuffer workspace;
+  run_dense(p, gemv_pays(p.rows), workspace, s.stream);
+  finish_convolution(s, p.output, p.preactivation, outputs, activation, y, preactivation);
+}
+
+void pool2x2(const float* x, int images, int height, int width, int channels, int mode, int padding, float* y) {
+  Scratch s;
+  Pool2x2Problem p{s.upload(x, std::size_t(images) * height * width * channels), nullptr, images, height, width, channels,
+                   padding ? (height + 1) / 2 : height / 2, padding ? (width + 1) / 2 : width / 2,
+                   mode == 1 ? kGlobalMax : kGlobalAverage};
+  const std::size_t outputs = std::size_t(window_pool_outputs(p));
+  p.output = s.empty(outputs);
+  run_window_pool(p, s.stream);
   s.download(y, p.output, outputs);
-  if (preactivation) s.download(preactivation, p.preactivation, outputs);
+}
+
+void affine(float* values, long long rows, int channels, const float* scale, const float* shift, int max_blocks) {
+  Scratch s;
+  const std::size_t count = std::size_t(rows) * std::size_t(channels);
+  AffineProblem p{s.upload(values, count), s.upload(scale, std::size_t(channels)), s.upload(shift, std::size_t(channels)),
+                  rows, channels};
+  run_affine(p, s.stream, max_blocks);
+  s.download(values, p.values, count);
+}
+
+void activation(const float* x, long long count, int activation, float* y, int max_blocks) {
+  Scratch s;
+  float* values = s.upload(x, std::size_t(count));
+  run_activation(ActivationProblem{values, values, count, activation}, s.stream, max_blocks);
+  s.download(y, values, std::size_t(count));
 }
 
 void max_pool2x2(const float* x, int images, int height, int width, int channels, float* y) {
@@ -597,7 +817,10 @@ void dense(const float* x, int rows, int depth, const float* kernel, const float
                  rows, depth, units, kernel_activation(activation)};
   DeviceBuffer workspace;
   run_dense(p, path == 0 ? gemv_pays(rows) : path == 2, workspace, s.stream);
-  if (activation == 2) run_softmax(SoftmaxProblem{p.output, rows, units}, s.stream);
+  if (activation == kSoftmax)
+    run_softmax(SoftmaxProblem{p.output, rows, units}, s.stream);
+  else if (!fused_activation(activation))
+    run_activation(ActivationProblem{p.output, p.output, static_cast<long long>(rows) * units, activation}, s.stream);
   s.download(y, p.output, std::size_t(rows) * units);
 }
 

@@ -1,5 +1,7 @@
-// The CUDA executor: a VGG-style graph's weights on the GPU and a whole batch run on the
-// model's own stream. Plain C++: no CUDA type appears here, so the pybind11 module
+// The CUDA executor: a graph's weights on the GPU and a whole batch run on the model's own
+// stream. It runs every op kind and activation of csrc/graph.h, as the CPU executor does:
+// VGG's ops and those fine-tuned models add (1x1 and 'valid' 3x3 convolutions, 2x2 average and
+// 'same' pooling, per-channel affine maps, activations on their own or after any layer). Plain C++: no CUDA type appears here, so the pybind11 module
 // (module.cpp) is compiled by the host compiler and only executor.cu needs nvcc.
 //
 // executor.cu is also compiled by g++ with FASTVGG_CUDA_EMULATE, where "device" memory is host
@@ -15,14 +17,21 @@
 
 namespace fastvgg::cuda {
 
-// One op of the graph, as _core.Graph.describe() lists it.
+// One op of the graph, as _core.Graph.describe() lists it (csrc/graph.h's Op, field for field).
+// New fields go last: code builds OpSpecs by aggregate initialisation.
 struct OpSpec {
-  enum class Kind { Conv3x3, MaxPool2x2, Flatten, GlobalPool, Dense } kind;
-  int in_channels = 0;   // conv: input channels; dense: input features
-  int out_channels = 0;  // conv: filters; dense: units
-  int activation = 0;    // 0 linear, 1 relu, 2 softmax
-  int pool_mode = 0;     // 0 average, 1 max
-  int padding = 1;       // conv: 1 'same', 0 'valid'
+  // Conv3x3: VGG's 3x3 convolution ('same', or 'valid'); Conv: a 1x1 convolution, or a 3x3 one;
+  // Pool2x2: 2x2 average pooling, or max pooling with 'same' padding; Affine: per-channel
+  // x * scale + shift; Elementwise: an activation on its own. The last two work in place.
+  enum class Kind { Conv3x3, MaxPool2x2, Flatten, GlobalPool, Dense, Conv, Pool2x2, Affine, Elementwise } kind;
+  int in_channels = 0;   // conv: input channels; dense: input features; affine: = out_channels
+  int out_channels = 0;  // conv: filters; dense: units; affine: channels (on an image) or features
+  int activation = 0;    // graph.h's Activation: 0 linear, 1 relu, 2 softmax, 3 sigmoid, 4 tanh,
+                         // 5 elu, 6 selu, 7 gelu, 8 swish, 9 softplus
+  int pool_mode = 0;     // global pool, Pool2x2: 0 average, 1 max
+  int padding = 1;       // convolutions, Pool2x2: 1 'same', 0 'valid'
+  int kernel_size = 3;   // Conv: 1 or 3
+  bool on_image = false; // Affine, Elementwise: set by the executor, true before the chain turns flat
 };
 
 struct OutputRequest {
@@ -49,7 +58,12 @@ class Executor {
   // {h, w, c} for spatial outputs, {features} for flat ones; throws std::invalid_argument.
   std::vector<std::vector<int>> output_shapes(int height, int width) const;
 
+  // A 3x3 convolution's (Conv3x3, or Conv of kernel_size 3) HWIO kernel and bias.
   void set_conv3x3_weights(int index, const float* kernel_hwio, const float* bias);
+  // Any convolution's: (kernel_size, kernel_size, in, out) HWIO.
+  void set_conv_weights(int index, const float* kernel_hwio, const float* bias);
+  // An affine op's per-channel scale and shift (get_weights returns them as kernel and bias).
+  void set_affine(int index, const float* scale, const float* shift);
   void set_dense_kernel_rows(int index, int first_row, int row_count, const float* rows);
   void set_dense_bias(int index, const float* bias);
   void get_weights(int index, float* kernel, float* bias) const;
@@ -73,11 +87,23 @@ class Executor {
 // Single ops on host arrays (device buffers allocated, filled and read back per call), for
 // the tests on the emulator and on a GPU.
 namespace testing {
+// activation: any but softmax (a fused pool: linear or relu only); preactivation may be null.
 void conv3x3(const float* x, int images, int height, int width, int in_channels, const float* kernel_hwio,
              const float* bias, int out_channels, int padding, int activation, bool pool, float* y, float* preactivation);
+// A 1x1 (kernel_size 1) or 3x3 convolution as the executor runs a Conv op.
+void conv(const float* x, int images, int height, int width, int in_channels, const float* kernel_hwio, int kernel_size,
+          const float* bias, int out_channels, int padding, int activation, float* y, float* preactivation);
+// 2x2 pooling, mode 0 average / 1 max, padding 1 'same' / 0 'valid'.
+void pool2x2(const float* x, int images, int height, int width, int channels, int mode, int padding, float* y);
+// values[r][c] = values[r][c] * scale[c] + shift[c], in place. max_blocks > 0 caps the grid, so
+// that small tensors run the kernels' grid-stride loops too.
+void affine(float* values, long long rows, int channels, const float* scale, const float* shift, int max_blocks = 0);
+// y = activation(x) element-wise (any activation but softmax).
+void activation(const float* x, long long count, int activation, float* y, int max_blocks = 0);
 void max_pool2x2(const float* x, int images, int height, int width, int channels, float* y);
 void global_pool(const float* x, int images, int height, int width, int channels, int mode, float* y);
 // path: 0 chooses as the executor does, 1 forces the batched GEMM, 2 the bandwidth-bound path.
+// activation: any (softmax and the element-wise ones run after the GEMM, as in the executor).
 void dense(const float* x, int rows, int depth, const float* kernel, const float* bias, int units, int activation,
            int path, float* y);
 void softmax(float* values, int rows, int cols);

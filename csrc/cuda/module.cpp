@@ -3,7 +3,9 @@
 // over the CPU grid emulator (_cuda_emulated). Host compiler only: no CUDA header here.
 //
 // The executor offers the CPU executor's methods and is built from _core.Graph.describe()'s
-// list of dicts, so no pybind11 type crosses between the two modules. Arrays are checked here
+// list of dicts, so no pybind11 type crosses between the two modules. Every op kind and
+// activation the graph has runs here; errors about an op start with "op <index>: ", which
+// fastvgg/cuda.py turns into the name of the model's layer. Arrays are checked here
 // before any pointer reaches C++, and every call that computes releases the GIL.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -45,11 +47,29 @@ void require_shape(const py::array& a, const std::vector<py::ssize_t>& shape, co
   }
 }
 
+// csrc/graph.h's Activation, in its order (OpSpec::activation).
+const char* const kActivationNames[] = {"linear", "relu", "softmax", "sigmoid", "tanh",
+                                         "elu",    "selu", "gelu",    "swish",   "softplus"};
+
 int parse_activation(const std::string& name) {
-  if (name == "linear") return 0;
-  if (name == "relu") return 1;
-  if (name == "softmax") return 2;
-  throw py::value_error("unknown activation '" + name + "'; expected 'linear', 'relu' or 'softmax'");
+  for (int i = 0; i < int(sizeof(kActivationNames) / sizeof(kActivationNames[0])); ++i)
+    if (name == kActivationNames[i]) return i;
+  if (name == "silu") return 8;  // Keras 3's name for swish
+  throw py::value_error("unknown activation '" + name +
+                        "'; expected linear, relu, softmax, sigmoid, tanh, elu, selu, gelu, swish (silu) or softplus");
+}
+
+bool is_convolution(const OpSpec& op) { return op.kind == OpSpec::Kind::Conv3x3 || op.kind == OpSpec::Kind::Conv; }
+
+int parse_padding(const std::string& padding, const std::string& where) {
+  if (padding != "same" && padding != "valid")
+    throw py::value_error(where + "padding must be 'same' or 'valid', got '" + padding + "'");
+  return padding == "same" ? 1 : 0;
+}
+
+int parse_pool_mode(const std::string& mode, const std::string& where) {
+  if (mode != "avg" && mode != "max") throw py::value_error(where + "pool_mode must be 'avg' or 'max'");
+  return mode == "max" ? 1 : 0;
 }
 
 OpSpec parse_op(const py::dict& d, std::size_t index) {
@@ -64,31 +84,45 @@ OpSpec parse_op(const py::dict& d, std::size_t index) {
     return d.contains(key) ? std::string(py::str(d[key])) : std::string(fallback);
   };
   OpSpec op{};
-  if (kind == "conv3x3") {
-    op.kind = OpSpec::Kind::Conv3x3;
+  auto activation = [&]() {
+    try {
+      return parse_activation(get_str("activation", "linear"));
+    } catch (const py::value_error& e) {
+      throw py::value_error(where + e.what());
+    }
+  };
+  if (kind == "conv3x3" || kind == "conv") {
+    op.kind = kind == "conv3x3" ? OpSpec::Kind::Conv3x3 : OpSpec::Kind::Conv;
     op.out_channels = get_int("out_channels");
-    op.activation = parse_activation(get_str("activation", "linear"));
-    const std::string padding = get_str("padding", "same");
-    if (padding != "same" && padding != "valid")
-      throw py::value_error(where + "padding must be 'same' or 'valid', got '" + padding + "'");
-    op.padding = padding == "same" ? 1 : 0;
+    op.activation = activation();
+    op.padding = parse_padding(get_str("padding", kind == "conv3x3" ? "same" : "valid"), where);
+    op.kernel_size = kind == "conv3x3" ? 3 : get_int("kernel_size");
   } else if (kind == "max_pool2x2") {
     op.kind = OpSpec::Kind::MaxPool2x2;
+  } else if (kind == "pool2x2") {
+    op.kind = OpSpec::Kind::Pool2x2;
+    op.pool_mode = parse_pool_mode(get_str("pool_mode", "avg"), where);
+    op.padding = parse_padding(get_str("padding", "valid"), where);
   } else if (kind == "flatten") {
     op.kind = OpSpec::Kind::Flatten;
   } else if (kind == "global_pool") {
     op.kind = OpSpec::Kind::GlobalPool;
-    const std::string mode = get_str("pool_mode", "avg");
-    if (mode != "avg" && mode != "max") throw py::value_error(where + "pool_mode must be 'avg' or 'max'");
-    op.pool_mode = mode == "max" ? 1 : 0;
+    op.pool_mode = parse_pool_mode(get_str("pool_mode", "avg"), where);
   } else if (kind == "dense") {
     op.kind = OpSpec::Kind::Dense;
     op.in_channels = get_int("in_channels");
     op.out_channels = get_int("out_channels");
-    op.activation = parse_activation(get_str("activation", "linear"));
+    op.activation = activation();
+  } else if (kind == "affine") {
+    op.kind = OpSpec::Kind::Affine;
+    op.out_channels = get_int("out_channels");
+  } else if (kind == "activation") {
+    op.kind = OpSpec::Kind::Elementwise;
+    op.activation = activation();
   } else {
     throw py::value_error(where + "unsupported kind '" + kind +
-                          "'; expected conv3x3, max_pool2x2, flatten, global_pool or dense");
+                          "'; expected conv3x3, max_pool2x2, flatten, global_pool, dense, conv, pool2x2, affine or "
+                          "activation");
   }
   return op;
 }
@@ -201,32 +235,94 @@ class WeightsUpdate {
 };
 
 // testing: single ops on NHWC arrays.
-FloatArray test_conv3x3(const FloatArray& x, const FloatArray& kernel, const FloatArray& bias, const std::string& activation,
-                        const std::string& padding, bool pool) {
+
+// A convolution (kernel_size 1 or 3) with any activation but softmax; with `preactivation`,
+// (output, pre-activation output).
+py::object test_conv(const FloatArray& x, const FloatArray& kernel, const FloatArray& bias, const std::string& activation,
+                     const std::string& padding, bool pool, bool preactivation) {
   if (x.ndim() != 4 || kernel.ndim() != 4) throw py::value_error("x must be NHWC and kernel HWIO");
   const int n = checked_int(x.shape(0), "batch"), h = checked_int(x.shape(1), "height"), w = checked_int(x.shape(2), "width"),
             c = checked_int(x.shape(3), "channels"), f = checked_int(kernel.shape(3), "filters");
-  require_shape(kernel, {3, 3, c, f}, "kernel");
+  const int size = checked_int(kernel.shape(0), "kernel size");
+  if (size != 1 && size != 3) throw py::value_error("kernel must be 1x1 or 3x3");
+  require_shape(kernel, {size, size, c, f}, "kernel");
   require_shape(bias, {f}, "bias");
-  if (padding != "same" && padding != "valid") throw py::value_error("padding must be 'same' or 'valid'");
-  const int pad = padding == "same" ? 1 : 0;
+  const int pad = size == 1 ? 1 : parse_padding(padding, "");
   int oh = pad ? h : h - 2, ow = pad ? w : w - 2;
   if (oh < 1 || ow < 1 || n < 1 || c < 1 || f < 1) throw py::value_error("empty convolution");
-  if (pool) oh /= 2, ow /= 2;
   const int act = parse_activation(activation);
   if (act == 2) throw py::value_error("softmax on a convolution is not supported");
-  FloatArray y({n, oh, ow, f});
+  if (pool && (size != 3 || act > 1)) throw py::value_error("a fused pool follows a 3x3 convolution with linear or relu only");
+  if (pool && preactivation) throw py::value_error("a fused pool has no pre-activation output");
+  if (pool) oh /= 2, ow /= 2;
+  FloatArray y({n, oh, ow, f}), pre(preactivation ? std::vector<py::ssize_t>{n, oh, ow, f} : std::vector<py::ssize_t>{0});
   const float *xp = x.data(), *kp = kernel.data(), *bp = bias.data();
   float* yp = y.mutable_data();
+  float* pp = preactivation ? pre.mutable_data() : nullptr;
+  {
+    py::gil_scoped_release release;
+    if (pool)
+      fastvgg::cuda::testing::conv3x3(xp, n, h, w, c, kp, bp, f, pad, act, true, yp, nullptr);
+    else
+      fastvgg::cuda::testing::conv(xp, n, h, w, c, kp, size, bp, f, pad, act, yp, pp);
+  }
+  if (preactivation) return py::make_tuple(y, pre);
+  return py::object(y);
+}
+
+FloatArray test_conv3x3(const FloatArray& x, const FloatArray& kernel, const FloatArray& bias, const std::string& activation,
+                        const std::string& padding, bool pool) {
+  if (kernel.ndim() == 4 && kernel.shape(0) != 3) throw py::value_error("kernel must have shape (3, 3, in, out)");
+  return test_conv(x, kernel, bias, activation, padding, pool, false).cast<FloatArray>();
+}
+
+FloatArray test_pool2x2(const FloatArray& x, const std::string& mode, const std::string& padding) {
+  if (x.ndim() != 4) throw py::value_error("x must be NHWC");
+  const int n = checked_int(x.shape(0), "batch"), h = checked_int(x.shape(1), "height"), w = checked_int(x.shape(2), "width"),
+            c = checked_int(x.shape(3), "channels");
+  const int m = parse_pool_mode(mode, ""), pad = parse_padding(padding, "");
+  const int oh = pad ? (h + 1) / 2 : h / 2, ow = pad ? (w + 1) / 2 : w / 2;
+  if (n < 1 || c < 1 || oh < 1 || ow < 1) throw py::value_error("empty pooling: 'valid' 2x2 pooling needs 2x2 pixels");
+  FloatArray y({n, oh, ow, c});
+  const float* xp = x.data();
+  float* yp = y.mutable_data();
   py::gil_scoped_release release;
-  fastvgg::cuda::testing::conv3x3(xp, n, h, w, c, kp, bp, f, pad, act, pool, yp, nullptr);
+  fastvgg::cuda::testing::pool2x2(xp, n, h, w, c, m, pad, yp);
+  return y;
+}
+
+// x * scale + shift along the last axis (rows of features, or NHWC pixels).
+FloatArray test_affine(const FloatArray& x, const FloatArray& scale, const FloatArray& shift, int max_blocks) {
+  if (x.ndim() < 1 || x.size() == 0) throw py::value_error("x must be a non-empty array");
+  const int channels = checked_int(x.shape(x.ndim() - 1), "channels");
+  require_shape(scale, {channels}, "scale");
+  require_shape(shift, {channels}, "shift");
+  FloatArray y(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
+  std::copy(x.data(), x.data() + x.size(), y.mutable_data());
+  float* yp = y.mutable_data();
+  const float *sp = scale.data(), *tp = shift.data();
+  const long long rows = static_cast<long long>(x.size()) / channels;
+  py::gil_scoped_release release;
+  fastvgg::cuda::testing::affine(yp, rows, channels, sp, tp, max_blocks);
+  return y;
+}
+
+FloatArray test_activation(const FloatArray& x, const std::string& name, int max_blocks) {
+  const int act = parse_activation(name);
+  if (act == 2) throw py::value_error("softmax is not element-wise: use softmax()");
+  FloatArray y(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
+  const float* xp = x.data();
+  float* yp = y.mutable_data();
+  const long long count = static_cast<long long>(x.size());
+  py::gil_scoped_release release;
+  if (count > 0) fastvgg::cuda::testing::activation(xp, count, act, yp, max_blocks);
   return y;
 }
 
 }  // namespace
 
 PYBIND11_MODULE(FASTVGG_CUDA_MODULE_NAME, m) {
-  m.doc() = "fastvgg's CUDA backend: VGG graphs on the GPU (or, in the test build, on a CPU grid emulator)";
+  m.doc() = "fastvgg's CUDA backend: VGG and fine-tuned graphs on the GPU (or, in the test build, on a CPU grid emulator)";
   m.attr("backend") = fastvgg::cuda::backend_name();
   m.def("status", &fastvgg::cuda::device_status,
         "(usable, reason): whether a GPU can run this module's kernels, and what it is or why not");
@@ -248,13 +344,34 @@ PYBIND11_MODULE(FASTVGG_CUDA_MODULE_NAME, m) {
       .def("set_conv3x3_weights",
            [](Executor& e, int index, const FloatArray& kernel, const FloatArray& bias) {
              const OpSpec& op = e.op(index);
-             if (op.kind != OpSpec::Kind::Conv3x3) throw py::value_error("layer " + std::to_string(index) + " is not a 3x3 convolution");
+             if (!is_convolution(op) || op.kernel_size != 3)
+               throw py::value_error("layer " + std::to_string(index) + " is not a 3x3 convolution");
              require_shape(kernel, {3, 3, op.in_channels, op.out_channels}, "kernel");
              require_shape(bias, {op.out_channels}, "bias");
              const float *k = kernel.data(), *b = bias.data();
              py::gil_scoped_release release;
              e.set_conv3x3_weights(index, k, b);
            })
+      .def("set_conv_weights",
+           [](Executor& e, int index, const FloatArray& kernel, const FloatArray& bias) {
+             const OpSpec& op = e.op(index);
+             if (!is_convolution(op)) throw py::value_error("layer " + std::to_string(index) + " is not a convolution");
+             require_shape(kernel, {op.kernel_size, op.kernel_size, op.in_channels, op.out_channels}, "kernel");
+             require_shape(bias, {op.out_channels}, "bias");
+             const float *k = kernel.data(), *b = bias.data();
+             py::gil_scoped_release release;
+             e.set_conv_weights(index, k, b);
+           }, py::arg("index"), py::arg("kernel"), py::arg("bias"), "Any convolution's HWIO kernel (1x1 or 3x3) and bias.")
+      .def("set_affine",
+           [](Executor& e, int index, const FloatArray& scale, const FloatArray& shift) {
+             const OpSpec& op = e.op(index);
+             if (op.kind != OpSpec::Kind::Affine) throw py::value_error("layer " + std::to_string(index) + " is not an affine map");
+             require_shape(scale, {op.out_channels}, "scale");
+             require_shape(shift, {op.out_channels}, "shift");
+             const float *sp = scale.data(), *tp = shift.data();
+             py::gil_scoped_release release;
+             e.set_affine(index, sp, tp);
+           }, py::arg("index"), py::arg("scale"), py::arg("shift"), "An affine map's per-channel scale and shift.")
       .def("set_dense_kernel_rows",
            [](Executor& e, int index, int first_row, const FloatArray& rows) {
              const OpSpec& op = e.op(index);
@@ -280,8 +397,9 @@ PYBIND11_MODULE(FASTVGG_CUDA_MODULE_NAME, m) {
            [](const Executor& e, int index) {
              const OpSpec& op = e.op(index);
              std::vector<py::ssize_t> shape;
-             if (op.kind == OpSpec::Kind::Conv3x3) shape = {3, 3, op.in_channels, op.out_channels};
+             if (is_convolution(op)) shape = {op.kernel_size, op.kernel_size, op.in_channels, op.out_channels};
              else if (op.kind == OpSpec::Kind::Dense) shape = {op.in_channels, op.out_channels};
+             else if (op.kind == OpSpec::Kind::Affine) shape = {op.out_channels};  // the scale; the shift as bias
              else throw py::value_error("layer " + std::to_string(index) + " has no weights");
              FloatArray kernel(shape), bias(std::vector<py::ssize_t>{op.out_channels});
              float *k = kernel.mutable_data(), *b = bias.mutable_data();
@@ -304,6 +422,16 @@ PYBIND11_MODULE(FASTVGG_CUDA_MODULE_NAME, m) {
   py::module_ t = m.def_submodule("testing", "Single kernels on NHWC arrays, for the emulator and GPU tests.");
   t.def("conv3x3", &test_conv3x3, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("activation") = "relu",
         py::arg("padding") = "same", py::arg("pool") = false);
+  t.def("conv", &test_conv, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("activation") = "linear",
+        py::arg("padding") = "valid", py::arg("pool") = false, py::arg("preactivation") = false,
+        "A 1x1 or 3x3 convolution as the executor runs it (GEMM, then any activation but softmax); with "
+        "preactivation=True, (output, output before the activation).");
+  t.def("pool2x2", &test_pool2x2, py::arg("x"), py::arg("mode"), py::arg("padding"),
+        "2x2 stride-2 pooling, 'avg' or 'max', Keras's 'valid' or 'same'.");
+  t.def("affine", &test_affine, py::arg("x"), py::arg("scale"), py::arg("shift"), py::arg("max_blocks") = 0,
+        "x * scale + shift along the last axis; max_blocks > 0 caps the grid (the grid-stride loop then runs).");
+  t.def("activation", &test_activation, py::arg("x"), py::arg("name"), py::arg("max_blocks") = 0,
+        "An element-wise activation (not softmax); max_blocks as for affine().");
   t.def("max_pool2x2", [](const FloatArray& x) {
     if (x.ndim() != 4) throw py::value_error("x must be NHWC");
     const int n = checked_int(x.shape(0), "batch"), h = checked_int(x.shape(1), "height"),

@@ -9,8 +9,9 @@ nothing here raises unless a caller insists on CUDA (``require_cuda``, ``device=
 from __future__ import annotations
 
 import importlib
+import re
 import threading
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -81,54 +82,73 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def new_executor(ops: List[dict], input_channels: int):
-    """A bare fastvgg._cuda.CudaExecutor for a graph described as _core.Graph.describe() lists it."""
+def new_executor(ops: List[dict], input_channels: int, layer_names: Optional[Sequence[str]] = None):
+    """A bare fastvgg._cuda.CudaExecutor for a graph described as _core.Graph.describe() lists it.
+
+    A graph the GPU executor cannot run raises ValueError naming the layer (``layer_names[i]``
+    for op i, when given) and saying to use device="cpu"."""
     require_cuda()
-    return _cuda_module().CudaExecutor(ops, input_channels)
+    try:
+        return _cuda_module().CudaExecutor(ops, input_channels)
+    except ValueError as error:
+        raise ValueError(_unsupported_on_gpu(str(error), layer_names)) from None
+
+
+_OP_ERROR = re.compile(r"^op (\d+): (.*)$", re.DOTALL)
+
+
+def _unsupported_on_gpu(message: str, layer_names: Optional[Sequence[str]]) -> str:
+    """The compiled module's "op <i>: <reason>" as the model's words: which layer, and what to do."""
+    match = _OP_ERROR.match(message)
+    if match is None:
+        what, reason = "this model", message
+    else:
+        index, reason = int(match.group(1)), match.group(2)
+        names = list(layer_names or [])
+        what = f"layer {names[index]}" if index < len(names) else f"layer {index} of the graph"
+    return (
+        f"{what} cannot run on the GPU: {reason}. Use device='cpu' for this model (the CPU executor runs every "
+        "layer fastvgg supports)."
+    )
 
 
 class CudaExecutor:
     """The CUDA executor behind the CPU executor's interface, for a model's ``_executor``:
     built from a ``_core.Graph`` (kept as ``.graph``, as the CPU executor has it), every
-    other attribute (set_conv3x3_weights, set_dense_kernel_rows, set_dense_bias, get_weights,
-    weights_loaded, updating, forward, forward_into, weights_nbytes, device) is the compiled
-    executor's. Both precisions run the same fp32 kernels (no Winograd on the GPU)."""
+    other attribute (set_conv3x3_weights, set_conv_weights, set_affine, set_dense_kernel_rows,
+    set_dense_bias, get_weights, weights_loaded, updating, forward, forward_into,
+    weights_nbytes, device) is the compiled executor's. Both precisions run the same fp32
+    kernels (no Winograd on the GPU).
+
+    ``layer_names`` (one per graph op, e.g. "'dense_1' (Dense)") name the layer in the error
+    raised for a graph the GPU cannot run."""
 
     PRECISIONS = ("fast", "highest")
 
-    def __init__(self, graph, precision: str = "fast") -> None:
+    def __init__(self, graph, precision: str = "fast", layer_names: Optional[Sequence[str]] = None) -> None:
         if precision not in self.PRECISIONS:
             raise ValueError(f"precision {precision!r} is not available on the GPU; use one of {self.PRECISIONS}")
         self.graph = graph
         self.precision = precision
-        self._impl = new_executor(graph.describe(), graph.input_channels)
+        self._impl = new_executor(graph.describe(), graph.input_channels, layer_names)
 
     def __getattr__(self, name):
         return getattr(self._impl, name)
 
 
+def layer_labels(layers) -> List[str]:
+    """How errors name a model's computed layers (the input layer left out): "'name' (Class)"."""
+    return [f"{layer.name!r} ({layer.class_name})" for layer in layers]
+
+
 # Models ------------------------------------------------------------------------------------
 def describe_model(model) -> Tuple[List[dict], int]:
-    """(ops, input_channels) of a fastvgg Model, in _core.Graph.describe()'s form, read from
-    its layers (so a sub-model built by Model(inputs, outputs) describes itself too)."""
-    from . import layers as L
-
-    ops: List[dict] = []
-    for layer in _computed_layers(model):
-        if isinstance(layer, L.Conv2D):
-            ops.append({"kind": "conv3x3", "in_channels": layer.input_shape[-1], "out_channels": layer.filters,
-                        "activation": layer.activation, "padding": layer.padding})
-        elif isinstance(layer, L.MaxPooling2D):
-            ops.append({"kind": "max_pool2x2"})
-        elif isinstance(layer, L.Flatten):
-            ops.append({"kind": "flatten"})
-        elif isinstance(layer, L.GlobalAveragePooling2D):  # GlobalMaxPooling2D included
-            ops.append({"kind": "global_pool", "pool_mode": layer.mode})
-        elif isinstance(layer, L.Dense):
-            ops.append({"kind": "dense", "in_channels": layer.input_shape[-1], "out_channels": layer.units,
-                        "activation": layer.activation})
-        else:
-            raise ValueError(f"layer {layer.name!r} ({type(layer).__name__}) has no CUDA kernel")
+    """(ops, input_channels) of a fastvgg Model, in _core.Graph.describe()'s form: the ops its
+    layers run in the model's graph (a sub-model built by Model(inputs, outputs) describes its
+    own layers, a prefix of the graph). Every model's layers, VGG16/VGG19's and load_model's,
+    were built from that graph, one op each."""
+    described = model._executor.graph.describe()
+    ops = [dict(described[layer._index]) for layer in _computed_layers(model)]
     return ops, int(model.input_shape[-1])
 
 
@@ -142,13 +162,21 @@ def executor_for_model(model):
     """A CudaExecutor holding a copy of a fastvgg Model's weights (uploaded once, here).
     Its op i is the model's i-th layer after the input layer."""
     ops, channels = describe_model(model)
-    executor = new_executor(ops, channels)
-    for index, layer in enumerate(_computed_layers(model)):
-        if layer.weight_shapes():
-            kernel, bias = (np.ascontiguousarray(w, dtype=np.float32) for w in layer.get_weights())
-            if ops[index]["kind"] == "conv3x3":
-                executor.set_conv3x3_weights(index, kernel, bias)
-            else:
-                executor.set_dense_kernel_rows(index, 0, kernel)
-                executor.set_dense_bias(index, bias)
+    layers = _computed_layers(model)
+    executor = new_executor(ops, channels, layer_labels(layers))
+    source = model._executor
+    for index, layer in enumerate(layers):
+        kind = ops[index]["kind"]
+        if kind not in ("conv3x3", "conv", "dense", "affine"):
+            continue
+        # The executor's own arrays: a convolution's kernel and bias (a zero bias where Keras has
+        # none), an affine map's scale and shift (what BatchNormalization and friends reduce to).
+        kernel, bias = (np.ascontiguousarray(w, dtype=np.float32) for w in source.get_weights(layer._index))
+        if kind in ("conv3x3", "conv"):
+            executor.set_conv_weights(index, kernel, bias)
+        elif kind == "affine":
+            executor.set_affine(index, kernel, bias)
+        else:
+            executor.set_dense_kernel_rows(index, 0, kernel)
+            executor.set_dense_bias(index, bias)
     return executor

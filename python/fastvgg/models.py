@@ -488,7 +488,7 @@ def _build(
         add(layer, graph.add_global_pool(pooling))
 
     # The executor packs the weights for its kernels; layers reach them through it.
-    executor = new_executor(graph, precision, device)
+    executor = new_executor(graph, precision, device, layers[1:])
     for layer in layers:
         layer._graph = layers
         layer._executor = executor
@@ -517,13 +517,14 @@ def _build(
     return model
 
 
-def new_executor(graph, precision: str, device: str):
+def new_executor(graph, precision: str, device: str, layers: Optional[Sequence[Layer]] = None):
     """The executor that runs `graph`: the CPU's, or the GPU's for device="cuda" (and for
-    "auto" when fastvgg.cuda_status() says a GPU is usable)."""
+    "auto" when fastvgg.cuda_status() says a GPU is usable). `layers`, the model's layers
+    after its input layer (one per graph op), name the layer in the GPU's refusal of an op."""
     from . import cuda
 
     if cuda.resolve_device(device) == "cuda":
-        return cuda.CudaExecutor(graph, precision)
+        return cuda.CudaExecutor(graph, precision, cuda.layer_labels(layers or []))
     return _core.CpuExecutor(graph, precision)
 
 

@@ -44,8 +44,9 @@ def load_model(
         filepath: the ``.keras`` or ``.h5`` file.
         precision: "fast" (Winograd 3x3 convolutions where they pay), "highest" or "bf16" (see
             ``fastvgg.VGG16``).
-        device: "cpu" (default), "cuda" or "auto", as for ``fastvgg.VGG16``; the GPU executor
-            runs VGG's own ops only, so a head with other layers raises there.
+        device: "cpu" (default), "cuda" or "auto", as for ``fastvgg.VGG16``. The GPU executor
+            runs every layer listed above (tested through its CPU emulator; see the README's
+            "GPU (CUDA)"); a graph it cannot run raises ValueError naming the layer.
         compile: accepted for Keras compatibility; fastvgg only predicts, so there is nothing
             to compile (the optimizer and losses in the file are ignored).
         safe_mode: accepted for Keras compatibility; fastvgg never deserialises code, so it is
@@ -98,7 +99,7 @@ def build_model(spec: ModelSpec, precision: str = "fast", device: str = "cpu", s
         layers.append(layer)
     from .models import new_executor
 
-    executor = new_executor(graph, precision, device)
+    executor = new_executor(graph, precision, device, layers[1:])
     for layer in layers:
         layer._graph = layers
         layer._executor = executor

@@ -16,9 +16,25 @@
 
 namespace fastvgg::cuda {
 
-enum ActivationCode : int { kLinear = 0, kRelu = 1 };
+// Keras's activations, numbered as csrc/graph.h's Activation (and OpSpec::activation). The GEMM
+// epilogues (conv3x3.cuh, dense.cuh) apply only kLinear and kRelu; softmax runs on flat rows
+// (softmax.cuh) and the others as an element-wise pass (activation.cuh).
+enum ActivationCode : int {
+  kLinear = 0,
+  kRelu = 1,
+  kSoftmax = 2,
+  kSigmoid = 3,
+  kTanh = 4,
+  kElu = 5,
+  kSelu = 6,
+  kGelu = 7,
+  kSwish = 8,
+  kSoftplus = 9,
+};
+constexpr int kActivationCount = 10;
 
-// ReLU that keeps NaN (x < 0 is false for NaN), as the CPU kernels do.
+// The epilogues' activation: ReLU that keeps NaN (x < 0 is false for NaN), as the CPU kernels
+// do, or the identity.
 __device__ __forceinline__ float activate(float v, int activation) {
   return activation == kRelu ? (v < 0.0f ? 0.0f : v) : v;
 }
