@@ -62,12 +62,12 @@ def load_model(
         raise ValueError(f"`precision` must be 'fast', 'highest' or 'bf16'. Received: precision={precision!r}")
     from .cuda import resolve_device
 
-    resolve_device(device)  # an unknown device or an unusable GPU fails before the file is read
+    resolved = resolve_device(device)  # an unknown device or an unusable GPU fails before the file is read
     from .packed_cache import cache_directory
 
     path = os.fspath(filepath)
     # With a cache, the kernels' arrays are read only if the packed file is missing.
-    cached = cache_directory(packed_cache) is not None and device == "cpu"
+    cached = cache_directory(packed_cache) is not None and resolved == "cpu"
     spec = read_model(path, custom_objects=custom_objects, compile=compile, safe_mode=safe_mode,
                       read_kernels=not cached)
     if not cached:
