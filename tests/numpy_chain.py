@@ -4,8 +4,16 @@ Keras's definitions: its own convolution and pooling loops, Keras's activation f
 BatchNormalization / Normalization / Rescaling from the stored weights and config (not from the
 scale and shift fastvgg derives)."""
 
+import math
+
 import numpy as np
-from scipy.special import erfc
+
+
+def _erfc(x):
+    """math.erfc element-wise, in float64 (the yardstick needs no scipy)."""
+    x = np.asarray(x, dtype=np.float64)
+    return np.asarray(np.frompyfunc(math.erfc, 1, 1)(x), dtype=np.float64).reshape(x.shape)
+
 
 SELU_ALPHA = 1.6732632423543772848170429916717
 SELU_SCALE = 1.0507009873554804934193349852946
@@ -34,7 +42,7 @@ def _activation(x, name):
     if name == "selu":
         return SELU_SCALE * np.where(x > 0, x, SELU_ALPHA * np.expm1(np.minimum(x, 0.0)))
     if name == "gelu":
-        return 0.5 * x * erfc(-x / np.sqrt(2.0))  # 1 + erf(x / sqrt 2) without its cancellation
+        return 0.5 * x * _erfc(-x / np.sqrt(2.0))  # 1 + erf(x / sqrt 2) without its cancellation
     if name in ("swish", "silu"):
         return x / (1.0 + np.exp(-x))
     if name == "softplus":
