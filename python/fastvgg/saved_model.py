@@ -225,7 +225,19 @@ class LoadedLayer(_SpecLayer, Layer):
         self._set_affine()
 
 
-class LoadedConv2D(_SpecLayer, Conv2D):
+class _KernelSpecLayer(_SpecLayer):
+    """A loaded layer whose kernel and bias the executor holds (Conv2D, Dense)."""
+
+    def get_weights(self) -> List[np.ndarray]:
+        kernel, bias = self._executor.get_weights(self._index)
+        return [kernel, bias] if self.use_bias else [kernel]
+
+    def _load_from_spec(self) -> None:
+        self._assign(*self._spec.weights)
+        self._spec.weights = []  # the executor holds them now; get_weights reads them back from it
+
+
+class LoadedConv2D(_KernelSpecLayer, Conv2D):
     """A Keras Conv2D: 3x3 or 1x1, 'same' or 'valid', stride 1, with or without bias."""
 
     def __init__(self, spec: LayerSpec) -> None:
@@ -237,14 +249,6 @@ class LoadedConv2D(_SpecLayer, Conv2D):
         self.activation = spec.activation
         self.use_bias = spec.use_bias
 
-    def get_weights(self) -> List[np.ndarray]:
-        kernel, bias = self._executor.get_weights(self._index)
-        return [kernel, bias] if self.use_bias else [kernel]
-
-    def _load_from_spec(self) -> None:
-        self._assign(*self._spec.weights)
-        self._spec.weights = []  # the executor holds them now; get_weights reads them back from it
-
     def _assign(self, kernel, bias=None) -> None:
         kernel = _float32(kernel[()], self.name)
         bias = np.zeros(self.filters, np.float32) if bias is None else _float32(bias[()], self.name)
@@ -254,20 +258,12 @@ class LoadedConv2D(_SpecLayer, Conv2D):
             self._executor.set_conv_weights(self._index, kernel, bias)
 
 
-class LoadedDense(_SpecLayer, Dense):
+class LoadedDense(_KernelSpecLayer, Dense):
     def __init__(self, spec: LayerSpec) -> None:
         self._init_from_spec(spec)
         self.units = spec.units
         self.activation = spec.activation
         self.use_bias = spec.use_bias
-
-    def get_weights(self) -> List[np.ndarray]:
-        kernel, bias = self._executor.get_weights(self._index)
-        return [kernel, bias] if self.use_bias else [kernel]
-
-    def _load_from_spec(self) -> None:
-        self._assign(*self._spec.weights)
-        self._spec.weights = []
 
     def _assign(self, kernel, bias=None) -> None:
         if bias is None:
