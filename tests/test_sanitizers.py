@@ -14,17 +14,15 @@ behaviour aborts with "runtime error:" in the output, and ASan aborts on its fir
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-PACKAGE_SOURCE = REPO / "python" / "fastvgg"
+import sanitizer_builds as sb
+from sanitizer_builds import REPO
+
 # The kernels on every ISA (all of test_kernels.py), the quick Winograd tests, and the NaN
 # handling of the pooling kernels; the large-layer accuracy tests spend their time in numpy.
 KERNEL_TESTS = ["tests/test_kernels.py", "tests/test_winograd.py", "tests/test_bad_input.py",
@@ -35,57 +33,24 @@ KERNEL_SELECTION = (
     "or keeps_nan or nan_survives or rounding or dense_bf16_shapes or bad_shapes or int14_shapes or int14_nan "
     "or test_ops_kernels"
 )
-CHILD_TIMEOUT = 900  # seconds; a hang must fail the test, not the CI job
-
-
-def _gcc_file(name: str):
-    """The absolute path gcc links `name` from, or None (gcc missing, or without that library)."""
-    gcc = shutil.which("g++") or shutil.which("gcc")
-    if gcc is None:
-        return None
-    try:
-        found = subprocess.run([gcc, f"-print-file-name={name}"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    # gcc echoes the bare name back when it does not have the file.
-    return os.path.realpath(found) if os.path.isabs(found) and os.path.exists(found) else None
-
-
-def _is_elf(path: str) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == b"\x7fELF"
 
 
 def _preload() -> str:
-    if sys.platform != "linux":
-        pytest.skip("the sanitizer run preloads gcc's libasan, which needs Linux")
-    if shutil.which("g++") is None:
-        pytest.skip("g++ is not installed, so there is no AddressSanitizer runtime to build with")
-    asan = _gcc_file("libasan.so")
-    if asan is None or not _is_elf(asan):
-        pytest.skip("gcc has no libasan.so (install the libasan package of this gcc)")
-    stdcxx = _gcc_file("libstdc++.so")
-    if stdcxx is None or not _is_elf(stdcxx):  # a linker script on some systems
+    asan = sb.gcc_runtime("libasan.so", "AddressSanitizer")
+    stdcxx = sb.gcc_file("libstdc++.so")
+    if stdcxx is None or not sb.is_elf(stdcxx):  # a linker script on some systems
         stdcxx = "libstdc++.so.6"
     return f"{asan} {stdcxx}"
 
 
 def _sanitizer_env(package_dir) -> dict:
-    env = dict(os.environ)
-    env.update(
+    return sb.child_env(
+        package_dir,
         LD_PRELOAD=_preload(),
         ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:halt_on_error=1",
         UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1",
-        PYTHONPATH=os.pathsep.join([str(package_dir)] + [p for p in [env.get("PYTHONPATH")] if p]),
         FASTVGG_NUM_THREADS="2",
-        PYTHONDONTWRITEBYTECODE="1",
     )
-    env.pop("FASTVGG_ISA", None)
-    return env
-
-
-def _run(args, env, cwd=REPO) -> subprocess.CompletedProcess:
-    return subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=CHILD_TIMEOUT)
 
 
 def _assert_clean(result: subprocess.CompletedProcess, what: str) -> None:
@@ -100,35 +65,7 @@ def _assert_clean(result: subprocess.CompletedProcess, what: str) -> None:
 def sanitized_package(tmp_path_factory):
     """A copy of the fastvgg package whose _core is built with ASan and UBSan."""
     _preload()  # skips here, before the build, when there is no runtime to load
-    cmake = shutil.which("cmake")
-    if cmake is None:
-        pytest.skip("cmake is not installed (pip install cmake)")
-    try:
-        import pybind11
-    except ImportError:
-        pytest.skip("pybind11 is not installed (pip install pybind11)")
-    root = tmp_path_factory.mktemp("sanitized")
-    build = root / "build"
-    configure = [
-        cmake, "-S", str(REPO), "-B", str(build),
-        "-DFASTVGG_SANITIZE=ON",
-        "-DCMAKE_BUILD_TYPE=None",  # no -g (slow to compile) and no Release -O3; CMakeLists picks -O1
-        "-DCMAKE_CXX_COMPILER=g++",
-        "-DSKBUILD_PROJECT_VERSION=0.0.0",
-        f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
-        f"-DPython_EXECUTABLE={sys.executable}",
-    ]  # fmt: skip
-    if shutil.which("ninja"):
-        configure += ["-G", "Ninja"]
-    for step in (configure, [cmake, "--build", str(build), "--parallel", str(os.cpu_count() or 2)]):
-        result = subprocess.run(step, capture_output=True, text=True, timeout=CHILD_TIMEOUT)
-        assert result.returncode == 0, f"{' '.join(step)} failed:\n{(result.stdout + result.stderr)[-6000:]}"
-    built = sorted(build.glob("_core*.so"))
-    assert len(built) == 1, f"expected one built extension in {build}, found {built}"
-    package = root / "package"
-    shutil.copytree(PACKAGE_SOURCE, package / "fastvgg", ignore=shutil.ignore_patterns("_core*.so", "__pycache__"))
-    shutil.copy2(built[0], package / "fastvgg")
-    return package
+    return sb.build_package(tmp_path_factory.mktemp("sanitized"), "FASTVGG_SANITIZE")
 
 
 def test_the_harness_reports_a_heap_use_after_free():
@@ -144,7 +81,7 @@ def test_the_harness_reports_a_heap_use_after_free():
         ctypes.string_at(pointer, 64)  # memcpy from freed memory
         """
     )
-    result = _run([sys.executable, "-c", code], _sanitizer_env(REPO))
+    result = sb.run([sys.executable, "-c", code], _sanitizer_env(REPO))
     assert result.returncode != 0
     assert "AddressSanitizer: heap-use-after-free" in result.stderr, result.stderr[-3000:]
 
@@ -168,7 +105,7 @@ def test_kernel_tests_under_sanitizers(sanitized_package):
         sys.exit(pytest.main({KERNEL_TESTS!r} + ["-q", "-p", "no:cacheprovider", "-k", {KERNEL_SELECTION!r}]))
         """
     )
-    result = _run([sys.executable, "-c", code], env)
+    result = sb.run([sys.executable, "-c", code], env)
     _assert_clean(result, "tests/test_kernels.py and friends")
     assert " passed" in result.stdout and " failed" not in result.stdout, result.stdout[-3000:]
 
@@ -232,6 +169,6 @@ print("end-to-end run finished")
 def test_end_to_end_predict_under_sanitizers(sanitized_package, tmp_path):
     script = tmp_path / "end_to_end.py"
     script.write_text(f"PACKAGE = {str(sanitized_package)!r}\n" + END_TO_END)
-    result = _run([sys.executable, str(script)], _sanitizer_env(sanitized_package), cwd=tmp_path)
+    result = sb.run([sys.executable, str(script)], _sanitizer_env(sanitized_package), cwd=tmp_path)
     _assert_clean(result, "an end-to-end run")
     assert "end-to-end run finished" in result.stdout

@@ -26,18 +26,14 @@ TSan support) to be checked here.
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-PACKAGE_SOURCE = REPO / "python" / "fastvgg"
-CHILD_TIMEOUT = 900
+import sanitizer_builds as sb
+
 # The multi-threaded predict tests; the ticker test is left out: it measures time, and TSan
 # slows the computation by 5-15x.
 THREAD_TESTS = ["tests/test_threads.py", "-k", "not other_python_threads_run"]
@@ -45,43 +41,20 @@ KERNEL_TESTS = ["tests/test_kernels.py", "tests/test_winograd.py"]
 KERNEL_SELECTION = "awkward_shapes or edge_tiles or whole_network or layout"
 
 
-def _gcc_file(name: str):
-    gcc = shutil.which("g++")
-    if gcc is None:
-        return None
-    found = subprocess.run([gcc, f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
-    return os.path.realpath(found) if os.path.isabs(found) and os.path.exists(found) else None
-
-
 def _tsan_runtime() -> str:
-    if sys.platform != "linux":
-        pytest.skip("the ThreadSanitizer run preloads gcc's libtsan, which needs Linux")
-    if shutil.which("g++") is None:
-        pytest.skip("g++ is not installed, so there is no ThreadSanitizer runtime to build with")
-    tsan = _gcc_file("libtsan.so")
-    if tsan is None or Path(tsan).read_bytes()[:4] != b"\x7fELF":
-        pytest.skip("gcc has no libtsan.so (install the libtsan package of this gcc)")
-    return tsan
+    return sb.gcc_runtime("libtsan.so", "ThreadSanitizer")
 
 
 def _tsan_env(package_dir) -> dict:
-    env = dict(os.environ)
-    env.update(
+    return sb.child_env(
+        package_dir,
         LD_PRELOAD=_tsan_runtime(),
         TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1",
-        PYTHONPATH=os.pathsep.join([str(package_dir)] + [p for p in [env.get("PYTHONPATH")] if p]),
         # One OpenMP thread per region, whatever the code asks for (module docstring).
         OMP_THREAD_LIMIT="1",
         OMP_NUM_THREADS="1",
         FASTVGG_NUM_THREADS="1",
-        PYTHONDONTWRITEBYTECODE="1",
     )
-    env.pop("FASTVGG_ISA", None)
-    return env
-
-
-def _run(args, env, cwd=REPO) -> subprocess.CompletedProcess:
-    return subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=CHILD_TIMEOUT)
 
 
 def _assert_clean(result: subprocess.CompletedProcess, what: str) -> None:
@@ -95,34 +68,7 @@ def _assert_clean(result: subprocess.CompletedProcess, what: str) -> None:
 def tsan_package(tmp_path_factory):
     """A copy of the fastvgg package whose _core is built with -fsanitize=thread."""
     _tsan_runtime()
-    cmake = shutil.which("cmake")
-    if cmake is None:
-        pytest.skip("cmake is not installed (pip install cmake)")
-    try:
-        import pybind11
-    except ImportError:
-        pytest.skip("pybind11 is not installed (pip install pybind11)")
-    root = tmp_path_factory.mktemp("tsan")
-    build = root / "build"
-    configure = [
-        cmake, "-S", str(REPO), "-B", str(build),
-        "-DFASTVGG_TSAN=ON",
-        "-DCMAKE_BUILD_TYPE=None",
-        "-DCMAKE_CXX_COMPILER=g++",
-        "-DSKBUILD_PROJECT_VERSION=0.0.0",
-        f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
-        f"-DPython_EXECUTABLE={sys.executable}",
-    ]  # fmt: skip
-    if shutil.which("ninja"):
-        configure += ["-G", "Ninja"]
-    for step in (configure, [cmake, "--build", str(build), "--parallel", str(os.cpu_count() or 2)]):
-        result = subprocess.run(step, capture_output=True, text=True, timeout=CHILD_TIMEOUT)
-        assert result.returncode == 0, f"{' '.join(step)} failed:\n{(result.stdout + result.stderr)[-6000:]}"
-    (built,) = build.glob("_core*.so")
-    package = root / "package"
-    shutil.copytree(PACKAGE_SOURCE, package / "fastvgg", ignore=shutil.ignore_patterns("_core*.so", "__pycache__"))
-    shutil.copy2(built, package / "fastvgg")
-    return package
+    return sb.build_package(tmp_path_factory.mktemp("tsan"), "FASTVGG_TSAN")
 
 
 def test_the_harness_reports_a_data_race(tmp_path):
@@ -154,7 +100,7 @@ def test_the_harness_reports_a_data_race(tmp_path):
             t.join()
         """
     )
-    result = _run([sys.executable, "-c", code], _tsan_env(tmp_path))
+    result = sb.run([sys.executable, "-c", code], _tsan_env(tmp_path))
     assert "WARNING: ThreadSanitizer: data race" in result.stderr, result.stderr[-3000:]
 
 
@@ -173,7 +119,7 @@ def _pytest_in_child(package, args) -> subprocess.CompletedProcess:
         sys.exit(pytest.main({args!r} + ["-q", "-p", "no:cacheprovider"]))
         """
     )
-    return _run([sys.executable, "-c", code], _tsan_env(package))
+    return sb.run([sys.executable, "-c", code], _tsan_env(package))
 
 
 def test_threads_tests_under_tsan(tsan_package):
@@ -245,7 +191,7 @@ print("concurrent run finished")
 def test_kernels_and_one_model_from_four_threads_under_tsan(tsan_package, tmp_path):
     script = tmp_path / "concurrent.py"
     script.write_text(f"PACKAGE = {str(tsan_package)!r}\n" + CONCURRENT_KERNELS)
-    result = _run([sys.executable, str(script)], _tsan_env(tsan_package), cwd=tmp_path)
+    result = sb.run([sys.executable, str(script)], _tsan_env(tsan_package), cwd=tmp_path)
     _assert_clean(result, "four threads on the kernels and one model")
     assert "concurrent run finished" in result.stdout
 
