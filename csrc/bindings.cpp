@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "bf16/bindings_bf16.h"
+#include "timing.h"
 #include "bf16/kernels_bf16.h"
 #include "bindings_winograd_batch.h"
 #include "cpu_features.h"
@@ -164,15 +165,7 @@ double time_conv3x3(const FloatArray& x, const FloatArray& kernel, const FloatAr
   const BlockedImage in{in_buf.data(), s.c, s.h, s.w}, out{out_buf.data(), s.f, s.h, s.w};
   k.nhwc_to_blocked(xp, in);
   const int threads = thread_count();
-  conv(in, true, out, threads);
-  std::vector<double> seconds;
-  for (int r = 0; r < repeats; ++r) {
-    const double start = omp_get_wtime();
-    conv(in, true, out, threads);
-    seconds.push_back(omp_get_wtime() - start);
-  }
-  std::nth_element(seconds.begin(), seconds.begin() + repeats / 2, seconds.end());
-  return seconds[std::size_t(repeats / 2)];
+  return median_seconds_after_warmup(repeats, [&] { conv(in, true, out, threads); });
 }
 
 FloatArray test_max_pool2x2(const FloatArray& x, const std::string& isa) {

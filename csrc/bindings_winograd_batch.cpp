@@ -12,6 +12,7 @@
 
 #include "cpu_features.h"
 #include "kernels.h"
+#include "timing.h"
 #include "winograd_batch.h"
 
 namespace py = pybind11;
@@ -100,15 +101,7 @@ double time_conv3x3_winograd_batch(const FloatArray& x, const FloatArray& kernel
     run(batch.in.data(), batch.weights.data(), batch.padded_bias.data(), true, batch.out.data(), s.n, threads,
         batch.scratch);
   };
-  call();
-  std::vector<double> seconds;
-  for (int r = 0; r < repeats; ++r) {
-    const double start = omp_get_wtime();
-    call();
-    seconds.push_back(omp_get_wtime() - start);
-  }
-  std::nth_element(seconds.begin(), seconds.begin() + repeats / 2, seconds.end());
-  return seconds[std::size_t(repeats / 2)];
+  return median_seconds_after_warmup(repeats, call);
 }
 
 }  // namespace

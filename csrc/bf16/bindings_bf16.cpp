@@ -16,6 +16,7 @@
 #include "bf16/kernels_bf16.h"
 #include "cpu_features.h"
 #include "kernels.h"
+#include "timing.h"
 
 namespace py = pybind11;
 
@@ -136,15 +137,7 @@ double time_conv(const FloatArray& x, const FloatArray& kernel, const FloatArray
   AlignedBuffer in_buf(blocked_image_size(s.c, s.h, s.w)), out_buf(blocked_image_size(s.f, s.h, s.w));
   const BlockedImage in{in_buf.data(), s.c, s.h, s.w}, out{out_buf.data(), s.f, s.h, s.w};
   supported_kernel_tables().front()->nhwc_to_blocked(xp, in);
-  conv(in, true, out, threads);  // warm-up
-  std::vector<double> seconds;
-  for (int r = 0; r < repeats; ++r) {
-    const double start = omp_get_wtime();
-    conv(in, true, out, threads);
-    seconds.push_back(omp_get_wtime() - start);
-  }
-  std::nth_element(seconds.begin(), seconds.begin() + repeats / 2, seconds.end());
-  return seconds[std::size_t(repeats / 2)];
+  return median_seconds_after_warmup(repeats, [&] { conv(in, true, out, threads); });
 }
 
 struct DenseShape {
@@ -206,15 +199,7 @@ double time_dense_bf16(const FloatArray& x, const FloatArray& kernel, const Floa
   auto call = [&] {
     method.run(xp, s.rows, s.depth, s.depth, packed.data(), padded_bias.data(), s.cols, true, out.data(), padded, threads);
   };
-  call();  // warm-up
-  std::vector<double> seconds;
-  for (int r = 0; r < repeats; ++r) {
-    const double start = omp_get_wtime();
-    call();
-    seconds.push_back(omp_get_wtime() - start);
-  }
-  std::nth_element(seconds.begin(), seconds.begin() + repeats / 2, seconds.end());
-  return seconds[std::size_t(repeats / 2)];
+  return median_seconds_after_warmup(repeats, call);
 }
 
 FloatArray dense_bf16_reference(const FloatArray& x, const FloatArray& kernel, const FloatArray& bias, bool relu) {
