@@ -186,31 +186,25 @@ int Graph::add_activation(Activation activation) {
 }
 
 int Graph::add(const Op& op) {
-  switch (op.kind) {
-    case OpKind::Conv3x3: {
-      const int index = add_conv3x3(op.out_channels, op.activation);
-      if (ops_.back().in_channels != op.in_channels) {
-        const int expected = ops_.back().in_channels;
-        ops_.pop_back();
-        throw std::invalid_argument("convolution " + std::to_string(index) + " would read " + std::to_string(expected) +
-                                    " channels, but its description says " + std::to_string(op.in_channels));
-      }
-      return index;
+  // A convolution's input channels follow from the chain; a description that disagrees is
+  // refused and the op taken back.
+  auto channels_agree = [&](int index) {
+    if (ops_.back().in_channels != op.in_channels) {
+      const int expected = ops_.back().in_channels;
+      ops_.pop_back();
+      throw std::invalid_argument("convolution " + std::to_string(index) + " would read " + std::to_string(expected) +
+                                  " channels, but its description says " + std::to_string(op.in_channels));
     }
+    return index;
+  };
+  switch (op.kind) {
+    case OpKind::Conv3x3: return channels_agree(add_conv3x3(op.out_channels, op.activation));
     case OpKind::MaxPool2x2: return add_max_pool2x2();
     case OpKind::Flatten: return add_flatten();
     case OpKind::GlobalPool: return add_global_pool(op.pool_mode);
     case OpKind::Dense: return add_dense(op.in_channels, op.out_channels, op.activation);
-    case OpKind::Conv: {
-      const int index = add_conv(op.kernel_size, op.out_channels, op.same_padding, op.activation);
-      if (ops_.back().in_channels != op.in_channels) {
-        const int expected = ops_.back().in_channels;
-        ops_.pop_back();
-        throw std::invalid_argument("convolution " + std::to_string(index) + " would read " + std::to_string(expected) +
-                                    " channels, but its description says " + std::to_string(op.in_channels));
-      }
-      return index;
-    }
+    case OpKind::Conv:
+      return channels_agree(add_conv(op.kernel_size, op.out_channels, op.same_padding, op.activation));
     case OpKind::Pool2x2: return add_pool2x2(op.pool_mode, op.same_padding);
     case OpKind::Affine: return add_affine(op.out_channels);
     case OpKind::Elementwise: return add_activation(op.activation);
