@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from extension_builds import require_cmake, require_pybind11
+
 REPO = Path(__file__).resolve().parents[1]
 CUDA_SOURCE = REPO / "csrc" / "cuda"
 BUILD_TIMEOUT = 900  # seconds; a hung compiler must fail the test, not the CI job
@@ -57,10 +59,7 @@ EMULATE = ["-std=c++17", "-DFASTVGG_CUDA_EMULATE", "-pthread", "-Wall", "-Wextra
 def emulated_module():
     """The _cuda_emulated extension module (built on first use)."""
     compiler = gxx()
-    try:
-        import pybind11
-    except ImportError:
-        pytest.skip("pybind11 is not installed (pip install pybind11)")
+    pybind11 = require_pybind11()
     out = _session_dir() / "emulated"
     out.mkdir(exist_ok=True)
     target = out / ("_cuda_emulated" + sysconfig.get_config_var("EXT_SUFFIX"))
@@ -111,13 +110,8 @@ def nvcc() -> str:
 def nvcc_build():
     """(directory, build log) of fastvgg._cuda built by CMake + nvcc, -Werror and ptxas -v."""
     compiler = nvcc()
-    cmake = shutil.which("cmake")
-    if cmake is None:
-        pytest.skip("cmake is not installed (pip install cmake)")
-    try:
-        import pybind11
-    except ImportError:
-        pytest.skip("pybind11 is not installed (pip install pybind11)")
+    cmake = require_cmake()
+    pybind11 = require_pybind11()
     build = _session_dir() / "nvcc"
     configure = [
         cmake, "-S", str(REPO), "-B", str(build),

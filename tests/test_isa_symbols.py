@@ -31,6 +31,8 @@ from pathlib import Path
 
 import pytest
 
+from extension_builds import require_pybind11
+
 REPO = Path(__file__).resolve().parents[1]
 AVX_ISAS = ("avx2", "avx512")
 OPT_LEVELS = ("-O0", "-O2")
@@ -81,10 +83,7 @@ def isa_objects(tmp_path_factory):
     cmake = _tool("cmake")
     _tool("nm")
     _tool("objdump")
-    try:
-        import pybind11
-    except ImportError:
-        pytest.skip("pybind11 is not installed (pip install pybind11)")
+    pybind11 = require_pybind11()
     root = tmp_path_factory.mktemp("isa_objects")
     build = root / "build"
     configure = [

@@ -20,8 +20,8 @@ import textwrap
 
 import pytest
 
-import sanitizer_builds as sb
-from sanitizer_builds import REPO
+import extension_builds as sb
+from extension_builds import REPO
 
 # The kernels on every ISA (all of test_kernels.py), the quick Winograd tests, and the NaN
 # handling of the pooling kernels; the large-layer accuracy tests spend their time in numpy.

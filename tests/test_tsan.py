@@ -32,7 +32,7 @@ import textwrap
 
 import pytest
 
-import sanitizer_builds as sb
+import extension_builds as sb
 
 # The multi-threaded predict tests; the ticker test is left out: it measures time, and TSan
 # slows the computation by 5-15x.

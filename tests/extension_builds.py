@@ -1,6 +1,7 @@
-"""What the sanitizer tests share (tests/test_sanitizers.py, tests/test_tsan.py): gcc's runtime
-libraries, the extension built again with a sanitizer option into a temporary copy of the
-package, and the child processes that run under it."""
+"""What the tests that build the extension again share: the build tools (cmake, pybind11),
+and for the sanitizer tests (tests/test_sanitizers.py, tests/test_tsan.py) gcc's runtime
+libraries, the extension built with a sanitizer option into a temporary copy of the package,
+and the child processes that run under it."""
 
 from __future__ import annotations
 
@@ -64,17 +65,28 @@ def run(args, env, cwd=REPO) -> subprocess.CompletedProcess:
     return subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=CHILD_TIMEOUT)
 
 
-def build_package(root: Path, cmake_option: str) -> Path:
-    """A copy of the fastvgg package under `root` whose _core is built with `-D<cmake_option>=ON`
-    (CMakeLists.txt: FASTVGG_SANITIZE, FASTVGG_TSAN), without -g and with the flags the option
-    picks; skips where cmake or pybind11 is missing."""
-    cmake = shutil.which("cmake")
-    if cmake is None:
-        pytest.skip("cmake is not installed (pip install cmake)")
+def require_pybind11():
+    """The pybind11 module (its headers and CMake files), or a skip saying how to get it."""
     try:
         import pybind11
     except ImportError:
         pytest.skip("pybind11 is not installed (pip install pybind11)")
+    return pybind11
+
+
+def require_cmake() -> str:
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        pytest.skip("cmake is not installed (pip install cmake)")
+    return cmake
+
+
+def build_package(root: Path, cmake_option: str) -> Path:
+    """A copy of the fastvgg package under `root` whose _core is built with `-D<cmake_option>=ON`
+    (CMakeLists.txt: FASTVGG_SANITIZE, FASTVGG_TSAN), without -g and with the flags the option
+    picks; skips where cmake or pybind11 is missing."""
+    cmake = require_cmake()
+    pybind11 = require_pybind11()
     build = root / "build"
     configure = [
         cmake, "-S", str(REPO), "-B", str(build),
