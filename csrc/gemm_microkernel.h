@@ -16,6 +16,7 @@
 
 #include <cstddef>
 
+#include "panel_prefetch.h"
 #include "simd.h"
 #include "tensor.h"
 
@@ -23,10 +24,13 @@ namespace fastvgg {
 namespace FASTVGG_ISA {
 namespace {
 
-template <int kRows, int kPanels>
+// `at_step(k)` runs at the start of each depth step (Winograd's next-panel prefetch,
+// panel_prefetch.h); the default does nothing and compiles away.
+template <int kRows, int kPanels, typename AtStep = NoPrefetch>
 inline void gemm_accumulate(Vec16 (&acc)[kRows][kPanels], const float* a, std::ptrdiff_t a_row_stride, const float* b,
-                            std::ptrdiff_t b_panel_stride, int depth) {
+                            std::ptrdiff_t b_panel_stride, int depth, AtStep&& at_step = AtStep{}) {
   for (int k = 0; k < depth; ++k) {
+    at_step(k);
     Vec16 w[kPanels];
     for (int p = 0; p < kPanels; ++p) w[p] = load(b + p * b_panel_stride + std::ptrdiff_t(k) * kChannelBlock);
 #pragma GCC unroll 16

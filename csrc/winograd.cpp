@@ -196,26 +196,26 @@ struct GemmArgs {
 };
 
 // M[tiles][blocks] = V[tiles][depth] * U[depth][blocks x 16] for one xi.
-template <int kTiles, int kBlocks>
-inline void gemm_tile(const GemmArgs& a) {
+template <int kTiles, int kBlocks, typename AtStep>
+inline void gemm_tile(const GemmArgs& a, AtStep& at_step) {
   Vec16 acc[kTiles][kBlocks];
   for (int t = 0; t < kTiles; ++t)
     for (int j = 0; j < kBlocks; ++j) acc[t][j] = zero();
-  gemm_accumulate(acc, a.v, a.v_tile_stride, a.u, a.u_block_stride, a.depth);
+  gemm_accumulate(acc, a.v, a.v_tile_stride, a.u, a.u_block_stride, a.depth, at_step);
   for (int t = 0; t < kTiles; ++t)
     for (int j = 0; j < kBlocks; ++j) store(a.m + t * a.m_tile_stride + j * a.m_block_stride, acc[t][j]);
 }
 
 // Picks the register tile for the tiles and output blocks left at an edge.
-template <int kTiles, int kBlocks>
-inline void gemm_edge_tile(int tiles, int blocks, const GemmArgs& a) {
+template <int kTiles, int kBlocks, typename AtStep>
+inline void gemm_edge_tile(int tiles, int blocks, const GemmArgs& a, AtStep& at_step) {
   if constexpr (kTiles > 1) {
-    if (tiles < kTiles) return gemm_edge_tile<kTiles - 1, kBlocks>(tiles, blocks, a);
+    if (tiles < kTiles) return gemm_edge_tile<kTiles - 1, kBlocks>(tiles, blocks, a, at_step);
   }
   if constexpr (kBlocks > 1) {
-    if (blocks < kBlocks) return gemm_edge_tile<kTiles, kBlocks - 1>(tiles, blocks, a);
+    if (blocks < kBlocks) return gemm_edge_tile<kTiles, kBlocks - 1>(tiles, blocks, a, at_step);
   }
-  gemm_tile<kTiles, kBlocks>(a);
+  gemm_tile<kTiles, kBlocks>(a, at_step);
 }
 
 // How the tiles of a layer are shared between the threads.
@@ -306,8 +306,10 @@ class WinogradLayer {
                          v_point_stride_);
   }
 
-  // M[t][group's output blocks][xi] for all `tiles` tiles of the block.
-  void multiply(const float* v, float* m, int tiles, int xi, int group) const {
+  // M[t][group's output blocks][xi] for all `tiles` tiles of the block. `prefetch_next`: the
+  // passes over the tiles also fetch the group's U panel of xi + 1 (panel_prefetch.h), for
+  // the shared schedule, where U streams from memory.
+  void multiply(const float* v, float* m, int tiles, int xi, int group, bool prefetch_next = false) const {
     const int first_block = group * kGemmBlocks;
     const int blocks = std::min(kGemmBlocks, out_blocks_ - first_block);
     GemmArgs a;
@@ -317,10 +319,23 @@ class WinogradLayer {
     a.depth = in_[0].channels;
     a.m_tile_stride = m_tile_stride_;
     a.m_block_stride = kMBlockStride;
-    for (int t = 0; t < tiles; t += kGemmTiles) {
+    const int passes = (tiles + kGemmTiles - 1) / kGemmTiles;
+    // With one pass it fetches alongside its own demand loads; with more, the first pass loads
+    // the current panel and the others (reading it from cache) fetch the next.
+    const int prefetching_passes = std::max(1, passes - 1), first_prefetching = passes > 1 ? 1 : 0;
+    for (int pass = 0; pass < passes; ++pass) {
+      const int t = pass * kGemmTiles;
       a.v = v + xi * v_point_stride_ + t * padded_in_;
       a.m = m + t * m_tile_stride_ + first_block * kMBlockStride + xi * kChannelBlock;
-      gemm_edge_tile<kGemmTiles, kGemmBlocks>(std::min(kGemmTiles, tiles - t), blocks, a);
+      const int tile_count = std::min(kGemmTiles, tiles - t);
+      if (prefetch_next && xi + 1 < kPoints && pass >= first_prefetching) {
+        PanelPrefetch next(a.u + u_point_stride_, u_block_stride_ * std::ptrdiff_t(sizeof(float)), blocks,
+                           kChannelBlock * sizeof(float), pass - first_prefetching, prefetching_passes);
+        gemm_edge_tile<kGemmTiles, kGemmBlocks>(tile_count, blocks, a, next);
+      } else {
+        NoPrefetch none;
+        gemm_edge_tile<kGemmTiles, kGemmBlocks>(tile_count, blocks, a, none);
+      }
     }
   }
 
@@ -392,7 +407,7 @@ void run_shared_blocks(const WinogradLayer& layer, int block_tiles, float* v, fl
     // block's input transform from overwriting V while a group still reads it.
 #pragma omp for schedule(dynamic, 1)
     for (int g = 0; g < layer.groups(); ++g) {
-      for (int xi = 0; xi < kPoints; ++xi) layer.multiply(v, m, tiles, xi, g);
+      for (int xi = 0; xi < kPoints; ++xi) layer.multiply(v, m, tiles, xi, g, /*prefetch_next=*/true);
       layer.transform_group_outputs(m, first_tile, tiles, g);
     }
   }
