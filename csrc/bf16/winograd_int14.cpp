@@ -43,6 +43,9 @@ constexpr int kChunkPairs = 16;  // see the overflow bound above
 // Measured (CPU time, 1 thread, VGG16's block1_conv2 to block4_conv2): 6 x 2 is 1.3-1.9x
 // faster than 3 x 4 and than fp32 Winograd; it reads half as many bytes of U per product.
 constexpr int kGemmTiles = 6, kGemmBlocks = 2;
+// Tiles whose input transforms run channel block by channel block (transform_inputs): their fp32
+// scratch, 6 x 36 x 256 floats = 221 KB at most for the private schedule's layers, stays in L2.
+constexpr int kInputChunk = 6;
 
 inline __m512 fma_const(float c, __m512 a, __m512 b) { return _mm512_fmadd_ps(_mm512_set1_ps(c), a, b); }
 
@@ -122,39 +125,58 @@ class Int14Layer {
   // Transforms tile first_tile + t (all channel blocks) into fp32 scratch, then quantises each
   // point's row of channels into v[xi][t][...] and its step into steps[xi][t].
   void transform_input(std::int16_t* v, float* steps, float* scratch, int first_tile, int t) const {
-    const int tile = first_tile + t;
+    for (int ib = 0; ib < g_.in_blocks; ++ib) transform_input_block(scratch, first_tile + t, ib);
+    quantise_tile(v, steps, scratch, t);
+  }
+
+  // The same for `count` (at most kInputChunk) consecutive tiles, channel block by channel block:
+  // tile by tile, every block of the input is a separate set of six row streams (24 for block1's
+  // 64 channels), more than the hardware prefetchers follow; block by block it is six, as in the
+  // fp32 kernel. `scratch` holds count tiles (tile_scratch_size() floats each).
+  void transform_inputs(std::int16_t* v, float* steps, float* scratch, int first_tile, int t0, int count) const {
+    for (int ib = 0; ib < g_.in_blocks; ++ib)
+      for (int c = 0; c < count; ++c)
+        transform_input_block(scratch + std::size_t(c) * tile_scratch_size(), first_tile + t0 + c, ib);
+    for (int c = 0; c < count; ++c) quantise_tile(v, steps, scratch + std::size_t(c) * tile_scratch_size(), t0 + c);
+  }
+
+ private:
+  // B^T d B of one tile's channel block ib, fp32, into scratch[xi][ib's 16 channels].
+  void transform_input_block(float* scratch, int tile, int ib) const {
     const int y0 = tile / g_.tiles_x * kTileOut - 1, x0 = tile % g_.tiles_x * kTileOut - 1;
     const int rows = std::min(kTileIn, g_.height + 1 - y0), cols = std::min(kTileIn, g_.width + 1 - x0);
     const std::ptrdiff_t row_stride = in_.row_stride();
-    for (int ib = 0; ib < g_.in_blocks; ++ib) {
-      const float* origin = in_.at(ib, y0, x0);
-      __m512 d[kTileIn][kTileIn];
-      if (rows == kTileIn && cols == kTileIn) {  // inside the image: no per-pixel test
-        for (int i = 0; i < kTileIn; ++i)
-          for (int j = 0; j < kTileIn; ++j) d[i][j] = _mm512_loadu_ps(origin + i * row_stride + j * kChannelBlock);
-      } else {
-        for (int i = 0; i < kTileIn; ++i)
-          for (int j = 0; j < kTileIn; ++j)
-            d[i][j] = i < rows && j < cols ? _mm512_loadu_ps(origin + i * row_stride + j * kChannelBlock)
-                                           : _mm512_setzero_ps();
-      }
-      // The next tile along the row starts 4 pixels on: fetch its 4 new columns now, so its loads
-      // do not wait for the L3 or memory (perf: most of this function's samples sat on these loads).
+    const float* origin = in_.at(ib, y0, x0);
+    __m512 d[kTileIn][kTileIn];
+    if (rows == kTileIn && cols == kTileIn) {  // inside the image: no per-pixel test
       for (int i = 0; i < kTileIn; ++i)
-        for (int j = kTileIn; j < kTileIn + kTileOut; ++j)
-          _mm_prefetch(reinterpret_cast<const char*>(origin + i * row_stride + j * kChannelBlock), _MM_HINT_T0);
-      __m512 column[kTileIn], transformed[kTileIn], half[kTileIn][kTileIn];
-      for (int j = 0; j < kTileIn; ++j) {
-        for (int i = 0; i < kTileIn; ++i) column[i] = d[i][j];
-        input_transform_6(column, transformed);
-        for (int i = 0; i < kTileIn; ++i) half[i][j] = transformed[i];
-      }
-      for (int i = 0; i < kTileIn; ++i) {
-        input_transform_6(half[i], transformed);
+        for (int j = 0; j < kTileIn; ++j) d[i][j] = _mm512_loadu_ps(origin + i * row_stride + j * kChannelBlock);
+    } else {
+      for (int i = 0; i < kTileIn; ++i)
         for (int j = 0; j < kTileIn; ++j)
-          _mm512_storeu_ps(scratch + (i * kTileIn + j) * g_.padded_in + ib * kChannelBlock, transformed[j]);
-      }
+          d[i][j] = i < rows && j < cols ? _mm512_loadu_ps(origin + i * row_stride + j * kChannelBlock)
+                                         : _mm512_setzero_ps();
     }
+    // The next tile along the row starts 4 pixels on: fetch its 4 new columns now, so its loads
+    // do not wait for the L3 or memory (perf: most of this function's samples sat on these loads).
+    for (int i = 0; i < kTileIn; ++i)
+      for (int j = kTileIn; j < kTileIn + kTileOut; ++j)
+        _mm_prefetch(reinterpret_cast<const char*>(origin + i * row_stride + j * kChannelBlock), _MM_HINT_T0);
+    __m512 column[kTileIn], transformed[kTileIn], half[kTileIn][kTileIn];
+    for (int j = 0; j < kTileIn; ++j) {
+      for (int i = 0; i < kTileIn; ++i) column[i] = d[i][j];
+      input_transform_6(column, transformed);
+      for (int i = 0; i < kTileIn; ++i) half[i][j] = transformed[i];
+    }
+    for (int i = 0; i < kTileIn; ++i) {
+      input_transform_6(half[i], transformed);
+      for (int j = 0; j < kTileIn; ++j)
+        _mm512_storeu_ps(scratch + (i * kTileIn + j) * g_.padded_in + ib * kChannelBlock, transformed[j]);
+    }
+  }
+
+  // Per point xi, the largest |V| over the channels gives the scale; V quantised to int16 pairs.
+  void quantise_tile(std::int16_t* v, float* steps, const float* scratch, int t) const {
     for (int xi = 0; xi < kPoints; ++xi) {
       const float* row = scratch + xi * g_.padded_in;
       __m512 peak = _mm512_setzero_ps();
@@ -184,6 +206,7 @@ class Int14Layer {
     }
   }
 
+ public:
   // M[t][group's blocks][xi] for tiles [0, tiles) of the block.
   void multiply(const std::int16_t* v, const float* steps, float* m, int tiles, int xi, int group) const {
     const int first_block = group * kGemmBlocks;
@@ -332,7 +355,8 @@ void run_int14(const BlockedImage& in, const void* packed, const float* bias, bo
   const std::size_t v_floats = lines((layer.v_size() + 1) / 2), steps_floats = lines(layer.steps_size()),
                     m_floats = lines(layer.m_size()), tile_floats = lines(layer.tile_scratch_size());
   scratch.transformed_input.ensure_capacity(copies * v_floats);
-  scratch.products.ensure_capacity(copies * (steps_floats + m_floats) + std::size_t(threads) * tile_floats);
+  const std::size_t thread_scratch_floats = (shared ? 1 : kInputChunk) * tile_floats;
+  scratch.products.ensure_capacity(copies * (steps_floats + m_floats) + std::size_t(threads) * thread_scratch_floats);
   auto* v_all = reinterpret_cast<std::int16_t*>(scratch.transformed_input.data());
   float* steps_all = scratch.products.data();
   float* m_all = steps_all + copies * steps_floats;
@@ -341,7 +365,7 @@ void run_int14(const BlockedImage& in, const void* packed, const float* bias, bo
 #pragma omp parallel num_threads(threads)
   {
     const int thread = omp_get_thread_num();
-    float* tile_scratch = tile_all + std::size_t(thread) * tile_floats;
+    float* tile_scratch = tile_all + std::size_t(thread) * thread_scratch_floats;
     if (!shared) {
       std::int16_t* v = v_all + std::size_t(thread) * v_floats * 2;
       float* steps = steps_all + std::size_t(thread) * steps_floats;
@@ -349,7 +373,8 @@ void run_int14(const BlockedImage& in, const void* packed, const float* bias, bo
 #pragma omp for schedule(dynamic, 1)
       for (int block = 0; block < blocks; ++block) {
         const int first_tile = block * block_tiles, count = std::min(block_tiles, tiles - first_tile);
-        for (int t = 0; t < count; ++t) layer.transform_input(v, steps, tile_scratch, first_tile, t);
+        for (int t = 0; t < count; t += kInputChunk)
+          layer.transform_inputs(v, steps, tile_scratch, first_tile, t, std::min(kInputChunk, count - t));
         for (int xi = 0; xi < kPoints; ++xi)
           for (int g = 0; g < layer.groups(); ++g) layer.multiply(v, steps, m, count, xi, g);
         for (int g = 0; g < layer.groups(); ++g) layer.transform_outputs(m, first_tile, count, g);
