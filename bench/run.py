@@ -272,16 +272,36 @@ def _make_runner(name, build, layers, keras_model, h5_path, onnx_path, include_t
 # ---------------------------------------------------------------- timing
 
 
-def timed(run, x, repeats: int, budget_s: float):
-    """(output of the untimed warm-up call, [seconds of each timed call])."""
-    output = run(x)  # warm-up: allocation, thread pools, graph tracing and compilation
-    seconds = []
+def timed_rounds(runs, x, repeats: int, budget_s: float) -> dict:
+    """{name: [seconds of each timed call]} for the contenders in `runs` (already warmed up),
+    measured side by side: round after round, each contender makes one untimed call (its caches
+    and thread pool back after the others ran) and one timed call, starting each round one
+    contender further on. A slow drift of the machine (a neighbour's load, memory bandwidth that
+    comes and goes) then reaches every contender alike instead of whichever ran in the slow
+    minute. At least min(3, repeats) rounds, then more up to `repeats` while the time spent stays
+    within budget_s per contender. A contender whose call raises is dropped from the later
+    rounds, with its error as its value."""
+    seconds = {name: [] for name in runs}
+    if not runs:
+        return seconds
     started = time.perf_counter()
-    while len(seconds) < repeats and (len(seconds) < min(3, repeats) or time.perf_counter() - started < budget_s):
-        t = time.perf_counter()
-        run(x)
-        seconds.append(time.perf_counter() - t)
-    return output, seconds
+    rounds = 0
+    while rounds < repeats and (rounds < min(3, repeats) or time.perf_counter() - started < budget_s * len(runs)):
+        order = list(runs)
+        order = order[rounds % len(order):] + order[:rounds % len(order)]  # no one always runs after the same peer
+        for name in order:
+            run = runs[name]
+            if isinstance(seconds[name], BaseException):
+                continue
+            try:
+                run(x)
+                t = time.perf_counter()
+                run(x)
+                seconds[name].append(time.perf_counter() - t)
+            except Exception as error:  # noqa: BLE001 - reported by the caller, the others go on
+                seconds[name] = error
+        rounds += 1
+    return seconds
 
 
 def agreement(out, ref, include_top: bool) -> str:
@@ -311,28 +331,29 @@ def compare(title, keras_model, h5_path, onnx_path, include_top, input_shape, ba
         # Preprocessed-image range (caffe mode: BGR minus the ImageNet mean).
         x = rng.uniform(-124, 152, (batch,) + input_shape).astype(np.float32)
         reference = keras_model.predict(x, batch_size=batch, verbose=0)
-        base = None
-        for name in names:
+        checks, live = {}, {}
+        for name in names:  # warm-up (allocation, pools, tracing, compilation); agreement on its output
             if name in failed:
-                row = f"| {name} | {batch} | skipped: {failed[name]} | | | | |"
-                lines.append(row)
-                print(row, flush=True)
                 continue
             try:
-                output, seconds = timed(runners[name], x, repeats.get(batch, 3), budget)
+                checks[name] = agreement(np.asarray(runners[name](x)), reference, include_top)
+                live[name] = runners[name]
             except Exception as error:  # noqa: BLE001 - report the peer and go on with the others
                 failed[name] = failure_reason(error)
+        seconds = timed_rounds(live, x, repeats.get(batch, 3), budget)
+        base = None
+        for name in names:
+            if isinstance(seconds.get(name), BaseException):
+                failed[name] = failure_reason(seconds[name])
+            if name in failed:
                 row = f"| {name} | {batch} | skipped: {failed[name]} | | | | |"
-                lines.append(row)
-                print(row, flush=True)
-                continue
-            check = agreement(np.asarray(output), reference, include_top)  # checked on the warm-up's output
-            per_image = [s / batch for s in seconds]
-            median = statistics.median(per_image)
-            base = base or median
-            medians[(title, batch, name)] = median
-            row = (f"| {name} | {batch} | {median * 1e3:.1f} | {min(per_image) * 1e3:.1f}-{max(per_image) * 1e3:.1f} "
-                   f"| {1 / median:.2f} | {median / base:.2f}x | {check} |")
+            else:
+                per_image = [s / batch for s in seconds[name]]
+                median = statistics.median(per_image)
+                base = base or median
+                medians[(title, batch, name)] = median
+                row = (f"| {name} | {batch} | {median * 1e3:.1f} | {min(per_image) * 1e3:.1f}-{max(per_image) * 1e3:.1f} "
+                       f"| {1 / median:.2f} | {median / base:.2f}x | {checks[name]} |")
             lines.append(row)
             print(row, flush=True)
     lines.append("")
