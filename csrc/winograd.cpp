@@ -284,8 +284,12 @@ class WinogradLayer {
     out_blocks_ = first_out.blocks();
     groups_ = (out_blocks_ + kGemmBlocks - 1) / kGemmBlocks;
     padded_in_ = std::ptrdiff_t(in_blocks_) * kChannelBlock;
-    v_point_stride_ = std::ptrdiff_t(block_tiles) * padded_in_;
-    m_tile_stride_ = std::ptrdiff_t(out_blocks_) * kMBlockStride;
+    // One cache line more than the rows need: the input transform stores a tile's 36 points
+    // v_point_stride_ apart, and M's tiles are m_tile_stride_ apart. Unpadded, those strides are
+    // multiples of 2-12 KB (12 tiles x 64-256 channels), and the 36 lines fall in 1-4 of the
+    // L1's 64 sets (8 ways each): every store evicts another. One line more spreads them.
+    v_point_stride_ = std::ptrdiff_t(block_tiles) * padded_in_ + kCacheLineFloats;
+    m_tile_stride_ = std::ptrdiff_t(out_blocks_) * kMBlockStride + kCacheLineFloats;
     u_block_stride_ = std::ptrdiff_t(first_in.channels) * kChannelBlock;
     u_point_stride_ = std::ptrdiff_t(out_blocks_) * u_block_stride_;
     block_tiles_ = block_tiles;
@@ -359,6 +363,7 @@ class WinogradLayer {
 
  private:
   static constexpr std::ptrdiff_t kMBlockStride = std::ptrdiff_t(kPoints) * kChannelBlock;
+  static constexpr std::ptrdiff_t kCacheLineFloats = 16;
 
   const BlockedImage* in_;
   const BlockedImage* out_;

@@ -39,6 +39,7 @@ constexpr float kQuantMax = float(kWinogradInt14Max);
 constexpr float kLargestFloat = 3.4028234663852886e38f;
 constexpr float kSmallestQuantised = 1e-30f;  // 8191 / 1e-30 is still a finite scale
 constexpr int kChunkPairs = 16;  // see the overflow bound above
+constexpr std::ptrdiff_t kCacheLineBytes = 64, kCacheLineFloats = kCacheLineBytes / 4;
 // GEMM register tile: 6 tiles x 2 output blocks = 12 int32 + 12 fp32 accumulators + 2 weights.
 // Measured (CPU time, 1 thread, VGG16's block1_conv2 to block4_conv2): 6 x 2 is 1.3-1.9x
 // faster than 3 x 4 and than fp32 Winograd; it reads half as many bytes of U per product.
@@ -111,8 +112,12 @@ class Int14Layer {
     u_block_stride_ = std::ptrdiff_t(g_.padded_in) * kChannelBlock;  // int16 values per (xi, out block)
     u_point_stride_ = std::ptrdiff_t(g_.out_blocks) * u_block_stride_;
     u_steps_ = reinterpret_cast<const float*>(packed + std::size_t(kPoints) * std::size_t(u_point_stride_));
-    v_point_stride_ = std::ptrdiff_t(block_tiles) * g_.padded_in;
-    m_tile_stride_ = std::ptrdiff_t(g_.out_blocks) * kPoints * kChannelBlock;
+    // One cache line more than the rows need (V's points, M's tiles, the fp32 scratch's
+    // points): unpadded, these strides are multiples of 2-12 KB, and the 36 lines a tile
+    // stores fall in 1-4 of the L1's 64 sets (8 ways each). One line more spreads them.
+    v_point_stride_ = std::ptrdiff_t(block_tiles) * g_.padded_in + kCacheLineBytes / std::ptrdiff_t(sizeof(std::int16_t));
+    m_tile_stride_ = std::ptrdiff_t(g_.out_blocks) * kPoints * kChannelBlock + kCacheLineFloats;
+    scratch_point_stride_ = std::ptrdiff_t(g_.padded_in) + kCacheLineFloats;
   }
 
   int tiles() const { return g_.tiles_per_image; }
@@ -120,7 +125,7 @@ class Int14Layer {
   std::size_t v_size() const { return std::size_t(kPoints) * std::size_t(v_point_stride_); }      // int16
   std::size_t steps_size() const { return std::size_t(kPoints) * std::size_t(block_tiles_); }      // floats
   std::size_t m_size() const { return std::size_t(block_tiles_) * std::size_t(m_tile_stride_); }   // floats
-  std::size_t tile_scratch_size() const { return std::size_t(kPoints) * g_.padded_in; }            // floats
+  std::size_t tile_scratch_size() const { return std::size_t(kPoints) * scratch_point_stride_; }    // floats
 
   // Transforms tile first_tile + t (all channel blocks) into fp32 scratch, then quantises each
   // point's row of channels into v[xi][t][...] and its step into steps[xi][t].
@@ -171,14 +176,14 @@ class Int14Layer {
     for (int i = 0; i < kTileIn; ++i) {
       input_transform_6(half[i], transformed);
       for (int j = 0; j < kTileIn; ++j)
-        _mm512_storeu_ps(scratch + (i * kTileIn + j) * g_.padded_in + ib * kChannelBlock, transformed[j]);
+        _mm512_storeu_ps(scratch + (i * kTileIn + j) * scratch_point_stride_ + ib * kChannelBlock, transformed[j]);
     }
   }
 
   // Per point xi, the largest |V| over the channels gives the scale; V quantised to int16 pairs.
   void quantise_tile(std::int16_t* v, float* steps, const float* scratch, int t) const {
     for (int xi = 0; xi < kPoints; ++xi) {
-      const float* row = scratch + xi * g_.padded_in;
+      const float* row = scratch + xi * scratch_point_stride_;
       __m512 peak = _mm512_setzero_ps();
       __mmask16 nan_lanes = 0;
       for (int c = 0; c < g_.padded_in; c += kChannelBlock) {
@@ -323,7 +328,7 @@ class Int14Layer {
   Geometry g_;
   const std::int16_t* u_;
   const float* u_steps_;
-  std::ptrdiff_t u_block_stride_, u_point_stride_, v_point_stride_, m_tile_stride_;
+  std::ptrdiff_t u_block_stride_, u_point_stride_, v_point_stride_, m_tile_stride_, scratch_point_stride_;
 };
 
 // Private blocks for small U (each thread transforms, multiplies and writes out its own blocks
