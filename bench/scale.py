@@ -188,6 +188,28 @@ def rollup_kb(pid: int) -> dict:
     return figures
 
 
+def cpu_seconds_by_process() -> dict:
+    """{pid: (command line, user + system CPU seconds)} of every process (psutil comes with Ray)."""
+    import psutil
+
+    seconds = {}
+    for process in psutil.process_iter(["cmdline", "name"]):
+        try:
+            times = process.cpu_times()
+            seconds[process.pid] = (" ".join(process.info["cmdline"] or [process.info["name"] or ""]),
+                                    times.user + times.system)
+        except (psutil.Error, OSError):
+            continue  # gone or not ours to read
+    return seconds
+
+
+def machine_idle_seconds() -> float:
+    """Idle CPU-seconds of the whole machine so far (/proc/stat: idle + iowait, every CPU)."""
+    with open("/proc/stat") as stat:
+        fields = stat.readline().split()[1:]
+    return (int(fields[3]) + int(fields[4])) / os.sysconf("SC_CLK_TCK")
+
+
 def make_images(directory: str, count: int, size: int) -> None:
     from PIL import Image
 
@@ -251,9 +273,11 @@ def throughput(weights: str, cache_dir: str, image_dir: str, count: int, size: i
                 self.init_s = self.ready - began
 
             def __call__(self, batch):
+                began = time.time()
                 out = super().__call__(batch)
                 n = len(out["block5_pool"])
-                out.update(_ready=np.full(n, self.ready), _init_s=np.full(n, self.init_s), _done=np.full(n, time.time()))
+                out.update(_ready=np.full(n, self.ready), _init_s=np.full(n, self.init_s), _began=np.full(n, began),
+                           _done=np.full(n, time.time()))
                 return out
 
         os.environ["FASTVGG_PACKED_CACHE"] = cache_dir  # the actors inherit the driver's environment
@@ -265,17 +289,34 @@ def throughput(weights: str, cache_dir: str, image_dir: str, count: int, size: i
                 mapped = ds.map_batches(TimedExtractor, fn_constructor_kwargs=dict(
                     weights=weights, layer="block5_pool", pooling="avg"), concurrency=actors,
                     num_cpus=threads // actors, batch_size=batch, batch_format="numpy")
+                cpu_before, idle_before = cpu_seconds_by_process(), machine_idle_seconds()
                 started = time.perf_counter()
                 result = mapped.materialize()
                 elapsed = time.perf_counter() - started
-                stamps = result.select_columns(["_ready", "_init_s", "_done"]).to_pandas()
+                cpu_after, idle = cpu_seconds_by_process(), machine_idle_seconds() - idle_before
+                stamps = result.select_columns(["_ready", "_init_s", "_began", "_done"]).to_pandas()
                 assert len(stamps) == count
                 rows.append((f"Ray Data, {actors} actor(s) x {threads // actors} CPU, whole job",
                              f"{threads} threads in all", elapsed))
                 steady = stamps["_done"].max() - stamps["_ready"].min()
                 rows.append((f"Ray Data, {actors} actor(s) x {threads // actors} CPU, steady state",
                              f"{threads} threads in all", steady))
-                ray_extra.append(f"{actors} actor(s): model built in the actor in {stamps['_init_s'].max():.3f} s")
+                # Where the steady state goes: the actors' own calls (begin to end of each batch,
+                # summed over the batches, divided by the actors working at once) against the rest
+                # (Ray moving batches between calls, and its processes' CPU while the calls run).
+                calls = stamps.drop_duplicates(["_began", "_done"])
+                in_calls = float((calls["_done"] - calls["_began"]).sum()) / actors
+                # The machine's CPU-seconds over the job: idle (/proc/stat), Ray's daemons and the
+                # driver (alive before and after), and the actors (the rest: their processes may
+                # be gone by the time the job returns).
+                others = sum(cpu_after[pid][1] - cpu_before[pid][1] for pid in cpu_after
+                             if pid in cpu_before and "MapWorker" not in cpu_after[pid][0])
+                total = elapsed * (os.cpu_count() or threads)
+                ray_extra.append(f"{actors} actor(s): model built in the actor in {stamps['_init_s'].max():.3f} s; "
+                                 f"the Extractor's calls take {in_calls:.2f} s of the {steady:.2f} s steady state "
+                                 f"({len(calls)} batches); of the machine's {total:.1f} CPU-seconds during the job, "
+                                 f"{idle:.1f} went idle, Ray's other processes and the driver took {others:.1f}, "
+                                 f"the actors the other {max(0.0, total - idle - others):.1f}")
                 print(rows[-2:], ray_extra[-1], flush=True)
 
             @ray.remote(num_cpus=threads)
