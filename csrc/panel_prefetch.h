@@ -2,8 +2,9 @@
 //
 // In the shared-weight schedule (block4/block5 of VGG at batch 1) every (output group, xi)
 // panel of U comes from memory once: the first register-tile pass over the tiles waits on
-// DRAM while the later passes (same panel, now in L1/L2) leave the memory idle. Measured on
-// block5 (16 tiles = 3 passes), the layer took ~1.4x its compute time. Here the passes after
+// DRAM while the later passes (same panel, now in L1/L2) leave the memory idle: block5's
+// layers (16 tiles = 3 passes) took 1.66-1.77 ms against the 1.31 ms their GEMMs need at the
+// measured FMA peak (bench/results.md, 2026-11-29 18:20). Here the passes after
 // the first one fetch the group's panel for the next xi into L2, one row of every output
 // block's region at a time, so memory and arithmetic overlap.
 //
