@@ -9,6 +9,9 @@ if(FASTVGG_COMPILER_HAS_AVX512BF16)
   add_library(kernels_avx512bf16 OBJECT csrc/bf16/conv3x3_bf16.cpp csrc/bf16/dense_bf16.cpp
                                         csrc/bf16/winograd_int14.cpp)
   target_compile_options(kernels_avx512bf16 PRIVATE ${FASTVGG_OPT} ${FASTVGG_FLAGS_avx512} -mavx512bf16 -mavx512vnni)
+  # Its own ISA namespace for simd.h and the shared Winograd transforms (winograd_f4x4.h), and
+  # its own tag on tensor.h's inline helpers (per_isa.h), like the other kernel objects.
+  target_compile_definitions(kernels_avx512bf16 PRIVATE FASTVGG_ISA=avx512bf16)
   target_link_libraries(kernels_avx512bf16 PRIVATE OpenMP::OpenMP_CXX)
   target_include_directories(kernels_avx512bf16 PRIVATE csrc)
   target_sources(_core PRIVATE $<TARGET_OBJECTS:kernels_avx512bf16>)

@@ -29,12 +29,12 @@
 #include <cstring>
 
 #include "bf16/kernels_bf16.h"
+#include "winograd_f4x4.h"
 
 namespace fastvgg {
 namespace avx512bf16 {
 namespace {
 
-constexpr int kTileOut = 4, kTileIn = 6, kPoints = 36;
 constexpr float kQuantMax = float(kWinogradInt14Max);
 constexpr float kLargestFloat = 3.4028234663852886e38f;
 constexpr float kSmallestQuantised = 1e-30f;  // 8191 / 1e-30 is still a finite scale
@@ -48,8 +48,6 @@ constexpr int kGemmTiles = 6, kGemmBlocks = 2;
 // scratch, 6 x 36 x 256 floats = 221 KB at most for the private schedule's layers, stays in L2.
 constexpr int kInputChunk = 6;
 
-inline __m512 fma_const(float c, __m512 a, __m512 b) { return _mm512_fmadd_ps(_mm512_set1_ps(c), a, b); }
-
 // acc += the int16 pair products of x and w (vpdpwssd), as inline assembly with the accumulator
 // tied to the destination. Through the intrinsic, GCC 12 kept two copies of every accumulator of
 // the register tile and moved one into the other after each product: 24 register moves per 12
@@ -59,39 +57,11 @@ inline __m512i dot_pairs_accumulate(__m512i acc, __m512i x, __m512i w) {
   return acc;
 }
 
-// r = B^T d for one column of 6 (Lavin & Gray's points 0, +-1, +-2, infinity).
-inline void input_transform_6(const __m512 d[6], __m512 r[6]) {
-  const __m512 t0 = fma_const(-4.0f, d[2], d[4]), t1 = fma_const(-4.0f, d[1], d[3]);
-  const __m512 t2 = _mm512_sub_ps(d[4], d[2]), t3 = _mm512_sub_ps(d[3], d[1]);
-  r[0] = fma_const(4.0f, d[0], fma_const(-5.0f, d[2], d[4]));
-  r[1] = _mm512_add_ps(t0, t1);
-  r[2] = _mm512_sub_ps(t0, t1);
-  r[3] = fma_const(2.0f, t3, t2);
-  r[4] = fma_const(-2.0f, t3, t2);
-  r[5] = fma_const(4.0f, d[1], fma_const(-5.0f, d[3], d[5]));
-}
-
-// r = A^T m for one column of 6 (4 values).
-inline void output_transform_6(const __m512 m[6], __m512 r[4]) {
-  const __m512 s12 = _mm512_add_ps(m[1], m[2]), d12 = _mm512_sub_ps(m[1], m[2]);
-  const __m512 s34 = _mm512_add_ps(m[3], m[4]), d34 = _mm512_sub_ps(m[3], m[4]);
-  r[0] = _mm512_add_ps(_mm512_add_ps(m[0], s12), s34);
-  r[1] = fma_const(2.0f, d34, d12);
-  r[2] = fma_const(4.0f, s34, s12);
-  r[3] = _mm512_add_ps(fma_const(8.0f, d34, d12), m[5]);
-}
-
 struct Geometry {
-  int height, width, tiles_x, tiles_per_image;
+  TileGrid grid;  // of one image
   int in_blocks, out_blocks, groups;
   int padded_in;  // channels of V rows: in_blocks * 16
 };
-
-// max(a, b) that keeps a NaN in either, as the fp32 max_pool2x2 kernel's max_keep_nan does
-// (max_ps returns its second operand when either is NaN): the same bits in the same order.
-inline __m512 max_keep_nan(__m512 a, __m512 b) {
-  return _mm512_mask_mov_ps(_mm512_max_ps(a, b), _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), a);
-}
 
 class Int14Layer {
  public:
@@ -100,10 +70,10 @@ class Int14Layer {
              const BlockedImage& out, int block_tiles, bool pool)
       : in_(in), out_(out), bias_(bias), relu_(relu), pool_(pool), block_tiles_(block_tiles) {
     // 'same': the convolution's output has the input's size, whatever `out` holds.
-    g_.height = in.height;
-    g_.width = in.width;
-    g_.tiles_x = (in.width + kTileOut - 1) / kTileOut;
-    g_.tiles_per_image = g_.tiles_x * ((in.height + kTileOut - 1) / kTileOut);
+    g_.grid.height = in.height;
+    g_.grid.width = in.width;
+    g_.grid.tiles_x = (in.width + kTileOut - 1) / kTileOut;
+    g_.grid.tiles = g_.grid.tiles_x * ((in.height + kTileOut - 1) / kTileOut);
     g_.in_blocks = in.blocks();
     g_.out_blocks = out.blocks();
     g_.groups = (g_.out_blocks + kGemmBlocks - 1) / kGemmBlocks;
@@ -120,7 +90,7 @@ class Int14Layer {
     scratch_point_stride_ = std::ptrdiff_t(g_.padded_in) + kCacheLineFloats;
   }
 
-  int tiles() const { return g_.tiles_per_image; }
+  int tiles() const { return g_.grid.tiles; }
   int groups() const { return g_.groups; }
   std::size_t v_size() const { return std::size_t(kPoints) * std::size_t(v_point_stride_); }      // int16
   std::size_t steps_size() const { return std::size_t(kPoints) * std::size_t(block_tiles_); }      // floats
@@ -148,36 +118,7 @@ class Int14Layer {
  private:
   // B^T d B of one tile's channel block ib, fp32, into scratch[xi][ib's 16 channels].
   void transform_input_block(float* scratch, int tile, int ib) const {
-    const int y0 = tile / g_.tiles_x * kTileOut - 1, x0 = tile % g_.tiles_x * kTileOut - 1;
-    const int rows = std::min(kTileIn, g_.height + 1 - y0), cols = std::min(kTileIn, g_.width + 1 - x0);
-    const std::ptrdiff_t row_stride = in_.row_stride();
-    const float* origin = in_.at(ib, y0, x0);
-    __m512 d[kTileIn][kTileIn];
-    if (rows == kTileIn && cols == kTileIn) {  // inside the image: no per-pixel test
-      for (int i = 0; i < kTileIn; ++i)
-        for (int j = 0; j < kTileIn; ++j) d[i][j] = _mm512_loadu_ps(origin + i * row_stride + j * kChannelBlock);
-    } else {
-      for (int i = 0; i < kTileIn; ++i)
-        for (int j = 0; j < kTileIn; ++j)
-          d[i][j] = i < rows && j < cols ? _mm512_loadu_ps(origin + i * row_stride + j * kChannelBlock)
-                                         : _mm512_setzero_ps();
-    }
-    // The next tile along the row starts 4 pixels on: fetch its 4 new columns now, so its loads
-    // do not wait for the L3 or memory (perf: most of this function's samples sat on these loads).
-    for (int i = 0; i < kTileIn; ++i)
-      for (int j = kTileIn; j < kTileIn + kTileOut; ++j)
-        _mm_prefetch(reinterpret_cast<const char*>(origin + i * row_stride + j * kChannelBlock), _MM_HINT_T0);
-    __m512 column[kTileIn], transformed[kTileIn], half[kTileIn][kTileIn];
-    for (int j = 0; j < kTileIn; ++j) {
-      for (int i = 0; i < kTileIn; ++i) column[i] = d[i][j];
-      input_transform_6(column, transformed);
-      for (int i = 0; i < kTileIn; ++i) half[i][j] = transformed[i];
-    }
-    for (int i = 0; i < kTileIn; ++i) {
-      input_transform_6(half[i], transformed);
-      for (int j = 0; j < kTileIn; ++j)
-        _mm512_storeu_ps(scratch + (i * kTileIn + j) * scratch_point_stride_ + ib * kChannelBlock, transformed[j]);
-    }
+    transform_input_tile(in_, g_.grid, tile, ib, scratch + ib * kChannelBlock, scratch_point_stride_);
   }
 
   // Per point xi, the largest |V| over the channels gives the scale; V quantised to int16 pairs.
@@ -277,46 +218,14 @@ class Int14Layer {
     gemm_tile<kT, kB>(v, steps, m, t0, xi, first_block);
   }
 
+  // Y = A^T M A + bias (ReLU, the fused max pool) of tile first_tile + t, block out_block.
   void transform_output(const float* m, int first_tile, int t, int out_block) const {
-    const int tile = first_tile + t;
-    const int y0 = tile / g_.tiles_x * kTileOut, x0 = tile % g_.tiles_x * kTileOut;
-    const int rows = std::min(kTileOut, g_.height - y0), cols = std::min(kTileOut, g_.width - x0);
-    const float* mt = m + t * m_tile_stride_ + out_block * kPoints * kChannelBlock;
-    __m512 column[kTileIn], transformed[kTileOut], half[kTileOut][kTileIn];
-    for (int j = 0; j < kTileIn; ++j) {
-      for (int i = 0; i < kTileIn; ++i) column[i] = _mm512_loadu_ps(mt + (i * kTileIn + j) * kChannelBlock);
-      output_transform_6(column, transformed);
-      for (int i = 0; i < kTileOut; ++i) half[i][j] = transformed[i];
-    }
-    const __m512 b = _mm512_loadu_ps(bias_ + out_block * kChannelBlock);
-    const __m512 zero = _mm512_setzero_ps();
-    if (pool_) {
-      // Tiles start at even pixels, so each window lies in one tile; a window cut by the
-      // image's last odd row or column is dropped, as Keras does.
-      const int pooled_rows = rows / 2, pooled_cols = cols / 2;
-      __m512 y[kTileOut][kTileOut];
-      for (int i = 0; i < 2 * pooled_rows; ++i) {
-        output_transform_6(half[i], transformed);
-        for (int j = 0; j < 2 * pooled_cols; ++j) {
-          const __m512 sum = _mm512_add_ps(transformed[j], b);
-          y[i][j] = relu_ ? _mm512_max_ps(zero, sum) : sum;
-        }
-      }
-      for (int i = 0; i < pooled_rows; ++i)
-        for (int j = 0; j < pooled_cols; ++j)
-          _mm512_storeu_ps(out_.at(out_block, y0 / 2 + i, x0 / 2 + j),
-                           max_keep_nan(max_keep_nan(y[2 * i][2 * j], y[2 * i][2 * j + 1]),
-                                        max_keep_nan(y[2 * i + 1][2 * j], y[2 * i + 1][2 * j + 1])));
-      return;
-    }
-    float* origin = out_.at(out_block, y0, x0);
-    for (int i = 0; i < rows; ++i) {
-      output_transform_6(half[i], transformed);
-      for (int j = 0; j < cols; ++j) {
-        const __m512 y = _mm512_add_ps(transformed[j], b);
-        _mm512_storeu_ps(origin + i * out_.row_stride() + j * kChannelBlock, relu_ ? _mm512_max_ps(zero, y) : y);
-      }
-    }
+    const float* tile_m = m + t * m_tile_stride_ + out_block * kPoints * kChannelBlock;
+    const float* bias = bias_ + out_block * kChannelBlock;
+    if (pool_)
+      transform_output_tile_pooled(tile_m, bias, relu_, out_, g_.grid, first_tile + t, out_block);
+    else
+      transform_output_tile(tile_m, bias, relu_, out_, g_.grid, first_tile + t, out_block);
   }
 
   const BlockedImage& in_;

@@ -1,0 +1,160 @@
+// Winograd F(4x4, 3x3)'s tile transforms on the blocked layout, shared by the fp32 kernel
+// (winograd.cpp, once per ISA) and the int14 kernel (bf16/winograd_int14.cpp), which run the
+// same input transform (then quantise V) and the same output transform of M (then bias, ReLU
+// and the fused max pool).
+//
+// Transforms (Lavin & Gray 2015, interpolation points 0, +-1, +-2, infinity):
+//   V = B^T d B      (a 6x6 input tile, overlapping its neighbours by 2 pixels)
+//   Y = A^T M A      (M: the 36 products of a tile, one 16-channel vector per point)
+// The functions live in the ISA's namespace, as simd.h's do: each ISA object has its own copy.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+
+#include "simd.h"
+#include "tensor.h"
+
+namespace fastvgg {
+namespace winograd_f4x4 {
+
+constexpr int kTileOut = 4;                      // output pixels per tile side
+constexpr int kTileIn = kTileOut + 2;            // input pixels per tile side (3x3 taps)
+constexpr int kPoints = kTileIn * kTileIn;       // 36 transformed values per tile
+
+struct TileGrid {
+  int height, width;      // output (= input) pixels
+  int tiles_x, tiles;     // tiles per row, in the image
+};
+
+}  // namespace winograd_f4x4
+
+namespace FASTVGG_ISA {
+using winograd_f4x4::kPoints;
+using winograd_f4x4::kTileIn;
+using winograd_f4x4::kTileOut;
+using winograd_f4x4::TileGrid;
+
+// simd.h has no subtract or multiply; every transform step is b + c * a with an exact constant.
+inline Vec16 fma_const(float c, Vec16 a, Vec16 b) { return fmadd(broadcast(c), a, b); }
+
+// One 6-point B^T product: r = B^T d.
+inline void input_transform_6(const Vec16 d[6], Vec16 r[6]) {
+  const Vec16 t0 = fma_const(-4.0f, d[2], d[4]);  // d4 - 4 d2
+  const Vec16 t1 = fma_const(-4.0f, d[1], d[3]);  // d3 - 4 d1
+  const Vec16 t2 = fma_const(-1.0f, d[2], d[4]);  // d4 - d2
+  const Vec16 t3 = fma_const(-1.0f, d[1], d[3]);  // d3 - d1
+  r[0] = fma_const(4.0f, d[0], fma_const(-5.0f, d[2], d[4]));
+  r[1] = add(t0, t1);
+  r[2] = fma_const(-1.0f, t1, t0);
+  r[3] = fma_const(2.0f, t3, t2);
+  r[4] = fma_const(-2.0f, t3, t2);
+  r[5] = fma_const(4.0f, d[1], fma_const(-5.0f, d[3], d[5]));
+}
+
+// One 6-point A^T product: r = A^T m (4 values).
+inline void output_transform_6(const Vec16 m[6], Vec16 r[4]) {
+  const Vec16 s12 = add(m[1], m[2]);
+  const Vec16 d12 = fma_const(-1.0f, m[2], m[1]);
+  const Vec16 s34 = add(m[3], m[4]);
+  const Vec16 d34 = fma_const(-1.0f, m[4], m[3]);
+  r[0] = add(add(m[0], s12), s34);
+  r[1] = fma_const(2.0f, d34, d12);
+  r[2] = fma_const(4.0f, s34, s12);
+  r[3] = add(fma_const(8.0f, d34, d12), m[5]);
+}
+
+
+// V[xi][tile][channel] for one tile and one block of 16 input channels. Pixels past the
+// image's bottom/right border row (which is zero) read as zero.
+inline void transform_input_tile(const BlockedImage& in, const TileGrid& grid, int tile, int in_block,
+                                 float* v, std::ptrdiff_t v_point_stride) {
+  const int y0 = tile / grid.tiles_x * kTileOut - 1, x0 = tile % grid.tiles_x * kTileOut - 1;
+  // Rows/columns up to height/width are readable (the zero border); beyond them, zeros.
+  const int rows = std::min(kTileIn, grid.height + 1 - y0), cols = std::min(kTileIn, grid.width + 1 - x0);
+  const float* origin = in.at(in_block, y0, x0);
+  const std::ptrdiff_t row_stride = in.row_stride();
+  Vec16 d[kTileIn][kTileIn];
+  if (rows == kTileIn && cols == kTileIn) {
+    for (int i = 0; i < kTileIn; ++i)
+      for (int j = 0; j < kTileIn; ++j) d[i][j] = load(origin + i * row_stride + j * kChannelBlock);
+  } else {
+    for (int i = 0; i < kTileIn; ++i)
+      for (int j = 0; j < kTileIn; ++j)
+        d[i][j] = i < rows && j < cols ? load(origin + i * row_stride + j * kChannelBlock) : zero();
+  }
+  // The next tile along the row starts 4 pixels on: fetch its 4 new columns now, so the
+  // loads of the next call do not wait for the L3 or memory.
+  for (int i = 0; i < kTileIn; ++i)
+    for (int j = kTileIn; j < kTileIn + kTileOut; ++j) __builtin_prefetch(origin + i * row_stride + j * kChannelBlock);
+  // Columns first (B^T d), then rows ((B^T d) B), all in registers/L1.
+  Vec16 column[kTileIn], transformed[kTileIn], half[kTileIn][kTileIn];
+  for (int j = 0; j < kTileIn; ++j) {
+    for (int i = 0; i < kTileIn; ++i) column[i] = d[i][j];
+    input_transform_6(column, transformed);
+    for (int i = 0; i < kTileIn; ++i) half[i][j] = transformed[i];
+  }
+  for (int i = 0; i < kTileIn; ++i) {
+    input_transform_6(half[i], transformed);
+    for (int j = 0; j < kTileIn; ++j) store(v + (i * kTileIn + j) * v_point_stride, transformed[j]);
+  }
+}
+
+// Y = A^T M A + bias for one tile and one output block; stores only the pixels inside the image.
+inline void transform_output_tile(const float* m, const float* bias, bool relu, const BlockedImage& out,
+                                  const TileGrid& grid, int tile, int out_block) {
+  const int y0 = tile / grid.tiles_x * kTileOut, x0 = tile % grid.tiles_x * kTileOut;
+  const int rows = std::min(kTileOut, grid.height - y0), cols = std::min(kTileOut, grid.width - x0);
+  Vec16 column[kTileIn], transformed[kTileOut], half[kTileOut][kTileIn];
+  for (int j = 0; j < kTileIn; ++j) {
+    for (int i = 0; i < kTileIn; ++i) column[i] = load(m + (i * kTileIn + j) * kChannelBlock);
+    output_transform_6(column, transformed);
+    for (int i = 0; i < kTileOut; ++i) half[i][j] = transformed[i];
+  }
+  const Vec16 b = load(bias);
+  float* origin = out.at(out_block, y0, x0);
+  for (int i = 0; i < rows; ++i) {
+    output_transform_6(half[i], transformed);
+    for (int j = 0; j < cols; ++j) {
+      const Vec16 y = add(transformed[j], b);
+      store(origin + i * out.row_stride() + j * kChannelBlock, relu ? FASTVGG_ISA::relu(y) : y);
+    }
+  }
+}
+
+// The same tile followed by Keras's 2x2 max pool ('valid', stride 2), written to `pooled`
+// (floor(h/2) x floor(w/2)): tiles start at even pixels, so every window lies in one tile, and
+// a window that the image's last odd row or column would cut is dropped, as Keras does. The
+// maxima are taken in max_pool2x2's order on the same values, so the result is bit-identical
+// to the convolution followed by that kernel.
+inline void transform_output_tile_pooled(const float* m, const float* bias, bool relu, const BlockedImage& pooled,
+                                         const TileGrid& grid, int tile, int out_block) {
+  static_assert(kTileOut % 2 == 0, "pooling windows must not straddle tiles");
+  const int y0 = tile / grid.tiles_x * kTileOut, x0 = tile % grid.tiles_x * kTileOut;
+  const int rows = std::min(kTileOut, grid.height - y0), cols = std::min(kTileOut, grid.width - x0);
+  if (rows < 2 || cols < 2) return;  // no whole window in this tile
+  Vec16 column[kTileIn], transformed[kTileOut], half[kTileOut][kTileIn], y[kTileOut][kTileOut];
+  for (int j = 0; j < kTileIn; ++j) {
+    for (int i = 0; i < kTileIn; ++i) column[i] = load(m + (i * kTileIn + j) * kChannelBlock);
+    output_transform_6(column, transformed);
+    for (int i = 0; i < kTileOut; ++i) half[i][j] = transformed[i];
+  }
+  const Vec16 b = load(bias);
+  const int pooled_rows = rows / 2, pooled_cols = cols / 2;
+  for (int i = 0; i < 2 * pooled_rows; ++i) {
+    output_transform_6(half[i], transformed);
+    for (int j = 0; j < 2 * pooled_cols; ++j) {
+      const Vec16 sum = add(transformed[j], b);
+      y[i][j] = relu ? FASTVGG_ISA::relu(sum) : sum;
+    }
+  }
+  float* origin = pooled.at(out_block, y0 / 2, x0 / 2);
+  for (int i = 0; i < pooled_rows; ++i)
+    for (int j = 0; j < pooled_cols; ++j)
+      store(origin + i * pooled.row_stride() + j * kChannelBlock,
+            max_keep_nan(max_keep_nan(y[2 * i][2 * j], y[2 * i][2 * j + 1]),
+                         max_keep_nan(y[2 * i + 1][2 * j], y[2 * i + 1][2 * j + 1])));
+}
+
+}  // namespace FASTVGG_ISA
+}  // namespace fastvgg
