@@ -19,14 +19,13 @@ import importlib.util
 import os
 import shutil
 import subprocess
-import sys
 import sysconfig
 import tempfile
 from pathlib import Path
 
 import pytest
 
-from extension_builds import require_cmake, require_pybind11
+from extension_builds import cmake_configure, require_cmake, require_pybind11
 
 REPO = Path(__file__).resolve().parents[1]
 CUDA_SOURCE = REPO / "csrc" / "cuda"
@@ -111,19 +110,12 @@ def nvcc_build():
     """(directory, build log) of fastvgg._cuda built by CMake + nvcc, -Werror and ptxas -v."""
     compiler = nvcc()
     cmake = require_cmake()
-    pybind11 = require_pybind11()
     build = _session_dir() / "nvcc"
-    configure = [
-        cmake, "-S", str(REPO), "-B", str(build),
+    configure = cmake_configure(build, [
         "-DFASTVGG_CUDA=ON", "-DFASTVGG_CUDA_WERROR=ON", "-DFASTVGG_CUDA_PTXAS_VERBOSE=ON",
         f"-DCMAKE_CUDA_COMPILER={compiler}",
         "-DCMAKE_BUILD_TYPE=Release",
-        "-DSKBUILD_PROJECT_VERSION=0.0.0",
-        f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
-        f"-DPython_EXECUTABLE={sys.executable}",
-    ]  # fmt: skip
-    if shutil.which("ninja"):
-        configure += ["-G", "Ninja"]
+    ])  # fmt: skip
     _compile(configure, "configuring the CUDA build")
     # Only the CUDA module: the CPU core is built (and tested) by the ordinary install.
     step = [cmake, "--build", str(build), "--target", "_cuda", "--parallel", str(os.cpu_count() or 2)]

@@ -81,24 +81,32 @@ def require_cmake() -> str:
     return cmake
 
 
+def cmake_configure(build: Path, options) -> list:
+    """The command that configures this repository's CMake build in `build` with `options`, as
+    scikit-build-core would (project version, this Python and its pybind11; Ninja where there
+    is one); skips where cmake or pybind11 is missing."""
+    configure = [
+        require_cmake(), "-S", str(REPO), "-B", str(build), *options,
+        "-DSKBUILD_PROJECT_VERSION=0.0.0",
+        f"-Dpybind11_DIR={require_pybind11().get_cmake_dir()}",
+        f"-DPython_EXECUTABLE={sys.executable}",
+    ]  # fmt: skip
+    if shutil.which("ninja"):
+        configure += ["-G", "Ninja"]
+    return configure
+
+
 def build_package(root: Path, cmake_option: str) -> Path:
     """A copy of the fastvgg package under `root` whose _core is built with `-D<cmake_option>=ON`
     (CMakeLists.txt: FASTVGG_SANITIZE, FASTVGG_TSAN), without -g and with the flags the option
     picks; skips where cmake or pybind11 is missing."""
     cmake = require_cmake()
-    pybind11 = require_pybind11()
     build = root / "build"
-    configure = [
-        cmake, "-S", str(REPO), "-B", str(build),
+    configure = cmake_configure(build, [
         f"-D{cmake_option}=ON",
         "-DCMAKE_BUILD_TYPE=None",  # no -g (slow to compile) and no Release -O3; CMakeLists picks the level
         "-DCMAKE_CXX_COMPILER=g++",
-        "-DSKBUILD_PROJECT_VERSION=0.0.0",
-        f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
-        f"-DPython_EXECUTABLE={sys.executable}",
-    ]  # fmt: skip
-    if shutil.which("ninja"):
-        configure += ["-G", "Ninja"]
+    ])  # fmt: skip
     for step in (configure, [cmake, "--build", str(build), "--parallel", str(os.cpu_count() or 2)]):
         result = subprocess.run(step, capture_output=True, text=True, timeout=CHILD_TIMEOUT)
         assert result.returncode == 0, f"{' '.join(step)} failed:\n{(result.stdout + result.stderr)[-6000:]}"
