@@ -66,3 +66,18 @@ def test_features_without_the_top_for_any_thread_count(restore_threads, precisio
         fastvgg.set_num_threads(threads)
         outputs.append(model.predict(x))
     assert all(np.array_equal(out, outputs[0]) for out in outputs[1:])
+
+
+def test_a_batch_longer_than_one_chunk_gives_each_image_its_own_bits():
+    # At 224x224 the executor runs block3 onwards layer by layer over chunks of 9 images
+    # (csrc/cpu_executor.cpp, kChunkBytes: about 32 MB of one layer's activations): 11 images
+    # make a full chunk and a short one, and every output must land at its own image's index,
+    # also one asked for inside the chunked layers (block3_conv2, before its ReLU).
+    model = fastvgg.VGG16(None, include_top=False, seed=5)
+    x = noise_images(11, (224, 224), seed=11)
+    names = ["block3_conv2:preact", "block4_conv1", "block5_pool"]
+    together = model.extract(x, names, batch_size=11)
+    for i in (0, 8, 9, 10):
+        alone = model.extract(x[i : i + 1], names)
+        for name in names:
+            assert np.array_equal(alone[name], together[name][i : i + 1]), (name, i)
