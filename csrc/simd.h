@@ -32,6 +32,7 @@ inline Vec16 broadcast(float x) { return {_mm512_set1_ps(x)}; }
 inline Vec16 zero() { return {_mm512_setzero_ps()}; }
 inline Vec16 fmadd(Vec16 a, Vec16 b, Vec16 c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
 inline Vec16 add(Vec16 a, Vec16 b) { return {_mm512_add_ps(a.v, b.v)}; }
+inline Vec16 sub(Vec16 a, Vec16 b) { return {_mm512_sub_ps(a.v, b.v)}; }
 inline Vec16 max(Vec16 a, Vec16 b) { return {_mm512_max_ps(a.v, b.v)}; }
 // max_keep_nan(a, b) is NaN when a or b is (pooling must not hide a NaN). max_ps returns its
 // second operand when either is NaN, so only a NaN in `a` needs restoring.
@@ -64,6 +65,7 @@ inline Vec16 fmadd(Vec16 a, Vec16 b, Vec16 c) {
   return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)};
 }
 inline Vec16 add(Vec16 a, Vec16 b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
+inline Vec16 sub(Vec16 a, Vec16 b) { return {_mm256_sub_ps(a.lo, b.lo), _mm256_sub_ps(a.hi, b.hi)}; }
 inline Vec16 max(Vec16 a, Vec16 b) { return {_mm256_max_ps(a.lo, b.lo), _mm256_max_ps(a.hi, b.hi)}; }
 inline Vec16 max_keep_nan(Vec16 a, Vec16 b) {
   const __m256 lo = _mm256_max_ps(a.lo, b.lo), hi = _mm256_max_ps(a.hi, b.hi);
@@ -105,6 +107,11 @@ inline Vec16 fmadd(const Vec16& a, const Vec16& b, const Vec16& c) {
 inline Vec16 add(const Vec16& a, const Vec16& b) {
   Vec16 r;
   for (int i = 0; i < 16; ++i) r.v[i] = a.v[i] + b.v[i];
+  return r;
+}
+inline Vec16 sub(const Vec16& a, const Vec16& b) {
+  Vec16 r;
+  for (int i = 0; i < 16; ++i) r.v[i] = a.v[i] - b.v[i];
   return r;
 }
 inline Vec16 max(const Vec16& a, const Vec16& b) {

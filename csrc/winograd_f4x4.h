@@ -35,18 +35,20 @@ using winograd_f4x4::kTileIn;
 using winograd_f4x4::kTileOut;
 using winograd_f4x4::TileGrid;
 
-// simd.h has no subtract or multiply; every transform step is b + c * a with an exact constant.
+// Every transform step is an exact constant times a vector plus another: a +-1 is a sub or an
+// add (the FP add pipes), the rest one FMA each (the FMA pipes), so on CPUs with separate add
+// and FMA pipes (Zen 4) the two kinds issue side by side. a - b and b + (-1) * a round alike.
 inline Vec16 fma_const(float c, Vec16 a, Vec16 b) { return fmadd(broadcast(c), a, b); }
 
 // One 6-point B^T product: r = B^T d.
 inline void input_transform_6(const Vec16 d[6], Vec16 r[6]) {
   const Vec16 t0 = fma_const(-4.0f, d[2], d[4]);  // d4 - 4 d2
   const Vec16 t1 = fma_const(-4.0f, d[1], d[3]);  // d3 - 4 d1
-  const Vec16 t2 = fma_const(-1.0f, d[2], d[4]);  // d4 - d2
-  const Vec16 t3 = fma_const(-1.0f, d[1], d[3]);  // d3 - d1
+  const Vec16 t2 = sub(d[4], d[2]);
+  const Vec16 t3 = sub(d[3], d[1]);
   r[0] = fma_const(4.0f, d[0], fma_const(-5.0f, d[2], d[4]));
   r[1] = add(t0, t1);
-  r[2] = fma_const(-1.0f, t1, t0);
+  r[2] = sub(t0, t1);
   r[3] = fma_const(2.0f, t3, t2);
   r[4] = fma_const(-2.0f, t3, t2);
   r[5] = fma_const(4.0f, d[1], fma_const(-5.0f, d[3], d[5]));
@@ -55,9 +57,9 @@ inline void input_transform_6(const Vec16 d[6], Vec16 r[6]) {
 // One 6-point A^T product: r = A^T m (4 values).
 inline void output_transform_6(const Vec16 m[6], Vec16 r[4]) {
   const Vec16 s12 = add(m[1], m[2]);
-  const Vec16 d12 = fma_const(-1.0f, m[2], m[1]);
+  const Vec16 d12 = sub(m[1], m[2]);
   const Vec16 s34 = add(m[3], m[4]);
-  const Vec16 d34 = fma_const(-1.0f, m[4], m[3]);
+  const Vec16 d34 = sub(m[3], m[4]);
   r[0] = add(add(m[0], s12), s34);
   r[1] = fma_const(2.0f, d34, d12);
   r[2] = fma_const(4.0f, s34, s12);
