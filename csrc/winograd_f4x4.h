@@ -67,6 +67,111 @@ inline void output_transform_6(const Vec16 m[6], Vec16 r[4]) {
 }
 
 
+// Tiles with at most 2 output pixels along an axis (at the right or bottom edge of an image
+// whose size is 1 or 2 past a multiple of 4, such as block5's 14x14) run F(2, 3) along it: Lavin
+// & Gray's on the points 0, -1, 1 and infinity, which are 4 of F(4, 3)'s 6. It pairs with F(4)'s
+// U at those 4 points (kEdgePoint), so it needs 4 x 6, 6 x 4 or 4 x 4 of the 36 products. Those
+// U are F(2)'s times 1/4, -1/3, -1/3 and 1 (the ratio of the G rows); its input transform is
+// divided by the same, so the products are F(2)'s: r = diag(4, -3, -3, 1) B2^T d.
+inline constexpr int kEdgeIn = 4;  // input pixels along an edge tile's narrow axis
+inline constexpr int kEdgePoint[kEdgeIn] = {0, 1, 2, 5};
+inline constexpr int kFullPoint[kTileIn] = {0, 1, 2, 3, 4, 5};
+
+// One 4-point product r = diag(4, -3, -3, 1) B2^T d, into r's places kEdgePoint.
+inline void input_transform_4(const Vec16 d[kEdgeIn], Vec16 r[kTileIn]) {
+  r[0] = fma_const(4.0f, sub(d[0], d[2]), zero());
+  r[1] = fma_const(-3.0f, add(d[1], d[2]), zero());
+  r[2] = fma_const(3.0f, sub(d[1], d[2]), zero());
+  r[5] = sub(d[1], d[3]);
+}
+
+// One 4-point A2^T product from m's places kEdgePoint: 2 values.
+inline void output_transform_4(const Vec16 m[kTileIn], Vec16 r[2]) {
+  r[0] = add(add(m[0], m[1]), m[2]);
+  r[1] = sub(sub(m[1], m[2]), m[5]);
+}
+
+// The transform along an axis of kIn input pixels (6: F(4), 4: F(2)) and the points it uses.
+template <int kIn>
+inline void input_transform_axis(const Vec16 d[kIn], Vec16 r[kTileIn]) {
+  if constexpr (kIn == kTileIn) input_transform_6(d, r); else input_transform_4(d, r);
+}
+template <int kIn>
+inline void output_transform_axis(const Vec16 m[kTileIn], Vec16 r[kTileOut]) {
+  if constexpr (kIn == kTileIn) output_transform_6(m, r); else output_transform_4(m, r);
+}
+template <int kIn>
+constexpr const int (&axis_points())[kIn] {
+  if constexpr (kIn == kTileIn) return kFullPoint; else return kEdgePoint;
+}
+
+// V at the tile's points for a tile of kRowsIn x kColsIn input pixels (6 or 4 each; 6 x 6 is
+// transform_input_tile's); V at the other points is neither written nor read.
+template <int kRowsIn, int kColsIn>
+inline void transform_input_edge_tile(const BlockedImage& in, const TileGrid& grid, int tile, int in_block,
+                                      float* v, std::ptrdiff_t v_point_stride) {
+  const int y0 = tile / grid.tiles_x * kTileOut - 1, x0 = tile % grid.tiles_x * kTileOut - 1;
+  const int rows = std::min(kRowsIn, grid.height + 1 - y0), cols = std::min(kColsIn, grid.width + 1 - x0);
+  const float* origin = in.at(in_block, y0, x0);
+  const std::ptrdiff_t row_stride = in.row_stride();
+  Vec16 half[kTileIn][kColsIn];  // [row point][input column]
+  for (int j = 0; j < kColsIn; ++j) {
+    Vec16 column[kRowsIn], transformed[kTileIn];
+    for (int i = 0; i < kRowsIn; ++i)
+      column[i] = i < rows && j < cols ? load(origin + i * row_stride + j * kChannelBlock) : zero();
+    input_transform_axis<kRowsIn>(column, transformed);
+    for (int p : axis_points<kRowsIn>()) half[p][j] = transformed[p];
+  }
+  for (int p : axis_points<kRowsIn>()) {
+    Vec16 transformed[kTileIn];
+    input_transform_axis<kColsIn>(half[p], transformed);
+    for (int q : axis_points<kColsIn>()) store(v + (p * kTileIn + q) * v_point_stride, transformed[q]);
+  }
+}
+
+// Y = A^T M A + bias (and ReLU) of such a tile from M at its points, stored as
+// transform_output_tile does, or with kPool 2x2 max-pooled as transform_output_tile_pooled does.
+template <int kRowsIn, int kColsIn, bool kPool>
+inline void transform_output_edge_tile(const float* m, const float* bias, bool relu, const BlockedImage& out,
+                                       const TileGrid& grid, int tile, int out_block) {
+  constexpr int kRowsOut = kRowsIn - 2, kColsOut = kColsIn - 2;
+  const int y0 = tile / grid.tiles_x * kTileOut, x0 = tile % grid.tiles_x * kTileOut;
+  int rows = std::min(kRowsOut, grid.height - y0), cols = std::min(kColsOut, grid.width - x0);
+  if (kPool) {  // whole windows only
+    rows -= rows % 2;
+    cols -= cols % 2;
+  }
+  Vec16 half[kTileOut][kTileIn];  // [output row][column point]
+  for (int q : axis_points<kColsIn>()) {
+    Vec16 column[kTileIn], transformed[kTileOut];
+    for (int p : axis_points<kRowsIn>()) column[p] = load(m + (p * kTileIn + q) * kChannelBlock);
+    output_transform_axis<kRowsIn>(column, transformed);
+    for (int i = 0; i < kRowsOut; ++i) half[i][q] = transformed[i];
+  }
+  const Vec16 b = load(bias);
+  Vec16 y[kTileOut][kTileOut];
+  for (int i = 0; i < rows; ++i) {
+    Vec16 transformed[kTileOut];
+    output_transform_axis<kColsIn>(half[i], transformed);
+    for (int j = 0; j < cols; ++j) {
+      const Vec16 sum = add(transformed[j], b);
+      y[i][j] = relu ? FASTVGG_ISA::relu(sum) : sum;
+    }
+  }
+  if constexpr (!kPool) {
+    float* origin = out.at(out_block, y0, x0);
+    for (int i = 0; i < rows; ++i)
+      for (int j = 0; j < cols; ++j) store(origin + i * out.row_stride() + j * kChannelBlock, y[i][j]);
+  } else {
+    float* origin = out.at(out_block, y0 / 2, x0 / 2);
+    for (int i = 0; i < rows / 2; ++i)
+      for (int j = 0; j < cols / 2; ++j)
+        store(origin + i * out.row_stride() + j * kChannelBlock,
+              max_keep_nan(max_keep_nan(y[2 * i][2 * j], y[2 * i][2 * j + 1]),
+                           max_keep_nan(y[2 * i + 1][2 * j], y[2 * i + 1][2 * j + 1])));
+  }
+}
+
 // V[xi][tile][channel] for one tile and one block of 16 input channels. Pixels past the
 // image's bottom/right border row (which is zero) read as zero.
 inline void transform_input_tile(const BlockedImage& in, const TileGrid& grid, int tile, int in_block,
