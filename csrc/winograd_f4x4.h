@@ -67,6 +67,21 @@ inline void output_transform_6(const Vec16 m[6], Vec16 r[4]) {
 }
 
 
+// Where a tile's input pixels start (one above and left of its first output pixel), and how
+// many of its kRowsIn x kColsIn rows and columns are readable: up to the image's height/width
+// (the zero border); beyond them, the transforms read zeros.
+struct InputWindow {
+  const float* origin;
+  std::ptrdiff_t row_stride;
+  int rows, cols;
+};
+template <int kRowsIn, int kColsIn>
+inline InputWindow input_window(const BlockedImage& in, const TileGrid& grid, int tile, int in_block) {
+  const int y0 = tile / grid.tiles_x * kTileOut - 1, x0 = tile % grid.tiles_x * kTileOut - 1;
+  return {in.at(in_block, y0, x0), in.row_stride(), std::min(kRowsIn, grid.height + 1 - y0),
+          std::min(kColsIn, grid.width + 1 - x0)};
+}
+
 // Tiles with at most 2 output pixels along an axis (at the right or bottom edge of an image
 // whose size is 1 or 2 past a multiple of 4, such as block5's 14x14) run F(2, 3) along it: Lavin
 // & Gray's on the points 0, -1, 1 and infinity, which are 4 of F(4, 3)'s 6. It pairs with F(4)'s
@@ -110,10 +125,7 @@ constexpr const int (&axis_points())[kIn] {
 template <int kRowsIn, int kColsIn>
 inline void transform_input_edge_tile(const BlockedImage& in, const TileGrid& grid, int tile, int in_block,
                                       float* v, std::ptrdiff_t v_point_stride) {
-  const int y0 = tile / grid.tiles_x * kTileOut - 1, x0 = tile % grid.tiles_x * kTileOut - 1;
-  const int rows = std::min(kRowsIn, grid.height + 1 - y0), cols = std::min(kColsIn, grid.width + 1 - x0);
-  const float* origin = in.at(in_block, y0, x0);
-  const std::ptrdiff_t row_stride = in.row_stride();
+  const auto [origin, row_stride, rows, cols] = input_window<kRowsIn, kColsIn>(in, grid, tile, in_block);
   Vec16 half[kTileIn][kColsIn];  // [row point][input column]
   for (int j = 0; j < kColsIn; ++j) {
     Vec16 column[kRowsIn], transformed[kTileIn];
@@ -176,11 +188,7 @@ inline void transform_output_edge_tile(const float* m, const float* bias, bool r
 // image's bottom/right border row (which is zero) read as zero.
 inline void transform_input_tile(const BlockedImage& in, const TileGrid& grid, int tile, int in_block,
                                  float* v, std::ptrdiff_t v_point_stride) {
-  const int y0 = tile / grid.tiles_x * kTileOut - 1, x0 = tile % grid.tiles_x * kTileOut - 1;
-  // Rows/columns up to height/width are readable (the zero border); beyond them, zeros.
-  const int rows = std::min(kTileIn, grid.height + 1 - y0), cols = std::min(kTileIn, grid.width + 1 - x0);
-  const float* origin = in.at(in_block, y0, x0);
-  const std::ptrdiff_t row_stride = in.row_stride();
+  const auto [origin, row_stride, rows, cols] = input_window<kTileIn, kTileIn>(in, grid, tile, in_block);
   Vec16 d[kTileIn][kTileIn];
   if (rows == kTileIn && cols == kTileIn) {
     for (int i = 0; i < kTileIn; ++i)
