@@ -148,21 +148,16 @@ class WinogradLayer {
   // `pool`: out holds the 2x2 max-pooled result (transform_output_tile_pooled).
   WinogradLayer(const BlockedImage* in, const float* packed_weights, const float* bias, bool relu,
                 const BlockedImage* out, int images, int block_tiles, bool pool)
-      : in_(in), out_(out), images_(images), weights_(packed_weights), bias_(bias), relu_(relu), pool_(pool) {
+      : in_(in),
+        out_(out),
+        weights_(packed_weights),
+        bias_(bias),
+        relu_(relu),
+        pool_(pool),
+        grid_(tile_grid(in[0].height, in[0].width)),  // 'same': the output has the input's size
+        order_(grid_, images) {
     const BlockedImage& first_in = in[0];
     const BlockedImage& first_out = out[0];
-    // 'same': the convolution's output has the input's size, whatever `out` holds.
-    grid_.height = first_in.height;
-    grid_.width = first_in.width;
-    grid_.tiles_x = (first_in.width + kTileOut - 1) / kTileOut;
-    grid_.tiles = grid_.tiles_x * ((first_in.height + kTileOut - 1) / kTileOut);
-    const int tiles_y = grid_.tiles / grid_.tiles_x;
-    const bool narrow = is_edge(first_in.width), short_rows = is_edge(first_in.height);
-    full_x_ = grid_.tiles_x - (narrow ? 1 : 0);
-    corners_ = narrow && short_rows ? 1 : 0;
-    rights_ = narrow ? tiles_y - (short_rows ? 1 : 0) : 0;
-    fulls_ = full_x_ * (tiles_y - (short_rows ? 1 : 0));
-    bottoms_ = short_rows ? full_x_ : 0;
     in_blocks_ = first_in.blocks();
     out_blocks_ = first_out.blocks();
     groups_ = (out_blocks_ + kGemmBlocks - 1) / kGemmBlocks;
@@ -178,7 +173,7 @@ class WinogradLayer {
     block_tiles_ = block_tiles;
   }
 
-  int tiles() const { return grid_.tiles * images_; }
+  int tiles() const { return order_.tiles(); }
   int in_blocks() const { return in_blocks_; }
   int groups() const { return groups_; }
   // Floats of V and of M for one block of tiles.
@@ -187,19 +182,10 @@ class WinogradLayer {
 
   // V[xi][t][16 channels of in_block] for tile first_tile + t of the image.
   void transform_input(float* v, int first_tile, int t, int in_block) const {
-    const TilePlace place = place_of(first_tile + t);
+    const TilePlace place = order_.place(first_tile + t);
     const BlockedImage& in = in_[place.image];
     float* tile_v = v + t * padded_in_ + in_block * kChannelBlock;
-    switch (place.kind) {
-      case TileKind::Full:
-        return transform_input_tile(in, grid_, place.tile, in_block, tile_v, v_point_stride_);
-      case TileKind::Right:
-        return transform_input_edge_tile<kTileIn, kEdgeIn>(in, grid_, place.tile, in_block, tile_v, v_point_stride_);
-      case TileKind::Bottom:
-        return transform_input_edge_tile<kEdgeIn, kTileIn>(in, grid_, place.tile, in_block, tile_v, v_point_stride_);
-      case TileKind::Corner:
-        return transform_input_edge_tile<kEdgeIn, kEdgeIn>(in, grid_, place.tile, in_block, tile_v, v_point_stride_);
-    }
+    transform_input_placed(place, in, grid_, in_block, tile_v, v_point_stride_);
   }
 
   // M[t][group's output blocks][xi] for all `tiles` tiles of the block. `prefetch_next`: the
@@ -217,7 +203,7 @@ class WinogradLayer {
     a.m_tile_stride = m_tile_stride_;
     a.m_block_stride = kMBlockStride;
     // Only the tiles that use point xi (edge tiles use 16 or 24 of the 36).
-    const auto [first_using, end_using] = ranks_using(xi);
+    const auto [first_using, end_using] = order_.ranks_using(xi);
     const int begin = std::max(0, first_using - first_tile), end = std::min(tiles, end_using - first_tile);
     if (begin >= end) return;
     const int passes = (end - begin + kGemmTiles - 1) / kGemmTiles;
@@ -243,13 +229,13 @@ class WinogradLayer {
   // Output pixels of tile first_tile + t, output block out_block.
   void transform_output(const float* m, int first_tile, int t, int out_block) const {
     const float* tile_m = m + t * m_tile_stride_ + out_block * kMBlockStride;
-    const TilePlace place = place_of(first_tile + t);
+    const TilePlace place = order_.place(first_tile + t);
     const BlockedImage& out = out_[place.image];
     const float* bias = bias_ + out_block * kChannelBlock;
     if (pool_)
-      transform_output<true>(place, tile_m, bias, out, out_block);
+      transform_output_placed<true>(place, tile_m, bias, relu_, out, grid_, out_block);
     else
-      transform_output<false>(place, tile_m, bias, out, out_block);
+      transform_output_placed<false>(place, tile_m, bias, relu_, out, grid_, out_block);
   }
 
   // All output blocks of one GEMM group, for every tile of the block.
@@ -262,79 +248,17 @@ class WinogradLayer {
  private:
   static constexpr std::ptrdiff_t kMBlockStride = std::ptrdiff_t(kPoints) * kChannelBlock;
 
-  // The tiles of a layer in the order the phases visit them (rank): every image's corner tile
-  // (at most 2 output pixels both ways), then its right-edge tiles (at most 2 columns), its full
-  // tiles row by row, its bottom-edge tiles (at most 2 rows). The tiles that use a point xi are
-  // then one run of ranks (ranks_using), so a GEMM skips the rest by its range. Without edge
-  // tiles (most VGG layers: 224, 112, 56 and 28 are multiples of 4) rank = image * tiles + tile.
-  enum class TileKind { Corner, Right, Full, Bottom };
-  struct TilePlace {
-    int image, tile;
-    TileKind kind;
-  };
-  static bool is_edge(int size) { return size % kTileOut == 1 || size % kTileOut == 2; }
-
-  TilePlace place_of(int rank) const {
-    if (rank < corners_ * images_) return {rank, grid_.tiles - 1, TileKind::Corner};
-    rank -= corners_ * images_;
-    if (rank < rights_ * images_) {
-      return {rank / rights_, rank % rights_ * grid_.tiles_x + grid_.tiles_x - 1, TileKind::Right};
-    }
-    rank -= rights_ * images_;
-    if (rank < fulls_ * images_) {
-      const int full = rank % fulls_;
-      return {rank / fulls_, full / full_x_ * grid_.tiles_x + full % full_x_, TileKind::Full};
-    }
-    rank -= fulls_ * images_;
-    return {rank / bottoms_, grid_.tiles - grid_.tiles_x + rank % bottoms_, TileKind::Bottom};
-  }
-
-  // [first, end) of the ranks whose tiles use point xi = 6 * row point + column point: points 3
-  // and 4 (-2 and 2) are F(4)'s alone, so a column point among them leaves out the corner and
-  // right-edge tiles, a row point the corner and bottom-edge ones.
-  std::pair<int, int> ranks_using(int xi) const {
-    const int row_point = xi / kTileIn, column_point = xi % kTileIn;
-    int first = 0, end = tiles();
-    if (column_point == 3 || column_point == 4) first = (corners_ + rights_) * images_;
-    if (row_point == 3 || row_point == 4) {
-      first = std::max(first, corners_ * images_);
-      end = (corners_ + rights_ + fulls_) * images_;
-    }
-    return {first, end};
-  }
-
-  template <bool kPool>
-  void transform_output(const TilePlace& place, const float* tile_m, const float* bias, const BlockedImage& out,
-                        int out_block) const {
-    switch (place.kind) {
-      case TileKind::Full:
-        if constexpr (kPool)
-          return transform_output_tile_pooled(tile_m, bias, relu_, out, grid_, place.tile, out_block);
-        else
-          return transform_output_tile(tile_m, bias, relu_, out, grid_, place.tile, out_block);
-      case TileKind::Right:
-        return transform_output_edge_tile<kTileIn, kEdgeIn, kPool>(tile_m, bias, relu_, out, grid_, place.tile,
-                                                                   out_block);
-      case TileKind::Bottom:
-        return transform_output_edge_tile<kEdgeIn, kTileIn, kPool>(tile_m, bias, relu_, out, grid_, place.tile,
-                                                                   out_block);
-      case TileKind::Corner:
-        return transform_output_edge_tile<kEdgeIn, kEdgeIn, kPool>(tile_m, bias, relu_, out, grid_, place.tile,
-                                                                   out_block);
-    }
-  }
   static constexpr std::ptrdiff_t kCacheLineFloats = 16;
 
   const BlockedImage* in_;
   const BlockedImage* out_;
-  int images_;
   const float* weights_;
   const float* bias_;
   bool relu_;
   bool pool_;
   TileGrid grid_;
+  TileOrder order_;  // of the tiles of all images (edge tiles: winograd_f4x4.h)
   int in_blocks_, out_blocks_, groups_, block_tiles_;
-  int full_x_, corners_, rights_, fulls_, bottoms_;  // tiles of each kind per image (place_of)
   // V[xi][tile][channel] and M[tile][out block][xi][16], tiles counted within the block.
   std::ptrdiff_t padded_in_, v_point_stride_, m_tile_stride_, u_block_stride_, u_point_stride_;
 };

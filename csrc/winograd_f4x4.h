@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <utility>
 
 #include "simd.h"
 #include "tensor.h"
@@ -27,13 +28,95 @@ struct TileGrid {
   int tiles_x, tiles;     // tiles per row, in the image
 };
 
+inline TileGrid tile_grid(int height, int width) {
+  const int tiles_x = (width + kTileOut - 1) / kTileOut;
+  return {height, width, tiles_x, tiles_x * ((height + kTileOut - 1) / kTileOut)};
+}
+
+// A tile with at most 2 output pixels along an axis (the last ones of an image whose size is 1
+// or 2 past a multiple of 4, such as block5's 14x14) runs F(2, 3) along it, on 4 of the 6
+// points (see the edge transforms below): a right-edge tile (narrow), a bottom-edge one
+// (short), the corner (both), or a full one.
+enum class TileKind { Corner, Right, Full, Bottom };
+struct TilePlace {
+  int image, tile;  // tile: the index in its image's grid, row by row
+  TileKind kind;
+};
+
+// The tiles of a call over `images` images in the order the kernels visit them (rank): every
+// image's corner tile, then the right-edge tiles, the full tiles row by row, the bottom-edge
+// tiles. The tiles that use a point xi are then one run of ranks (ranks_using), so a GEMM skips
+// the rest by its range. Without edge tiles (most VGG layers: 224, 112, 56 and 28 are multiples
+// of 4), rank = image * tiles + tile.
+class TileOrder {
+ public:
+  TileOrder(const TileGrid& grid, int images) : grid_(grid), images_(images) {
+    const int tiles_y = grid.tiles / grid.tiles_x;
+    const bool narrow = is_edge(grid.width), short_rows = is_edge(grid.height);
+    full_x_ = grid.tiles_x - (narrow ? 1 : 0);
+    corners_ = narrow && short_rows ? 1 : 0;
+    rights_ = narrow ? tiles_y - (short_rows ? 1 : 0) : 0;
+    fulls_ = full_x_ * (tiles_y - (short_rows ? 1 : 0));
+    bottoms_ = short_rows ? full_x_ : 0;
+  }
+
+  int tiles() const { return grid_.tiles * images_; }
+
+  TilePlace place(int rank) const {
+    if (rank < corners_ * images_) return {rank, grid_.tiles - 1, TileKind::Corner};
+    rank -= corners_ * images_;
+    if (rank < rights_ * images_) {
+      return {rank / rights_, rank % rights_ * grid_.tiles_x + grid_.tiles_x - 1, TileKind::Right};
+    }
+    rank -= rights_ * images_;
+    if (rank < fulls_ * images_) {
+      const int full = rank % fulls_;
+      return {rank / fulls_, full / full_x_ * grid_.tiles_x + full % full_x_, TileKind::Full};
+    }
+    rank -= fulls_ * images_;
+    return {rank / bottoms_, grid_.tiles - grid_.tiles_x + rank % bottoms_, TileKind::Bottom};
+  }
+
+  // Whether a tile of this kind uses point xi = 6 * row point + column point: points 3 and 4
+  // (-2 and 2) are F(4)'s alone.
+  static bool uses_point(TileKind kind, int xi) {
+    const bool f4_row = xi / kTileIn == 3 || xi / kTileIn == 4, f4_column = xi % kTileIn == 3 || xi % kTileIn == 4;
+    const bool short_rows = kind == TileKind::Corner || kind == TileKind::Bottom;
+    const bool narrow = kind == TileKind::Corner || kind == TileKind::Right;
+    return !(f4_row && short_rows) && !(f4_column && narrow);
+  }
+
+  // [first, end) of the ranks whose tiles use point xi: an F(4)-only column point leaves out
+  // the corner and right-edge tiles, an F(4)-only row point the corner and bottom-edge ones.
+  std::pair<int, int> ranks_using(int xi) const {
+    int first = 0, end = tiles();
+    if (xi % kTileIn == 3 || xi % kTileIn == 4) first = (corners_ + rights_) * images_;
+    if (xi / kTileIn == 3 || xi / kTileIn == 4) {
+      first = std::max(first, corners_ * images_);
+      end = (corners_ + rights_ + fulls_) * images_;
+    }
+    return {first, end};
+  }
+
+ private:
+  static bool is_edge(int size) { return size % kTileOut == 1 || size % kTileOut == 2; }
+
+  TileGrid grid_;
+  int images_;
+  int full_x_, corners_, rights_, fulls_, bottoms_;  // tiles of each kind per image
+};
+
 }  // namespace winograd_f4x4
 
 namespace FASTVGG_ISA {
 using winograd_f4x4::kPoints;
 using winograd_f4x4::kTileIn;
 using winograd_f4x4::kTileOut;
+using winograd_f4x4::tile_grid;
 using winograd_f4x4::TileGrid;
+using winograd_f4x4::TileKind;
+using winograd_f4x4::TileOrder;
+using winograd_f4x4::TilePlace;
 
 // Every transform step is an exact constant times a vector plus another: a +-1 is a sub or an
 // add (the FP add pipes), the rest one FMA each (the FMA pipes), so on CPUs with separate add
@@ -269,6 +352,40 @@ inline void transform_output_tile_pooled(const float* m, const float* bias, bool
       store(origin + i * pooled.row_stride() + j * kChannelBlock,
             max_keep_nan(max_keep_nan(y[2 * i][2 * j], y[2 * i][2 * j + 1]),
                          max_keep_nan(y[2 * i + 1][2 * j], y[2 * i + 1][2 * j + 1])));
+}
+
+// The input transform of the tile at `place` (TileOrder), full or edge.
+inline void transform_input_placed(const TilePlace& place, const BlockedImage& in, const TileGrid& grid,
+                                   int in_block, float* v, std::ptrdiff_t v_point_stride) {
+  switch (place.kind) {
+    case TileKind::Full:
+      return transform_input_tile(in, grid, place.tile, in_block, v, v_point_stride);
+    case TileKind::Right:
+      return transform_input_edge_tile<kTileIn, kEdgeIn>(in, grid, place.tile, in_block, v, v_point_stride);
+    case TileKind::Bottom:
+      return transform_input_edge_tile<kEdgeIn, kTileIn>(in, grid, place.tile, in_block, v, v_point_stride);
+    case TileKind::Corner:
+      return transform_input_edge_tile<kEdgeIn, kEdgeIn>(in, grid, place.tile, in_block, v, v_point_stride);
+  }
+}
+
+// The output transform (bias, ReLU, with kPool the 2x2 max pool) of the tile at `place`.
+template <bool kPool>
+inline void transform_output_placed(const TilePlace& place, const float* m, const float* bias, bool relu,
+                                    const BlockedImage& out, const TileGrid& grid, int out_block) {
+  switch (place.kind) {
+    case TileKind::Full:
+      if constexpr (kPool)
+        return transform_output_tile_pooled(m, bias, relu, out, grid, place.tile, out_block);
+      else
+        return transform_output_tile(m, bias, relu, out, grid, place.tile, out_block);
+    case TileKind::Right:
+      return transform_output_edge_tile<kTileIn, kEdgeIn, kPool>(m, bias, relu, out, grid, place.tile, out_block);
+    case TileKind::Bottom:
+      return transform_output_edge_tile<kEdgeIn, kTileIn, kPool>(m, bias, relu, out, grid, place.tile, out_block);
+    case TileKind::Corner:
+      return transform_output_edge_tile<kEdgeIn, kEdgeIn, kPool>(m, bias, relu, out, grid, place.tile, out_block);
+  }
 }
 
 }  // namespace FASTVGG_ISA

@@ -24,7 +24,7 @@ import pytest
 from bf16_checks import requires_bf16
 from fastvgg import _core
 from kernel_checks import assert_within, gamma, random_array
-from kernel_checks import A_T, B_T, G, winograd_float64
+from kernel_checks import A_T, A_T_EDGE, B_T, B_T_EDGE, G, axis_matrices, winograd_float64
 
 pytestmark = requires_bf16
 testing = _core.testing
@@ -32,13 +32,15 @@ QUANT_MAX = 8191
 
 
 def transformed(x, kernel):
-    """V (n, ty, tx, 6, 6, C), U (6, 6, C, F) and |B^T| |d| |B| in float64."""
+    """V (n, ty, tx, 6, 6, C), U (6, 6, C, F) and |B^T| |d| |B| in float64 (F(2) along an image's
+    edge where its last tile has at most 2 output pixels, as the kernel runs it)."""
     n, h, w, _ = x.shape
     ty, tx = -(-h // 4), -(-w // 4)
     padded = np.pad(x.astype(np.float64), ((0, 0), (1, 4 * ty + 1 - h), (1, 4 * tx + 1 - w), (0, 0)))
     tiles = np.stack([np.stack([padded[:, 4 * i:4 * i + 6, 4 * j:4 * j + 6] for j in range(tx)], 1) for i in range(ty)], 1)
-    v = np.einsum("pi,nyxijc,qj->nyxpqc", B_T, tiles, B_T)
-    v_abs = np.einsum("pi,nyxijc,qj->nyxpqc", np.abs(B_T), np.abs(tiles), np.abs(B_T))
+    rows, columns = axis_matrices(h, B_T, B_T_EDGE), axis_matrices(w, B_T, B_T_EDGE)
+    v = np.einsum("ypi,nyxijc,xqj->nyxpqc", rows, tiles, columns)
+    v_abs = np.einsum("ypi,nyxijc,xqj->nyxpqc", np.abs(rows), np.abs(tiles), np.abs(columns))
     u = np.einsum("pi,ijcf,qj->pqcf", G, kernel.astype(np.float64), G)
     return v, u, v_abs
 
@@ -51,7 +53,8 @@ def int14_error_bound(x, kernel, bias):
     magnitude_m = np.einsum("nyxpqc,pqcf->nyxpqf", np.abs(v), np.abs(u))
     error_m = (np.einsum("nyxpqc,pqcf->nyxpqf", dv, np.abs(u)) + np.einsum("nyxpqc,pqcf->nyxpqf", np.abs(v), du)
                + np.einsum("nyxpqc,pqcf->nyxpqf", dv, du) + gamma(c // 32 + 4) * magnitude_m)
-    to_pixels = lambda m: np.einsum("rp,nyxpqf,sq->nyrxsf", np.abs(A_T), m, np.abs(A_T)).reshape(
+    a_rows, a_columns = np.abs(axis_matrices(h, A_T, A_T_EDGE)), np.abs(axis_matrices(w, A_T, A_T_EDGE))
+    to_pixels = lambda m: np.einsum("yrp,nyxpqf,xsq->nyrxsf", a_rows, m, a_columns).reshape(
         n, m.shape[1] * 4, m.shape[2] * 4, -1)[:, :h, :w]
     return to_pixels(error_m) + gamma(14) * (to_pixels(magnitude_m) + np.abs(bias))
 

@@ -66,6 +66,13 @@ namespace {
 const double kBT[6][6] = {{4, 0, -5, 0, 1, 0},  {0, -4, -4, 1, 1, 0}, {0, 4, -4, -1, 1, 0},
                           {0, -2, -1, 2, 1, 0}, {0, 2, -1, -2, 1, 0}, {0, 4, 0, -5, 0, 1}};
 const double kAT[4][6] = {{1, 1, 1, 1, 1, 0}, {0, 1, -1, 2, -2, 0}, {0, 1, 1, 4, 4, 0}, {0, 1, -1, 8, -8, 1}};
+// Along an axis where an image's last tile has at most 2 output pixels, that tile runs F(2, 3)
+// on F(4)'s points 0, -1, 1, infinity (winograd_f4x4.h): diag(4, -3, -3, 1) B2^T into those
+// points' places, A2^T from them; the other rows are zero.
+const double kBTEdge[6][6] = {{4, 0, -4, 0, 0, 0}, {0, -3, -3, 0, 0, 0}, {0, 3, -3, 0, 0, 0},
+                              {0, 0, 0, 0, 0, 0},  {0, 0, 0, 0, 0, 0},   {0, 1, 0, -1, 0, 0}};
+const double kATEdge[4][6] = {{1, 1, 1, 0, 0, 0}, {0, 1, -1, 0, 0, -1}, {0, 0, 0, 0, 0, 0}, {0, 0, 0, 0, 0, 0}};
+bool last_tile_is_edge(int size) { return size % 4 == 1 || size % 4 == 2; }
 
 // q = round_half_even(value * max / largest) and the step largest / max, for one row.
 void quantise_row(const double* row, int count, std::int64_t* q, double* step) {
@@ -115,6 +122,12 @@ void conv3x3_winograd_int14(const float* x, int images, int height, int width, i
     float* result = y + std::size_t(n) * height * width * out_channels;
     for (int ty = 0; ty < tiles_y; ++ty)
       for (int tx = 0; tx < tiles_x; ++tx) {
+        const bool short_rows = ty == tiles_y - 1 && last_tile_is_edge(height);
+        const bool narrow = tx == tiles_x - 1 && last_tile_is_edge(width);
+        const auto& bt_rows = short_rows ? kBTEdge : kBT;
+        const auto& bt_columns = narrow ? kBTEdge : kBT;
+        const auto& at_rows = short_rows ? kATEdge : kAT;
+        const auto& at_columns = narrow ? kATEdge : kAT;
         // d: the 6x6 input tile (zero outside the image and in the padding channels).
         std::fill(d.begin(), d.end(), 0.0);
         for (int i = 0; i < 6; ++i)
@@ -129,7 +142,7 @@ void conv3x3_winograd_int14(const float* x, int images, int height, int width, i
             for (int c = 0; c < padded_in; ++c) {
               double sum = 0.0;
               for (int i = 0; i < 6; ++i)
-                for (int j = 0; j < 6; ++j) sum += kBT[p][i] * d[std::size_t(i * 6 + j) * padded_in + c] * kBT[q][j];
+                for (int j = 0; j < 6; ++j) sum += bt_rows[p][i] * d[std::size_t(i * 6 + j) * padded_in + c] * bt_columns[q][j];
               v[std::size_t(p * 6 + q) * padded_in + c] = sum;
             }
         for (int xi = 0; xi < 36; ++xi)
@@ -148,7 +161,7 @@ void conv3x3_winograd_int14(const float* x, int images, int height, int width, i
               if (oy >= height || ox >= width) continue;
               double sum = bias[oc];
               for (int p = 0; p < 6; ++p)
-                for (int q = 0; q < 6; ++q) sum += kAT[r][p] * m[std::size_t(p * 6 + q)] * kAT[s][q];
+                for (int q = 0; q < 6; ++q) sum += at_rows[r][p] * m[std::size_t(p * 6 + q)] * at_columns[s][q];
               const float value = float(sum);
               result[(std::size_t(oy) * width + ox) * out_channels + oc] = relu ? std::max(value, 0.0f) : value;
             }

@@ -19,6 +19,9 @@
 //      |V| over the channels gives the scale; V quantised to int16 pairs: Vq[xi][tile][ch].
 //   2. per xi, a GEMM on int16 pairs: M[tile][out block][xi][16] = fp32 sums x scales.
 //   3. output transform, bias, ReLU, straight into the blocked output.
+// Edge tiles with at most 2 output pixels along an axis run F(2, 3) along it, as in the fp32
+// kernel (winograd_f4x4.h's TileOrder and edge transforms): only their points are quantised
+// and multiplied.
 //
 // Packed weights (pack_winograd_int14): int16 [36 xi][out/16][in16/2 pairs][16 out][2], then
 // the fp32 dequantisation steps [36 xi][out16]; in16 and out16 are the channels rounded up to 16.
@@ -68,12 +71,15 @@ class Int14Layer {
   // `pool`: out holds the convolution's output after a 2x2 max pool ('valid', stride 2).
   Int14Layer(const BlockedImage& in, const std::uint16_t* packed, const float* bias, bool relu,
              const BlockedImage& out, int block_tiles, bool pool)
-      : in_(in), out_(out), bias_(bias), relu_(relu), pool_(pool), block_tiles_(block_tiles) {
+      : in_(in),
+        out_(out),
+        bias_(bias),
+        relu_(relu),
+        pool_(pool),
+        block_tiles_(block_tiles),
+        order_(tile_grid(in.height, in.width), 1) {
     // 'same': the convolution's output has the input's size, whatever `out` holds.
-    g_.grid.height = in.height;
-    g_.grid.width = in.width;
-    g_.grid.tiles_x = (in.width + kTileOut - 1) / kTileOut;
-    g_.grid.tiles = g_.grid.tiles_x * ((in.height + kTileOut - 1) / kTileOut);
+    g_.grid = tile_grid(in.height, in.width);
     g_.in_blocks = in.blocks();
     g_.out_blocks = out.blocks();
     g_.groups = (g_.out_blocks + kGemmBlocks - 1) / kGemmBlocks;
@@ -100,8 +106,9 @@ class Int14Layer {
   // Transforms tile first_tile + t (all channel blocks) into fp32 scratch, then quantises each
   // point's row of channels into v[xi][t][...] and its step into steps[xi][t].
   void transform_input(std::int16_t* v, float* steps, float* scratch, int first_tile, int t) const {
-    for (int ib = 0; ib < g_.in_blocks; ++ib) transform_input_block(scratch, first_tile + t, ib);
-    quantise_tile(v, steps, scratch, t);
+    const TilePlace place = order_.place(first_tile + t);
+    for (int ib = 0; ib < g_.in_blocks; ++ib) transform_input_block(scratch, place, ib);
+    quantise_tile(v, steps, scratch, t, place.kind);
   }
 
   // The same for `count` (at most kInputChunk) consecutive tiles, channel block by channel block:
@@ -109,21 +116,25 @@ class Int14Layer {
   // 64 channels), more than the hardware prefetchers follow; block by block it is six, as in the
   // fp32 kernel. `scratch` holds count tiles (tile_scratch_size() floats each).
   void transform_inputs(std::int16_t* v, float* steps, float* scratch, int first_tile, int t0, int count) const {
+    TilePlace places[kInputChunk];
+    for (int c = 0; c < count; ++c) places[c] = order_.place(first_tile + t0 + c);
     for (int ib = 0; ib < g_.in_blocks; ++ib)
-      for (int c = 0; c < count; ++c)
-        transform_input_block(scratch + std::size_t(c) * tile_scratch_size(), first_tile + t0 + c, ib);
-    for (int c = 0; c < count; ++c) quantise_tile(v, steps, scratch + std::size_t(c) * tile_scratch_size(), t0 + c);
+      for (int c = 0; c < count; ++c) transform_input_block(scratch + std::size_t(c) * tile_scratch_size(), places[c], ib);
+    for (int c = 0; c < count; ++c)
+      quantise_tile(v, steps, scratch + std::size_t(c) * tile_scratch_size(), t0 + c, places[c].kind);
   }
 
  private:
-  // B^T d B of one tile's channel block ib, fp32, into scratch[xi][ib's 16 channels].
-  void transform_input_block(float* scratch, int tile, int ib) const {
-    transform_input_tile(in_, g_.grid, tile, ib, scratch + ib * kChannelBlock, scratch_point_stride_);
+  // B^T d B of one tile's channel block ib, fp32, into scratch[xi][ib's 16 channels] (an edge
+  // tile's points only).
+  void transform_input_block(float* scratch, const TilePlace& place, int ib) const {
+    transform_input_placed(place, in_, g_.grid, ib, scratch + ib * kChannelBlock, scratch_point_stride_);
   }
 
   // Per point xi, the largest |V| over the channels gives the scale; V quantised to int16 pairs.
-  void quantise_tile(std::int16_t* v, float* steps, const float* scratch, int t) const {
+  void quantise_tile(std::int16_t* v, float* steps, const float* scratch, int t, TileKind kind) const {
     for (int xi = 0; xi < kPoints; ++xi) {
+      if (!TileOrder::uses_point(kind, xi)) continue;  // never written, never multiplied
       const float* row = scratch + xi * scratch_point_stride_;
       __m512 peak = _mm512_setzero_ps();
       __mmask16 nan_lanes = 0;
@@ -153,12 +164,15 @@ class Int14Layer {
   }
 
  public:
-  // M[t][group's blocks][xi] for tiles [0, tiles) of the block.
-  void multiply(const std::int16_t* v, const float* steps, float* m, int tiles, int xi, int group) const {
+  // M[t][group's blocks][xi] for the tiles [0, tiles) of the block that use point xi.
+  void multiply(const std::int16_t* v, const float* steps, float* m, int first_tile, int tiles, int xi,
+                int group) const {
     const int first_block = group * kGemmBlocks;
     const int blocks = std::min(kGemmBlocks, g_.out_blocks - first_block);
-    for (int t = 0; t < tiles; t += kGemmTiles) {
-      gemm_edge<kGemmTiles, kGemmBlocks>(std::min(kGemmTiles, tiles - t), blocks, v, steps, m, t, xi, first_block);
+    const auto [first_using, end_using] = order_.ranks_using(xi);
+    const int end = std::min(tiles, end_using - first_tile);
+    for (int t = std::max(0, first_using - first_tile); t < end; t += kGemmTiles) {
+      gemm_edge<kGemmTiles, kGemmBlocks>(std::min(kGemmTiles, end - t), blocks, v, steps, m, t, xi, first_block);
     }
   }
 
@@ -222,10 +236,11 @@ class Int14Layer {
   void transform_output(const float* m, int first_tile, int t, int out_block) const {
     const float* tile_m = m + t * m_tile_stride_ + out_block * kPoints * kChannelBlock;
     const float* bias = bias_ + out_block * kChannelBlock;
+    const TilePlace place = order_.place(first_tile + t);
     if (pool_)
-      transform_output_tile_pooled(tile_m, bias, relu_, out_, g_.grid, first_tile + t, out_block);
+      transform_output_placed<true>(place, tile_m, bias, relu_, out_, g_.grid, out_block);
     else
-      transform_output_tile(tile_m, bias, relu_, out_, g_.grid, first_tile + t, out_block);
+      transform_output_placed<false>(place, tile_m, bias, relu_, out_, g_.grid, out_block);
   }
 
   const BlockedImage& in_;
@@ -234,6 +249,7 @@ class Int14Layer {
   bool relu_;
   bool pool_;
   int block_tiles_;
+  TileOrder order_;  // edge tiles (winograd_f4x4.h)
   Geometry g_;
   const std::int16_t* u_;
   const float* u_steps_;
@@ -290,7 +306,7 @@ void run_int14(const BlockedImage& in, const void* packed, const float* bias, bo
         for (int t = 0; t < count; t += kInputChunk)
           layer.transform_inputs(v, steps, tile_scratch, first_tile, t, std::min(kInputChunk, count - t));
         for (int xi = 0; xi < kPoints; ++xi)
-          for (int g = 0; g < layer.groups(); ++g) layer.multiply(v, steps, m, count, xi, g);
+          for (int g = 0; g < layer.groups(); ++g) layer.multiply(v, steps, m, first_tile, count, xi, g);
         for (int g = 0; g < layer.groups(); ++g) layer.transform_outputs(m, first_tile, count, g);
       }
     } else {
@@ -300,7 +316,7 @@ void run_int14(const BlockedImage& in, const void* packed, const float* bias, bo
         for (int t = 0; t < count; ++t) layer.transform_input(v_all, steps_all, tile_scratch, first_tile, t);
 #pragma omp for schedule(dynamic, 1)
         for (int g = 0; g < layer.groups(); ++g) {
-          for (int xi = 0; xi < kPoints; ++xi) layer.multiply(v_all, steps_all, m_all, count, xi, g);
+          for (int xi = 0; xi < kPoints; ++xi) layer.multiply(v_all, steps_all, m_all, first_tile, count, xi, g);
           layer.transform_outputs(m_all, first_tile, count, g);
         }
       }
