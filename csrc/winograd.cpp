@@ -145,7 +145,7 @@ int shared_block_tiles(int tiles, int in_channels, int out_channels) {
 // a block of tiles may span images and a panel of U then feeds several images at once.
 class WinogradLayer {
  public:
-  // `pool`: out holds the 2x2 max-pooled result (transform_output_tile_pooled).
+  // `pool`: out holds the 2x2 max-pooled result (transform_output_tile<..., true>).
   WinogradLayer(const BlockedImage* in, const float* packed_weights, const float* bias, bool relu,
                 const BlockedImage* out, int images, int block_tiles, bool pool)
       : in_(in),
@@ -154,8 +154,8 @@ class WinogradLayer {
         bias_(bias),
         relu_(relu),
         pool_(pool),
-        grid_(tile_grid(in[0].height, in[0].width)),  // 'same': the output has the input's size
-        order_(grid_, images) {
+        // 'same': the convolution's output has the input's size, whatever `out` holds.
+        order_(tile_grid(in[0].height, in[0].width), images) {
     const BlockedImage& first_in = in[0];
     const BlockedImage& first_out = out[0];
     in_blocks_ = first_in.blocks();
@@ -185,7 +185,7 @@ class WinogradLayer {
     const TilePlace place = order_.place(first_tile + t);
     const BlockedImage& in = in_[place.image];
     float* tile_v = v + t * padded_in_ + in_block * kChannelBlock;
-    transform_input_placed(place, in, grid_, in_block, tile_v, v_point_stride_);
+    transform_input_placed(place, in, order_.grid(), in_block, tile_v, v_point_stride_);
   }
 
   // M[t][group's output blocks][xi] for all `tiles` tiles of the block. `prefetch_next`: the
@@ -203,8 +203,7 @@ class WinogradLayer {
     a.m_tile_stride = m_tile_stride_;
     a.m_block_stride = kMBlockStride;
     // Only the tiles that use point xi (edge tiles use 16 or 24 of the 36).
-    const auto [first_using, end_using] = order_.ranks_using(xi);
-    const int begin = std::max(0, first_using - first_tile), end = std::min(tiles, end_using - first_tile);
+    const auto [begin, end] = order_.block_tiles_using(xi, first_tile, tiles);
     if (begin >= end) return;
     const int passes = (end - begin + kGemmTiles - 1) / kGemmTiles;
     // With one pass it fetches alongside its own demand loads; with more, the first pass loads
@@ -233,9 +232,9 @@ class WinogradLayer {
     const BlockedImage& out = out_[place.image];
     const float* bias = bias_ + out_block * kChannelBlock;
     if (pool_)
-      transform_output_placed<true>(place, tile_m, bias, relu_, out, grid_, out_block);
+      transform_output_placed<true>(place, tile_m, bias, relu_, out, order_.grid(), out_block);
     else
-      transform_output_placed<false>(place, tile_m, bias, relu_, out, grid_, out_block);
+      transform_output_placed<false>(place, tile_m, bias, relu_, out, order_.grid(), out_block);
   }
 
   // All output blocks of one GEMM group, for every tile of the block.
@@ -256,8 +255,7 @@ class WinogradLayer {
   const float* bias_;
   bool relu_;
   bool pool_;
-  TileGrid grid_;
-  TileOrder order_;  // of the tiles of all images (edge tiles: winograd_f4x4.h)
+  TileOrder order_;  // the tiles of all images and their grid (edge tiles: winograd_f4x4.h)
   int in_blocks_, out_blocks_, groups_, block_tiles_;
   // V[xi][tile][channel] and M[tile][out block][xi][16], tiles counted within the block.
   std::ptrdiff_t padded_in_, v_point_stride_, m_tile_stride_, u_block_stride_, u_point_stride_;

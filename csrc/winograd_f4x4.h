@@ -45,7 +45,7 @@ struct TilePlace {
 
 // The tiles of a call over `images` images in the order the kernels visit them (rank): every
 // image's corner tile, then the right-edge tiles, the full tiles row by row, the bottom-edge
-// tiles. The tiles that use a point xi are then one run of ranks (ranks_using), so a GEMM skips
+// tiles. The tiles that use a point xi are then one run of ranks (block_tiles_using), so a GEMM skips
 // the rest by its range. Without edge tiles (most VGG layers: 224, 112, 56 and 28 are multiples
 // of 4), rank = image * tiles + tile.
 class TileOrder {
@@ -60,6 +60,7 @@ class TileOrder {
     bottoms_ = short_rows ? full_x_ : 0;
   }
 
+  const TileGrid& grid() const { return grid_; }  // of one image
   int tiles() const { return grid_.tiles * images_; }
 
   TilePlace place(int rank) const {
@@ -86,16 +87,17 @@ class TileOrder {
     return !(f4_row && short_rows) && !(f4_column && narrow);
   }
 
-  // [first, end) of the ranks whose tiles use point xi: an F(4)-only column point leaves out
-  // the corner and right-edge tiles, an F(4)-only row point the corner and bottom-edge ones.
-  std::pair<int, int> ranks_using(int xi) const {
-    int first = 0, end = tiles();
+  // [begin, end), counted from first_tile, of the tiles among ranks [first_tile, first_tile +
+  // tiles) that use point xi (empty: begin >= end). An F(4)-only column point leaves out the
+  // corner and right-edge tiles, an F(4)-only row point the corner and bottom-edge ones.
+  std::pair<int, int> block_tiles_using(int xi, int first_tile, int tiles) const {
+    int first = 0, end = this->tiles();
     if (xi % kTileIn == 3 || xi % kTileIn == 4) first = (corners_ + rights_) * images_;
     if (xi / kTileIn == 3 || xi / kTileIn == 4) {
       first = std::max(first, corners_ * images_);
       end = (corners_ + rights_ + fulls_) * images_;
     }
-    return {first, end};
+    return {std::max(0, first - first_tile), std::min(tiles, end - first_tile)};
   }
 
  private:
@@ -224,17 +226,24 @@ inline void transform_input_edge_tile(const BlockedImage& in, const TileGrid& gr
   }
 }
 
-// Y = A^T M A + bias (and ReLU) of such a tile from M at its points, stored as
-// transform_output_tile does, or with kPool 2x2 max-pooled as transform_output_tile_pooled does.
+// Y = A^T M A + bias (and ReLU) of a tile of kRowsIn x kColsIn input pixels (6 x 6 full, 4 along
+// an edge tile's narrow axis) from M at its points, for one output block; stores only the pixels
+// inside the image. With kPool, Keras's 2x2 max pool ('valid', stride 2) follows, written to
+// `out` (floor(h/2) x floor(w/2)): tiles start at even pixels, so every window lies in one tile,
+// and a window that the image's last odd row or column would cut is dropped, as Keras does. The
+// maxima are taken in max_pool2x2's order on the same values, so the result is bit-identical to
+// the convolution followed by that kernel.
 template <int kRowsIn, int kColsIn, bool kPool>
-inline void transform_output_edge_tile(const float* m, const float* bias, bool relu, const BlockedImage& out,
-                                       const TileGrid& grid, int tile, int out_block) {
+inline void transform_output_tile(const float* m, const float* bias, bool relu, const BlockedImage& out,
+                                  const TileGrid& grid, int tile, int out_block) {
+  static_assert(kTileOut % 2 == 0, "pooling windows must not straddle tiles");
   constexpr int kRowsOut = kRowsIn - 2, kColsOut = kColsIn - 2;
   const int y0 = tile / grid.tiles_x * kTileOut, x0 = tile % grid.tiles_x * kTileOut;
   int rows = std::min(kRowsOut, grid.height - y0), cols = std::min(kColsOut, grid.width - x0);
-  if (kPool) {  // whole windows only
+  if constexpr (kPool) {  // whole windows only
     rows -= rows % 2;
     cols -= cols % 2;
+    if (rows == 0 || cols == 0) return;
   }
   Vec16 half[kTileOut][kTileIn];  // [output row][column point]
   for (int q : axis_points<kColsIn>()) {
@@ -244,20 +253,26 @@ inline void transform_output_edge_tile(const float* m, const float* bias, bool r
     for (int i = 0; i < kRowsOut; ++i) half[i][q] = transformed[i];
   }
   const Vec16 b = load(bias);
-  Vec16 y[kTileOut][kTileOut];
-  for (int i = 0; i < rows; ++i) {
-    Vec16 transformed[kTileOut];
-    output_transform_axis<kColsIn>(half[i], transformed);
-    for (int j = 0; j < cols; ++j) {
-      const Vec16 sum = add(transformed[j], b);
-      y[i][j] = relu ? FASTVGG_ISA::relu(sum) : sum;
-    }
-  }
   if constexpr (!kPool) {
     float* origin = out.at(out_block, y0, x0);
-    for (int i = 0; i < rows; ++i)
-      for (int j = 0; j < cols; ++j) store(origin + i * out.row_stride() + j * kChannelBlock, y[i][j]);
+    for (int i = 0; i < rows; ++i) {
+      Vec16 transformed[kTileOut];
+      output_transform_axis<kColsIn>(half[i], transformed);
+      for (int j = 0; j < cols; ++j) {
+        const Vec16 y = add(transformed[j], b);
+        store(origin + i * out.row_stride() + j * kChannelBlock, relu ? FASTVGG_ISA::relu(y) : y);
+      }
+    }
   } else {
+    Vec16 y[kTileOut][kTileOut];
+    for (int i = 0; i < rows; ++i) {
+      Vec16 transformed[kTileOut];
+      output_transform_axis<kColsIn>(half[i], transformed);
+      for (int j = 0; j < cols; ++j) {
+        const Vec16 sum = add(transformed[j], b);
+        y[i][j] = relu ? FASTVGG_ISA::relu(sum) : sum;
+      }
+    }
     float* origin = out.at(out_block, y0 / 2, x0 / 2);
     for (int i = 0; i < rows / 2; ++i)
       for (int j = 0; j < cols / 2; ++j)
@@ -298,62 +313,6 @@ inline void transform_input_tile(const BlockedImage& in, const TileGrid& grid, i
   }
 }
 
-// Y = A^T M A + bias for one tile and one output block; stores only the pixels inside the image.
-inline void transform_output_tile(const float* m, const float* bias, bool relu, const BlockedImage& out,
-                                  const TileGrid& grid, int tile, int out_block) {
-  const int y0 = tile / grid.tiles_x * kTileOut, x0 = tile % grid.tiles_x * kTileOut;
-  const int rows = std::min(kTileOut, grid.height - y0), cols = std::min(kTileOut, grid.width - x0);
-  Vec16 column[kTileIn], transformed[kTileOut], half[kTileOut][kTileIn];
-  for (int j = 0; j < kTileIn; ++j) {
-    for (int i = 0; i < kTileIn; ++i) column[i] = load(m + (i * kTileIn + j) * kChannelBlock);
-    output_transform_6(column, transformed);
-    for (int i = 0; i < kTileOut; ++i) half[i][j] = transformed[i];
-  }
-  const Vec16 b = load(bias);
-  float* origin = out.at(out_block, y0, x0);
-  for (int i = 0; i < rows; ++i) {
-    output_transform_6(half[i], transformed);
-    for (int j = 0; j < cols; ++j) {
-      const Vec16 y = add(transformed[j], b);
-      store(origin + i * out.row_stride() + j * kChannelBlock, relu ? FASTVGG_ISA::relu(y) : y);
-    }
-  }
-}
-
-// The same tile followed by Keras's 2x2 max pool ('valid', stride 2), written to `pooled`
-// (floor(h/2) x floor(w/2)): tiles start at even pixels, so every window lies in one tile, and
-// a window that the image's last odd row or column would cut is dropped, as Keras does. The
-// maxima are taken in max_pool2x2's order on the same values, so the result is bit-identical
-// to the convolution followed by that kernel.
-inline void transform_output_tile_pooled(const float* m, const float* bias, bool relu, const BlockedImage& pooled,
-                                         const TileGrid& grid, int tile, int out_block) {
-  static_assert(kTileOut % 2 == 0, "pooling windows must not straddle tiles");
-  const int y0 = tile / grid.tiles_x * kTileOut, x0 = tile % grid.tiles_x * kTileOut;
-  const int rows = std::min(kTileOut, grid.height - y0), cols = std::min(kTileOut, grid.width - x0);
-  if (rows < 2 || cols < 2) return;  // no whole window in this tile
-  Vec16 column[kTileIn], transformed[kTileOut], half[kTileOut][kTileIn], y[kTileOut][kTileOut];
-  for (int j = 0; j < kTileIn; ++j) {
-    for (int i = 0; i < kTileIn; ++i) column[i] = load(m + (i * kTileIn + j) * kChannelBlock);
-    output_transform_6(column, transformed);
-    for (int i = 0; i < kTileOut; ++i) half[i][j] = transformed[i];
-  }
-  const Vec16 b = load(bias);
-  const int pooled_rows = rows / 2, pooled_cols = cols / 2;
-  for (int i = 0; i < 2 * pooled_rows; ++i) {
-    output_transform_6(half[i], transformed);
-    for (int j = 0; j < 2 * pooled_cols; ++j) {
-      const Vec16 sum = add(transformed[j], b);
-      y[i][j] = relu ? FASTVGG_ISA::relu(sum) : sum;
-    }
-  }
-  float* origin = pooled.at(out_block, y0 / 2, x0 / 2);
-  for (int i = 0; i < pooled_rows; ++i)
-    for (int j = 0; j < pooled_cols; ++j)
-      store(origin + i * pooled.row_stride() + j * kChannelBlock,
-            max_keep_nan(max_keep_nan(y[2 * i][2 * j], y[2 * i][2 * j + 1]),
-                         max_keep_nan(y[2 * i + 1][2 * j], y[2 * i + 1][2 * j + 1])));
-}
-
 // The input transform of the tile at `place` (TileOrder), full or edge.
 inline void transform_input_placed(const TilePlace& place, const BlockedImage& in, const TileGrid& grid,
                                    int in_block, float* v, std::ptrdiff_t v_point_stride) {
@@ -375,16 +334,13 @@ inline void transform_output_placed(const TilePlace& place, const float* m, cons
                                     const BlockedImage& out, const TileGrid& grid, int out_block) {
   switch (place.kind) {
     case TileKind::Full:
-      if constexpr (kPool)
-        return transform_output_tile_pooled(m, bias, relu, out, grid, place.tile, out_block);
-      else
-        return transform_output_tile(m, bias, relu, out, grid, place.tile, out_block);
+      return transform_output_tile<kTileIn, kTileIn, kPool>(m, bias, relu, out, grid, place.tile, out_block);
     case TileKind::Right:
-      return transform_output_edge_tile<kTileIn, kEdgeIn, kPool>(m, bias, relu, out, grid, place.tile, out_block);
+      return transform_output_tile<kTileIn, kEdgeIn, kPool>(m, bias, relu, out, grid, place.tile, out_block);
     case TileKind::Bottom:
-      return transform_output_edge_tile<kEdgeIn, kTileIn, kPool>(m, bias, relu, out, grid, place.tile, out_block);
+      return transform_output_tile<kEdgeIn, kTileIn, kPool>(m, bias, relu, out, grid, place.tile, out_block);
     case TileKind::Corner:
-      return transform_output_edge_tile<kEdgeIn, kEdgeIn, kPool>(m, bias, relu, out, grid, place.tile, out_block);
+      return transform_output_tile<kEdgeIn, kEdgeIn, kPool>(m, bias, relu, out, grid, place.tile, out_block);
   }
 }
 

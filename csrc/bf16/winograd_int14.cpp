@@ -61,7 +61,6 @@ inline __m512i dot_pairs_accumulate(__m512i acc, __m512i x, __m512i w) {
 }
 
 struct Geometry {
-  TileGrid grid;  // of one image
   int in_blocks, out_blocks, groups;
   int padded_in;  // channels of V rows: in_blocks * 16
 };
@@ -77,9 +76,8 @@ class Int14Layer {
         relu_(relu),
         pool_(pool),
         block_tiles_(block_tiles),
+        // 'same': the convolution's output has the input's size, whatever `out` holds.
         order_(tile_grid(in.height, in.width), 1) {
-    // 'same': the convolution's output has the input's size, whatever `out` holds.
-    g_.grid = tile_grid(in.height, in.width);
     g_.in_blocks = in.blocks();
     g_.out_blocks = out.blocks();
     g_.groups = (g_.out_blocks + kGemmBlocks - 1) / kGemmBlocks;
@@ -96,7 +94,7 @@ class Int14Layer {
     scratch_point_stride_ = std::ptrdiff_t(g_.padded_in) + kCacheLineFloats;
   }
 
-  int tiles() const { return g_.grid.tiles; }
+  int tiles() const { return order_.tiles(); }
   int groups() const { return g_.groups; }
   std::size_t v_size() const { return std::size_t(kPoints) * std::size_t(v_point_stride_); }      // int16
   std::size_t steps_size() const { return std::size_t(kPoints) * std::size_t(block_tiles_); }      // floats
@@ -128,7 +126,7 @@ class Int14Layer {
   // B^T d B of one tile's channel block ib, fp32, into scratch[xi][ib's 16 channels] (an edge
   // tile's points only).
   void transform_input_block(float* scratch, const TilePlace& place, int ib) const {
-    transform_input_placed(place, in_, g_.grid, ib, scratch + ib * kChannelBlock, scratch_point_stride_);
+    transform_input_placed(place, in_, order_.grid(), ib, scratch + ib * kChannelBlock, scratch_point_stride_);
   }
 
   // Per point xi, the largest |V| over the channels gives the scale; V quantised to int16 pairs.
@@ -169,9 +167,8 @@ class Int14Layer {
                 int group) const {
     const int first_block = group * kGemmBlocks;
     const int blocks = std::min(kGemmBlocks, g_.out_blocks - first_block);
-    const auto [first_using, end_using] = order_.ranks_using(xi);
-    const int end = std::min(tiles, end_using - first_tile);
-    for (int t = std::max(0, first_using - first_tile); t < end; t += kGemmTiles) {
+    const auto [begin, end] = order_.block_tiles_using(xi, first_tile, tiles);
+    for (int t = begin; t < end; t += kGemmTiles) {
       gemm_edge<kGemmTiles, kGemmBlocks>(std::min(kGemmTiles, end - t), blocks, v, steps, m, t, xi, first_block);
     }
   }
@@ -238,9 +235,9 @@ class Int14Layer {
     const float* bias = bias_ + out_block * kChannelBlock;
     const TilePlace place = order_.place(first_tile + t);
     if (pool_)
-      transform_output_placed<true>(place, tile_m, bias, relu_, out_, g_.grid, out_block);
+      transform_output_placed<true>(place, tile_m, bias, relu_, out_, order_.grid(), out_block);
     else
-      transform_output_placed<false>(place, tile_m, bias, relu_, out_, g_.grid, out_block);
+      transform_output_placed<false>(place, tile_m, bias, relu_, out_, order_.grid(), out_block);
   }
 
   const BlockedImage& in_;
@@ -249,7 +246,7 @@ class Int14Layer {
   bool relu_;
   bool pool_;
   int block_tiles_;
-  TileOrder order_;  // edge tiles (winograd_f4x4.h)
+  TileOrder order_;  // the tiles of one image and their grid (edge tiles: winograd_f4x4.h)
   Geometry g_;
   const std::int16_t* u_;
   const float* u_steps_;
