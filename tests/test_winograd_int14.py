@@ -24,7 +24,7 @@ import pytest
 from bf16_checks import requires_bf16
 from fastvgg import _core
 from kernel_checks import assert_within, gamma, random_array
-from kernel_checks import A_T, A_T_EDGE, B_T, B_T_EDGE, G, axis_matrices, winograd_float64
+from kernel_checks import A_T, A_T_EDGE, B_T, B_T_EDGE, axis_matrices, winograd_float64, winograd_parts
 
 pytestmark = requires_bf16
 testing = _core.testing
@@ -33,16 +33,13 @@ QUANT_MAX = 8191
 
 def transformed(x, kernel):
     """V (n, ty, tx, 6, 6, C), U (6, 6, C, F) and |B^T| |d| |B| in float64 (F(2) along an image's
-    edge where its last tile has at most 2 output pixels, as the kernel runs it)."""
-    n, h, w, _ = x.shape
-    ty, tx = -(-h // 4), -(-w // 4)
-    padded = np.pad(x.astype(np.float64), ((0, 0), (1, 4 * ty + 1 - h), (1, 4 * tx + 1 - w), (0, 0)))
-    tiles = np.stack([np.stack([padded[:, 4 * i:4 * i + 6, 4 * j:4 * j + 6] for j in range(tx)], 1) for i in range(ty)], 1)
-    rows, columns = axis_matrices(h, B_T, B_T_EDGE), axis_matrices(w, B_T, B_T_EDGE)
-    v = np.einsum("ypi,nyxijc,xqj->nyxpqc", rows, tiles, columns)
-    v_abs = np.einsum("ypi,nyxijc,xqj->nyxpqc", np.abs(rows), np.abs(tiles), np.abs(columns))
-    u = np.einsum("pi,ijcf,qj->pqcf", G, kernel.astype(np.float64), G)
-    return v, u, v_abs
+    edge where its last tile has at most 2 output pixels, as the kernel runs it):
+    kernel_checks.winograd_parts, per tile."""
+    n, h, w, c = x.shape
+    per_tile = lambda v: v.reshape(6, 6, n, -(-h // 4), -(-w // 4), c).transpose(2, 3, 4, 0, 1, 5)
+    v, u = winograd_parts(x.astype(np.float64), kernel)
+    v_abs, _ = winograd_parts(np.abs(x.astype(np.float64)), kernel, np.abs(B_T), b_t_edge=np.abs(B_T_EDGE))
+    return per_tile(v), u.reshape(6, 6, c, -1), per_tile(v_abs)
 
 
 def int14_error_bound(x, kernel, bias):
