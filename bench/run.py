@@ -221,6 +221,11 @@ def installed(name: str) -> bool:
     return all(importlib.util.find_spec(m) is not None for m in PEER_MODULES.get(name, ()))
 
 
+def skip_reason(name: str) -> str:
+    """A contender left out of the run, and why: fastvgg bf16 needs CPU features, a peer its package."""
+    return f"{name} ({bf16_unavailable()})" if name == "fastvgg bf16" else f"{name} (not installed)"
+
+
 def failure_reason(error: BaseException) -> str:
     """One table-safe line: the exception's type and the first line of its message."""
     text = str(error).strip().splitlines()
@@ -629,7 +634,7 @@ def machine(threads, names, missing):
             f"- fastvgg kernels: {fastvgg._core.active_isa()} (available: {', '.join(fastvgg._core.available_isas())})",
             f"- threads: {threads} for every contender (intra-op; OMP/MKL/OpenBLAS env set before import)",
             f"- Python {platform.python_version()}; " + ", ".join(f"{k} {v}" for k, v in versions.items()),
-            f"- contenders: {', '.join(names)}" + (f"; not installed, skipped: {', '.join(missing)}" if missing else ""),
+            f"- contenders: {', '.join(names)}" + (f"; skipped: {'; '.join(map(skip_reason, missing))}" if missing else ""),
             "- weights: Keras `applications.VGG16/VGG19(weights=None)` after `keras.utils.set_random_seed(0)`, saved "
             "to .h5 (fastvgg loads it) and converted to ONNX (onnx.helper) and PyTorch (nn.Sequential).",
             "- inputs: uniform in [-124, 152) (the range of caffe-preprocessed images), seeded; the same arrays for all.",
