@@ -262,6 +262,7 @@ def throughput(weights: str, cache_dir: str, image_dir: str, count: int, size: i
     if not skip_ray:
         import ray
 
+        ray_version = tuple(int(part) for part in ray.__version__.split(".")[:2] if part.isdigit())
 
         class TimedExtractor(fastvgg_ray.Extractor):
             """The Extractor, stamping when its model was ready and when each batch ended."""
@@ -286,8 +287,11 @@ def throughput(weights: str, cache_dir: str, image_dir: str, count: int, size: i
             ray.data.DataContext.get_current().enable_progress_bars = False
             ds = ray.data.read_images(image_dir, size=(size, size), mode="RGB").materialize()
             for actors in (1, threads):
+                # A fixed pool of `actors`: Ray 2.51 deprecated `concurrency` for `compute`.
+                pool = (dict(compute=ray.data.ActorPoolStrategy(size=actors)) if ray_version >= (2, 51)
+                        else dict(concurrency=actors))
                 mapped = ds.map_batches(TimedExtractor, fn_constructor_kwargs=dict(
-                    weights=weights, layer="block5_pool", pooling="avg"), concurrency=actors,
+                    weights=weights, layer="block5_pool", pooling="avg"), **pool,
                     num_cpus=threads // actors, batch_size=batch, batch_format="numpy")
                 cpu_before, idle_before = cpu_seconds_by_process(), machine_idle_seconds()
                 started = time.perf_counter()

@@ -25,6 +25,16 @@ pytest.importorskip("ray.data", reason='the Ray tests need Ray Data: pip install
 import fastvgg.ray as fastvgg_ray  # noqa: E402
 
 IMAGE_COUNT = 40
+RAY_VERSION = tuple(int(part) for part in ray.__version__.split(".")[:2] if part.isdigit())
+
+
+def actor_pool(size: int) -> dict:
+    """map_batches' argument for a fixed pool of `size` actors, as the README writes it: Ray 2.51
+    deprecated `concurrency` for `compute=ActorPoolStrategy(size=...)`; older Ray takes `concurrency`."""
+    if RAY_VERSION >= (2, 51):
+        return {"compute": ray.data.ActorPoolStrategy(size=size)}
+    return {"concurrency": size}
+
 LAYERS = ["block3_conv3:preact", "block5_pool"]
 
 
@@ -90,7 +100,7 @@ def test_two_actors_give_the_plain_loop_s_features_bit_for_bit(cluster, image_di
     features = ds.map_batches(
         fastvgg_ray.Extractor,
         fn_constructor_kwargs=dict(weights=weights_file, layer=LAYERS, pooling="avg"),
-        concurrency=2, num_cpus=1, batch_size=8, batch_format="numpy",
+        **actor_pool(2), num_cpus=1, batch_size=8, batch_format="numpy",
     )
     names, got = by_path(read_all(features))
     assert names == sorted(f"img{i:03d}.png" for i in range(IMAGE_COUNT))
@@ -124,7 +134,7 @@ def test_a_killed_actor_loses_and_duplicates_no_row(cluster, image_dir, weights_
     features = ds.map_batches(
         DiesOnItsSecondBatch,
         fn_constructor_kwargs=dict(weights=weights_file, layer=LAYERS),
-        concurrency=1, num_cpus=2, batch_size=8, batch_format="numpy",
+        **actor_pool(1), num_cpus=2, batch_size=8, batch_format="numpy",
         # Ray Data's defaults restart a dead actor and retry its batch (max_restarts=-1,
         # max_task_retries=-1); recent Ray deprecates passing them to map_batches.
     )

@@ -7,6 +7,9 @@
             concurrency=4, num_cpus=2, batch_size=64, batch_format="numpy")
     feats.write_parquet("s3://bucket/features/")
 
+On Ray 2.51 and later, ``compute=ray.data.ActorPoolStrategy(size=4)`` replaces the deprecated
+``concurrency=4`` (same pool, no deprecation warning).
+
 Install with ``pip install "fastvgg[ray]"``. Each actor builds the model once; its threads
 follow the CPUs Ray assigned to the actor (``num_cpus`` above), so actors on one node do not
 oversubscribe it. The output batch has one column per layer, named after the layer (e.g.
