@@ -23,8 +23,12 @@ actors' work without Ray: preprocessing, prediction, pooling); "CLI" is
 compete with the actors for the CPUs), with 1 actor of --threads CPUs and with --threads
 actors of 1 CPU each. Each Ray row gives the whole job (actor processes started by Ray
 included) and the steady state: images from the first actor's model being ready to the last
-batch's end. Actor start-up: the Extractor's construction inside a fresh actor (model load from
-the warm cache), and Ray's actor creation to ready on top of it.
+batch's end. The pipelines are timed in --rounds rounds, each timing every one of them once back
+to back, and each ratio to one process is taken within a round (this VM's speed drifts by 10-20%
+over minutes). Actor start-up: the Extractor's construction inside a fresh actor (model load
+from the warm cache), and Ray's actor creation to ready on top of it.
+
+    python bench/scale.py --throughput-only --rounds 3     # the throughput table alone
 """
 
 from __future__ import annotations
@@ -221,20 +225,20 @@ def make_images(directory: str, count: int, size: int) -> None:
 
 
 def throughput(weights: str, cache_dir: str, image_dir: str, count: int, size: int, threads: int, skip_ray: bool,
-               lines, batch: int = 64) -> None:
+               lines, batch: int = 64, rounds: int = 3) -> None:
+    """Images/s of each pipeline, measured in `rounds` rounds: each round times one process's
+    model.predict, the in-process Extractor and each Ray job back to back, and a pipeline's ratio
+    to one process is the median over the rounds of its ratio within a round. This VM changes
+    speed by 10-20% for minutes at a time; measured once each, minutes apart, the ratios moved by
+    as much (a Ray job read 0.80 in one run and 1.14 in the next)."""
     import fastvgg
     from fastvgg.image import img_to_array, load_img
 
-    rows = []
     fastvgg.set_num_threads(threads)
     model = fastvgg.VGG16(weights, include_top=False, pooling="avg", packed_cache=cache_dir)
     paths = sorted(os.path.join(image_dir, n) for n in os.listdir(image_dir))
     x = fastvgg.preprocess_input(np.stack([img_to_array(load_img(p, target_size=(size, size))) for p in paths]))
     model.predict(x[:batch])
-    started = time.perf_counter()
-    model.predict(x, batch_size=batch)
-    rows.append(("one process, model.predict on decoded images", f"{threads} threads", time.perf_counter() - started))
-    print(rows[-1], flush=True)
     # The Ray actors' own work without Ray: the same Extractor called on batches of decoded
     # images (uint8), which preprocesses, predicts and pools as each actor does.
     import fastvgg.ray as fastvgg_ray
@@ -242,27 +246,84 @@ def throughput(weights: str, cache_dir: str, image_dir: str, count: int, size: i
     extractor = fastvgg_ray.Extractor(weights, layer="block5_pool", pooling="avg", packed_cache=cache_dir)
     pixels = np.stack([img_to_array(load_img(p, target_size=(size, size))) for p in paths]).astype(np.uint8)
     extractor({"image": pixels[:batch]})
-    started = time.perf_counter()
-    for first in range(0, len(pixels), batch):
-        extractor({"image": pixels[first:first + batch]})
-    rows.append((f"one process, the Extractor on batches of {batch} (no Ray)", f"{threads} threads",
-                 time.perf_counter() - started))
-    print(rows[-1], flush=True)
 
-    with tempfile.TemporaryDirectory() as out:
+    def one_process() -> float:
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "fastvgg", "features", image_dir, "--weights", weights, "--size",
-                        str(size), str(size), "--pooling", "avg", "--quiet", "-o", os.path.join(out, "f.npy")],
-                       check=True, env={**child_env(threads), "FASTVGG_PACKED_CACHE": cache_dir}, capture_output=True)
-        rows.append(("CLI `fastvgg features DIR`, end to end", f"{threads} threads + decoding pool",
-                     time.perf_counter() - started))
-        print(rows[-1], flush=True)
+        model.predict(x, batch_size=batch)
+        return time.perf_counter() - started
 
-    ray_extra = []
+    def in_process_extractor() -> float:
+        started = time.perf_counter()
+        for first in range(0, len(pixels), batch):
+            extractor({"image": pixels[first:first + batch]})
+        return time.perf_counter() - started
+
+    def cli() -> float:
+        with tempfile.TemporaryDirectory() as out:
+            started = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "fastvgg", "features", image_dir, "--weights", weights, "--size",
+                            str(size), str(size), "--pooling", "avg", "--quiet", "-o", os.path.join(out, "f.npy")],
+                           check=True, env={**child_env(threads), "FASTVGG_PACKED_CACHE": cache_dir},
+                           capture_output=True)
+            return time.perf_counter() - started
+
+    baseline = "one process, model.predict on decoded images"
+    rows = {baseline: (f"{threads} threads", []),
+            f"one process, the Extractor on batches of {batch} (no Ray)": (f"{threads} threads", []),
+            "CLI `fastvgg features DIR`, end to end": (f"{threads} threads + decoding pool", [])}
+    runs = dict(zip(rows, (one_process, in_process_extractor, cli)))
+    ray_jobs, ray_extra = None, []
     if not skip_ray:
+        ray_jobs = RayJobs(weights, cache_dir, image_dir, count, size, threads, batch)
+        for actors in (1, threads):
+            for part in ("whole job", "steady state"):
+                rows[f"Ray Data, {actors} actor(s) x {threads // actors} CPU, {part}"] = (f"{threads} threads in all", [])
+    try:
+        for round_index in range(rounds):
+            for name, run in runs.items():
+                rows[name][1].append(run())
+            if ray_jobs is not None:
+                for actors in (1, threads):
+                    whole, steady, note = ray_jobs.run(actors)
+                    rows[f"Ray Data, {actors} actor(s) x {threads // actors} CPU, whole job"][1].append(whole)
+                    rows[f"Ray Data, {actors} actor(s) x {threads // actors} CPU, steady state"][1].append(steady)
+                    if round_index == rounds - 1:
+                        ray_extra.append(note)
+            print(f"round {round_index + 1}:", {name: round(seconds[-1], 2) for name, (_, seconds) in rows.items()},
+                  flush=True)
+        if ray_jobs is not None:
+            ray_extra.append(ray_jobs.fresh_actor_start())
+    finally:
+        if ray_jobs is not None:
+            ray_jobs.shutdown()
+
+    lines += [f"### Throughput (VGG16 without the top, {size}x{size}, block5_pool averaged, {count} PNG images)", "",
+              f"{rounds} rounds, each timing every pipeline once, back to back; seconds and images/s are medians over "
+              "the rounds, the last column the median of each round's ratio to that round's one process.", "",
+              "| pipeline | threads | seconds (median) | images/s | vs one process (median; min-max) |",
+              "|---|---|---|---|---|"]
+    base = rows[baseline][1]
+    for name, (how, seconds) in rows.items():
+        ratios = [b / s for b, s in zip(base, seconds)]
+        median = statistics.median(seconds)
+        lines.append(f"| {name} | {how} | {median:.2f} | {count / median:.1f} | {statistics.median(ratios):.2f}; "
+                     f"{min(ratios):.2f}-{max(ratios):.2f} |")
+    lines.append("")
+    if ray_extra:
+        lines += ["Ray actors (last round): " + "; ".join(ray_extra) + ".", ""]
+
+
+class RayJobs:
+    """A local Ray cluster of `threads` CPUs and fastvgg.ray.Extractor jobs on one dataset, read
+    and materialised first (so the read tasks do not compete with the actors for the CPUs)."""
+
+    def __init__(self, weights, cache_dir, image_dir, count, size, threads, batch):
         import ray
 
-        ray_version = tuple(int(part) for part in ray.__version__.split(".")[:2] if part.isdigit())
+        import fastvgg.ray as fastvgg_ray
+
+        self.ray, self.weights, self.count, self.threads, self.batch = ray, weights, count, threads, batch
+        self.version = tuple(int(part) for part in ray.__version__.split(".")[:2] if part.isdigit())
 
         class TimedExtractor(fastvgg_ray.Extractor):
             """The Extractor, stamping when its model was ready and when each batch ended."""
@@ -281,80 +342,76 @@ def throughput(weights: str, cache_dir: str, image_dir: str, count: int, size: i
                            _done=np.full(n, time.time()))
                 return out
 
+        self.timed_extractor = TimedExtractor
         os.environ["FASTVGG_PACKED_CACHE"] = cache_dir  # the actors inherit the driver's environment
         ray.init(num_cpus=threads, include_dashboard=False, log_to_driver=False, configure_logging=False)
-        try:
-            ray.data.DataContext.get_current().enable_progress_bars = False
-            ds = ray.data.read_images(image_dir, size=(size, size), mode="RGB").materialize()
-            for actors in (1, threads):
-                # A fixed pool of `actors`: Ray 2.51 deprecated `concurrency` for `compute`.
-                pool = (dict(compute=ray.data.ActorPoolStrategy(size=actors)) if ray_version >= (2, 51)
-                        else dict(concurrency=actors))
-                mapped = ds.map_batches(TimedExtractor, fn_constructor_kwargs=dict(
-                    weights=weights, layer="block5_pool", pooling="avg"), **pool,
-                    num_cpus=threads // actors, batch_size=batch, batch_format="numpy")
-                cpu_before, idle_before = cpu_seconds_by_process(), machine_idle_seconds()
-                started = time.perf_counter()
-                result = mapped.materialize()
-                elapsed = time.perf_counter() - started
-                cpu_after, idle = cpu_seconds_by_process(), machine_idle_seconds() - idle_before
-                stamps = result.select_columns(["_ready", "_init_s", "_began", "_done"]).to_pandas()
-                assert len(stamps) == count
-                rows.append((f"Ray Data, {actors} actor(s) x {threads // actors} CPU, whole job",
-                             f"{threads} threads in all", elapsed))
-                steady = stamps["_done"].max() - stamps["_ready"].min()
-                rows.append((f"Ray Data, {actors} actor(s) x {threads // actors} CPU, steady state",
-                             f"{threads} threads in all", steady))
-                # Where the steady state goes: the actors' own calls (begin to end of each batch,
-                # summed over the batches, divided by the actors working at once) against the rest
-                # (Ray moving batches between calls, and its processes' CPU while the calls run).
-                calls = stamps.drop_duplicates(["_began", "_done"])
-                in_calls = float((calls["_done"] - calls["_began"]).sum()) / actors
-                # The machine's CPU-seconds over the job: idle (/proc/stat), Ray's daemons and the
-                # driver (alive before and after), and the actors (the rest: their processes may
-                # be gone by the time the job returns).
-                others = sum(cpu_after[pid][1] - cpu_before[pid][1] for pid in cpu_after
-                             if pid in cpu_before and "MapWorker" not in cpu_after[pid][0])
-                total = elapsed * (os.cpu_count() or threads)
-                ray_extra.append(f"{actors} actor(s): model built in the actor in {stamps['_init_s'].max():.3f} s; "
-                                 f"the Extractor's calls take {in_calls:.2f} s of the {steady:.2f} s steady state "
-                                 f"({len(calls)} batches); of the machine's {total:.1f} CPU-seconds during the job, "
-                                 f"{idle:.1f} went idle, Ray's other processes and the driver took {others:.1f}, "
-                                 f"the actors the other {max(0.0, total - idle - others):.1f}")
-                print(rows[-2:], ray_extra[-1], flush=True)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        self.dataset = ray.data.read_images(image_dir, size=(size, size), mode="RGB").materialize()
 
-            @ray.remote(num_cpus=threads)
-            class Probe:
-                def __init__(self):
-                    began = time.time()
-                    self.extractor = fastvgg_ray.Extractor(weights, layer="block5_pool", pooling="avg")
-                    self.init_s = time.time() - began
+    def run(self, actors: int):
+        """(whole job s, steady state s, where the time went) of one job with `actors` actors."""
+        ray = self.ray
+        # A fixed pool of `actors`: Ray 2.51 deprecated `concurrency` for `compute`.
+        pool = (dict(compute=ray.data.ActorPoolStrategy(size=actors)) if self.version >= (2, 51)
+                else dict(concurrency=actors))
+        mapped = self.dataset.map_batches(self.timed_extractor, fn_constructor_kwargs=dict(
+            weights=self.weights, layer="block5_pool", pooling="avg"), **pool,
+            num_cpus=self.threads // actors, batch_size=self.batch, batch_format="numpy")
+        cpu_before, idle_before = cpu_seconds_by_process(), machine_idle_seconds()
+        started = time.perf_counter()
+        result = mapped.materialize()
+        elapsed = time.perf_counter() - started
+        cpu_after, idle = cpu_seconds_by_process(), machine_idle_seconds() - idle_before
+        stamps = result.select_columns(["_ready", "_init_s", "_began", "_done"]).to_pandas()
+        assert len(stamps) == self.count
+        # Steady state: images from the first actor's model being ready to the last batch's end.
+        steady = stamps["_done"].max() - stamps["_ready"].min()
+        # Where the steady state goes: the actors' own calls (begin to end of each batch,
+        # summed over the batches, divided by the actors working at once) against the rest
+        # (Ray moving batches between calls, and its processes' CPU while the calls run).
+        calls = stamps.drop_duplicates(["_began", "_done"])
+        in_calls = float((calls["_done"] - calls["_began"]).sum()) / actors
+        # The machine's CPU-seconds over the job: idle (/proc/stat), Ray's daemons and the
+        # driver (alive before and after), and the actors (the rest: their processes may
+        # be gone by the time the job returns).
+        others = sum(cpu_after[pid][1] - cpu_before[pid][1] for pid in cpu_after
+                     if pid in cpu_before and "MapWorker" not in cpu_after[pid][0])
+        total = elapsed * (os.cpu_count() or self.threads)
+        note = (f"{actors} actor(s): model built in the actor in {stamps['_init_s'].max():.3f} s; "
+                f"the Extractor's calls take {in_calls:.2f} s of the {steady:.2f} s steady state "
+                f"({len(calls)} batches); of the machine's {total:.1f} CPU-seconds during the job, "
+                f"{idle:.1f} went idle, Ray's other processes and the driver took {others:.1f}, "
+                f"the actors the other {max(0.0, total - idle - others):.1f}")
+        return elapsed, steady, note
 
-                def init_seconds(self):
-                    return self.init_s
+    def fresh_actor_start(self) -> str:
+        """Ray's creation of a fresh actor to ready, and the Extractor's share of it."""
+        ray, weights = self.ray, self.weights
+        import fastvgg.ray as fastvgg_ray
 
-            starts = []
-            for _ in range(3):
-                began = time.perf_counter()
-                probe = Probe.remote()
-                init_s = ray.get(probe.init_seconds.remote())
-                starts.append((time.perf_counter() - began, init_s))
-                ray.kill(probe)
-            ray_extra.append("a fresh actor (median of 3): created to ready in "
-                             f"{statistics.median(s[0] for s in starts):.2f} s, of which the Extractor (model "
-                             f"mapped from the warm cache) {statistics.median(s[1] for s in starts):.3f} s")
-            print(ray_extra[-1], flush=True)
-        finally:
-            ray.shutdown()
+        @ray.remote(num_cpus=self.threads)
+        class Probe:
+            def __init__(self):
+                began = time.time()
+                self.extractor = fastvgg_ray.Extractor(weights, layer="block5_pool", pooling="avg")
+                self.init_s = time.time() - began
 
-    lines += [f"### Throughput (VGG16 without the top, {size}x{size}, block5_pool averaged, {count} PNG images)", "",
-              "| pipeline | threads | seconds | images/s | vs one process |", "|---|---|---|---|---|"]
-    base = count / rows[0][2]
-    for name, how, seconds in rows:
-        lines.append(f"| {name} | {how} | {seconds:.2f} | {count / seconds:.1f} | {count / seconds / base:.2f} |")
-    lines.append("")
-    if ray_extra:
-        lines += ["Ray actors: " + "; ".join(ray_extra) + ".", ""]
+            def init_seconds(self):
+                return self.init_s
+
+        starts = []
+        for _ in range(3):
+            began = time.perf_counter()
+            probe = Probe.remote()
+            init_s = ray.get(probe.init_seconds.remote())
+            starts.append((time.perf_counter() - began, init_s))
+            ray.kill(probe)
+        return ("a fresh actor (median of 3): created to ready in "
+                f"{statistics.median(s[0] for s in starts):.2f} s, of which the Extractor (model "
+                f"mapped from the warm cache) {statistics.median(s[1] for s in starts):.3f} s")
+
+    def shutdown(self) -> None:
+        self.ray.shutdown()
 
 
 def main() -> int:
@@ -365,6 +422,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=64, help="images a batch (model.predict, Ray's map_batches)")
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--skip-ray", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the throughput comparison")
+    parser.add_argument("--throughput-only", action="store_true", help="skip the load, memory and sharing parts")
     parser.add_argument("--output", default=os.path.join(HERE, "scale-results.md"))
     args = parser.parse_args()
 
@@ -381,12 +440,13 @@ def main() -> int:
         image_dir = os.path.join(work, "images")
         os.makedirs(image_dir)
         write_weights(weights)
-        load_times(weights, cache_dir, args.threads, lines)
-        memory_of_n(weights, cache_dir, args.processes, lines)
-        contention(args.threads, lines)
+        if not args.throughput_only:  # the throughput part's first model load fills the packed cache
+            load_times(weights, cache_dir, args.threads, lines)
+            memory_of_n(weights, cache_dir, args.processes, lines)
+            contention(args.threads, lines)
         make_images(image_dir, args.images, max(args.size, 128))
         throughput(weights, cache_dir, image_dir, args.images, args.size, args.threads, args.skip_ray, lines,
-                   args.batch)
+                   args.batch, args.rounds)
     with open(args.output, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
