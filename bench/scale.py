@@ -273,11 +273,15 @@ def throughput(weights: str, cache_dir: str, image_dir: str, count: int, size: i
             "CLI `fastvgg features DIR`, end to end": (f"{threads} threads + decoding pool", [])}
     runs = dict(zip(rows, (one_process, in_process_extractor, cli)))
     ray_jobs, ray_extra = None, []
+
+    def ray_row(actors: int, part: str) -> list:
+        return rows.setdefault(f"Ray Data, {actors} actor(s) x {threads // actors} CPU, {part}",
+                               (f"{threads} threads in all", []))[1]
+
     if not skip_ray:
         ray_jobs = RayJobs(weights, cache_dir, image_dir, count, size, threads, batch)
-        for actors in (1, threads):
-            for part in ("whole job", "steady state"):
-                rows[f"Ray Data, {actors} actor(s) x {threads // actors} CPU, {part}"] = (f"{threads} threads in all", [])
+        for actors in (1, threads):  # the rows in table order
+            ray_row(actors, "whole job"), ray_row(actors, "steady state")
     try:
         for round_index in range(rounds):
             for name, run in runs.items():
@@ -285,8 +289,8 @@ def throughput(weights: str, cache_dir: str, image_dir: str, count: int, size: i
             if ray_jobs is not None:
                 for actors in (1, threads):
                     whole, steady, note = ray_jobs.run(actors)
-                    rows[f"Ray Data, {actors} actor(s) x {threads // actors} CPU, whole job"][1].append(whole)
-                    rows[f"Ray Data, {actors} actor(s) x {threads // actors} CPU, steady state"][1].append(steady)
+                    ray_row(actors, "whole job").append(whole)
+                    ray_row(actors, "steady state").append(steady)
                     if round_index == rounds - 1:
                         ray_extra.append(note)
             print(f"round {round_index + 1}:", {name: round(seconds[-1], 2) for name, (_, seconds) in rows.items()},

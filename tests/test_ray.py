@@ -25,6 +25,7 @@ pytest.importorskip("ray.data", reason='the Ray tests need Ray Data: pip install
 import fastvgg.ray as fastvgg_ray  # noqa: E402
 
 IMAGE_COUNT = 40
+LAYERS = ["block3_conv3:preact", "block5_pool"]
 RAY_VERSION = tuple(int(part) for part in ray.__version__.split(".")[:2] if part.isdigit())
 
 
@@ -34,8 +35,6 @@ def actor_pool(size: int) -> dict:
     if RAY_VERSION >= (2, 51):
         return {"compute": ray.data.ActorPoolStrategy(size=size)}
     return {"concurrency": size}
-
-LAYERS = ["block3_conv3:preact", "block5_pool"]
 
 
 @pytest.fixture(scope="module")
