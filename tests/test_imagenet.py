@@ -45,6 +45,55 @@ def test_preprocess_input_matches_keras(dtype, data_format, batched):
     np.testing.assert_array_equal(ours, theirs)
 
 
+def numpy_caffe(x):
+    """Keras's arithmetic in numpy: channels reversed, cast to float32, minus the float32 means."""
+    return np.flip(x, axis=-1).astype(np.float32) - np.asarray(imagenet.CAFFE_BGR_MEAN, dtype=np.float32)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [(0, 4, 4, 3), (3,), (1, 1, 1, 3), (2, 129, 67, 3), (5, 7, 3)])
+def test_preprocess_input_fast_path_equals_numpy_bit_for_bit(shape, threads):
+    """uint8 and float32 C-contiguous images take _core.caffe_preprocess (multi-threaded, in
+    chunks of 16384 pixels: (2, 129, 67) makes two); every other layout the numpy line. Both
+    must give the same bits, NaN, infinities and -0.0 included."""
+    rng = np.random.default_rng(sum(shape) + threads)
+    previous = fastvgg.get_num_threads()
+    fastvgg.set_num_threads(threads)
+    try:
+        pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+        floats = rng.normal(0, 300, shape).astype(np.float32)
+        if floats.size >= 3:
+            floats.reshape(-1, 3)[0] = [np.nan, np.inf, -0.0]
+            floats.reshape(-1, 3)[-1] = [-np.inf, 1e38, -1e-45]
+        for x in (pixels, floats):
+            ours = fastvgg.preprocess_input(x)
+            assert ours.dtype == np.float32 and ours.shape == x.shape
+            np.testing.assert_array_equal(ours.view(np.uint32), numpy_caffe(x).view(np.uint32))
+        # Strided and big-endian input go the numpy way, with the same result.
+        if len(shape) == 4 and shape[0] > 0:
+            strided = np.concatenate([pixels, pixels], axis=2)[:, :, ::2]
+            np.testing.assert_array_equal(fastvgg.preprocess_input(strided), numpy_caffe(strided))
+            swapped = floats.astype(">f4")
+            np.testing.assert_array_equal(fastvgg.preprocess_input(swapped).view(np.uint32),
+                                          numpy_caffe(floats).view(np.uint32))
+    finally:
+        fastvgg.set_num_threads(previous)
+
+
+def test_core_caffe_preprocess_refuses_what_it_would_read_wrongly():
+    from fastvgg import _core
+
+    mean = np.asarray(imagenet.CAFFE_BGR_MEAN, dtype=np.float32)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _core.caffe_preprocess(np.zeros((2, 4, 6), np.uint8)[:, :, ::2], mean)
+    with pytest.raises(ValueError, match="3 channels"):
+        _core.caffe_preprocess(np.zeros((2, 4, 4), np.uint8), mean)
+    with pytest.raises(TypeError, match="uint8 or float32"):
+        _core.caffe_preprocess(np.zeros((2, 4, 3), np.float64), mean)
+    with pytest.raises(ValueError, match="3 values"):
+        _core.caffe_preprocess(np.zeros((2, 4, 3), np.uint8), mean[:2])
+
+
 def test_preprocess_input_rejects_what_it_cannot_convert():
     with pytest.raises(ValueError, match="3 colour channels"):
         fastvgg.preprocess_input(np.zeros((1, 4, 4, 4)))
