@@ -557,6 +557,23 @@ def _specs(leaves: List[dict], input_name: str, input_shape: Shape, path: str) -
     return specs
 
 
+# Dtype policies whose weights are float32. Under a mixed policy Keras keeps float32 variables and
+# computes in float16 or bfloat16 only to train fast on a GPU; fastvgg runs the same weights in
+# float32, which is what the model computes without float16's rounding (the README says how far
+# that is from Keras's float16 run). A pure "float16" or "bfloat16" model is refused: its weights
+# and every activation are 16-bit in Keras, where VGG's activations can overflow float16.
+_FLOAT32_VARIABLE_POLICIES = (None, "float32", "mixed_float16", "mixed_bfloat16")
+
+
+def _dtype_policy_name(dtype):
+    """The policy's name from a layer config's "dtype": a string, Keras 3's DTypePolicy dict or
+    tf.keras's Policy dict ({"class_name": ..., "config": {"name": "mixed_float16", ...}})."""
+    if isinstance(dtype, dict):
+        config = dtype.get("config")
+        return config.get("name") if isinstance(config, dict) else None
+    return dtype
+
+
 def _spec(layer: dict, shape: Shape, path: str) -> LayerSpec:
     name, class_name = _layer_name(layer), _class_name(layer)
     config = layer.get("config") or {}
@@ -572,10 +589,12 @@ def _spec(layer: dict, shape: Shape, path: str) -> LayerSpec:
 
     if config.get("data_format") not in (None, "channels_last"):
         refuse(f"uses data_format={config.get('data_format')!r}; only channels_last is supported.")
-    if config.get("dtype") not in (None, "float32") and not (
-        isinstance(config.get("dtype"), dict) and (config["dtype"].get("config") or {}).get("name") in ("float32", None)
-    ):
-        refuse(f"computes in dtype {config.get('dtype')!r}; only float32 models are supported.")
+    policy = _dtype_policy_name(config.get("dtype"))
+    if policy not in _FLOAT32_VARIABLE_POLICIES:
+        refuse(
+            f"computes in dtype {policy!r}; fastvgg runs float32 models, and models trained under a mixed "
+            "precision policy ('mixed_float16', 'mixed_bfloat16'), whose weights are float32."
+        )
 
     if class_name in _IDENTITY_AT_INFERENCE:
         return spec
