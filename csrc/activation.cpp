@@ -1,6 +1,6 @@
 // Element-wise activations with Keras's formulas: relu, sigmoid, tanh, elu (alpha 1), selu,
 // gelu (the exact erf form: Keras 3 and tf.keras both default to approximate=False), swish
-// (silu) and softplus.
+// (silu), softplus and leaky relu (x < 0 ? negative_slope * x : x, the slope the op's).
 //
 // They run on a head's few values, not on VGG's large activations, so all but relu are scalar
 // float math from <cmath> (each within an ulp or two of exact); the formulas are arranged so no
@@ -20,16 +20,18 @@ namespace fastvgg {
 
 #if FASTVGG_ISA_IS_GENERIC
 Elementwise parse_elementwise(const std::string& name) {
-  static const char* const names[] = {"linear", "relu", "sigmoid", "tanh", "elu", "selu", "gelu", "swish", "softplus"};
+  static const char* const names[] = {"linear", "relu",  "sigmoid", "tanh",      "elu",
+                                      "selu",   "gelu",  "swish",   "softplus", "leaky_relu"};
   for (int i = 0; i < int(sizeof(names) / sizeof(names[0])); ++i)
     if (name == names[i]) return Elementwise(i);
   if (name == "silu") return Elementwise::Swish;
   throw std::invalid_argument("unknown activation '" + name +
-                              "'; expected linear, relu, sigmoid, tanh, elu, selu, gelu, swish (silu) or softplus");
+                              "'; expected linear, relu, sigmoid, tanh, elu, selu, gelu, swish (silu), softplus or leaky_relu");
 }
 
 const char* elementwise_name(Elementwise f) {
-  static const char* const names[] = {"linear", "relu", "sigmoid", "tanh", "elu", "selu", "gelu", "swish", "softplus"};
+  static const char* const names[] = {"linear", "relu",  "sigmoid", "tanh",      "elu",
+                                      "selu",   "gelu",  "swish",   "softplus", "leaky_relu"};
   return names[int(f)];
 }
 #endif
@@ -45,7 +47,7 @@ namespace FASTVGG_ISA {
 namespace {
 
 template <Elementwise F>
-inline float apply(float x) {
+inline float apply(float x, [[maybe_unused]] float negative_slope) {
   if constexpr (F == Elementwise::Relu) return x < 0.0f ? 0.0f : x;  // keeps NaN
   if constexpr (F == Elementwise::Sigmoid) return 1.0f / (1.0f + expf(-x));
   if constexpr (F == Elementwise::Tanh) return tanhf(x);
@@ -57,22 +59,25 @@ inline float apply(float x) {
   if constexpr (F == Elementwise::Swish) return x / (1.0f + expf(-x));
   // log(1 + e^x) = max(x, 0) + log1p(e^-|x|): never overflows.
   if constexpr (F == Elementwise::Softplus) return (x < 0.0f ? 0.0f : x) + log1pf(expf(-fabsf(x)));
+  // One product, rounded once: TensorFlow's max(slope * x, x) for slopes up to 1, its select above.
+  if constexpr (F == Elementwise::LeakyRelu) return x < 0.0f ? negative_slope * x : x;  // keeps NaN
   return x;
 }
 
 template <Elementwise F>
-void apply_span(float* values, std::size_t count) {
+void apply_span(float* values, std::size_t count, float negative_slope) {
   if constexpr (F == Elementwise::Relu) {
     std::size_t i = 0;
     for (; i + kChannelBlock <= count; i += kChannelBlock) store(values + i, relu(load(values + i)));
-    for (; i < count; ++i) values[i] = apply<F>(values[i]);
+    for (; i < count; ++i) values[i] = apply<F>(values[i], negative_slope);
   } else {
-    for (std::size_t i = 0; i < count; ++i) values[i] = apply<F>(values[i]);
+    // Leaky relu's select vectorises as it is; the others are scalar libm calls.
+    for (std::size_t i = 0; i < count; ++i) values[i] = apply<F>(values[i], negative_slope);
   }
 }
 
 template <Elementwise F>
-void apply_blocked(const BlockedImage& image, int threads) {
+void apply_blocked(const BlockedImage& image, float negative_slope, int threads) {
   const int items = image.blocks() * image.height;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int item = 0; item < items; ++item) {
@@ -80,9 +85,9 @@ void apply_blocked(const BlockedImage& image, int threads) {
     const int lanes = std::min(kChannelBlock, image.channels - b * kChannelBlock);
     float* row = image.at(b, y, 0);
     if (lanes == kChannelBlock) {
-      apply_span<F>(row, std::size_t(image.width) * kChannelBlock);
+      apply_span<F>(row, std::size_t(image.width) * kChannelBlock, negative_slope);
     } else {
-      for (int x = 0; x < image.width; ++x) apply_span<F>(row + x * kChannelBlock, std::size_t(lanes));
+      for (int x = 0; x < image.width; ++x) apply_span<F>(row + x * kChannelBlock, std::size_t(lanes), negative_slope);
     }
   }
 }
@@ -99,17 +104,18 @@ void dispatch(Elementwise f, Run run) {
     case Elementwise::Gelu: return run(std::integral_constant<Elementwise, Elementwise::Gelu>{});
     case Elementwise::Swish: return run(std::integral_constant<Elementwise, Elementwise::Swish>{});
     case Elementwise::Softplus: return run(std::integral_constant<Elementwise, Elementwise::Softplus>{});
+    case Elementwise::LeakyRelu: return run(std::integral_constant<Elementwise, Elementwise::LeakyRelu>{});
   }
 }
 
 }  // namespace
 
-void activation_blocked(const BlockedImage& image, Elementwise f, int threads) {
-  dispatch(f, [&](auto which) { apply_blocked<decltype(which)::value>(image, threads); });
+void activation_blocked(const BlockedImage& image, Elementwise f, float negative_slope, int threads) {
+  dispatch(f, [&](auto which) { apply_blocked<decltype(which)::value>(image, negative_slope, threads); });
 }
 
-void activation_rows(float* values, std::size_t count, Elementwise f) {
-  dispatch(f, [&](auto which) { apply_span<decltype(which)::value>(values, count); });
+void activation_rows(float* values, std::size_t count, Elementwise f, float negative_slope) {
+  dispatch(f, [&](auto which) { apply_span<decltype(which)::value>(values, count, negative_slope); });
 }
 
 }  // namespace FASTVGG_ISA
@@ -117,7 +123,7 @@ void activation_rows(float* values, std::size_t count, Elementwise f) {
 #if FASTVGG_ISA_IS_GENERIC
 namespace reference {
 
-void activation(const float* x, std::size_t count, Elementwise f, float* y) {
+void activation(const float* x, std::size_t count, Elementwise f, float negative_slope, float* y) {
   for (std::size_t i = 0; i < count; ++i) {
     const double v = x[i];
     double r = v;
@@ -131,6 +137,7 @@ void activation(const float* x, std::size_t count, Elementwise f, float* y) {
       case Elementwise::Gelu: r = 0.5 * v * std::erfc(-v * kSqrtHalf); break;
       case Elementwise::Swish: r = v / (1.0 + std::exp(-v)); break;
       case Elementwise::Softplus: r = std::max(v, 0.0) + std::log1p(std::exp(-std::fabs(v))); break;
+      case Elementwise::LeakyRelu: r = v < 0.0 ? double(negative_slope) * v : v; break;
     }
     y[i] = float(r);
   }

@@ -362,6 +362,7 @@ py::dict describe_op(const Op& op) {
   d["kernel_size"] = op.kernel_size;
   d["padding"] = op.same_padding ? "same" : "valid";
   d["on_image"] = op.on_image;
+  d["negative_slope"] = op.negative_slope;
   return d;
 }
 
@@ -432,16 +433,17 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<Graph>(m, "Graph", "A chain of ops and their sizes; no weights (an executor holds those).")
       .def(py::init<int>(), py::arg("input_channels"))
-      .def("add_conv3x3", [](Graph& g, int filters, const std::string& activation) {
-        return g.add_conv3x3(filters, parse_activation(activation));
-      }, py::arg("filters"), py::arg("activation"))
+      .def("add_conv3x3", [](Graph& g, int filters, const std::string& activation, float negative_slope) {
+        return g.add_conv3x3(filters, parse_activation(activation), negative_slope);
+      }, py::arg("filters"), py::arg("activation"), py::arg("negative_slope") = 0.0f,
+         "negative_slope: leaky_relu's slope for x < 0 (any other activation takes none).")
       .def("add_max_pool2x2", &Graph::add_max_pool2x2)
       .def("add_flatten", &Graph::add_flatten)
       .def("add_global_pool", [](Graph& g, const std::string& mode) { return g.add_global_pool(parse_pool_mode(mode)); },
            py::arg("mode"))
-      .def("add_dense", [](Graph& g, int in_features, int units, const std::string& activation) {
-        return g.add_dense(in_features, units, parse_activation(activation));
-      }, py::arg("in_features"), py::arg("units"), py::arg("activation"))
+      .def("add_dense", [](Graph& g, int in_features, int units, const std::string& activation, float negative_slope) {
+        return g.add_dense(in_features, units, parse_activation(activation), negative_slope);
+      }, py::arg("in_features"), py::arg("units"), py::arg("activation"), py::arg("negative_slope") = 0.0f)
       .def_property_readonly("layer_count", &Graph::op_count)
       .def_property_readonly("input_channels", &Graph::input_channels)
       .def("output_shapes", [](const Graph& g, int height, int width) {

@@ -175,7 +175,7 @@ FloatArray test_affine(const FloatArray& x, const FloatArray& scale, const Float
   });
 }
 
-FloatArray test_activation(const FloatArray& x, const std::string& name, const std::string& isa) {
+FloatArray test_activation(const FloatArray& x, const std::string& name, const std::string& isa, float negative_slope) {
   const Elementwise f = parse_elementwise(name);
   const KernelTable* k = table_or_null(isa);
   if (!k || x.ndim() != 4) {
@@ -185,10 +185,10 @@ FloatArray test_activation(const FloatArray& x, const std::string& name, const s
     const std::size_t count = std::size_t(x.size());
     py::gil_scoped_release release;
     if (!k) {
-      reference::activation(xp, count, f, yp);
+      reference::activation(xp, count, f, negative_slope, yp);
     } else {
       std::copy(xp, xp + count, yp);
-      ops_for(*k).activation_rows(yp, count, f);
+      ops_for(*k).activation_rows(yp, count, f, negative_slope);
     }
     return y;
   }
@@ -196,13 +196,14 @@ FloatArray test_activation(const FloatArray& x, const std::string& name, const s
   const OpsTable& ops = ops_for(*k);
   return per_image(*k, x, n, n.h, n.w, n.c, [&](const BlockedImage& in, const BlockedImage& out) {
     std::copy(in.data, in.data + in.size(), out.data);
-    ops.activation_blocked(out, f, threads());
+    ops.activation_blocked(out, f, negative_slope, threads());
   });
 }
 
 // The whole blocked buffer of x[0] after an activation, (blocks, h + 2, w + 2, 16): the tests
 // check that the border and the padding channels are still zero.
-FloatArray test_activation_blocked_buffer(const FloatArray& x, const std::string& name, const std::string& isa) {
+FloatArray test_activation_blocked_buffer(const FloatArray& x, const std::string& name, const std::string& isa,
+                                          float negative_slope) {
   const Nhwc s = nhwc_of(x);
   if (s.n < 1) throw py::value_error("x needs at least one image");
   const Elementwise f = parse_elementwise(name);
@@ -213,7 +214,7 @@ FloatArray test_activation_blocked_buffer(const FloatArray& x, const std::string
   py::gil_scoped_release release;
   const BlockedImage image{bp, s.c, s.h, s.w};
   k.nhwc_to_blocked(xp, image);
-  ops_for(k).activation_blocked(image, f, threads());
+  ops_for(k).activation_blocked(image, f, negative_slope, threads());
   return buffer;
 }
 
@@ -234,19 +235,21 @@ void require_padding(const std::string& padding) {
 void register_ops(py::module_& m, py::module_& testing) {
   auto graph = py::reinterpret_borrow<py::class_<Graph>>(m.attr("Graph"));
   graph
-      .def("add_conv", [](Graph& g, int kernel_size, int filters, const std::string& padding, const std::string& activation) {
+      .def("add_conv", [](Graph& g, int kernel_size, int filters, const std::string& padding, const std::string& activation,
+                          float negative_slope) {
         require_padding(padding);
-        return g.add_conv(kernel_size, filters, padding == "same", parse_activation(activation));
-      }, py::arg("kernel_size"), py::arg("filters"), py::arg("padding"), py::arg("activation"),
+        return g.add_conv(kernel_size, filters, padding == "same", parse_activation(activation), negative_slope);
+      }, py::arg("kernel_size"), py::arg("filters"), py::arg("padding"), py::arg("activation"), py::arg("negative_slope") = 0.0f,
          "A 1x1 convolution, or a 3x3 one with 'valid' or 'same' padding; stride 1.")
       .def("add_pool2x2", [](Graph& g, const std::string& mode, const std::string& padding) {
         require_padding(padding);
         return g.add_pool2x2(parse_pool_mode(mode), padding == "same");
       }, py::arg("mode"), py::arg("padding"), "2x2 stride-2 pooling, 'avg' or 'max', Keras's 'valid' or 'same'.")
       .def("add_affine", &Graph::add_affine, py::arg("channels"), "x * scale + shift per channel (or feature).")
-      .def("add_activation", [](Graph& g, const std::string& activation) {
-        return g.add_activation(parse_activation(activation));
-      }, py::arg("activation"), "An activation on its own ('linear' is the identity).");
+      .def("add_activation", [](Graph& g, const std::string& activation, float negative_slope) {
+        return g.add_activation(parse_activation(activation), negative_slope);
+      }, py::arg("activation"), py::arg("negative_slope") = 0.0f,
+         "An activation on its own ('linear' is the identity); negative_slope is leaky_relu's.");
 
   auto executor = py::reinterpret_borrow<py::class_<CpuExecutor>>(m.attr("CpuExecutor"));
   executor
@@ -282,10 +285,12 @@ void register_ops(py::module_& m, py::module_& testing) {
               "2x2 stride-2 pooling, mode 'avg' or 'max', padding 'valid' or 'same' (Keras's).");
   testing.def("affine", &test_affine, py::arg("x"), py::arg("scale"), py::arg("shift"), py::arg("isa"),
               "x * scale + shift per channel, on rows (2-D) or NHWC images (4-D, blocked layout).");
-  testing.def("activation", &test_activation, py::arg("x"), py::arg("name"), py::arg("isa"),
-              "An element-wise activation on flat values, or on NHWC images (4-D, blocked layout).");
+  testing.def("activation", &test_activation, py::arg("x"), py::arg("name"), py::arg("isa"), py::arg("negative_slope") = 0.0f,
+              "An element-wise activation on flat values, or on NHWC images (4-D, blocked layout); negative_slope "
+              "is leaky_relu's.");
   testing.def("activation_blocked_buffer", &test_activation_blocked_buffer, py::arg("x"), py::arg("name"),
-              py::arg("isa"), "x[0]'s whole blocked buffer, border included, after an activation.");
+              py::arg("isa"), py::arg("negative_slope") = 0.0f,
+              "x[0]'s whole blocked buffer, border included, after an activation.");
 }
 
 }  // namespace fastvgg

@@ -144,6 +144,7 @@ Elementwise elementwise_of(Activation a) {
     case Activation::Gelu: return Elementwise::Gelu;
     case Activation::Swish: return Elementwise::Swish;
     case Activation::Softplus: return Elementwise::Softplus;
+    case Activation::LeakyRelu: return Elementwise::LeakyRelu;
     default: return Elementwise::Linear;
   }
 }
@@ -152,12 +153,13 @@ Elementwise elementwise_of(Activation a) {
 // runs on the flat rows).
 bool activation_pass(Activation a) { return a != Activation::Linear && a != Activation::Relu && a != Activation::Softmax; }
 
-// An activation on `count` flat rows of `cols` values, `stride` floats apart.
-void activate_rows(const OpsTable& ops, Activation a, float* rows, int count, int cols, std::ptrdiff_t stride) {
-  if (a == Activation::Softmax) {
+// Op `op`'s activation on `count` flat rows of `cols` values, `stride` floats apart.
+void activate_rows(const OpsTable& ops, const Op& op, float* rows, int count, int cols, std::ptrdiff_t stride) {
+  if (op.activation == Activation::Softmax) {
     softmax_rows(rows, count, cols, stride);
-  } else if (a != Activation::Linear) {
-    for (int r = 0; r < count; ++r) ops.activation_rows(rows + r * stride, std::size_t(cols), elementwise_of(a));
+  } else if (op.activation != Activation::Linear) {
+    for (int r = 0; r < count; ++r)
+      ops.activation_rows(rows + r * stride, std::size_t(cols), elementwise_of(op.activation), op.negative_slope);
   }
 }
 }  // namespace
@@ -739,7 +741,8 @@ void CpuExecutor::finish_spatial_op(const SpatialRun& run, int i, const BlockedI
     if (p.folded()) unfold_nhwc(before_activation + n * elements, elements, p.fold_scale, p.fold_shift);
     if (op.activation == Activation::Relu) relu_in_place(next);
   }
-  if (activation_pass(op.activation)) run.ops_table.activation_blocked(next, elementwise_of(op.activation), run.threads);
+  if (activation_pass(op.activation))
+    run.ops_table.activation_blocked(next, elementwise_of(op.activation), op.negative_slope, run.threads);
   if (float* dst = run.wanted[std::size_t(i)]) {
     run.kernels.blocked_to_nhwc(next, dst + n * elements);
     if (p.folded()) unfold_nhwc(dst + n * elements, elements, p.fold_scale, p.fold_shift);
@@ -761,7 +764,7 @@ bool CpuExecutor::run_spatial_op(const SpatialRun& run, int i, BlockedImage& cur
     if (op.kind == OpKind::Affine)
       run.ops_table.affine_blocked(current, static_cast<const float*>(p.packed.data()), p.bias.data(), threads);
     else if (op.activation != Activation::Linear)
-      run.ops_table.activation_blocked(current, elementwise_of(op.activation), threads);
+      run.ops_table.activation_blocked(current, elementwise_of(op.activation), op.negative_slope, threads);
     if (float* dst = run.wanted[std::size_t(i)]) run.kernels.blocked_to_nhwc(current, dst + n * shape_elements(shapes[i]));
     return false;
   }
@@ -985,7 +988,7 @@ void CpuExecutor::run(const float* images, int count, int height, int width, con
           ops_table.affine_rows(flat_in + r * in_stride, 1, features, static_cast<const float*>(p.packed.data()),
                                 p.bias.data());
       } else {
-        activate_rows(ops_table, op.activation, flat_in, count, features, in_stride);
+        activate_rows(ops_table, op, flat_in, count, features, in_stride);
       }
       copy_out(i, flat_in, in_stride);
       continue;
@@ -993,7 +996,7 @@ void CpuExecutor::run(const float* images, int count, int height, int width, con
     const std::ptrdiff_t out_stride = round_up_to_block(op.out_channels);
     kernels.dense.run(flat_in, count, op.in_channels, in_stride, p.packed.data(), p.bias.data(), op.out_channels,
                       op.activation == Activation::Relu, flat_out, out_stride, threads);
-    if (op.activation != Activation::Relu) activate_rows(ops_table, op.activation, flat_out, count, op.out_channels, out_stride);
+    if (op.activation != Activation::Relu) activate_rows(ops_table, op, flat_out, count, op.out_channels, out_stride);
     copy_out(i, flat_out, out_stride);
     std::swap(flat_in, flat_out);
     in_stride = out_stride;

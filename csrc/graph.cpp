@@ -1,6 +1,7 @@
 #include "graph.h"
 
 #include <algorithm>
+#include <cmath>
 #include <stdexcept>
 #include <string>
 
@@ -46,10 +47,11 @@ const char* activation_name(Activation activation) {
     case Activation::Gelu: return "gelu";
     case Activation::Swish: return "swish";
     case Activation::Softplus: return "softplus";
+    case Activation::LeakyRelu: return "leaky_relu";
   }
   return "?";
 }
-static_assert(kActivationCount == 10, "activation_name and parse_activation list every Activation");
+static_assert(kActivationCount == 11, "activation_name and parse_activation list every Activation");
 
 const char* pool_mode_name(GlobalPoolMode mode) { return mode == GlobalPoolMode::Max ? "max" : "avg"; }
 
@@ -66,7 +68,8 @@ Activation parse_activation(const std::string& name) {
     if (name == activation_name(Activation(a))) return Activation(a);
   if (name == "silu") return Activation::Swish;  // Keras 3's name for it
   throw std::invalid_argument("unknown activation '" + name +
-                              "'; expected linear, relu, softmax, sigmoid, tanh, elu, selu, gelu, swish or softplus");
+                              "'; expected linear, relu, softmax, sigmoid, tanh, elu, selu, gelu, swish, softplus or "
+                              "leaky_relu");
 }
 
 GlobalPoolMode parse_pool_mode(const std::string& name) {
@@ -103,6 +106,16 @@ int Graph::current_channels() const {
   return input_channels_;
 }
 
+namespace {
+float checked_slope(Activation activation, float slope) {
+  if (!std::isfinite(slope)) throw std::invalid_argument("negative_slope must be a finite number");
+  if (slope != 0.0f && activation != Activation::LeakyRelu)
+    throw std::invalid_argument(std::string("negative_slope is leaky_relu's; activation ") + activation_name(activation) +
+                                " takes none");
+  return slope;
+}
+}  // namespace
+
 int Graph::append(Op op) {
   const bool flat_so_far = flat();
   if (op.in_place()) op.on_image = !flat_so_far;
@@ -122,7 +135,7 @@ int Graph::append(Op op) {
   return int(ops_.size()) - 1;
 }
 
-int Graph::add_conv3x3(int filters, Activation activation) {
+int Graph::add_conv3x3(int filters, Activation activation, float negative_slope) {
   require(positive("filters", filters, kMaxChannels));
   Op op{OpKind::Conv3x3};
   // Pooling keeps the channel count, so the input is whatever the last convolution made.
@@ -130,6 +143,7 @@ int Graph::add_conv3x3(int filters, Activation activation) {
   op.out_channels = filters;
   op.same_padding = true;
   op.activation = activation;
+  op.negative_slope = checked_slope(activation, negative_slope);
   return append(op);
 }
 
@@ -142,17 +156,19 @@ int Graph::add_global_pool(GlobalPoolMode mode) {
   return append(op);
 }
 
-int Graph::add_dense(int in_features, int units, Activation activation) {
+int Graph::add_dense(int in_features, int units, Activation activation, float negative_slope) {
   require(positive("in_features", in_features, kMaxFeatures));
   require(positive("units", units, kMaxChannels));
   Op op{OpKind::Dense};
   op.in_channels = in_features;
   op.out_channels = units;
   op.activation = activation;
+  op.negative_slope = checked_slope(activation, negative_slope);
   return append(op);
 }
 
-int Graph::add_conv(int kernel_size, int filters, bool same_padding, Activation activation) {
+int Graph::add_conv(int kernel_size, int filters, bool same_padding, Activation activation,
+                    float negative_slope) {
   if (kernel_size != 1 && kernel_size != 3)
     throw std::invalid_argument("kernel_size must be 1 or 3, got " + std::to_string(kernel_size));
   require(positive("filters", filters, kMaxChannels));
@@ -162,6 +178,7 @@ int Graph::add_conv(int kernel_size, int filters, bool same_padding, Activation 
   op.kernel_size = kernel_size;
   op.same_padding = kernel_size == 1 || same_padding;  // the two are the same for a 1x1 kernel
   op.activation = activation;
+  op.negative_slope = checked_slope(activation, negative_slope);
   return append(op);
 }
 
@@ -179,9 +196,10 @@ int Graph::add_affine(int channels) {
   return append(op);
 }
 
-int Graph::add_activation(Activation activation) {
+int Graph::add_activation(Activation activation, float negative_slope) {
   Op op{OpKind::Elementwise};
   op.activation = activation;
+  op.negative_slope = checked_slope(activation, negative_slope);
   return append(op);
 }
 
@@ -198,16 +216,17 @@ int Graph::add(const Op& op) {
     return index;
   };
   switch (op.kind) {
-    case OpKind::Conv3x3: return channels_agree(add_conv3x3(op.out_channels, op.activation));
+    case OpKind::Conv3x3: return channels_agree(add_conv3x3(op.out_channels, op.activation, op.negative_slope));
     case OpKind::MaxPool2x2: return add_max_pool2x2();
     case OpKind::Flatten: return add_flatten();
     case OpKind::GlobalPool: return add_global_pool(op.pool_mode);
-    case OpKind::Dense: return add_dense(op.in_channels, op.out_channels, op.activation);
+    case OpKind::Dense: return add_dense(op.in_channels, op.out_channels, op.activation, op.negative_slope);
     case OpKind::Conv:
-      return channels_agree(add_conv(op.kernel_size, op.out_channels, op.same_padding, op.activation));
+      return channels_agree(
+          add_conv(op.kernel_size, op.out_channels, op.same_padding, op.activation, op.negative_slope));
     case OpKind::Pool2x2: return add_pool2x2(op.pool_mode, op.same_padding);
     case OpKind::Affine: return add_affine(op.out_channels);
-    case OpKind::Elementwise: return add_activation(op.activation);
+    case OpKind::Elementwise: return add_activation(op.activation, op.negative_slope);
   }
   throw std::invalid_argument("unknown op kind");
 }

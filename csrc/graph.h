@@ -21,9 +21,11 @@ namespace fastvgg {
 // last two work in place, on images or on flat rows, wherever they stand in the chain.
 enum class OpKind { Conv3x3, MaxPool2x2, Flatten, GlobalPool, Dense, Conv, Pool2x2, Affine, Elementwise };
 constexpr int kOpKindCount = 9;
-// Keras's activations; softmax only on flat rows.
-enum class Activation { Linear, Relu, Softmax, Sigmoid, Tanh, Elu, Selu, Gelu, Swish, Softplus };
-constexpr int kActivationCount = 10;
+// Keras's activations; softmax only on flat rows. LeakyRelu is x < 0 ? negative_slope * x : x
+// with the op's negative_slope (Keras's LeakyReLU layer, ReLU(negative_slope=...) and the
+// "leaky_relu" activation).
+enum class Activation { Linear, Relu, Softmax, Sigmoid, Tanh, Elu, Selu, Gelu, Swish, Softplus, LeakyRelu };
+constexpr int kActivationCount = 11;
 
 struct Op {
   OpKind kind;
@@ -34,6 +36,7 @@ struct Op {
   int kernel_size = 3;        // Conv: 1 or 3
   bool same_padding = false;  // Conv (3x3 only) and Pool2x2: Keras's 'same', else 'valid'
   bool on_image = false;      // Affine, Elementwise: set by the graph, true before the chain turns flat
+  float negative_slope = 0.0f;  // LeakyRelu's slope for x < 0, a finite float; 0 for the other activations
 
   bool has_weights() const {
     return kind == OpKind::Conv3x3 || kind == OpKind::Dense || kind == OpKind::Conv || kind == OpKind::Affine;
@@ -64,21 +67,23 @@ constexpr int kMaxChannels = 1 << 16;
 constexpr int kMaxFeatures = 1 << 28;
 constexpr int kMaxSide = 1 << 15;
 
+// The add_* functions with an activation take LeakyRelu's negative_slope; they refuse a slope
+// that is not finite, or a nonzero one with any other activation.
 class Graph {
  public:
   explicit Graph(int input_channels);
 
-  int add_conv3x3(int filters, Activation activation);
+  int add_conv3x3(int filters, Activation activation, float negative_slope = 0.0f);
   int add_max_pool2x2();
   int add_flatten();
   int add_global_pool(GlobalPoolMode mode);
-  int add_dense(int in_features, int units, Activation activation);
+  int add_dense(int in_features, int units, Activation activation, float negative_slope = 0.0f);
   // A 1x1 convolution (kernel_size 1) or a 3x3 one with 'valid' (or 'same') padding.
-  int add_conv(int kernel_size, int filters, bool same_padding, Activation activation);
+  int add_conv(int kernel_size, int filters, bool same_padding, Activation activation, float negative_slope = 0.0f);
   int add_pool2x2(GlobalPoolMode mode, bool same_padding);
   // x * scale + shift over `channels` channels (an image's) or features (a flat row's).
   int add_affine(int channels);
-  int add_activation(Activation activation);
+  int add_activation(Activation activation, float negative_slope = 0.0f);
   // Appends an op described by its fields (what describe() gives, what other executors rebuild from).
   int add(const Op& op);
 

@@ -17,7 +17,7 @@ namespace fastvgg {
 
 // Keras's element-wise activations, with its formulas (see activation.cpp). Softmax is not
 // element-wise: it runs on flat rows through softmax_rows.
-enum class Elementwise { Linear, Relu, Sigmoid, Tanh, Elu, Selu, Gelu, Swish, Softplus };
+enum class Elementwise { Linear, Relu, Sigmoid, Tanh, Elu, Selu, Gelu, Swish, Softplus, LeakyRelu };
 
 // Throws std::invalid_argument naming the choices.
 Elementwise parse_elementwise(const std::string& name);
@@ -42,8 +42,9 @@ struct OpsTable {
   // In place on `rows` rows of `cols` floats, tightly packed.
   void (*affine_rows)(float* rows, int count, int cols, const float* scale, const float* shift);
   // In place on the image's pixels; the border and the padding channels stay zero whatever f(0) is.
-  void (*activation_blocked)(const BlockedImage& image, Elementwise f, int threads);
-  void (*activation_rows)(float* values, std::size_t count, Elementwise f);
+  // negative_slope is LeakyRelu's (the other functions ignore it).
+  void (*activation_blocked)(const BlockedImage& image, Elementwise f, float negative_slope, int threads);
+  void (*activation_rows)(float* values, std::size_t count, Elementwise f, float negative_slope);
 };
 
 #define FASTVGG_DECLARE_OPS(isa)                                                                         \
@@ -54,8 +55,8 @@ struct OpsTable {
   void pool2x2(const BlockedImage& in, GlobalPoolMode mode, const BlockedImage& out, int threads);       \
   void affine_blocked(const BlockedImage& image, const float* scale, const float* shift, int threads);   \
   void affine_rows(float* rows, int count, int cols, const float* scale, const float* shift);            \
-  void activation_blocked(const BlockedImage& image, Elementwise f, int threads);                        \
-  void activation_rows(float* values, std::size_t count, Elementwise f);                                 \
+  void activation_blocked(const BlockedImage& image, Elementwise f, float negative_slope, int threads);  \
+  void activation_rows(float* values, std::size_t count, Elementwise f, float negative_slope);           \
   extern const OpsTable ops_table;                                                                       \
   }
 
@@ -77,7 +78,7 @@ void pool2x2(const float* x, int images, int height, int width, int channels, Gl
 // y[p][c] = x[p][c] * scale[c] + shift[c] over `pixels` rows of `channels`.
 void affine(const float* x, std::size_t pixels, int channels, const float* scale, const float* shift, float* y);
 // Keras's formula, evaluated in double and rounded once.
-void activation(const float* x, std::size_t count, Elementwise f, float* y);
+void activation(const float* x, std::size_t count, Elementwise f, float negative_slope, float* y);
 }  // namespace reference
 
 }  // namespace fastvgg

@@ -123,6 +123,33 @@ def every_op(keras):
     return keras.Model(base.input, out)
 
 
+def leaky_relu_head(keras):
+    """LeakyReLU in each of Keras's spellings, on images and on flat rows: the LeakyReLU layer
+    (default slope 0.3 and an explicit one: negative_slope in Keras 3, alpha in tf.keras),
+    ReLU(negative_slope=...), and Keras 3's activation="leaky_relu" (slope 0.2) on a
+    convolution and a dense layer (tf.keras has no such activation: a LeakyReLU layer there)."""
+    layers = keras.layers
+    keras3 = hasattr(keras.activations, "leaky_relu")
+    slope_name = "negative_slope" if keras3 else "alpha"
+
+    def conv_or_dense(layer, x):
+        return layer(activation="leaky_relu")(x) if keras3 else layers.LeakyReLU(**{slope_name: 0.2})(layer()(x))
+
+    base = _base(keras)
+    x = base.get_layer("block4_pool").output  # 3x3x512
+    x = layers.Conv2D(32, (3, 3), padding="same")(x)
+    x = layers.LeakyReLU()(x)
+    x = conv_or_dense(lambda **kw: layers.Conv2D(24, (1, 1), **kw), x)
+    x = layers.Conv2D(16, (3, 3), padding="same")(x)
+    x = layers.ReLU(negative_slope=0.1)(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    x = conv_or_dense(lambda **kw: layers.Dense(16, **kw), x)
+    x = layers.Dense(12)(x)
+    x = layers.LeakyReLU(**{slope_name: 0.05})(x)
+    out = layers.Dense(5, activation="softmax")(x)
+    return keras.Model(base.input, out)
+
+
 def normalization_front(keras):
     """A Normalization layer adapted to data in front of a small conv net with no VGG at all."""
     layers = keras.layers
@@ -149,6 +176,7 @@ BUILDERS = {
     "rescaling_nested": rescaling_nested,
     "vgg19_other_size": vgg19_other_size,
     "every_op": every_op,
+    "leaky_relu_head": leaky_relu_head,
     "normalization_front": normalization_front,
 }
 

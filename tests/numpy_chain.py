@@ -19,13 +19,13 @@ SELU_ALPHA = 1.6732632423543772848170429916717
 SELU_SCALE = 1.0507009873554804934193349852946
 
 
-def activation(x, name):
+def activation(x, name, negative_slope=0.0):
     # exp overflows to inf for very negative inputs of sigmoid and swish; the result (0) is right.
     with np.errstate(over="ignore"):
-        return _activation(np.asarray(x, dtype=np.float64), name)
+        return _activation(np.asarray(x, dtype=np.float64), name, negative_slope)
 
 
-def _activation(x, name):
+def _activation(x, name, negative_slope):
     if name == "linear":
         return x
     if name == "relu":
@@ -47,6 +47,8 @@ def _activation(x, name):
         return x / (1.0 + np.exp(-x))
     if name == "softplus":
         return np.logaddexp(0.0, x)
+    if name == "leaky_relu":  # tf.nn.leaky_relu: x > 0 ? x : slope * x
+        return np.where(x > 0, x, negative_slope * x)
     raise ValueError(f"no numpy activation {name!r}")
 
 
@@ -92,7 +94,7 @@ def run_layer(layer, x):
         kernel = layer.weights[0]
         bias = layer.weights[1] if layer.use_bias else None
         pre = conv(x, kernel, bias, layer.padding == "same")
-        return activation(pre, layer.activation), pre
+        return activation(pre, layer.activation, layer.negative_slope), pre
     if kind in ("max_pool", "avg_pool"):
         y = pool2x2(x, "max" if kind == "max_pool" else "avg", layer.padding == "same")
         return y, y
@@ -108,9 +110,9 @@ def run_layer(layer, x):
         pre = x @ layer.weights[0].astype(np.float64)
         if layer.use_bias:
             pre = pre + layer.weights[1].astype(np.float64)
-        return activation(pre, layer.activation), pre
+        return activation(pre, layer.activation, layer.negative_slope), pre
     if kind == "activation":
-        return activation(x, layer.activation), x
+        return activation(x, layer.activation, layer.negative_slope), x
     if kind == "affine":
         y = affine(layer, x)
         return y, y

@@ -144,7 +144,7 @@ def test_graph_limits_and_shapes():
     assert [op["kind"] for op in graph.describe()] == ["conv3x3", "conv3x3", "max_pool2x2", "flatten", "dense"]
     assert graph.describe()[1] == {
         "kind": "conv3x3", "in_channels": 16, "out_channels": 20, "activation": "relu", "pool_mode": "avg",
-        "kernel_size": 3, "padding": "same", "on_image": False,
+        "kernel_size": 3, "padding": "same", "on_image": False, "negative_slope": 0.0,
     }
 
 

@@ -63,7 +63,7 @@ def test_the_installed_stub_is_the_source_tree_stub():
 # ---- The kinds of types: what the stub says and what pybind11 prints must agree on these.
 
 _KIND = {
-    "int": "int", "SupportsInt": "int", "str": "str", "bool": "bool", "float": "float", "None": "None",
+    "int": "int", "SupportsInt": "int", "SupportsFloat": "float", "str": "str", "bool": "bool", "float": "float", "None": "None",
     "ndarray": "array", "NDArray": "array", "ArrayLike": "array",
     "Sequence": "sequence", "List": "list", "list": "list", "Tuple": "tuple", "tuple": "tuple",
     "Dict": "dict", "dict": "dict", "Buffer": "buffer", "object": "any",

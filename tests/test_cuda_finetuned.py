@@ -227,6 +227,33 @@ def test_every_op_against_the_cpu_executor(backend, precision, budget):
         assert np.linalg.norm(g - c) <= budget * np.linalg.norm(c) + 1e-30, f"op {index}: {np.abs(g - c).max()}"
 
 
+LEAKY = [
+    ("conv3x3", 12, "leaky_relu", 0.3),  # not fused into the GEMM epilogue: a pass of its own
+    ("conv", 1, 9, "same", "leaky_relu", 0.2),
+    ("activation", "leaky_relu", 1.5),
+    ("global_pool", "avg"),
+    ("dense", 9, 7, "leaky_relu", 0.05),
+    ("activation", "leaky_relu", -0.5),
+    ("dense", 7, 3, "softmax"),
+]
+
+
+def test_leaky_relu_slopes_against_the_cpu_executor(backend):
+    """Each op's own negative_slope reaches the CUDA kernels (describe() carries it): every layer
+    within 2e-5 of the CPU executor, and not the outputs the same graph gives with ReLU."""
+    graph = core_graph(LEAKY)
+    relu = core_graph([tuple("relu" if a == "leaky_relu" else a for a in op[:-1]) if "leaky_relu" in op else op for op in LEAKY])
+    weights = random_weights(graph, seed=8)
+    gpu = load(backend.CudaExecutor(graph.describe(), 3), graph, weights)
+    cpu = load(_core.CpuExecutor(graph, "highest"), graph, weights)
+    gpu_relu = load(backend.CudaExecutor(relu.describe(), 3), relu, weights)
+    x = random_array(np.random.default_rng(9), (2, 9, 7, 3))
+    layers = list(range(len(LEAKY)))
+    for index, g, c, r in zip(layers, gpu.forward(x, layers), cpu.forward(x, layers), gpu_relu.forward(x, layers)):
+        assert np.linalg.norm(g - c) <= 2e-5 * np.linalg.norm(c) + 1e-30, f"op {index}: {np.abs(g - c).max()}"
+        assert np.abs(g - r).max() > 1e-3, f"op {index}: the slope made no difference"
+
+
 # 2. The fine-tuned model shapes --------------------------------------------------------------------------
 # Keras configs, as keras_model reads them from a .keras or .h5 file. The VGG bases keep VGG's
 # structure (blocks of 3x3 'same' ReLU convolutions, each block ending in a 2x2 max pool) with
@@ -317,6 +344,13 @@ MODELS = {
         layer("Normalization", "normalization", axis=-1, mean=[120.0, 131.0, 127.5], variance=[5300.0, 5500.0, 5100.0]),
         conv("conv2d", 8, padding="valid"), pool("pool", "AveragePooling2D"),
         conv("conv2d_1", 8, size=1, activation="sigmoid"), layer("Flatten", "flatten"), dense("dense", 3, "softmax")])),
+    "leaky_relu_head": ((48, 48), sequential("leaky_relu_head", [
+        input_layer((48, 48, 3)), *vgg_base(cut="block4_pool"),  # 3x3
+        conv("conv_3x3", 32, activation="linear"), layer("LeakyReLU", "leaky", negative_slope=0.3),
+        conv("conv_1x1", 24, size=1, activation="leaky_relu"), conv("conv_3x3_1", 16, activation="linear"),
+        layer("ReLU", "relu_slope", negative_slope=0.1, max_value=None, threshold=0.0),
+        layer("GlobalAveragePooling2D", "gap"), dense("dense", 16, "leaky_relu"), dense("dense_1", 12),
+        layer("LeakyReLU", "leaky_1", alpha=0.05), dense("dense_2", 5, "softmax")])),
 }
 SCALED_INPUT = ("rescaling_nested", "normalization_front")  # models that scale 0..255 themselves
 

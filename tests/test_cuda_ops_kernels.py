@@ -170,6 +170,19 @@ def test_activation_extremes_and_nan(backend, name):
     assert np.array_equal(np.isinf(got[:-1]), np.isinf(exact))
 
 
+@pytest.mark.parametrize("slope", [0.3, 0.2, 1.5, -0.25])
+@pytest.mark.parametrize("shape, max_blocks", [((37,), 0), ((2, 5, 7, 3), 0), ((4, 300), 2)], ids=str)
+def test_leaky_relu_is_the_cpu_kernels_rounded_product(backend, slope, shape, max_blocks):
+    """x < 0 ? slope * x : x is one float32 product: the CPU kernel's bits, and exact."""
+    rng = np.random.default_rng([len(shape), shape[-1], int(slope * 100) + 50])
+    x = (random_array(rng, shape) * 3).astype(np.float32)
+    x.reshape(-1)[:3] = [np.nan, -np.inf, -1e-45]
+    y = backend.testing.activation(x, "leaky_relu", max_blocks, slope)
+    np.testing.assert_array_equal(y, _core.testing.activation(x, "leaky_relu", CPU_ISA, slope))
+    s32 = np.float64(np.float32(slope))
+    np.testing.assert_array_equal(y, np.where(x < 0, (s32 * x.astype(np.float64)).astype(np.float32), x))
+
+
 @pytest.mark.parametrize("activation", ["sigmoid", "gelu", "softplus", "tanh"])
 @pytest.mark.parametrize("rows, path", [(3, "gemv"), (3, "gemm"), (70, "auto")])
 def test_dense_with_pass_activations(backend, activation, rows, path):

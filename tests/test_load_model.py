@@ -36,7 +36,9 @@ KERAS_ATOL = 1e-4
 NUMPY_REL_L2 = {"highest": 1e-5, "fast": 1e-4}
 
 KERAS3_CASES = [(name, ext) for name in kf.BUILDERS for ext in (".keras", ".h5")]
-TF_KERAS_CASES = [(name, ext) for name in ("gap_head", "cut_block2", "rescaling_nested", "every_op") for ext in (".h5", ".keras")]
+TF_KERAS_CASES = [
+    (name, ext) for name in ("gap_head", "cut_block2", "rescaling_nested", "every_op", "leaky_relu_head") for ext in (".h5", ".keras")
+]
 
 
 @dataclass
@@ -139,7 +141,7 @@ def test_tf_keras_models_predict_as_keras(saved_models, name, ext):
     check_against_keras(saved, saved.paths[ext], "fast")
 
 
-@pytest.mark.parametrize("name", ["every_op", "cut_block2", "surgery", "normalization_front"])
+@pytest.mark.parametrize("name", ["every_op", "cut_block2", "surgery", "normalization_front", "leaky_relu_head"])
 @pytest.mark.parametrize("precision", ["highest", "fast"])
 def test_every_layer_matches_the_numpy_chain(saved_models, name, precision):
     saved = saved_models("keras3", name)
@@ -407,11 +409,17 @@ def test_unsupported_layer_and_options_are_named(tmp_path):
     with pytest.raises(UnsupportedModelError, match="'strided' .*strides"):
         fastvgg.load_model(_save_keras3(tmp_path, strided, "strided"))
 
-    def leaky(keras):
-        return keras.Sequential([keras.Input((4,)), keras.layers.LeakyReLU(name="leaky")])
+    def prelu(keras):
+        return keras.Sequential([keras.Input((4, 4, 3)), keras.layers.PReLU(name="learned_slope")])
 
-    with pytest.raises(UnsupportedModelError, match="'leaky' of class 'LeakyReLU' is not supported.*Supported layers: InputLayer"):
-        fastvgg.load_model(_save_keras3(tmp_path, leaky, "leaky"))
+    with pytest.raises(UnsupportedModelError, match="'learned_slope' of class 'PReLU' is not supported.*Supported layers: InputLayer"):
+        fastvgg.load_model(_save_keras3(tmp_path, prelu, "prelu"))
+
+    def clipped(keras):
+        return keras.Sequential([keras.Input((4, 4, 3)), keras.layers.ReLU(max_value=6.0, name="relu6")])
+
+    with pytest.raises(UnsupportedModelError, match="'relu6' .*max_value or threshold"):
+        fastvgg.load_model(_save_keras3(tmp_path, clipped, "relu6"))
 
     def hard(keras):
         return keras.Sequential(

@@ -161,6 +161,56 @@ def test_activation_keeps_border_and_padding_zero(isa, name):
     assert_within(inner, exact, ULPS.get(name, 8) * UNIT_ROUNDOFF * np.abs(exact) + 1e-37, f"{isa} {name} in place")
 
 
+@pytest.mark.parametrize("isa", ISAS + ["reference"])
+@pytest.mark.parametrize("slope", [0.3, 0.01, 0.2, 1.5, -0.25, 0.0])
+@pytest.mark.parametrize("shape", [(37,), (3, 21), (2, 5, 7, 3), (1, 4, 3, 17), (1, 2, 15, 32)])
+def test_leaky_relu_is_one_rounded_product(isa, slope, shape):
+    """x < 0 ? slope * x : x with slope as float32: one product of two floats, which float64
+    holds exactly, rounded once; so the expected values are exact, not within a bound. Slopes
+    above 1 and below 0 too (tf.nn.leaky_relu takes any), infinities and NaN in the input."""
+    rng = np.random.default_rng([len(shape), shape[-1], int(slope * 100) + 50])
+    x = (random_array(rng, shape) * 3).astype(np.float32)
+    flat = x.reshape(-1)
+    flat[:4] = [np.nan, -np.inf, np.inf, -1e-45]
+    s32 = np.float64(np.float32(slope))
+    with np.errstate(invalid="ignore"):  # slope 0 times -inf is NaN, in the kernels as in TensorFlow
+        expected = np.where(x < 0, (s32 * x.astype(np.float64)).astype(np.float32), x)
+        yardstick = numpy_activation(x, "leaky_relu", s32).astype(np.float32)  # float64 product, rounded once
+    got = _core.testing.activation(x, "leaky_relu", isa, slope)
+    assert got.dtype == np.float32 and got.shape == x.shape
+    np.testing.assert_array_equal(got, expected)
+    # The numpy yardstick agrees (Keras's x > 0 ? x : slope * x differs only in the sign of zero).
+    finite = np.isfinite(x)
+    np.testing.assert_array_equal(got[finite], yardstick[finite])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_leaky_relu_keeps_border_and_padding_zero(isa):
+    x = random_array(np.random.default_rng(4), (1, 5, 6, 19))
+    buffer = _core.testing.activation_blocked_buffer(x, "leaky_relu", isa, 0.3)
+    border = np.ones(buffer.shape, bool)
+    border[:, 1:-1, 1:-1, :] = False
+    assert not buffer[border].any() and not buffer[1, 1:-1, 1:-1, 3:].any()
+    inner = np.concatenate([buffer[0, 1:-1, 1:-1, :], buffer[1, 1:-1, 1:-1, :3]], axis=-1)
+    assert (x[0] < 0).any()
+    np.testing.assert_array_equal(inner, np.where(x[0] < 0, (np.float64(np.float32(0.3)) * x[0]).astype(np.float32), x[0]))
+
+
+def test_graph_takes_a_slope_only_for_leaky_relu():
+    graph = _core.Graph(3)
+    graph.add_conv(3, 4, "same", "leaky_relu", negative_slope=0.25)
+    graph.add_activation("leaky_relu", 0.1)
+    graph.add_flatten()
+    graph.add_dense(12, 2, "leaky_relu", negative_slope=2.0)
+    assert [op["negative_slope"] for op in graph.describe()] == [0.25, pytest.approx(0.1), 0.0, 2.0]
+    assert [op["activation"] for op in graph.describe()][:2] == ["leaky_relu"] * 2
+    with pytest.raises(ValueError, match="leaky_relu's; activation relu takes none"):
+        graph.add_dense(2, 2, "relu", negative_slope=0.1)
+    with pytest.raises(ValueError, match="finite"):
+        graph.add_activation("leaky_relu", float("nan"))
+    assert graph.layer_count == 4  # nothing was added by the refused calls
+
+
 def test_bad_arguments_raise():
     x = np.zeros((1, 4, 4, 3), np.float32)
     with pytest.raises(ValueError, match="1x1 or 3x3"):

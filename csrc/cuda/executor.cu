@@ -5,6 +5,7 @@
 #include "executor.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <mutex>
 #include <stdexcept>
@@ -270,6 +271,8 @@ std::vector<OpSpec> validated(int input_channels, std::vector<OpSpec> ops) {
     OpSpec& op = ops[i];
     const std::string where = "op " + std::to_string(i) + ": ";
     if (op.activation < 0 || op.activation >= kActivationCount) throw std::invalid_argument(where + "unknown activation");
+    if (!std::isfinite(op.negative_slope) || (op.negative_slope != 0.0f && op.activation != kLeakyRelu))
+      throw std::invalid_argument(where + "negative_slope must be finite, and 0 unless the activation is leaky_relu");
     switch (op.kind) {
       case OpSpec::Kind::Conv3x3:
       case OpSpec::Kind::Conv:
@@ -566,13 +569,13 @@ void Executor::forward(const float* images, int count, int height, int width, co
   };
   // An activation as a pass of its own, in place on layer i's `rows` x `cols` values; the
   // values before it go to whoever asked for layer i's pre-activation output.
-  auto activation_pass = [&](int i, int activation, float* values, long long rows, int cols) {
+  auto activation_pass = [&](int i, int activation, float negative_slope, float* values, long long rows, int cols) {
     if (activation == kLinear) return;
     if (requested(i, true)) deliver(i, true, values);
     if (activation == kSoftmax)
       run_softmax(SoftmaxProblem{values, int(rows), cols}, stream);
     else
-      run_activation(ActivationProblem{values, values, rows * cols, activation}, stream);
+      run_activation(ActivationProblem{values, values, rows * cols, activation, negative_slope}, stream);
   };
 
   const float* current = impl_->input.data();
@@ -621,7 +624,7 @@ void Executor::forward(const float* images, int count, int height, int width, co
           if (p.pool) produced = i + 1;
         }
         if (preactivation) deliver(i, true, preactivation);
-        if (!fused) activation_pass(i, op.activation, out, static_cast<long long>(count) * shape[0] * shape[1], shape[2]);
+        if (!fused) activation_pass(i, op.activation, op.negative_slope, out, static_cast<long long>(count) * shape[0] * shape[1], shape[2]);
         break;
       }
       case OpSpec::Kind::MaxPool2x2: {
@@ -647,7 +650,7 @@ void Executor::forward(const float* images, int count, int height, int width, co
                        count, op.in_channels, op.out_channels, kernel_activation(op.activation)};
         run_dense(p, gemv_pays(count), impl_->dense_workspace, stream);
         if (preactivation) deliver(i, true, preactivation);
-        if (!fused) activation_pass(i, op.activation, out, count, op.out_channels);
+        if (!fused) activation_pass(i, op.activation, op.negative_slope, out, count, op.out_channels);
         break;
       }
       case OpSpec::Kind::Affine: {
@@ -660,9 +663,9 @@ void Executor::forward(const float* images, int count, int height, int width, co
         out = const_cast<float*>(current);
         const std::vector<int>& shape = shapes[std::size_t(i)];
         if (op.on_image)
-          activation_pass(i, op.activation, out, static_cast<long long>(count) * shape[0] * shape[1], shape[2]);
+          activation_pass(i, op.activation, op.negative_slope, out, static_cast<long long>(count) * shape[0] * shape[1], shape[2]);
         else
-          activation_pass(i, op.activation, out, count, shape[0]);
+          activation_pass(i, op.activation, op.negative_slope, out, count, shape[0]);
         break;
       }
     }
@@ -785,10 +788,10 @@ void affine(float* values, long long rows, int channels, const float* scale, con
   s.download(values, p.values, count);
 }
 
-void activation(const float* x, long long count, int activation, float* y, int max_blocks) {
+void activation(const float* x, long long count, int activation, float* y, int max_blocks, float negative_slope) {
   Scratch s;
   float* values = s.upload(x, std::size_t(count));
-  run_activation(ActivationProblem{values, values, count, activation}, s.stream, max_blocks);
+  run_activation(ActivationProblem{values, values, count, activation, negative_slope}, s.stream, max_blocks);
   s.download(y, values, std::size_t(count));
 }
 

@@ -27,11 +27,12 @@ struct OpSpec {
   int in_channels = 0;   // conv: input channels; dense: input features; affine: = out_channels
   int out_channels = 0;  // conv: filters; dense: units; affine: channels (on an image) or features
   int activation = 0;    // graph.h's Activation: 0 linear, 1 relu, 2 softmax, 3 sigmoid, 4 tanh,
-                         // 5 elu, 6 selu, 7 gelu, 8 swish, 9 softplus
+                         // 5 elu, 6 selu, 7 gelu, 8 swish, 9 softplus, 10 leaky_relu
   int pool_mode = 0;     // global pool, Pool2x2: 0 average, 1 max
   int padding = 1;       // convolutions, Pool2x2: 1 'same', 0 'valid'
   int kernel_size = 3;   // Conv: 1 or 3
   bool on_image = false; // Affine, Elementwise: set by the executor, true before the chain turns flat
+  float negative_slope = 0.0f;  // leaky_relu's slope for x < 0, finite; 0 for the other activations
 };
 
 struct OutputRequest {
@@ -98,8 +99,8 @@ void pool2x2(const float* x, int images, int height, int width, int channels, in
 // values[r][c] = values[r][c] * scale[c] + shift[c], in place. max_blocks > 0 caps the grid, so
 // that small tensors run the kernels' grid-stride loops too.
 void affine(float* values, long long rows, int channels, const float* scale, const float* shift, int max_blocks = 0);
-// y = activation(x) element-wise (any activation but softmax).
-void activation(const float* x, long long count, int activation, float* y, int max_blocks = 0);
+// y = activation(x) element-wise (any activation but softmax); negative_slope is leaky_relu's.
+void activation(const float* x, long long count, int activation, float* y, int max_blocks = 0, float negative_slope = 0.0f);
 void max_pool2x2(const float* x, int images, int height, int width, int channels, float* y);
 void global_pool(const float* x, int images, int height, int width, int channels, int mode, float* y);
 // path: 0 chooses as the executor does, 1 forces the batched GEMM, 2 the bandwidth-bound path.

@@ -48,15 +48,16 @@ void require_shape(const py::array& a, const std::vector<py::ssize_t>& shape, co
 }
 
 // csrc/graph.h's Activation, in its order (OpSpec::activation).
-const char* const kActivationNames[] = {"linear", "relu", "softmax", "sigmoid", "tanh",
-                                         "elu",    "selu", "gelu",    "swish",   "softplus"};
+const char* const kActivationNames[] = {"linear", "relu", "softmax", "sigmoid",  "tanh",      "elu",
+                                         "selu",   "gelu", "swish",   "softplus", "leaky_relu"};
 
 int parse_activation(const std::string& name) {
   for (int i = 0; i < int(sizeof(kActivationNames) / sizeof(kActivationNames[0])); ++i)
     if (name == kActivationNames[i]) return i;
   if (name == "silu") return 8;  // Keras 3's name for swish
   throw py::value_error("unknown activation '" + name +
-                        "'; expected linear, relu, softmax, sigmoid, tanh, elu, selu, gelu, swish (silu) or softplus");
+                        "'; expected linear, relu, softmax, sigmoid, tanh, elu, selu, gelu, swish (silu), softplus or "
+                        "leaky_relu");
 }
 
 bool is_convolution(const OpSpec& op) { return op.kind == OpSpec::Kind::Conv3x3 || op.kind == OpSpec::Kind::Conv; }
@@ -123,6 +124,14 @@ OpSpec parse_op(const py::dict& d, std::size_t index) {
     throw py::value_error(where + "unsupported kind '" + kind +
                           "'; expected conv3x3, max_pool2x2, flatten, global_pool, dense, conv, pool2x2, affine or "
                           "activation");
+  }
+  // leaky_relu's slope (describe() lists it for every op: 0 for the others); executor.cu checks it.
+  if (d.contains("negative_slope")) {
+    try {
+      op.negative_slope = py::cast<float>(d["negative_slope"]);
+    } catch (const py::cast_error&) {
+      throw py::value_error(where + "negative_slope must be a number");
+    }
   }
   return op;
 }
@@ -307,7 +316,7 @@ FloatArray test_affine(const FloatArray& x, const FloatArray& scale, const Float
   return y;
 }
 
-FloatArray test_activation(const FloatArray& x, const std::string& name, int max_blocks) {
+FloatArray test_activation(const FloatArray& x, const std::string& name, int max_blocks, float negative_slope) {
   const int act = parse_activation(name);
   if (act == 2) throw py::value_error("softmax is not element-wise: use softmax()");
   FloatArray y(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
@@ -315,7 +324,7 @@ FloatArray test_activation(const FloatArray& x, const std::string& name, int max
   float* yp = y.mutable_data();
   const long long count = static_cast<long long>(x.size());
   py::gil_scoped_release release;
-  if (count > 0) fastvgg::cuda::testing::activation(xp, count, act, yp, max_blocks);
+  if (count > 0) fastvgg::cuda::testing::activation(xp, count, act, yp, max_blocks, negative_slope);
   return y;
 }
 
@@ -431,7 +440,8 @@ PYBIND11_MODULE(FASTVGG_CUDA_MODULE_NAME, m) {
   t.def("affine", &test_affine, py::arg("x"), py::arg("scale"), py::arg("shift"), py::arg("max_blocks") = 0,
         "x * scale + shift along the last axis; max_blocks > 0 caps the grid (the grid-stride loop then runs).");
   t.def("activation", &test_activation, py::arg("x"), py::arg("name"), py::arg("max_blocks") = 0,
-        "An element-wise activation (not softmax); max_blocks as for affine().");
+        py::arg("negative_slope") = 0.0f,
+        "An element-wise activation (not softmax); max_blocks as for affine(); negative_slope is leaky_relu's.");
   t.def("max_pool2x2", [](const FloatArray& x) {
     if (x.ndim() != 4) throw py::value_error("x must be NHWC");
     const int n = checked_int(x.shape(0), "batch"), h = checked_int(x.shape(1), "height"),

@@ -16,6 +16,7 @@ merges, several inputs or outputs, a layer called twice) is refused: fastvgg run
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -54,6 +55,7 @@ SUPPORTED_LAYERS = (
     "Normalization",
     "Activation",
     "ReLU",
+    "LeakyReLU",
     "Softmax",
 ) + _IDENTITY_AT_INFERENCE + _MODEL_CLASSES
 # Keras's class aliases, as stored by older versions.
@@ -65,7 +67,9 @@ _CLASS_ALIASES = {
     "GlobalMaxPool2D": "GlobalMaxPooling2D",
 }
 # Element-wise activations the kernels have; "silu" is Keras 3's name for swish.
-ACTIVATIONS = ("linear", "relu", "sigmoid", "tanh", "softmax", "elu", "selu", "gelu", "swish", "softplus")
+ACTIVATIONS = ("linear", "relu", "sigmoid", "tanh", "softmax", "elu", "selu", "gelu", "swish", "softplus", "leaky_relu")
+# Keras 3's keras.activations.leaky_relu(x, negative_slope=0.2): the slope of activation="leaky_relu".
+_LEAKY_RELU_ACTIVATION_SLOPE = 0.2
 _ACTIVATION_ALIASES = {None: "linear", "silu": "swish"}
 
 # Keras nests a base model a level or two deep; deeper means a hostile or broken file.
@@ -103,6 +107,7 @@ class LayerSpec:
     padding: str = "valid"  # conv and pooling
     use_bias: bool = True
     activation: str = "linear"  # conv / dense / activation
+    negative_slope: float = 0.0  # leaky_relu's slope for x < 0, a float32 value (what TensorFlow multiplies by)
     pool_mode: str = "avg"  # global_pool
     keepdims: bool = False
     # The arrays as Keras keeps them (what get_weights returns), in Keras's order, and their names.
@@ -520,6 +525,31 @@ def _activation(name, value, path: str) -> str:
     return value
 
 
+def _set_activation(spec: LayerSpec, activation: str, negative_slope: Optional[float] = None) -> None:
+    """Sets spec's activation and, for leaky_relu, its slope rounded to float32 (TensorFlow
+    multiplies by a float32 slope; the kernels and the numpy yardstick use that value)."""
+    spec.activation = activation
+    if activation != "leaky_relu":
+        spec.negative_slope = 0.0
+        return
+    slope = _LEAKY_RELU_ACTIVATION_SLOPE if negative_slope is None else negative_slope
+    spec.negative_slope = float(np.float32(slope))
+
+
+def _scalar(value, refuse) -> Optional[float]:
+    """A number from a config: a float, a one-element list or Keras's serialised numpy scalar;
+    None stays None."""
+    if isinstance(value, dict):  # {"class_name": "__numpy__", "config": {"value": ..., "dtype": ...}}
+        value = (value.get("config") or {}).get("value")
+    while isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        refuse(f"has a setting {value!r} where a finite number belongs.")
+    return float(value)
+
+
 def _pair(value, name: str, what: str, path: str) -> Tuple[int, int]:
     if isinstance(value, int) and not isinstance(value, bool):
         return value, value
@@ -618,7 +648,7 @@ def _spec(layer: dict, shape: Shape, path: str) -> LayerSpec:
         spec.kind, spec.units, spec.kernel_size = "conv", filters, kh
         spec.padding = "same" if kh == 1 else padding
         spec.use_bias = bool(config.get("use_bias", True))
-        spec.activation = _activation(name, config.get("activation"), path)
+        _set_activation(spec, _activation(name, config.get("activation"), path))
         if spec.activation == "softmax":
             refuse("applies softmax over an image's channels; fastvgg applies softmax to flat (batch, features) outputs only.")
         h, w, c = shape
@@ -670,7 +700,7 @@ def _spec(layer: dict, shape: Shape, path: str) -> LayerSpec:
             refuse(f"has units={units!r}.")
         spec.kind, spec.units = "dense", units
         spec.use_bias = bool(config.get("use_bias", True))
-        spec.activation = _activation(name, config.get("activation"), path)
+        _set_activation(spec, _activation(name, config.get("activation"), path))
         spec.output_shape = shape[:-1] + (units,)
         spec.weight_names = ["kernel"] + (["bias"] if spec.use_bias else [])
         spec.weight_shapes = [(shape[-1], units)] + ([(units,)] if spec.use_bias else [])
@@ -716,11 +746,22 @@ def _spec(layer: dict, shape: Shape, path: str) -> LayerSpec:
         return spec
     if class_name == "Activation":
         spec.kind = "activation"
-        spec.activation = _activation(name, config.get("activation"), path)
+        _set_activation(spec, _activation(name, config.get("activation"), path))
     elif class_name == "ReLU":
-        if config.get("max_value") is not None or config.get("negative_slope", 0) or config.get("threshold", 0):
-            refuse("has max_value, negative_slope or threshold set; only the plain ReLU is supported.")
-        spec.kind, spec.activation = "activation", "relu"
+        # Keras (3 and tf.keras) runs ReLU(negative_slope=a) without max_value or threshold as
+        # tf.nn.leaky_relu(x, a); a clipped or shifted ReLU is another function.
+        max_value, threshold = _scalar(config.get("max_value"), refuse), _scalar(config.get("threshold", 0.0), refuse)
+        if max_value is not None or threshold:
+            refuse("has max_value or threshold set; supported are the plain ReLU and ReLU(negative_slope=...).")
+        spec.kind = "activation"
+        _set_activation(spec, "leaky_relu", _scalar(config.get("negative_slope", 0.0), refuse) or 0.0)
+        if spec.negative_slope == 0.0:
+            spec.activation = "relu"
+    elif class_name == "LeakyReLU":
+        # Keras 3 names the slope negative_slope, tf.keras alpha; both default to 0.3.
+        slope = config.get("negative_slope", config.get("alpha", 0.3))
+        spec.kind = "activation"
+        _set_activation(spec, "leaky_relu", _scalar(slope, refuse))
     elif class_name == "Softmax":
         axis = config.get("axis", -1)
         if axis not in (-1, [-1], len(shape)):

@@ -130,8 +130,8 @@ def _add_op(graph, spec: LayerSpec, flat: bool) -> int:
     kind = spec.kind
     if kind == "conv":
         if spec.kernel_size == 3 and spec.padding == "same":
-            return graph.add_conv3x3(spec.units, spec.activation)
-        return graph.add_conv(spec.kernel_size, spec.units, spec.padding, spec.activation)
+            return graph.add_conv3x3(spec.units, spec.activation, spec.negative_slope)
+        return graph.add_conv(spec.kernel_size, spec.units, spec.padding, spec.activation, spec.negative_slope)
     if kind == "max_pool" and spec.padding == "valid":
         return graph.add_max_pool2x2()
     if kind in ("max_pool", "avg_pool"):
@@ -143,11 +143,11 @@ def _add_op(graph, spec: LayerSpec, flat: bool) -> int:
     if kind == "global_pool":
         return graph.add_global_pool(spec.pool_mode)
     if kind == "dense":
-        return graph.add_dense(int(spec.input_shape[-1]), spec.units, spec.activation)
+        return graph.add_dense(int(spec.input_shape[-1]), spec.units, spec.activation, spec.negative_slope)
     if kind == "affine":
         return graph.add_affine(int(spec.output_shape[-1]))
     if kind == "activation":
-        return graph.add_activation(spec.activation)
+        return graph.add_activation(spec.activation, spec.negative_slope)
     if kind == "identity":  # Dropout and friends: nothing happens at inference
         return graph.add_activation("linear")
     raise ValueError(f"layer {spec.name!r}: no core op for kind {kind!r}")  # pragma: no cover
@@ -198,6 +198,8 @@ class LoadedLayer(_SpecLayer, Layer):
         self._init_from_spec(spec)
         if spec.kind == "activation":
             self.activation = spec.activation
+            if spec.activation == "leaky_relu":
+                self.negative_slope = spec.negative_slope  # Keras 3's name (tf.keras: alpha)
 
     def get_weights(self) -> List[np.ndarray]:
         return [np.array(w, dtype=np.float32) for w in self._spec.weights]

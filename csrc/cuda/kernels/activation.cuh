@@ -1,5 +1,5 @@
-// Keras's element-wise activations (sigmoid, tanh, elu, selu, gelu, swish, softplus, and relu
-// on its own) as one pass over a tensor: an `Activation` layer, or a convolution's or dense
+// Keras's element-wise activations (sigmoid, tanh, elu, selu, gelu, swish, softplus, leaky
+// relu, and relu on its own) as one pass over a tensor: an `Activation` layer, or a convolution's or dense
 // layer's activation that its GEMM epilogue does not apply.
 //
 // Why a pass of its own rather than the epilogue: these activations occur in fine-tuned heads,
@@ -27,7 +27,8 @@ constexpr float kSeluScale = float(1.0507009873554804934193349852946);
 constexpr float kSeluScaleAlpha = float(1.0507009873554804934193349852946 * 1.6732632423543772848170429916717);
 constexpr float kSqrtHalf = float(0.70710678118654752440084436210485);
 
-__device__ __forceinline__ float keras_activation(float x, int activation) {
+// negative_slope: kLeakyRelu's; the other activations ignore it.
+__device__ __forceinline__ float keras_activation(float x, int activation, float negative_slope) {
   switch (activation) {
     case kRelu: return x < 0.0f ? 0.0f : x;  // keeps NaN
     case kSigmoid: return 1.0f / (1.0f + expf(-x));
@@ -37,6 +38,7 @@ __device__ __forceinline__ float keras_activation(float x, int activation) {
     case kGelu: return 0.5f * x * erfcf(-x * kSqrtHalf);
     case kSwish: return x / (1.0f + expf(-x));
     case kSoftplus: return (x < 0.0f ? 0.0f : x) + log1pf(expf(-fabsf(x)));
+    case kLeakyRelu: return x < 0.0f ? negative_slope * x : x;  // one rounded product; keeps NaN
     default: return x;  // kLinear; softmax is not element-wise (softmax.cuh)
   }
 }
@@ -58,13 +60,14 @@ struct ActivationProblem {
   float* output;       // [count]
   long long count;
   int activation;      // ActivationCode other than kSoftmax
+  float negative_slope = 0.0f;  // kLeakyRelu's
 };
 
 // Consecutive threads take consecutive elements (coalesced).
 __global__ void __launch_bounds__(kElementwiseThreads) activation_kernel(ActivationProblem p) {
   const long long stride = static_cast<long long>(gridDim.x) * kElementwiseThreads;
   for (long long i = static_cast<long long>(blockIdx.x) * kElementwiseThreads + threadIdx.x; i < p.count; i += stride)
-    p.output[i] = keras_activation(p.input[i], p.activation);
+    p.output[i] = keras_activation(p.input[i], p.activation, p.negative_slope);
 }
 
 inline LaunchGeometry activation_geometry(const ActivationProblem& p, long long max_blocks = kMaxElementwiseBlocks) {

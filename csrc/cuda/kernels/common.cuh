@@ -30,8 +30,9 @@ enum ActivationCode : int {
   kGelu = 7,
   kSwish = 8,
   kSoftplus = 9,
+  kLeakyRelu = 10,  // x < 0 ? negative_slope * x : x, the op's slope (activation.cuh)
 };
-constexpr int kActivationCount = 10;
+constexpr int kActivationCount = 11;
 
 // The epilogues' activation: ReLU that keeps NaN (x < 0 is false for NaN), as the CPU kernels
 // do, or the identity.
