@@ -430,6 +430,21 @@ def test_unsupported_layer_and_options_are_named(tmp_path):
         fastvgg.load_model(_save_keras3(tmp_path, hard, "hard"))
 
 
+def test_tensorflow_saved_model_directory_says_how_to_convert_it(tmp_path):
+    """tf.keras's model.save("dir") wrote a SavedModel before TensorFlow 2.16; fastvgg does not
+    read TensorFlow's formats and must say so, and what to do, for the model and for weights."""
+    keras = _keras("tf_keras")
+    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(2, 3), keras.layers.Flatten(), keras.layers.Dense(2)])
+    path = str(tmp_path / "saved")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save(path, save_format="tf")
+    assert os.path.isfile(os.path.join(path, "saved_model.pb"))
+    for load in (fastvgg.load_model, lambda p: fastvgg.VGG16(p, include_top=False)):
+        with pytest.raises(IsADirectoryError, match=r"TensorFlow SavedModel directory.*save\('model.keras'\)"):
+            load(path)
+
+
 def test_custom_class_is_refused(tmp_path):
     keras = _keras("keras3")
 

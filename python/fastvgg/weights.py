@@ -159,6 +159,14 @@ def _open_weights(path: str, trusted: bool = False) -> Iterator[Tuple[HDF5Source
     if not os.path.exists(path):
         raise FileNotFoundError(f"No weights file at {path!r}.")
     if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "saved_model.pb")):
+            # tf.keras's model.save("dir") before TensorFlow 2.16, or Keras 3's model.export():
+            # TensorFlow's own protobuf and checkpoint formats, which fastvgg does not read.
+            raise IsADirectoryError(
+                f"{path!r} is a TensorFlow SavedModel directory, which fastvgg does not read. Where TensorFlow "
+                "is installed, load it and save it as a Keras file: "
+                "tf.keras.models.load_model(path).save('model.keras') (or 'model.h5'), then load that file."
+            )
         raise IsADirectoryError(f"{path!r} is a directory; pass the path of a Keras weights file (.h5, .weights.h5 or .keras).")
     config = None
     with open(path, "rb") as raw:
