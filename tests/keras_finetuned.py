@@ -150,6 +150,22 @@ def leaky_relu_head(keras):
     return keras.Model(base.input, out)
 
 
+def dense_on_image(keras):
+    """Dense layers on images (no Flatten before them: Keras applies them to every pixel), one on
+    a 1x1 image, then Flatten and a softmax Dense, on a VGG16 base at 32x32."""
+    layers = keras.layers
+    base = _base(keras, input_shape=(32, 32, 3))
+    x = base.get_layer("block3_pool").output  # 4x4x256
+    x = layers.Dense(32, activation="relu")(x)
+    x = layers.MaxPooling2D((2, 2))(x)  # 2x2
+    x = layers.Dense(16)(x)
+    x = layers.MaxPooling2D((2, 2))(x)  # 1x1
+    x = layers.Dense(8, activation="tanh")(x)
+    x = layers.Flatten()(x)
+    out = layers.Dense(3, activation="softmax")(x)
+    return keras.Model(base.input, out)
+
+
 def normalization_front(keras):
     """A Normalization layer adapted to data in front of a small conv net with no VGG at all."""
     layers = keras.layers
@@ -177,6 +193,7 @@ BUILDERS = {
     "vgg19_other_size": vgg19_other_size,
     "every_op": every_op,
     "leaky_relu_head": leaky_relu_head,
+    "dense_on_image": dense_on_image,
     "normalization_front": normalization_front,
 }
 

@@ -351,6 +351,10 @@ MODELS = {
         layer("ReLU", "relu_slope", negative_slope=0.1, max_value=None, threshold=0.0),
         layer("GlobalAveragePooling2D", "gap"), dense("dense", 16, "leaky_relu"), dense("dense_1", 12),
         layer("LeakyReLU", "leaky_1", alpha=0.05), dense("dense_2", 5, "softmax")])),
+    "dense_on_image": ((32, 32), sequential("dense_on_image", [
+        input_layer((32, 32, 3)), *vgg_base(cut="block3_pool"),  # 4x4
+        dense("dense", 32, "relu"), pool("pool"), dense("dense_1", 16), pool("pool_1"),  # per pixel, then on 1x1
+        dense("dense_2", 8, "tanh"), layer("Flatten", "flatten"), dense("dense_3", 3, "softmax")])),
 }
 SCALED_INPUT = ("rescaling_nested", "normalization_front")  # models that scale 0..255 themselves
 

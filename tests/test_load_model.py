@@ -37,7 +37,9 @@ NUMPY_REL_L2 = {"highest": 1e-5, "fast": 1e-4}
 
 KERAS3_CASES = [(name, ext) for name in kf.BUILDERS for ext in (".keras", ".h5")]
 TF_KERAS_CASES = [
-    (name, ext) for name in ("gap_head", "cut_block2", "rescaling_nested", "every_op", "leaky_relu_head") for ext in (".h5", ".keras")
+    (name, ext)
+    for name in ("gap_head", "cut_block2", "rescaling_nested", "every_op", "leaky_relu_head", "dense_on_image")
+    for ext in (".h5", ".keras")
 ]
 
 
@@ -141,7 +143,9 @@ def test_tf_keras_models_predict_as_keras(saved_models, name, ext):
     check_against_keras(saved, saved.paths[ext], "fast")
 
 
-@pytest.mark.parametrize("name", ["every_op", "cut_block2", "surgery", "normalization_front", "leaky_relu_head"])
+@pytest.mark.parametrize(
+    "name", ["every_op", "cut_block2", "surgery", "normalization_front", "leaky_relu_head", "dense_on_image"]
+)
 @pytest.mark.parametrize("precision", ["highest", "fast"])
 def test_every_layer_matches_the_numpy_chain(saved_models, name, precision):
     saved = saved_models("keras3", name)
@@ -178,7 +182,7 @@ def test_batch_normalization_after_a_convolution_is_folded(saved_models, precisi
         assert rel_l2(got[key], expected[key]) <= NUMPY_REL_L2[precision], key
 
 
-@pytest.mark.parametrize("name", ["every_op", "bn_head"])
+@pytest.mark.parametrize("name", ["every_op", "bn_head", "dense_on_image"])
 def test_packed_cache_maps_a_fine_tuned_model(saved_models, tmp_path, name):
     # The second load maps the packed weights (folded BatchNormalization included) without
     # reading the convolution and dense arrays from the file; the model is the same, bit for bit.
@@ -219,7 +223,10 @@ def _keras_layers(model, found=None):
     return found
 
 
-@pytest.mark.parametrize("flavor, name", [("keras3", "every_op"), ("keras3", "bn_head"), ("tf_keras", "gap_head")])
+@pytest.mark.parametrize(
+    "flavor, name",
+    [("keras3", "every_op"), ("keras3", "bn_head"), ("tf_keras", "gap_head"), ("keras3", "dense_on_image"), ("tf_keras", "leaky_relu_head")],
+)
 def test_model_api_matches_keras(saved_models, flavor, name):
     saved = saved_models(flavor, name)
     model = fastvgg.load_model(saved.paths[".h5"])
@@ -414,6 +421,12 @@ def test_unsupported_layer_and_options_are_named(tmp_path):
 
     with pytest.raises(UnsupportedModelError, match="'learned_slope' of class 'PReLU' is not supported.*Supported layers: InputLayer"):
         fastvgg.load_model(_save_keras3(tmp_path, prelu, "prelu"))
+
+    def pixel_softmax(keras):
+        return keras.Sequential([keras.Input((4, 4, 3)), keras.layers.Dense(3, activation="softmax", name="per_pixel")])
+
+    with pytest.raises(UnsupportedModelError, match="'per_pixel' \\(Dense\\) applies softmax to an image.*Flatten"):
+        fastvgg.load_model(_save_keras3(tmp_path, pixel_softmax, "pixel_softmax"))
 
     def clipped(keras):
         return keras.Sequential([keras.Input((4, 4, 3)), keras.layers.ReLU(max_value=6.0, name="relu6")])

@@ -693,8 +693,10 @@ def _spec(layer: dict, shape: Shape, path: str) -> LayerSpec:
         spec.output_shape = (1, 1, shape[2]) if spec.keepdims else (shape[2],)
         return spec
     if class_name == "Dense":
-        if len(shape) != 1 and not (len(shape) == 3 and shape[:2] == (1, 1)):
-            refuse(f"is applied to an input of shape {shape}; fastvgg applies Dense to flat inputs (put a Flatten or global pooling before it).")
+        # On an image Keras applies the same matrix to every pixel's channels: fastvgg runs that
+        # as the 1x1 convolution it is (saved_model._add_op), softmax excepted.
+        if len(shape) not in (1, 3):
+            refuse(f"is applied to an input of shape {shape}; fastvgg applies Dense to flat rows or to images.")
         units = config.get("units")
         if not isinstance(units, int) or isinstance(units, bool) or not 0 < units <= (1 << 20):
             refuse(f"has units={units!r}.")

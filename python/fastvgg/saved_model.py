@@ -93,8 +93,10 @@ def build_model(spec: ModelSpec, precision: str = "fast", device: str = "cpu", s
     flat = False
     for layer_spec in spec.layers[1:]:
         index = _add_op(graph, layer_spec, flat)
-        flat = flat or layer_spec.kind in ("flatten", "global_pool", "dense")
         layer = _layer_for(layer_spec)
+        if isinstance(layer, LoadedDense):
+            layer._per_pixel = not flat
+        flat = flat or layer_spec.kind in ("flatten", "global_pool")
         layer._index = index
         layers.append(layer)
     from .models import new_executor
@@ -143,7 +145,18 @@ def _add_op(graph, spec: LayerSpec, flat: bool) -> int:
     if kind == "global_pool":
         return graph.add_global_pool(spec.pool_mode)
     if kind == "dense":
-        return graph.add_dense(int(spec.input_shape[-1]), spec.units, spec.activation, spec.negative_slope)
+        if flat:
+            return graph.add_dense(int(spec.input_shape[-1]), spec.units, spec.activation, spec.negative_slope)
+        # Keras's Dense on an image (no Flatten or global pooling before it): the same matrix on
+        # every pixel, which is a 1x1 convolution; its kernel is stored as (1, 1, in, units).
+        if spec.activation == "softmax":
+            from .keras_model import UnsupportedModelError
+
+            raise UnsupportedModelError(
+                f"layer {spec.name!r} (Dense) applies softmax to an image of shape {spec.input_shape}; fastvgg applies "
+                "softmax to flat (batch, features) rows only: put a Flatten or global pooling before it."
+            )
+        return graph.add_conv(1, spec.units, "same", spec.activation, spec.negative_slope)
     if kind == "affine":
         return graph.add_affine(int(spec.output_shape[-1]))
     if kind == "activation":
@@ -261,16 +274,30 @@ class LoadedConv2D(_KernelSpecLayer, Conv2D):
 
 
 class LoadedDense(_KernelSpecLayer, Dense):
+    """A Keras Dense layer: on flat rows, or on an image as a 1x1 convolution (the core op then
+    holds the kernel as (1, 1, in, units); get_weights gives Keras's (in, units) back)."""
+
     def __init__(self, spec: LayerSpec) -> None:
         self._init_from_spec(spec)
         self.units = spec.units
         self.activation = spec.activation
         self.use_bias = spec.use_bias
+        self._per_pixel = False  # set by build_model: True where the core runs it as a 1x1 convolution
+
+    def get_weights(self) -> List[np.ndarray]:
+        weights = _KernelSpecLayer.get_weights(self)
+        if self._per_pixel:
+            weights[0] = weights[0].reshape(weights[0].shape[2:])
+        return weights
 
     def _assign(self, kernel, bias=None) -> None:
         if bias is None:
             bias = np.zeros(self.units, np.float32)
-        Dense._assign(self, kernel, bias)
+        if self._per_pixel:
+            kernel = _float32(kernel[()], self.name)
+            self._executor.set_conv_weights(self._index, kernel.reshape((1, 1) + kernel.shape), _float32(bias[()], self.name))
+        else:
+            Dense._assign(self, kernel, bias)
 
 
 def summary_rows(model: Model) -> Sequence[tuple]:
