@@ -166,6 +166,24 @@ def dense_on_image(keras):
     return keras.Model(base.input, out)
 
 
+def preprocess_inside(keras):
+    """keras.applications.vgg16.preprocess_input called inside the model, after an augmentation
+    layer (the identity at inference), before a VGG16 base: Keras 3 records it as GetItem and
+    Stack ops and an Add of the means, tf.keras as a slice and tf.nn.bias_add (.h5 only: tf.keras
+    cannot write these ops to .keras)."""
+    layers = keras.layers
+    inputs = keras.Input((32, 32, 3))
+    x = layers.RandomFlip("horizontal")(inputs)
+    x = keras.applications.vgg16.preprocess_input(x)
+    # A nested base cut at block3_pool: features that still tell the images apart, so the
+    # head's outputs spread without amplifying float32 rounding (see _spread_outputs).
+    base = _base(keras, input_shape=(32, 32, 3))
+    x = keras.Model(base.input, base.get_layer("block3_pool").output, name="vgg16_cut")(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    out = layers.Dense(4, activation="softmax")(x)
+    return keras.Model(inputs, out)
+
+
 def normalization_front(keras):
     """A Normalization layer adapted to data in front of a small conv net with no VGG at all."""
     layers = keras.layers
@@ -194,6 +212,7 @@ BUILDERS = {
     "every_op": every_op,
     "leaky_relu_head": leaky_relu_head,
     "dense_on_image": dense_on_image,
+    "preprocess_inside": preprocess_inside,
     "normalization_front": normalization_front,
 }
 
@@ -202,7 +221,7 @@ def input_range(name):
     """(low, high) of the test images: 0..255 where the model scales its input itself, else
     values of about unit size, so that the random-weight heads give outputs away from 0 and 1
     (a saturated softmax would hide errors)."""
-    return (0.0, 255.0) if name in ("rescaling_nested", "normalization_front") else (-2.0, 2.0)
+    return (0.0, 255.0) if name in ("rescaling_nested", "normalization_front", "preprocess_inside") else (-2.0, 2.0)
 
 
 def _leaf_layers(model):

@@ -113,6 +113,8 @@ def run_layer(layer, x):
         return activation(pre, layer.activation, layer.negative_slope), pre
     if kind == "activation":
         return activation(x, layer.activation, layer.negative_slope), x
+    if kind == "reverse_channels":
+        return x[..., ::-1], x[..., ::-1]
     if kind == "affine":
         y = affine(layer, x)
         return y, y
@@ -138,6 +140,10 @@ def affine(layer, x):
             variance = np.asarray(config["variance"], dtype=np.float64).reshape(-1)
         std = np.maximum(np.sqrt(variance), 1e-7)
         return mean + x * std if config.get("invert") else (x - mean) / std
+    if layer.class_name in ("Add", "TFOpLambda"):
+        # preprocess_input's constant, which lives in the layer's call, not its config: the
+        # parser's reading of it is held to Keras by the tests that compare with Keras itself.
+        return x + np.asarray(layer.shift, dtype=np.float64)
     raise ValueError(f"no numpy affine for {layer.class_name!r}")
 
 

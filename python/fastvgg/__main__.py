@@ -42,10 +42,13 @@ def _load_images(paths: Sequence[str], size) -> np.ndarray:
 
 def _preprocessing(args, model) -> str:
     """What the images go through before the model: --preprocess, else Keras's VGG ("caffe")
-    preprocessing, unless a model file scales its input itself (Rescaling or Normalization first)."""
+    preprocessing, unless a model file preprocesses its input itself (Rescaling or Normalization
+    first, or preprocess_input inside the model)."""
     if args.preprocess != "auto":
         return args.preprocess
-    if _is_model_file(args) and len(model.layers) > 1 and model.layers[1].class_name in ("Rescaling", "Normalization"):
+    from fastvgg.saved_model import preprocesses_its_input
+
+    if _is_model_file(args) and preprocesses_its_input(model):
         return "none"
     return "caffe"
 
@@ -225,7 +228,7 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--preprocess", choices=("auto", "caffe", "scale", "none"), default="auto",
         help="caffe: Keras's VGG preprocess_input; scale: divide by 255; none: pixels 0..255 as they are; "
-        "auto (default): none for a model file that starts with Rescaling or Normalization, else caffe",
+        "auto (default): none for a model file that starts with Rescaling, Normalization or preprocess_input, else caffe",
     )
     predict.set_defaults(run=_predict)
 

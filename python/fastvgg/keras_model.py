@@ -58,6 +58,12 @@ SUPPORTED_LAYERS = (
     "LeakyReLU",
     "Softmax",
 ) + _IDENTITY_AT_INFERENCE + _MODEL_CLASSES
+# The ops Keras records when applications.vgg16.preprocess_input (or x[..., ::-1] and a bias)
+# is called on a symbolic tensor inside a model: Keras 3's GetItem (and Stack) and Add with a
+# constant, tf.keras's SlicingOpLambda and TFOpLambda. Only Keras's preprocessing forms of them
+# load (a channel reversal on the model's input, a per-channel constant added); "_ReverseChannels"
+# is the loader's own name for Keras 3's Stack of GetItems (see _collapse_channel_stacks).
+_PREPROCESSING_OPS = ("GetItem", "SlicingOpLambda", "TFOpLambda", "Add", "_ReverseChannels")
 # Keras's class aliases, as stored by older versions.
 _CLASS_ALIASES = {
     "Convolution2D": "Conv2D",
@@ -92,7 +98,8 @@ class LayerSpec:
 
     ``kind`` is one of: "input", "conv", "max_pool", "avg_pool", "flatten", "global_pool",
     "dense", "affine" (per-channel scale and shift: BatchNormalization, Rescaling,
-    Normalization), "activation", "identity".
+    Normalization; also a constant added by preprocess_input), "activation", "identity",
+    "reverse_channels" (preprocess_input's x[..., ::-1], on the model's input only).
     """
 
     name: str
@@ -302,6 +309,7 @@ class _Flattener:
             if name in layers:
                 self.fail(f"model {model_name!r} has two layers named {name!r}.")
             layers[name] = layer
+        _collapse_channel_stacks(layers)
         inputs = _tensor_refs(inner.get("input_layers"))
         outputs = _tensor_refs(inner.get("output_layers"))
         if len(inputs) != 1:
@@ -395,6 +403,8 @@ class _Flattener:
                 "(safe_mode=False does not change that). Replace it with built-in layers (e.g. Rescaling) and save "
                 f"again. Supported layers: {', '.join(SUPPORTED_LAYERS)}."
             )
+        if class_name in _PREPROCESSING_OPS and not custom and class_name not in self.custom_objects:
+            return layer  # _spec accepts Keras's preprocessing forms of these ops and names the rest
         if class_name not in SUPPORTED_LAYERS or custom or class_name in self.custom_objects:
             what = f"custom class {registered or class_name!r}" if custom or class_name in self.custom_objects else f"class {class_name!r}"
             hint = (
@@ -406,6 +416,88 @@ class _Flattener:
                 f"layer {name!r} of {what} is not supported.{hint} Supported layers: {', '.join(SUPPORTED_LAYERS)}."
             )
         return layer
+
+
+def _keras_tensor_ref(value) -> Optional[Tuple[str, int, int]]:
+    """[name, node, index] of a Keras 3 serialised tensor argument, or None."""
+    if isinstance(value, dict) and value.get("class_name") == "__keras_tensor__":
+        history = (value.get("config") or {}).get("keras_history")
+        if isinstance(history, list) and len(history) == 3 and isinstance(history[0], str):
+            return history[0], _int(history[1]), _int(history[2])
+    return None
+
+
+def _collapse_channel_stacks(layers: Dict[str, dict]) -> None:
+    """Keras 3 writes preprocess_input's x[..., ::-1] as Stack([x[..., C-1], ..., x[..., 0]],
+    axis=-1) over C GetItem layers of one tensor: a branch fastvgg's chain cannot hold. Where
+    exactly that appears (each GetItem read by the Stack alone), the GetItems are dropped and the
+    Stack becomes one "_ReverseChannels" layer reading the tensor; anything else stays as it is
+    (and is refused as a branch or an unsupported op)."""
+    for name, layer in list(layers.items()):
+        if _class_name(layer) != "Stack" or (layer.get("config") or {}).get("axis", 0) not in (-1, 3):
+            continue
+        nodes = layer.get("inbound_nodes")
+        if not (isinstance(nodes, list) and len(nodes) == 1 and isinstance(nodes[0], dict)):
+            continue
+        args = nodes[0].get("args")
+        if not (isinstance(args, list) and len(args) == 1 and isinstance(args[0], list) and args[0]):
+            continue
+        parts = [_keras_tensor_ref(part) for part in args[0]]
+        if any(ref is None or ref[0] not in layers or ref[2] != 0 for ref in parts):
+            continue
+        sources, indices = set(), []
+        for ref in parts:
+            item = layers[ref[0]]
+            item_nodes = item.get("inbound_nodes")
+            if _class_name(item) != "GetItem" or not (isinstance(item_nodes, list) and len(item_nodes) == 1):
+                break
+            item_args = item_nodes[0].get("args") if isinstance(item_nodes[0], dict) else None
+            if not (isinstance(item_args, list) and len(item_args) == 2):
+                break
+            source, key = _keras_tensor_ref(item_args[0]), item_args[1]
+            if source is None or not (isinstance(key, list) and len(key) == 2 and _is_ellipsis(key[0])):
+                break
+            if not isinstance(key[1], int) or isinstance(key[1], bool):
+                break
+            sources.add(source)
+            indices.append(key[1])
+        else:
+            channels = len(parts)
+            readers = [
+                other for other, entry in layers.items() for ref in _all_refs(entry) if ref[0] in {p[0] for p in parts}
+            ]
+            if len(sources) == 1 and indices == list(range(channels - 1, -1, -1)) and set(readers) == {name}:
+                (source,) = sources
+                for ref in parts:
+                    layers.pop(ref[0], None)
+                layers[name] = {
+                    "class_name": "_ReverseChannels",
+                    "name": name,
+                    "config": {"name": name, "channels": channels},
+                    "inbound_nodes": [{"args": [{"class_name": "__keras_tensor__", "config": {"keras_history": list(source)}}]}],
+                }
+
+
+def _all_refs(layer: dict) -> List[Tuple[str, int, int]]:
+    refs: List[Tuple[str, int, int]] = []
+    for node in layer.get("inbound_nodes") or []:
+        try:
+            refs.extend(_node_inputs(node)[0])
+        except UnsupportedModelError:
+            pass
+    return refs
+
+
+def _is_ellipsis(value) -> bool:
+    return isinstance(value, dict) and value.get("class_name") == "__ellipsis__"
+
+
+def _is_reversing_slice(value) -> bool:
+    """Keras 3's {"class_name": "__slice__", "config": {...}} or tf.keras's {"start": ..., ...}
+    for slice(None, None, -1)."""
+    if isinstance(value, dict) and value.get("class_name") == "__slice__":
+        value = value.get("config")
+    return isinstance(value, dict) and value.get("start") is None and value.get("stop") is None and value.get("step") == -1
 
 
 def _tensor_refs(value) -> List[Tuple[str, int, int]]:
@@ -429,7 +521,13 @@ def _int(value) -> int:
 
 
 def _node_inputs(node) -> Tuple[List[Tuple[str, int, int]], bool]:
-    """The tensors one call of a layer reads, and whether it was called with training=True.
+    """The tensors one call of a layer reads, and whether it was called with training=True in a
+    way that Keras keeps at inference.
+
+    Only tf.keras (Keras 2) keeps a recorded training=True when the model predicts (Monte Carlo
+    dropout). Keras 3 records training=True for every call of a layer whose call defaults to it
+    (RandomFlip and the other augmentation layers), and its Functional call replaces the
+    recorded value with predict's training=False, so those layers are the identity there.
 
     Keras 3: {"args": [...], "kwargs": {...}} with tensors as {"class_name": "__keras_tensor__",
     "config": {"keras_history": [name, node, index]}}; Keras 2: [[name, node, index, kwargs], ...].
@@ -457,9 +555,10 @@ def _node_inputs(node) -> Tuple[List[Tuple[str, int, int]], bool]:
 
         collect(node.get("args"))
         kwargs = node.get("kwargs") or {}
-        collect(kwargs)
-        training = isinstance(kwargs, dict) and kwargs.get("training") is True
+        collect(kwargs)  # Keras 3's format: a recorded training=True does not survive predict
     elif isinstance(node, list):
+        if node and isinstance(node[0], str):
+            node = [node]  # tf.keras's TFOpLambda: the node is its one entry, [name, node, index, kwargs]
         for entry in node:
             if not (isinstance(entry, list) and len(entry) >= 3 and isinstance(entry[0], str)):
                 raise UnsupportedModelError(f"an inbound node entry {entry!r} is not Keras's [name, node, index, kwargs].")
@@ -628,6 +727,8 @@ def _spec(layer: dict, shape: Shape, path: str) -> LayerSpec:
 
     if class_name in _IDENTITY_AT_INFERENCE:
         return spec
+    if class_name in _PREPROCESSING_OPS:
+        return _preprocessing_spec(spec, layer, refuse)
     if class_name == "Conv2D":
         need_spatial()
         kh, kw = _pair(config.get("kernel_size"), name, "kernel_size", path)
@@ -774,6 +875,79 @@ def _spec(layer: dict, shape: Shape, path: str) -> LayerSpec:
     if spec.activation == "softmax" and len(shape) != 1:
         refuse(f"applies softmax to an input of shape {shape}; fastvgg applies softmax to flat inputs only.")
     return spec
+
+
+def _preprocessing_spec(spec: LayerSpec, layer: dict, refuse) -> LayerSpec:
+    """Keras's preprocessing ops inside a model (see _PREPROCESSING_OPS): a channel reversal
+    (kind "reverse_channels"; saved_model runs it on the model's input) or a constant added per
+    channel (an "affine" map with scale 1)."""
+    shape, class_name = spec.input_shape, spec.class_name
+    config = layer.get("config") or {}
+    nodes = layer.get("inbound_nodes")
+    node = nodes[0] if isinstance(nodes, list) and len(nodes) == 1 else None
+    if isinstance(node, dict):  # Keras 3: {"args": [tensor, ...], "kwargs": {...}}
+        args = node.get("args") if isinstance(node.get("args"), list) else []
+        kwargs = node.get("kwargs") if isinstance(node.get("kwargs"), dict) else {}
+    elif isinstance(node, list) and node and isinstance(node[0], (str, list)):
+        # tf.keras: [[name, node, index, kwargs]], or for TFOpLambda the entry itself
+        entry = node if isinstance(node[0], str) else node[0]
+        args, kwargs = [], entry[3] if len(entry) > 3 and isinstance(entry[3], dict) else {}
+    else:
+        refuse("is an op recorded without its call; fastvgg cannot tell what it computes.")
+    channels = shape[-1]
+    reversal = "reverses the channel order (x[..., ::-1], as preprocess_input does)"
+
+    def reverse_channels() -> LayerSpec:
+        if len(shape) != 3:
+            refuse(f"{reversal} of an input of shape {shape}; fastvgg does that to images only.")
+        spec.kind = "reverse_channels"
+        return spec
+
+    def add_per_channel(value, what: str) -> LayerSpec:
+        if isinstance(value, dict) and value.get("class_name") in ("__tensor__", "__numpy__"):
+            value = (value.get("config") or {}).get("value")
+        try:
+            array = np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError):
+            refuse(f"adds {what} that is not a number or a list of numbers.")
+        if array.ndim > 1 and any(d != 1 for d in array.shape[:-1]):
+            refuse(f"adds {what} of shape {array.shape}; fastvgg adds one value per channel (shape (..., 1, {channels})).")
+        spec.kind = "affine"
+        spec.scale = _per_channel(1.0, channels, refuse, "scale")
+        spec.shift = _per_channel(array.reshape(-1), channels, refuse, what)
+        return spec
+
+    if class_name == "_ReverseChannels":
+        spec.class_name = "Stack"  # what Keras calls the layer (its GetItems are folded into it)
+        if config.get("channels") != channels:
+            refuse(f"stacks {config.get('channels')} of the {channels} channels of its input in reverse; only a full reversal is supported.")
+        return reverse_channels()
+    if class_name == "GetItem":  # Keras 3, x[..., ::-1]
+        key = args[1] if len(args) == 2 else None
+        if isinstance(key, list) and len(key) == 2 and _is_ellipsis(key[0]) and _is_reversing_slice(key[1]):
+            return reverse_channels()
+        refuse(f"indexes its input with {key!r}; fastvgg supports indexing only as x[..., ::-1], which {reversal}.")
+    if class_name == "SlicingOpLambda":  # tf.keras, x[..., ::-1]
+        key = kwargs.get("slice_spec")
+        if config.get("function") == "__operators__.getitem" and isinstance(key, list) and len(key) == 2 and (
+            _is_ellipsis(key[0]) and _is_reversing_slice(key[1])
+        ):
+            return reverse_channels()
+        refuse(f"slices its input with {key!r}; fastvgg supports slicing only as x[..., ::-1], which {reversal}.")
+    if class_name == "TFOpLambda":
+        function = config.get("function")
+        if function == "nn.bias_add" and kwargs.get("data_format") in (None, "NHWC", "N...C"):
+            return add_per_channel(kwargs.get("bias"), "a bias")
+        refuse(
+            f"calls tf.{function}; of TensorFlow functions recorded in a model fastvgg runs only tf.nn.bias_add "
+            "(as preprocess_input records it). Use Keras layers (e.g. Rescaling) and save again."
+        )
+    # Keras 3's ops.add(x, constant): one tensor and one constant. (keras.layers.Add, the merge
+    # layer, reads two tensors and was refused as a merge before this.)
+    constants = [a for a in args if _keras_tensor_ref(a) is None]
+    if len(args) == 2 and len(constants) == 1:
+        return add_per_channel(constants[0], "a constant")
+    refuse("adds tensors; fastvgg supports Add only as a constant added to its one input, as preprocess_input does.")
 
 
 def _per_channel(value, channels: int, refuse, what: str) -> np.ndarray:

@@ -21,6 +21,11 @@ class Layer:
     """One layer of a VGG model. ``output_shape`` includes the batch dimension as ``None``."""
 
     class_name = "Layer"
+    # A loaded model that starts with preprocess_input: its InputLayer reverses the channels of
+    # each batch before the core runs it, and identity layers before that reversal give the
+    # input as it came (saved_model._reverse_channels_on_input, Model._run).
+    reverses_channels = False
+    echoes_input = False
 
     def __init__(self, name: str, input_shape: Shape, output_shape: Shape) -> None:
         self.name = name

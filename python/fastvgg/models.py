@@ -191,9 +191,12 @@ class Model:
         show_progress = _progress_wanted(verbose)
         batch_size = int(batch_size)
         count, height, width = x.shape[:3]
-        # The input layer's "output" is the input itself; every other tensor comes from the core.
-        echoed = [t for t in tensors if isinstance(t.layer, InputLayer)]
-        computed = [t for t in tensors if not isinstance(t.layer, InputLayer)]
+        # The input layer's "output" is the input itself (so are those of identity layers before a
+        # channel reversal); every other tensor comes from the core.
+        echoed = [t for t in tensors if isinstance(t.layer, InputLayer) or t.layer.echoes_input]
+        computed = [t for t in tensors if t not in echoed]
+        # A model that starts with preprocess_input reverses the input's channels (RGB to BGR) first.
+        reverse_channels = self.layers[0].reverses_channels
         shapes = self._executor.graph.output_shapes(height, width)
         results = {t: np.empty((count,) + tuple(shapes[t.layer._index]), dtype=np.float32) for t in computed}
         results.update({t: np.empty(x.shape, dtype=np.float32) for t in echoed})
@@ -205,8 +208,9 @@ class Model:
                 if computed:
                     # Slices along the batch axis of C-contiguous arrays are C-contiguous: the
                     # core writes each output straight into the array predict returns.
+                    core_input = np.ascontiguousarray(chunk[..., ::-1]) if reverse_channels else chunk
                     self._executor.forward_into(
-                        chunk, [(t.layer._index, t.before_activation, results[t][start:stop]) for t in computed]
+                        core_input, [(t.layer._index, t.before_activation, results[t][start:stop]) for t in computed]
                     )
                 for tensor in echoed:
                     results[tensor][start:stop] = chunk

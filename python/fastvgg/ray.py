@@ -67,7 +67,9 @@ class Extractor:
             at least 32x32.
         pooling: None, "avg" or "max" over height and width, for every (spatial) layer.
         preprocess: True applies ``fastvgg.preprocess_input`` (RGB 0..255 in, as
-            ``read_images`` gives); False passes the images to the model as they are.
+            ``read_images`` gives); False passes the images to the model as they are; None
+            (the default): True, except for a model file that preprocesses its input itself
+            (Rescaling or Normalization first, or preprocess_input inside it).
         image_column: the batch's column of images (``read_images`` calls it "image").
         precision: "fast" or "highest", as for ``fastvgg.VGG16``.
         num_threads: the model's threads; default: the CPUs Ray assigned to the actor, or
@@ -86,7 +88,7 @@ class Extractor:
         model: str = "vgg16",
         layer: Union[str, Sequence[str]] = "block5_pool",
         pooling: Optional[str] = None,
-        preprocess: bool = True,
+        preprocess: Optional[bool] = None,
         image_column: str = "image",
         precision: str = "fast",
         num_threads: Optional[int] = None,
@@ -107,7 +109,6 @@ class Extractor:
             raise ValueError(f"`pooling` must be None, 'avg' or 'max', got {pooling!r}.")
         self.layers = list(dict.fromkeys(layers))
         self.pooling = pooling
-        self.preprocess = bool(preprocess)
         self.image_column = image_column
         threads = num_threads if num_threads is not None else _threads_from_ray()
         if threads is not None:
@@ -122,6 +123,11 @@ class Extractor:
             include_top = any(name.split(":")[0] in TOP_LAYERS for name in self.layers)
             self.model = ARCHITECTURES[model](weights, include_top=include_top, precision=precision, seed=seed,
                                               packed_cache=packed_cache)
+        if preprocess is None:
+            from .saved_model import preprocesses_its_input
+
+            preprocess = not (model_file is not None and preprocesses_its_input(self.model))
+        self.preprocess = bool(preprocess)
         # A wrong layer name fails here, when the actor starts, not at the first batch.
         for name in self.layers:
             self.model._named_output(name)

@@ -92,6 +92,8 @@ def build_model(spec: ModelSpec, precision: str = "fast", device: str = "cpu", s
     layers[0].min_input_size = 1
     flat = False
     for layer_spec in spec.layers[1:]:
+        if layer_spec.kind == "reverse_channels":
+            _reverse_channels_on_input(layers, layer_spec)
         index = _add_op(graph, layer_spec, flat)
         layer = _layer_for(layer_spec)
         if isinstance(layer, LoadedDense):
@@ -128,6 +130,38 @@ def build_model(spec: ModelSpec, precision: str = "fast", device: str = "cpu", s
     return model
 
 
+def preprocesses_its_input(model: Model) -> bool:
+    """Whether a loaded model scales its own input (its first layer that computes anything is a
+    Rescaling or Normalization) or starts with preprocess_input (a channel reversal on its
+    input): the command line and fastvgg.ray then pass images to it as they are."""
+    if model.layers[0].reverses_channels:
+        return True
+    for layer in model.layers[1:]:
+        spec = getattr(layer, "_spec", None)
+        if spec is None or spec.kind != "identity":
+            return layer.class_name in ("Rescaling", "Normalization")
+    return False
+
+
+def _reverse_channels_on_input(layers: List[Layer], spec: LayerSpec) -> None:
+    """preprocess_input inside a model reverses the channels (RGB to BGR) of the model's input.
+    fastvgg does that to each batch before the core runs it (Model._run), so it must come before
+    anything that computes: only layers that are the identity at inference (e.g. RandomFlip)
+    may stand before it, and their outputs are the input as it was."""
+    from .keras_model import UnsupportedModelError
+
+    computing = [layer.name for layer in layers[1:] if layer._spec.kind != "identity"]
+    if computing or layers[0].reverses_channels:
+        raise UnsupportedModelError(
+            f"layer {spec.name!r} ({spec.class_name}) reverses the channel order after "
+            f"{'another reversal' if not computing else 'layer ' + repr(computing[-1])}; fastvgg reverses channels "
+            "only on the model's input, as preprocess_input called first in a model does."
+        )
+    layers[0].reverses_channels = True
+    for layer in layers[1:]:
+        layer.echoes_input = True
+
+
 def _add_op(graph, spec: LayerSpec, flat: bool) -> int:
     kind = spec.kind
     if kind == "conv":
@@ -161,6 +195,8 @@ def _add_op(graph, spec: LayerSpec, flat: bool) -> int:
         return graph.add_affine(int(spec.output_shape[-1]))
     if kind == "activation":
         return graph.add_activation(spec.activation, spec.negative_slope)
+    if kind == "reverse_channels":  # done to the input before the core runs (_reverse_channels_on_input)
+        return graph.add_activation("linear")
     if kind == "identity":  # Dropout and friends: nothing happens at inference
         return graph.add_activation("linear")
     raise ValueError(f"layer {spec.name!r}: no core op for kind {kind!r}")  # pragma: no cover
