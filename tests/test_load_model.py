@@ -643,6 +643,52 @@ def test_deep_nesting_and_garbage_configs(saved_models, tmp_path):
             fastvgg.load_model(target)
 
 
+# Values a damaged or hand-edited config may hold where Keras writes something else.
+GARBAGE = [None, 0, -1, 3, 1.5, "x", "", [], {}, [None], [1, 2], [[1, 2]], {"config": 3}, {"config": [1]},
+           {"class_name": "__ellipsis__"}, {"class_name": "__keras_tensor__", "config": []},
+           {"class_name": "__keras_tensor__", "config": {"keras_history": ["x", 0, 0]}},
+           float("nan"), float("inf"), True, "leaky_relu", -1e300, 2**40, {"class_name": "DTypePolicy", "config": 5}]
+
+
+def _config_paths(value, prefix=()):
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else []
+    for key, item in items:
+        yield prefix + (key,)
+        yield from _config_paths(item, prefix + (key,))
+
+
+@pytest.mark.parametrize("flavor, name", [("keras3", "preprocess_inside"), ("tf_keras", "preprocess_inside"),
+                                          ("keras3", "leaky_relu_head"), ("tf_keras", "every_op")])
+def test_mutated_configs_give_value_errors_only(saved_models, flavor, name):
+    """One to three entries anywhere in a real model's config replaced by garbage: the loader
+    reads the result as a model or refuses it with a ValueError (UnsupportedModelError is one),
+    never an AttributeError, TypeError or KeyError from inside it."""
+    import random
+
+    saved = saved_models(flavor, name)
+    import h5py
+
+    with h5py.File(saved.paths[".h5"], "r") as handle:
+        config = json.loads(handle.attrs["model_config"])
+    paths = list(_config_paths(config))
+    rng = random.Random(name + flavor)
+    for _ in range(300):
+        mutated = json.loads(json.dumps(config))
+        for _ in range(rng.randint(1, 3)):
+            *parents, last = rng.choice(paths)
+            target = mutated
+            try:
+                for key in parents:
+                    target = target[key]
+                target[last] = rng.choice(GARBAGE)
+            except (KeyError, IndexError, TypeError):
+                pass  # an earlier replacement removed that path
+        try:
+            keras_model.model_from_config(mutated, "mutated")
+        except ValueError:
+            pass
+
+
 def test_files_that_are_not_models(saved_models, tmp_path):
     keras = _keras("keras3")
     weights_only = str(tmp_path / "only.weights.h5")

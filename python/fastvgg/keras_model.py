@@ -233,7 +233,7 @@ def model_from_config(config, path: str = "<config>", custom_objects=None) -> Mo
     input_shape, input_name, leaves = flattener.model(config, 0)
     if input_shape is None:
         raise ValueError(f"{path!r}: the model config gives no input shape; build the model on an Input before saving.")
-    name = str((config.get("config") or {}).get("name") or "model")
+    name = str(_dict(config.get("config")).get("name") or "model")
     return ModelSpec(name, input_name, _specs(leaves, input_name, input_shape, path))
 
 
@@ -421,10 +421,15 @@ class _Flattener:
 def _keras_tensor_ref(value) -> Optional[Tuple[str, int, int]]:
     """[name, node, index] of a Keras 3 serialised tensor argument, or None."""
     if isinstance(value, dict) and value.get("class_name") == "__keras_tensor__":
-        history = (value.get("config") or {}).get("keras_history")
+        history = _dict(value.get("config")).get("keras_history")
         if isinstance(history, list) and len(history) == 3 and isinstance(history[0], str):
             return history[0], _int(history[1]), _int(history[2])
     return None
+
+
+def _dict(value) -> dict:
+    """value where it is a dict, else an empty one: config entries a damaged file may replace."""
+    return value if isinstance(value, dict) else {}
 
 
 def _collapse_channel_stacks(layers: Dict[str, dict]) -> None:
@@ -434,7 +439,7 @@ def _collapse_channel_stacks(layers: Dict[str, dict]) -> None:
     Stack becomes one "_ReverseChannels" layer reading the tensor; anything else stays as it is
     (and is refused as a branch or an unsupported op)."""
     for name, layer in list(layers.items()):
-        if _class_name(layer) != "Stack" or (layer.get("config") or {}).get("axis", 0) not in (-1, 3):
+        if _class_name(layer) != "Stack" or _dict(layer.get("config")).get("axis", 0) not in (-1, 3):
             continue
         nodes = layer.get("inbound_nodes")
         if not (isinstance(nodes, list) and len(nodes) == 1 and isinstance(nodes[0], dict)):
@@ -480,7 +485,8 @@ def _collapse_channel_stacks(layers: Dict[str, dict]) -> None:
 
 def _all_refs(layer: dict) -> List[Tuple[str, int, int]]:
     refs: List[Tuple[str, int, int]] = []
-    for node in layer.get("inbound_nodes") or []:
+    nodes = layer.get("inbound_nodes")
+    for node in nodes if isinstance(nodes, list) else []:
         try:
             refs.extend(_node_inputs(node)[0])
         except UnsupportedModelError:
@@ -541,7 +547,7 @@ def _node_inputs(node) -> Tuple[List[Tuple[str, int, int]], bool]:
                 return
             if isinstance(value, dict):
                 if value.get("class_name") == "__keras_tensor__":
-                    history = (value.get("config") or {}).get("keras_history")
+                    history = _dict(value.get("config")).get("keras_history")
                     if isinstance(history, list) and len(history) == 3 and isinstance(history[0], str):
                         refs.append((history[0], _int(history[1]), _int(history[2])))
                     else:
@@ -615,6 +621,8 @@ def _build_input_shape(config: dict, inner: dict) -> Optional[Shape]:
 def _activation(name, value, path: str) -> str:
     if isinstance(value, dict):  # Keras 3 may store {"class_name": "function", "config": "relu", ...}
         value = value.get("config") if isinstance(value.get("config"), str) else value.get("class_name")
+    if value is not None and not isinstance(value, str):
+        raise UnsupportedModelError(f"{path!r}: layer {name!r} has activation {value!r}, which names no activation.")
     value = _ACTIVATION_ALIASES.get(value, value)
     if value not in ACTIVATIONS:
         raise UnsupportedModelError(
@@ -632,14 +640,17 @@ def _set_activation(spec: LayerSpec, activation: str, negative_slope: Optional[f
         spec.negative_slope = 0.0
         return
     slope = _LEAKY_RELU_ACTIVATION_SLOPE if negative_slope is None else negative_slope
-    spec.negative_slope = float(np.float32(slope))
+    with np.errstate(over="ignore"):
+        spec.negative_slope = float(np.float32(slope))
+    if not math.isfinite(spec.negative_slope):
+        raise UnsupportedModelError(f"layer {spec.name!r} has a negative slope {slope!r} beyond float32's range.")
 
 
 def _scalar(value, refuse) -> Optional[float]:
     """A number from a config: a float, a one-element list or Keras's serialised numpy scalar;
     None stays None."""
     if isinstance(value, dict):  # {"class_name": "__numpy__", "config": {"value": ..., "dtype": ...}}
-        value = (value.get("config") or {}).get("value")
+        value = _dict(value.get("config")).get("value")
     while isinstance(value, list) and len(value) == 1:
         value = value[0]
     if value is None:
@@ -905,7 +916,7 @@ def _preprocessing_spec(spec: LayerSpec, layer: dict, refuse) -> LayerSpec:
 
     def add_per_channel(value, what: str) -> LayerSpec:
         if isinstance(value, dict) and value.get("class_name") in ("__tensor__", "__numpy__"):
-            value = (value.get("config") or {}).get("value")
+            value = _dict(value.get("config")).get("value")
         try:
             array = np.asarray(value, dtype=np.float64)
         except (TypeError, ValueError):
@@ -952,7 +963,7 @@ def _preprocessing_spec(spec: LayerSpec, layer: dict, refuse) -> LayerSpec:
 
 def _per_channel(value, channels: int, refuse, what: str) -> np.ndarray:
     if isinstance(value, dict):  # Keras 3 may serialise arrays as {"class_name": "__numpy__", "config": {"value": ...}}
-        value = (value.get("config") or {}).get("value")
+        value = _dict(value.get("config")).get("value")
     try:
         array = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
