@@ -140,6 +140,8 @@ def affine(layer, x):
             variance = np.asarray(config["variance"], dtype=np.float64).reshape(-1)
         std = np.maximum(np.sqrt(variance), 1e-7)
         return mean + x * std if config.get("invert") else (x - mean) / std
+    if layer.class_name == "Lambda":  # VGG's preprocess_input, Keras's caffe mode, written out
+        return x[..., ::-1] - np.asarray([103.939, 116.779, 123.68], dtype=np.float32).astype(np.float64)
     if layer.class_name in ("Add", "TFOpLambda"):
         # preprocess_input's constant, which lives in the layer's call, not its config: the
         # parser's reading of it is held to Keras by the tests that compare with Keras itself.

@@ -570,6 +570,33 @@ def test_models_that_preprocess_their_input_get_images_as_they_are(saved_models,
     assert fastvgg_ray.Extractor(model=path, layer=fastvgg.load_model(path).layers[-1].name, num_threads=1).preprocess is not itself
 
 
+def test_lambda_preprocess_input_loads_with_the_custom_objects_keras_needs(tmp_path):
+    """Keras 3 stores Lambda(preprocess_input) as the bare name "preprocess_input" and needs
+    custom_objects to load it; with VGG's function there (Keras's or fastvgg's, recognised by
+    name and module, never called), fastvgg runs Keras's caffe preprocessing itself."""
+    keras = _keras("keras3")
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.RandomFlip()(inputs)
+    x = keras.layers.Lambda(keras.applications.vgg16.preprocess_input, name="prep")(x)
+    out = keras.layers.Flatten()(keras.layers.Conv2D(2, 3, name="conv")(x))
+    model = keras.Model(inputs, out)
+    path = str(tmp_path / "lambda.keras")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save(path)
+    x = np.random.default_rng(2).uniform(0, 255, (3, 8, 8, 3)).astype(np.float32)
+    expected = model.predict(x, verbose=0)
+    with pytest.raises(UnsupportedModelError, match="'prep' is a Lambda layer.*custom_objects"):
+        fastvgg.load_model(path)
+    for function in (keras.applications.vgg16.preprocess_input, keras.applications.vgg19.preprocess_input, fastvgg.preprocess_input):
+        loaded = fastvgg.load_model(path, custom_objects={"preprocess_input": function})
+        assert np.abs(loaded.predict(x) - expected).max() <= KERAS_ATOL * np.abs(expected).max()
+        np.testing.assert_array_equal(loaded.extract(x, ["prep"])["prep"], fastvgg.preprocess_input(x))
+    for other in (keras.applications.mobilenet.preprocess_input, lambda images: images):
+        with pytest.raises(UnsupportedModelError, match="'prep' is a Lambda layer"):
+            fastvgg.load_model(path, custom_objects={"preprocess_input": other})
+
+
 def test_custom_class_is_refused(tmp_path):
     keras = _keras("keras3")
 

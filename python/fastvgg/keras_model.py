@@ -115,6 +115,7 @@ class LayerSpec:
     use_bias: bool = True
     activation: str = "linear"  # conv / dense / activation
     negative_slope: float = 0.0  # leaky_relu's slope for x < 0, a float32 value (what TensorFlow multiplies by)
+    reverses_input: bool = False  # a Lambda(preprocess_input): the input's channels reversed, then this affine map
     pool_mode: str = "avg"  # global_pool
     keepdims: bool = False
     # The arrays as Keras keeps them (what get_weights returns), in Keras's order, and their names.
@@ -397,11 +398,15 @@ class _Flattener:
         custom = (registered not in (None, class_name) and not str(registered).startswith("keras")) or not module.startswith(
             ("keras", "tf_keras", "tensorflow")
         )
+        if class_name == "Lambda" and _is_vgg_preprocess_lambda(layer, self.custom_objects):
+            return layer
         if class_name == "Lambda":
             self.fail(
                 f"layer {name!r} is a Lambda layer: it holds Python code, and fastvgg never runs code from a file "
                 "(safe_mode=False does not change that). Replace it with built-in layers (e.g. Rescaling) and save "
-                f"again. Supported layers: {', '.join(SUPPORTED_LAYERS)}."
+                "again. For Lambda(preprocess_input): a Keras 3 file loads with custom_objects={'preprocess_input': "
+                "keras.applications.vgg16.preprocess_input}, as Keras itself needs; or call preprocess_input on the "
+                f"tensor without a Lambda and save again. Supported layers: {', '.join(SUPPORTED_LAYERS)}."
             )
         if class_name in _PREPROCESSING_OPS and not custom and class_name not in self.custom_objects:
             return layer  # _spec accepts Keras's preprocessing forms of these ops and names the rest
@@ -416,6 +421,25 @@ class _Flattener:
                 f"layer {name!r} of {what} is not supported.{hint} Supported layers: {', '.join(SUPPORTED_LAYERS)}."
             )
         return layer
+
+
+# VGG16's and VGG19's preprocess_input (Keras's "caffe" mode), wherever they are defined.
+_VGG_PREPROCESS_MODULES = ("applications.vgg16", "applications.vgg19", "fastvgg.imagenet")
+
+
+def _is_vgg_preprocess_lambda(layer: dict, custom_objects: dict) -> bool:
+    """A Keras 3 Lambda(preprocess_input) stores only the function's name; Keras itself loads it
+    through custom_objects. Where custom_objects maps that name to VGG16's or VGG19's
+    preprocess_input (Keras's or fastvgg's: recognised by module and name, never called), fastvgg
+    runs it natively; any other function, or tf.keras's pickled bytecode, is not known."""
+    config = _dict(layer.get("config"))
+    function = _dict(config.get("function"))
+    name = function.get("config")
+    if function.get("class_name") != "function" or not isinstance(name, str) or config.get("arguments") not in (None, {}):
+        return False
+    given = custom_objects.get(name)
+    module = str(getattr(given, "__module__", ""))
+    return callable(given) and getattr(given, "__name__", "") == "preprocess_input" and module.endswith(_VGG_PREPROCESS_MODULES)
 
 
 def _keras_tensor_ref(value) -> Optional[Tuple[str, int, int]]:
@@ -740,6 +764,15 @@ def _spec(layer: dict, shape: Shape, path: str) -> LayerSpec:
         return spec
     if class_name in _PREPROCESSING_OPS:
         return _preprocessing_spec(spec, layer, refuse)
+    if class_name == "Lambda":  # accepted by the flattener only as VGG's preprocess_input
+        if len(shape) != 3 or shape[-1] != 3:
+            refuse(f"is preprocess_input applied to an input of shape {shape}; it takes RGB images.")
+        from .imagenet import CAFFE_BGR_MEAN
+
+        spec.kind, spec.reverses_input = "affine", True
+        spec.scale = _per_channel(1.0, 3, refuse, "scale")
+        spec.shift = -np.asarray(CAFFE_BGR_MEAN, dtype=np.float64)
+        return spec
     if class_name == "Conv2D":
         need_spatial()
         kh, kw = _pair(config.get("kernel_size"), name, "kernel_size", path)

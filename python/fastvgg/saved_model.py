@@ -92,7 +92,7 @@ def build_model(spec: ModelSpec, precision: str = "fast", device: str = "cpu", s
     layers[0].min_input_size = 1
     flat = False
     for layer_spec in spec.layers[1:]:
-        if layer_spec.kind == "reverse_channels":
+        if layer_spec.kind == "reverse_channels" or layer_spec.reverses_input:
             _reverse_channels_on_input(layers, layer_spec)
         index = _add_op(graph, layer_spec, flat)
         layer = _layer_for(layer_spec)
