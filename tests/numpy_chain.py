@@ -142,10 +142,10 @@ def affine(layer, x):
         return mean + x * std if config.get("invert") else (x - mean) / std
     if layer.class_name == "Lambda":  # VGG's preprocess_input, Keras's caffe mode, written out
         return x[..., ::-1] - np.asarray([103.939, 116.779, 123.68], dtype=np.float32).astype(np.float64)
-    if layer.class_name in ("Add", "TFOpLambda"):
-        # preprocess_input's constant, which lives in the layer's call, not its config: the
-        # parser's reading of it is held to Keras by the tests that compare with Keras itself.
-        return x + np.asarray(layer.shift, dtype=np.float64)
+    if layer.class_name in ("Add", "Subtract", "Multiply", "TrueDivide", "Divide", "TFOpLambda"):
+        # Arithmetic with a constant that lives in the layer's call, not its config: the parser's
+        # reading of it is held to Keras by the tests that compare with Keras itself.
+        return x * np.asarray(layer.scale, dtype=np.float64) + np.asarray(layer.shift, dtype=np.float64)
     raise ValueError(f"no numpy affine for {layer.class_name!r}")
 
 

@@ -515,8 +515,13 @@ def test_preprocessing_ops_load_only_in_the_forms_preprocess_input_records(tmp_p
         x = keras.layers.Conv2D(3, 3, padding="same", name="conv")(inputs)
         return keras.Model(inputs, keras.layers.Flatten()(op(x)))
 
-    _, path = save(tf_keras, lambda k: after_conv(k, lambda x: x * 2.0), "multiply")
-    with pytest.raises(UnsupportedModelError, match=r"calls tf\.math\.multiply.*only tf\.nn\.bias_add"):
+    import tensorflow as tf
+
+    _, path = save(tf_keras, lambda k: after_conv(k, tf.math.abs), "abs")
+    with pytest.raises(UnsupportedModelError, match=r"calls tf\.math\.abs.*only tf\.nn\.bias_add"):
+        fastvgg.load_model(path)
+    _, path = save(keras3, lambda k: after_conv(k, lambda x: 255.0 / x), "reciprocal", ".keras")
+    with pytest.raises(UnsupportedModelError, match="divides by its input"):
         fastvgg.load_model(path)
     _, path = save(keras3, lambda k: after_conv(k, lambda x: x[..., ::-1]), "late_reversal", ".keras")
     with pytest.raises(UnsupportedModelError, match="reverses the channel order after layer 'conv'"):
@@ -540,6 +545,31 @@ def test_preprocessing_ops_load_only_in_the_forms_preprocess_input_records(tmp_p
     # A model cut from it keeps the reversal: it belongs to the input, not to the full model.
     cut = fastvgg.Model(loaded.input, loaded.get_layer("conv").output)
     np.testing.assert_array_equal(cut.predict(x), loaded.extract(x, ["conv"])["conv"])
+
+
+@pytest.mark.parametrize("flavor", ["keras3", "tf_keras"])
+def test_arithmetic_with_constants_runs_as_an_affine_map(tmp_path, flavor):
+    """x / 255, x * c, x - c, c - x and c + x with scalar or per-channel constants, as Keras 3
+    ops or tf.keras TFOpLambda layers, on the input and after a convolution: Keras's numbers."""
+    keras = _keras(flavor)
+    inputs = keras.Input((6, 6, 3))
+    x = inputs / 255.0
+    x = x * np.array([1.0, 2.0, -3.0], np.float32)
+    x = x - 0.25
+    x = keras.layers.Conv2D(4, 3, padding="same", name="conv")(x)
+    x = 1.5 - x if flavor == "keras3" else x - 1.5  # tf.keras records a constant first as a pseudo-layer
+    x = x + np.array([0.5, -0.5, 1.0, 2.0], np.float32) if flavor == "keras3" else x + 0.5
+    model = keras.Model(inputs, keras.layers.Flatten()(x))
+    path = str(tmp_path / "arithmetic.h5")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save(path)
+    x = np.random.default_rng(4).uniform(0, 255, (2, 6, 6, 3)).astype(np.float32)
+    loaded = fastvgg.load_model(path)
+    assert sum(layer.class_name in ("TFOpLambda", "Add", "Subtract", "Multiply", "TrueDivide") for layer in loaded.layers) == 5
+    assert np.abs(loaded.predict(x) - model.predict(x, verbose=0)).max() <= KERAS_ATOL
+    spec = keras_model.read_model(path)
+    assert np.abs(numpy_chain.run_chain(spec, x) - model.predict(x, verbose=0)).max() <= KERAS_ATOL
 
 
 def test_preprocess_input_inside_a_model_extracts_as_keras(saved_models):

@@ -63,7 +63,13 @@ SUPPORTED_LAYERS = (
 # constant, tf.keras's SlicingOpLambda and TFOpLambda. Only Keras's preprocessing forms of them
 # load (a channel reversal on the model's input, a per-channel constant added); "_ReverseChannels"
 # is the loader's own name for Keras 3's Stack of GetItems (see _collapse_channel_stacks).
-_PREPROCESSING_OPS = ("GetItem", "SlicingOpLambda", "TFOpLambda", "Add", "_ReverseChannels")
+# Keras 3's Add, Subtract, Multiply and (True)Divide ops and tf.keras's TFOpLambda math with a
+# constant (x / 255.0, x - 1.0, ...) are per-channel affine maps too.
+_PREPROCESSING_OPS = ("GetItem", "SlicingOpLambda", "TFOpLambda", "Add", "Subtract", "Multiply", "TrueDivide", "Divide",
+                      "_ReverseChannels")
+_KERAS3_ARITHMETIC = {"Add": "add", "Subtract": "subtract", "Multiply": "multiply", "TrueDivide": "divide", "Divide": "divide"}
+_TF_ARITHMETIC = {"__operators__.add": "add", "math.add": "add", "math.subtract": "subtract", "math.multiply": "multiply",
+                  "math.truediv": "divide", "math.divide": "divide"}
 # Keras's class aliases, as stored by older versions.
 _CLASS_ALIASES = {
     "Convolution2D": "Conv2D",
@@ -98,7 +104,8 @@ class LayerSpec:
 
     ``kind`` is one of: "input", "conv", "max_pool", "avg_pool", "flatten", "global_pool",
     "dense", "affine" (per-channel scale and shift: BatchNormalization, Rescaling,
-    Normalization; also a constant added by preprocess_input), "activation", "identity",
+    Normalization; also preprocess_input's means and other arithmetic with constants),
+    "activation", "identity",
     "reverse_channels" (preprocess_input's x[..., ::-1], on the model's input only).
     """
 
@@ -947,18 +954,30 @@ def _preprocessing_spec(spec: LayerSpec, layer: dict, refuse) -> LayerSpec:
         spec.kind = "reverse_channels"
         return spec
 
-    def add_per_channel(value, what: str) -> LayerSpec:
+    def arithmetic(operation: str, value, tensor_first: bool = True) -> LayerSpec:
+        """x op c (or c op x) with a constant c, one value or one per channel: an affine map.
+        Multiplying by 1/c for x / c may differ from TensorFlow's division in the last bit."""
         if isinstance(value, dict) and value.get("class_name") in ("__tensor__", "__numpy__"):
             value = _dict(value.get("config")).get("value")
         try:
             array = np.asarray(value, dtype=np.float64)
         except (TypeError, ValueError):
-            refuse(f"adds {what} that is not a number or a list of numbers.")
-        if array.ndim > 1 and any(d != 1 for d in array.shape[:-1]):
-            refuse(f"adds {what} of shape {array.shape}; fastvgg adds one value per channel (shape (..., 1, {channels})).")
+            refuse(f"computes {operation} with a constant that is not a number or a list of numbers.")
+        if array.dtype != np.float64 or (array.ndim > 1 and any(d != 1 for d in array.shape[:-1])):
+            refuse(f"computes {operation} with a constant of shape {array.shape}; fastvgg takes one value per channel.")
+        c = _per_channel(array.reshape(-1), channels, refuse, "constant")
+        one, zero = np.ones(channels), np.zeros(channels)
+        if operation == "divide" and (not tensor_first or not np.all(c != 0)):
+            refuse("divides by its input or by zero; fastvgg divides its input by nonzero constants only.")
         spec.kind = "affine"
-        spec.scale = _per_channel(1.0, channels, refuse, "scale")
-        spec.shift = _per_channel(array.reshape(-1), channels, refuse, what)
+        if operation == "add":
+            spec.scale, spec.shift = one, c
+        elif operation == "subtract":
+            spec.scale, spec.shift = (one, -c) if tensor_first else (-one, c)
+        elif operation == "multiply":
+            spec.scale, spec.shift = c, zero
+        else:
+            spec.scale, spec.shift = 1.0 / c, zero
         return spec
 
     if class_name == "_ReverseChannels":
@@ -981,17 +1000,20 @@ def _preprocessing_spec(spec: LayerSpec, layer: dict, refuse) -> LayerSpec:
     if class_name == "TFOpLambda":
         function = config.get("function")
         if function == "nn.bias_add" and kwargs.get("data_format") in (None, "NHWC", "N...C"):
-            return add_per_channel(kwargs.get("bias"), "a bias")
+            return arithmetic("add", kwargs.get("bias"))
+        if isinstance(function, str) and function in _TF_ARITHMETIC and "y" in kwargs:
+            return arithmetic(_TF_ARITHMETIC[function], kwargs.get("y"))
         refuse(
             f"calls tf.{function}; of TensorFlow functions recorded in a model fastvgg runs only tf.nn.bias_add "
-            "(as preprocess_input records it). Use Keras layers (e.g. Rescaling) and save again."
+            "(as preprocess_input records it) and +, -, *, / with a constant. Use Keras layers (e.g. Rescaling) "
+            "and save again."
         )
-    # Keras 3's ops.add(x, constant): one tensor and one constant. (keras.layers.Add, the merge
-    # layer, reads two tensors and was refused as a merge before this.)
+    # Keras 3's ops with one tensor and one constant (x / 255.0, preprocess_input's Add). The merge
+    # layers of the same names read two tensors and were refused as merges before this.
     constants = [a for a in args if _keras_tensor_ref(a) is None]
     if len(args) == 2 and len(constants) == 1:
-        return add_per_channel(constants[0], "a constant")
-    refuse("adds tensors; fastvgg supports Add only as a constant added to its one input, as preprocess_input does.")
+        return arithmetic(_KERAS3_ARITHMETIC[class_name], constants[0], tensor_first=constants[0] is args[1])
+    refuse(f"computes {_KERAS3_ARITHMETIC[class_name]} of tensors; fastvgg supports it only with a constant and its one input.")
 
 
 def _per_channel(value, channels: int, refuse, what: str) -> np.ndarray:
