@@ -19,21 +19,21 @@
 namespace fastvgg {
 
 #if FASTVGG_ISA_IS_GENERIC
+namespace {
+// Elementwise's names, in its order.
+const char* const kElementwiseNames[] = {"linear", "relu",  "sigmoid", "tanh",      "elu",
+                                         "selu",   "gelu",  "swish",   "softplus", "leaky_relu"};
+}  // namespace
+
 Elementwise parse_elementwise(const std::string& name) {
-  static const char* const names[] = {"linear", "relu",  "sigmoid", "tanh",      "elu",
-                                      "selu",   "gelu",  "swish",   "softplus", "leaky_relu"};
-  for (int i = 0; i < int(sizeof(names) / sizeof(names[0])); ++i)
-    if (name == names[i]) return Elementwise(i);
+  for (int i = 0; i < int(sizeof(kElementwiseNames) / sizeof(kElementwiseNames[0])); ++i)
+    if (name == kElementwiseNames[i]) return Elementwise(i);
   if (name == "silu") return Elementwise::Swish;
   throw std::invalid_argument("unknown activation '" + name +
                               "'; expected linear, relu, sigmoid, tanh, elu, selu, gelu, swish (silu), softplus or leaky_relu");
 }
 
-const char* elementwise_name(Elementwise f) {
-  static const char* const names[] = {"linear", "relu",  "sigmoid", "tanh",      "elu",
-                                      "selu",   "gelu",  "swish",   "softplus", "leaky_relu"};
-  return names[int(f)];
-}
+const char* elementwise_name(Elementwise f) { return kElementwiseNames[int(f)]; }
 #endif
 
 namespace {

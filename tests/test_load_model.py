@@ -71,6 +71,14 @@ def _keras(flavor):
     return tf_keras
 
 
+def _saved(model, path: str, **options) -> str:
+    """model.save(path) with Keras's own warnings (legacy .h5, its internals) silenced; the path."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save(path, **options)
+    return path
+
+
 @pytest.fixture(scope="session")
 def saved_models(tmp_path_factory):
     cache: Dict[tuple, Saved] = {}
@@ -361,11 +369,7 @@ def test_pure_16_bit_model_is_refused_with_what_loads(tmp_path):
 def _save_keras3(tmp_path, build, name):
     keras = _keras("keras3")
     model = build(keras)
-    path = str(tmp_path / f"{name}.keras")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model.save(path)
-    return path
+    return _saved(model, str(tmp_path / f"{name}.keras"))
 
 
 def test_lambda_is_refused_by_name(tmp_path):
@@ -462,10 +466,7 @@ def test_tensorflow_saved_model_directory_says_how_to_convert_it(tmp_path):
     read TensorFlow's formats and must say so, and what to do, for the model and for weights."""
     keras = _keras("tf_keras")
     model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(2, 3), keras.layers.Flatten(), keras.layers.Dense(2)])
-    path = str(tmp_path / "saved")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model.save(path, save_format="tf")
+    path = _saved(model, str(tmp_path / "saved"), save_format="tf")
     assert os.path.isfile(os.path.join(path, "saved_model.pb"))
     for load in (fastvgg.load_model, lambda p: fastvgg.VGG16(p, include_top=False)):
         with pytest.raises(IsADirectoryError, match=r"TensorFlow SavedModel directory.*save\('model.keras'\)"):
@@ -484,10 +485,7 @@ def test_recorded_training_true_is_refused_only_where_keras_keeps_it(tmp_path, f
     x = keras.layers.Dense(5, name="dense")(x)
     out = keras.layers.Dropout(0.5, name="mc_dropout")(x, training=True)
     model = keras.Model(inputs, out)
-    path = str(tmp_path / "mc.h5")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model.save(path)
+    path = _saved(model, str(tmp_path / "mc.h5"))
     x = np.random.default_rng(0).uniform(-1, 1, (4, 6, 6, 3)).astype(np.float32)
     first, second = model.predict(x, verbose=0), model.predict(x, verbose=0)
     if flavor == "tf_keras":
@@ -503,12 +501,10 @@ def test_preprocessing_ops_load_only_in_the_forms_preprocess_input_records(tmp_p
     keras3, tf_keras = _keras("keras3"), _keras("tf_keras")
 
     def save(keras, build, name, ext=".h5"):
-        path = str(tmp_path / f"{name}{ext}")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = build(keras)
-            model.save(path)
-        return model, path
+        return model, _saved(model, str(tmp_path / f"{name}{ext}"))
 
     def after_conv(keras, op):
         inputs = keras.Input((6, 6, 3))
@@ -560,10 +556,7 @@ def test_arithmetic_with_constants_runs_as_an_affine_map(tmp_path, flavor):
     x = 1.5 - x if flavor == "keras3" else x - 1.5  # tf.keras records a constant first as a pseudo-layer
     x = x + np.array([0.5, -0.5, 1.0, 2.0], np.float32) if flavor == "keras3" else x + 0.5
     model = keras.Model(inputs, keras.layers.Flatten()(x))
-    path = str(tmp_path / "arithmetic.h5")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model.save(path)
+    path = _saved(model, str(tmp_path / "arithmetic.h5"))
     x = np.random.default_rng(4).uniform(0, 255, (2, 6, 6, 3)).astype(np.float32)
     loaded = fastvgg.load_model(path)
     assert sum(layer.class_name in ("TFOpLambda", "Add", "Subtract", "Multiply", "TrueDivide") for layer in loaded.layers) == 5
@@ -610,10 +603,7 @@ def test_lambda_preprocess_input_loads_with_the_custom_objects_keras_needs(tmp_p
     x = keras.layers.Lambda(keras.applications.vgg16.preprocess_input, name="prep")(x)
     out = keras.layers.Flatten()(keras.layers.Conv2D(2, 3, name="conv")(x))
     model = keras.Model(inputs, out)
-    path = str(tmp_path / "lambda.keras")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model.save(path)
+    path = _saved(model, str(tmp_path / "lambda.keras"))
     x = np.random.default_rng(2).uniform(0, 255, (3, 8, 8, 3)).astype(np.float32)
     expected = model.predict(x, verbose=0)
     with pytest.raises(UnsupportedModelError, match="'prep' is a Lambda layer.*custom_objects"):

@@ -567,15 +567,15 @@ void Executor::forward(const float* images, int count, int height, int width, co
       std::memcpy(r.destination, impl_->staging.data(), n * sizeof(float));
     }
   };
-  // An activation as a pass of its own, in place on layer i's `rows` x `cols` values; the
+  // Layer i's activation (op: its spec) as a pass of its own, in place on its `rows` x `cols` values; the
   // values before it go to whoever asked for layer i's pre-activation output.
-  auto activation_pass = [&](int i, int activation, float negative_slope, float* values, long long rows, int cols) {
-    if (activation == kLinear) return;
+  auto activation_pass = [&](int i, const OpSpec& op, float* values, long long rows, int cols) {
+    if (op.activation == kLinear) return;
     if (requested(i, true)) deliver(i, true, values);
-    if (activation == kSoftmax)
+    if (op.activation == kSoftmax)
       run_softmax(SoftmaxProblem{values, int(rows), cols}, stream);
     else
-      run_activation(ActivationProblem{values, values, rows * cols, activation, negative_slope}, stream);
+      run_activation(ActivationProblem{values, values, rows * cols, op.activation, op.negative_slope}, stream);
   };
 
   const float* current = impl_->input.data();
@@ -624,7 +624,7 @@ void Executor::forward(const float* images, int count, int height, int width, co
           if (p.pool) produced = i + 1;
         }
         if (preactivation) deliver(i, true, preactivation);
-        if (!fused) activation_pass(i, op.activation, op.negative_slope, out, static_cast<long long>(count) * shape[0] * shape[1], shape[2]);
+        if (!fused) activation_pass(i, op, out, static_cast<long long>(count) * shape[0] * shape[1], shape[2]);
         break;
       }
       case OpSpec::Kind::MaxPool2x2: {
@@ -650,7 +650,7 @@ void Executor::forward(const float* images, int count, int height, int width, co
                        count, op.in_channels, op.out_channels, kernel_activation(op.activation)};
         run_dense(p, gemv_pays(count), impl_->dense_workspace, stream);
         if (preactivation) deliver(i, true, preactivation);
-        if (!fused) activation_pass(i, op.activation, op.negative_slope, out, count, op.out_channels);
+        if (!fused) activation_pass(i, op, out, count, op.out_channels);
         break;
       }
       case OpSpec::Kind::Affine: {
@@ -663,9 +663,9 @@ void Executor::forward(const float* images, int count, int height, int width, co
         out = const_cast<float*>(current);
         const std::vector<int>& shape = shapes[std::size_t(i)];
         if (op.on_image)
-          activation_pass(i, op.activation, op.negative_slope, out, static_cast<long long>(count) * shape[0] * shape[1], shape[2]);
+          activation_pass(i, op, out, static_cast<long long>(count) * shape[0] * shape[1], shape[2]);
         else
-          activation_pass(i, op.activation, op.negative_slope, out, count, shape[0]);
+          activation_pass(i, op, out, count, shape[0]);
         break;
       }
     }

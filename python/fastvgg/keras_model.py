@@ -498,14 +498,12 @@ def _collapse_channel_stacks(layers: Dict[str, dict]) -> None:
             sources.add(source)
             indices.append(key[1])
         else:
-            channels = len(parts)
-            readers = [
-                other for other, entry in layers.items() for ref in _all_refs(entry) if ref[0] in {p[0] for p in parts}
-            ]
+            channels, items = len(parts), {ref[0] for ref in parts}
+            readers = [other for other, entry in layers.items() for ref in _all_refs(entry) if ref[0] in items]
             if len(sources) == 1 and indices == list(range(channels - 1, -1, -1)) and set(readers) == {name}:
                 (source,) = sources
-                for ref in parts:
-                    layers.pop(ref[0], None)
+                for item in items:
+                    layers.pop(item)
                 layers[name] = {
                     "class_name": "_ReverseChannels",
                     "name": name,
@@ -578,11 +576,11 @@ def _node_inputs(node) -> Tuple[List[Tuple[str, int, int]], bool]:
                 return
             if isinstance(value, dict):
                 if value.get("class_name") == "__keras_tensor__":
-                    history = _dict(value.get("config")).get("keras_history")
-                    if isinstance(history, list) and len(history) == 3 and isinstance(history[0], str):
-                        refs.append((history[0], _int(history[1]), _int(history[2])))
-                    else:
+                    ref = _keras_tensor_ref(value)
+                    if ref is None:
+                        history = _dict(value.get("config")).get("keras_history")
                         raise UnsupportedModelError(f"a tensor in the model config has no valid keras_history: {history!r}.")
+                    refs.append(ref)
                 else:
                     for item in value.values():
                         collect(item, depth + 1)
@@ -739,10 +737,7 @@ _FLOAT32_VARIABLE_POLICIES = (None, "float32", "mixed_float16", "mixed_bfloat16"
 def _dtype_policy_name(dtype):
     """The policy's name from a layer config's "dtype": a string, Keras 3's DTypePolicy dict or
     tf.keras's Policy dict ({"class_name": ..., "config": {"name": "mixed_float16", ...}})."""
-    if isinstance(dtype, dict):
-        config = dtype.get("config")
-        return config.get("name") if isinstance(config, dict) else None
-    return dtype
+    return _dict(dtype.get("config")).get("name") if isinstance(dtype, dict) else dtype
 
 
 def _spec(layer: dict, shape: Shape, path: str) -> LayerSpec:
@@ -930,8 +925,8 @@ def _spec(layer: dict, shape: Shape, path: str) -> LayerSpec:
 
 def _preprocessing_spec(spec: LayerSpec, layer: dict, refuse) -> LayerSpec:
     """Keras's preprocessing ops inside a model (see _PREPROCESSING_OPS): a channel reversal
-    (kind "reverse_channels"; saved_model runs it on the model's input) or a constant added per
-    channel (an "affine" map with scale 1)."""
+    (kind "reverse_channels"; saved_model runs it on the model's input) or arithmetic with a
+    constant per channel (an "affine" map)."""
     shape, class_name = spec.input_shape, spec.class_name
     config = layer.get("config") or {}
     nodes = layer.get("inbound_nodes")
