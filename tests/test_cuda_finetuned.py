@@ -544,12 +544,10 @@ def test_bad_calls_raise(backend):
 
 
 # 4. A real Keras file -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["every_op", "preprocess_inside"])
+@pytest.mark.parametrize("name", ["every_op"])
 def test_keras_file_on_cuda_predicts_as_keras(cuda_device, name, tmp_path):
     """tests/keras_finetuned.py's model with every op fastvgg adds (a real VGG16 base cut at
-    block3_pool), and the one that calls preprocess_input inside itself (the channel reversal
-    happens before the executor runs, on either device), built, trained two steps and saved by
-    Keras 3, loaded with device="cuda":
+    block3_pool), built, trained two steps and saved by Keras 3, loaded with device="cuda":
     within the issue's 1e-4 of Keras, with its top-1 class, and within 2e-5 (relative L2)
     of the CPU executor. (tests/test_load_model.py checks every shape of keras_finetuned.py
     against Keras on the CPU; the emulator would take minutes for all of them.)"""
