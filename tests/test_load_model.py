@@ -497,6 +497,54 @@ def test_recorded_training_true_is_refused_only_where_keras_keeps_it(tmp_path, f
         assert np.abs(fastvgg.load_model(path).predict(x) - first).max() <= KERAS_ATOL
 
 
+def _augmentations(flavor, keras):
+    """Every augmentation layer of `flavor` that fastvgg reads as the identity, in a nested
+    Sequential block, as Keras's transfer-learning guide builds its data_augmentation."""
+    layers = keras.layers
+    common = [layers.RandomFlip("horizontal"), layers.RandomRotation(0.1), layers.RandomZoom(0.1),
+              layers.RandomTranslation(0.1, 0.1), layers.RandomContrast(0.2), layers.RandomBrightness(0.2)]
+    if flavor == "tf_keras":
+        return common + [layers.RandomHeight(0.2), layers.RandomWidth(0.2)]
+    return common + [
+        layers.AugMix(), layers.CutMix(), layers.MixUp(), layers.RandAugment(), layers.RandomColorDegeneration(0.5),
+        layers.RandomColorJitter(brightness_factor=0.2, contrast_factor=0.2, saturation_factor=(0.4, 0.6),
+                                 hue_factor=0.2),
+        layers.RandomElasticTransform(), layers.RandomErasing(), layers.RandomGaussianBlur(),
+        layers.RandomGrayscale(0.5), layers.RandomHue(0.3), layers.RandomInvert(), layers.RandomPerspective(),
+        layers.RandomPosterization(4), layers.RandomSaturation(0.3), layers.RandomSharpness(0.3),
+        layers.RandomShear(0.2, 0.2), layers.Solarization(0.5, 0.5)]
+
+
+# Keras 3 cannot write these to .h5 (their configs hold a backend module; its deepcopy fails).
+_KERAS3_NOT_IN_H5 = {"RandomBrightness", "RandomColorDegeneration", "RandomPosterization", "RandomSaturation",
+                     "RandomSharpness", "Solarization"}
+
+
+@pytest.mark.parametrize("flavor", ["keras3", "tf_keras"])
+@pytest.mark.parametrize("ext", [".keras", ".h5"])
+def test_augmentation_layers_load_as_the_identity(tmp_path, flavor, ext):
+    """Each augmentation layer returns its input at predict (checked here on Keras itself, layer
+    by layer), so a model with them gives Keras's predictions without them."""
+    keras = _keras(flavor)
+    augmentations = _augmentations(flavor, keras)
+    assert {type(layer).__name__ for layer in augmentations} <= set(keras_model._IDENTITY_AT_INFERENCE)
+    if (flavor, ext) == ("keras3", ".h5"):
+        augmentations = [layer for layer in augmentations if type(layer).__name__ not in _KERAS3_NOT_IN_H5]
+    images = np.random.default_rng(2).uniform(0, 255, (2, 16, 16, 3)).astype(np.float32)
+    for layer in augmentations:
+        np.testing.assert_array_equal(np.asarray(layer(images, training=False)), images, err_msg=type(layer).__name__)
+    inputs = keras.Input((16, 16, 3))
+    x = keras.Sequential(augmentations, name="data_augmentation")(inputs)
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv")(x)
+    # Pooled, not flattened: tf.keras's RandomHeight/RandomWidth leave the height and width unknown.
+    out = keras.layers.Dense(3, name="dense")(keras.layers.GlobalAveragePooling2D()(x))
+    model = keras.Model(inputs, out)
+    expected = model.predict(images, verbose=0)
+    loaded = fastvgg.load_model(_saved(model, str(tmp_path / f"augmented{ext}")))
+    # Outputs in the hundreds (0..255 pixels): Keras's 1e-4 bound, relative to their size.
+    assert np.abs(loaded.predict(images) - expected).max() <= KERAS_ATOL * max(1.0, np.abs(expected).max())
+
+
 def test_preprocessing_ops_load_only_in_the_forms_preprocess_input_records(tmp_path):
     keras3, tf_keras = _keras("keras3"), _keras("tf_keras")
 

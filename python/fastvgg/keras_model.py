@@ -40,6 +40,31 @@ _IDENTITY_AT_INFERENCE = (
     "RandomTranslation",
     "RandomContrast",
     "RandomBrightness",
+    # Keras 3's newer augmentation layers: each returns its input when training is False.
+    # (Equalization and AutoContrast are not here: not random by name, their inference
+    # behaviour differs between them and may between Keras versions; RandomCrop resizes and
+    # crops at inference in tf.keras.)
+    "AugMix",
+    "CutMix",
+    "MixUp",
+    "RandAugment",
+    "RandomColorDegeneration",
+    "RandomColorJitter",
+    "RandomElasticTransform",
+    "RandomErasing",
+    "RandomGaussianBlur",
+    "RandomGrayscale",
+    "RandomHue",
+    "RandomInvert",
+    "RandomPerspective",
+    "RandomPosterization",
+    "RandomSaturation",
+    "RandomSharpness",
+    "RandomShear",
+    "Solarization",
+    # tf.keras's: the identity at inference too.
+    "RandomHeight",
+    "RandomWidth",
 )
 SUPPORTED_LAYERS = (
     "InputLayer",
