@@ -26,7 +26,8 @@ included) and the steady state: images from the first actor's model being ready 
 batch's end. The pipelines are timed in --rounds rounds, each timing every one of them once back
 to back, and each ratio to one process is taken within a round (this VM's speed drifts by 10-20%
 over minutes). Actor start-up: the Extractor's construction inside a fresh actor (model load
-from the warm cache), and Ray's actor creation to ready on top of it.
+from the warm cache), Ray's actor creation to ready on top of it, and that of an empty actor of
+the same CPUs (Ray's own floor).
 
     python bench/scale.py --throughput-only --rounds 3     # the throughput table alone
 """
@@ -389,7 +390,8 @@ class RayJobs:
         return elapsed, steady, note
 
     def fresh_actor_start(self) -> str:
-        """Ray's creation of a fresh actor to ready, and the Extractor's share of it."""
+        """Ray's creation of a fresh actor to ready, the Extractor's share of it, and Ray's own
+        floor: an actor of the same CPUs that imports and builds nothing, created the same way."""
         ray, weights = self.ray, self.weights
         import fastvgg.ray as fastvgg_ray
 
@@ -403,16 +405,27 @@ class RayJobs:
             def init_seconds(self):
                 return self.init_s
 
-        starts = []
-        for _ in range(3):
+        @ray.remote(num_cpus=self.threads)
+        class Empty:
+            def init_seconds(self):
+                return 0.0
+
+        def created_to_ready(actor_class):
             began = time.perf_counter()
-            probe = Probe.remote()
-            init_s = ray.get(probe.init_seconds.remote())
-            starts.append((time.perf_counter() - began, init_s))
-            ray.kill(probe)
+            actor = actor_class.remote()
+            init_s = ray.get(actor.init_seconds.remote())
+            elapsed = time.perf_counter() - began
+            ray.kill(actor)
+            return elapsed, init_s
+
+        starts, floors = [], []
+        for _ in range(3):  # interleaved, so that both see the same machine
+            starts.append(created_to_ready(Probe))
+            floors.append(created_to_ready(Empty)[0])
         return ("a fresh actor (median of 3): created to ready in "
                 f"{statistics.median(s[0] for s in starts):.2f} s, of which the Extractor (model "
-                f"mapped from the warm cache) {statistics.median(s[1] for s in starts):.3f} s")
+                f"mapped from the warm cache) {statistics.median(s[1] for s in starts):.3f} s; Ray's floor, "
+                f"an empty actor of the same CPUs created the same way: {statistics.median(floors):.2f} s")
 
     def shutdown(self) -> None:
         self.ray.shutdown()
