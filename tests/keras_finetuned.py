@@ -202,6 +202,29 @@ def normalization_front(keras):
     )
 
 
+def caffe_padded(keras):
+    """VGG written out as early Keras ports of Caffe's model did: every 3x3 convolution 'valid'
+    after a ZeroPadding2D of one pixel (in each of Keras's spellings), at an odd size."""
+    layers = keras.layers
+    return keras.Sequential(
+        [
+            keras.Input((30, 26, 3)),
+            layers.ZeroPadding2D((1, 1)),
+            layers.Conv2D(16, (3, 3), activation="relu", name="conv1"),
+            layers.ZeroPadding2D(1),
+            layers.Conv2D(16, (3, 3), activation="relu", name="conv2"),
+            layers.MaxPooling2D((2, 2)),
+            layers.ZeroPadding2D(((1, 1), (1, 1))),
+            layers.Conv2D(32, (3, 3), activation="relu", name="conv3"),
+            layers.MaxPooling2D((2, 2)),
+            layers.Flatten(),
+            layers.Dense(32, activation="relu"),
+            layers.Dropout(0.5),
+            layers.Dense(5, activation="softmax"),
+        ]
+    )
+
+
 BUILDERS = {
     "gap_head": gap_head,
     "bn_head": bn_head,
@@ -213,6 +236,7 @@ BUILDERS = {
     "leaky_relu_head": leaky_relu_head,
     "dense_on_image": dense_on_image,
     "preprocess_inside": preprocess_inside,
+    "caffe_padded": caffe_padded,
     "normalization_front": normalization_front,
 }
 

@@ -44,7 +44,8 @@ HEAD_AMPLIFIED = {"preprocess_inside": "gap"}
 KERAS3_CASES = [(name, ext) for name in kf.BUILDERS for ext in (".keras", ".h5")]
 TF_KERAS_CASES = [
     (name, ext)
-    for name in ("gap_head", "cut_block2", "rescaling_nested", "every_op", "leaky_relu_head", "dense_on_image")
+    for name in ("gap_head", "cut_block2", "rescaling_nested", "every_op", "leaky_relu_head", "dense_on_image",
+                 "caffe_padded")
     for ext in (".h5", ".keras")
 ] + [("preprocess_inside", ".h5")]  # tf.keras cannot write its ops to .keras
 
@@ -247,7 +248,8 @@ def _keras_layers(model, found=None):
 
 @pytest.mark.parametrize(
     "flavor, name",
-    [("keras3", "every_op"), ("keras3", "bn_head"), ("tf_keras", "gap_head"), ("keras3", "dense_on_image"), ("tf_keras", "leaky_relu_head")],
+    [("keras3", "every_op"), ("keras3", "bn_head"), ("tf_keras", "gap_head"), ("keras3", "dense_on_image"), ("tf_keras", "leaky_relu_head"),
+     ("keras3", "caffe_padded")],
 )
 def test_model_api_matches_keras(saved_models, flavor, name):
     saved = saved_models(flavor, name)
@@ -271,6 +273,43 @@ def test_model_api_matches_keras(saved_models, flavor, name):
     model.summary(print_fn=lines.append)
     assert any(model.layers[-1].name in line for line in lines)
     assert f"{model.count_params():,}" in "\n".join(lines)
+
+
+def test_zero_padding_runs_inside_the_convolution_after_it(saved_models, tmp_path):
+    """ZeroPadding2D(1) + a 'valid' 3x3 Conv2D is one 'same' convolution: each convolution gives
+    Keras's output (per layer, against Keras's own sub-model), the padded image is never
+    computed (asking for it says so), and padding fastvgg cannot fold is refused by name."""
+    saved = saved_models("keras3", "caffe_padded")
+    model = fastvgg.load_model(saved.paths[".keras"])
+    pads = [layer for layer in model.layers if layer.class_name == "ZeroPadding2D"]
+    assert [layer.folded_into for layer in pads] == ["conv1", "conv2", "conv3"]
+    keras_layers = _keras_layers(saved.model)
+    keras = _keras("keras3")
+    for name in ("conv1", "conv2", "conv3"):
+        expected = keras.Model(saved.model.inputs, keras_layers[name].output).predict(saved.x, verbose=0)
+        got = model.extract(saved.x, [name])[name]
+        assert got.shape == expected.shape
+        assert np.abs(got - expected).max() <= KERAS_ATOL * max(1.0, np.abs(expected).max()), name
+    for pad in pads:
+        assert pad.output_shape[1:3] == keras_layers[pad.name].output.shape[1:3]
+        with pytest.raises(ValueError, match=f"{pad.name}.*inside convolution '{pad.folded_into}'.*np.pad"):
+            model.extract(saved.x, [pad.name])
+        with pytest.raises(ValueError, match="never computed"):
+            fastvgg.Model(model.input, pad.output)
+
+    def refused(pad_then, message):
+        inputs = keras.Input((12, 12, 3))
+        model = keras.Model(inputs, keras.layers.Flatten()(pad_then(inputs)))
+        with pytest.raises(UnsupportedModelError, match=message):
+            fastvgg.load_model(_saved(model, str(tmp_path / "padded.keras")))
+
+    layers = keras.layers
+    refused(lambda x: layers.Conv2D(4, 3)(layers.ZeroPadding2D(2)(x)), r"\(2, 2, 2, 2\)")
+    refused(lambda x: layers.Conv2D(4, 3)(layers.ZeroPadding2D(((1, 0), (1, 1)))(x)), r"\(1, 0, 1, 1\)")
+    refused(lambda x: layers.Conv2D(4, 3, padding="same")(layers.ZeroPadding2D(1)(x)), "Conv2D")
+    refused(lambda x: layers.Conv2D(4, 1)(layers.ZeroPadding2D(1)(x)), "Conv2D")
+    refused(lambda x: layers.MaxPooling2D()(layers.ZeroPadding2D(1)(x)), "MaxPooling2D")
+    refused(lambda x: layers.ZeroPadding2D(1)(x), "Flatten")
 
 
 def test_set_weights_changes_predictions_as_in_keras(saved_models):

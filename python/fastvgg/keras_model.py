@@ -82,6 +82,7 @@ SUPPORTED_LAYERS = (
     "ReLU",
     "LeakyReLU",
     "Softmax",
+    "ZeroPadding2D",
 ) + _IDENTITY_AT_INFERENCE + _MODEL_CLASSES
 # The ops Keras records when applications.vgg16.preprocess_input (or x[..., ::-1] and a bias)
 # is called on a symbolic tensor inside a model: Keras 3's GetItem (and Stack) and Add with a
@@ -131,7 +132,9 @@ class LayerSpec:
     "dense", "affine" (per-channel scale and shift: BatchNormalization, Rescaling,
     Normalization; also preprocess_input's means and other arithmetic with constants),
     "activation", "identity",
-    "reverse_channels" (preprocess_input's x[..., ::-1], on the model's input only).
+    "reverse_channels" (preprocess_input's x[..., ::-1], on the model's input only),
+    "zero_pad" (ZeroPadding2D; only as the border of the 'valid' 3x3 convolution after it,
+    where _fold_zero_padding turns the pair into one 'same' convolution).
     """
 
     name: str
@@ -150,6 +153,9 @@ class LayerSpec:
     reverses_input: bool = False  # a Lambda(preprocess_input): the input's channels reversed, then this affine map
     pool_mode: str = "avg"  # global_pool
     keepdims: bool = False
+    pad: Tuple[int, int, int, int] = (0, 0, 0, 0)  # zero_pad: top, bottom, left, right
+    # A ZeroPadding2D folded into the convolution named here: fastvgg never computes its output.
+    folded_into: str = ""
     # The arrays as Keras keeps them (what get_weights returns), in Keras's order, and their names.
     weight_names: List[str] = field(default_factory=list)
     weight_shapes: List[Tuple[int, ...]] = field(default_factory=list)
@@ -722,6 +728,23 @@ def _pair(value, name: str, what: str, path: str) -> Tuple[int, int]:
     raise UnsupportedModelError(f"{path!r}: layer {name!r} has {what} {value!r}; expected two integers.")
 
 
+def _zero_padding(value, refuse) -> Tuple[int, int, int, int]:
+    """ZeroPadding2D's padding, (top, bottom, left, right), from Keras's three forms: n,
+    (rows, columns), or ((top, bottom), (left, right))."""
+    def count(v):
+        if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 65536:
+            return v
+        refuse(f"has padding {value!r}; expected an int, two ints, or two pairs of ints.")
+
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        if all(isinstance(v, (list, tuple)) and len(v) == 2 for v in value):
+            return count(value[0][0]), count(value[0][1]), count(value[1][0]), count(value[1][1])
+        rows, columns = count(value[0]), count(value[1])
+        return rows, rows, columns, columns
+    n = count(value)
+    return n, n, n, n
+
+
 def _pooled(size: Optional[int], padding: str) -> Optional[int]:
     if size is None:
         return None
@@ -748,7 +771,30 @@ def _specs(leaves: List[dict], input_name: str, input_shape: Shape, path: str) -
         names.add(spec.name)
         specs.append(spec)
         shape = spec.output_shape
+    _fold_zero_padding(specs, path)
     return specs
+
+
+def _fold_zero_padding(specs: List[LayerSpec], path: str) -> None:
+    """ZeroPadding2D(1) followed by a 'valid' 3x3 Conv2D (how VGG ported from Caffe, and VGG
+    written out by hand in early Keras, pad) is exactly a 'same' 3x3 convolution of the
+    unpadded image: fastvgg runs the pair as that, with its fast kernels. The padded image
+    itself is never computed. Padding anywhere else is refused."""
+    for position, spec in enumerate(specs):
+        if spec.kind != "zero_pad":
+            continue
+        after = specs[position + 1] if position + 1 < len(specs) else None
+        if spec.pad != (1, 1, 1, 1) or after is None or not (
+            after.kind == "conv" and after.kernel_size == 3 and after.padding == "valid"
+        ):
+            what = f"then layer {after.name!r} ({after.class_name})" if after is not None else "at the end of the model"
+            raise UnsupportedModelError(
+                f"{path!r}: layer {spec.name!r} (ZeroPadding2D) pads by (top, bottom, left, right) = {spec.pad}, "
+                f"{what}. fastvgg runs ZeroPadding2D only as a 1-pixel border read by a 'valid' 3x3 Conv2D right "
+                "after it (the pair is a 'same' convolution); use Conv2D(padding='same') instead and save again."
+            )
+        after.padding, after.input_shape = "same", spec.input_shape
+        spec.kind, spec.folded_into = "identity", after.name
 
 
 # Dtype policies whose weights are float32. Under a mixed policy Keras keeps float32 variables and
@@ -788,6 +834,13 @@ def _spec(layer: dict, shape: Shape, path: str) -> LayerSpec:
         )
 
     if class_name in _IDENTITY_AT_INFERENCE:
+        return spec
+    if class_name == "ZeroPadding2D":
+        need_spatial()
+        spec.kind, spec.pad = "zero_pad", _zero_padding(config.get("padding", 1), refuse)
+        h, w, c = shape
+        top, bottom, left, right = spec.pad
+        spec.output_shape = (None if h is None else h + top + bottom, None if w is None else w + left + right, c)
         return spec
     if class_name in _PREPROCESSING_OPS:
         return _preprocessing_spec(spec, layer, refuse)

@@ -26,6 +26,9 @@ class Layer:
     # input as it came (saved_model._reverse_channels_on_input, Model._run).
     reverses_channels = False
     echoes_input = False
+    # A loaded ZeroPadding2D that runs inside the convolution named here: its padded image is
+    # never computed, so it cannot be a model's output (keras_model._fold_zero_padding).
+    folded_into = ""
 
     def __init__(self, name: str, input_shape: Shape, output_shape: Shape) -> None:
         self.name = name

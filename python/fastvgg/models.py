@@ -68,6 +68,7 @@ class Model:
                     f"Output {tensor.name!r} is not connected to the inputs: it belongs to another model. "
                     "Take inputs and outputs from the same model."
                 )
+            _check_computed(tensor.layer)
         deepest = max(graph.index(tensor.layer) for tensor in self._output_list)
         self._executor = input_tensor.layer._executor
         self.layers: List[Layer] = graph[: deepest + 1]
@@ -175,6 +176,7 @@ class Model:
             raise TypeError(f"Layer names must be strings, got {name!r}.")
         layer_name, preact = (name[: -len(PREACT_SUFFIX)], True) if name.endswith(PREACT_SUFFIX) else (name, False)
         layer = self.get_layer(layer_name)
+        _check_computed(layer)
         if not preact:
             return layer.output
         if not isinstance(layer, Conv2D):
@@ -627,3 +629,12 @@ def VGG19(
         "vgg19", weights, include_top, input_shape, pooling, classes, classifier_activation, name, seed, precision,
         device, packed_cache,
     )
+
+
+def _check_computed(layer: Layer) -> None:
+    if layer.folded_into:
+        raise ValueError(
+            f"Layer {layer.name!r} (ZeroPadding2D) runs inside convolution {layer.folded_into!r}, which fastvgg computes "
+            "as one 'same' convolution of the unpadded image: the padded image itself is never computed. Take the "
+            "output of the layer before it and pad it with np.pad."
+        )

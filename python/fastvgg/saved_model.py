@@ -100,6 +100,7 @@ def build_model(spec: ModelSpec, precision: str = "fast", device: str = "cpu", s
             layer._per_pixel = not flat
         flat = flat or layer_spec.kind in ("flatten", "global_pool")
         layer._index = index
+        layer.folded_into = layer_spec.folded_into
         layers.append(layer)
     from .models import new_executor
 
