@@ -312,6 +312,25 @@ def test_zero_padding_runs_inside_the_convolution_after_it(saved_models, tmp_pat
     refused(lambda x: layers.ZeroPadding2D(1)(x), "Flatten")
 
 
+def test_summary_wraps_long_names_inside_their_column(saved_models):
+    """'global_average_pooling2d (GlobalAveragePooling2D)' is longer than summary's first column:
+    it goes on over the next line, and never runs into the output shape beside it."""
+    model = fastvgg.load_model(saved_models("keras3", "gap_head").paths[".keras"])
+    lines = []
+    model.summary(print_fn=lines.append)
+    gap = next(layer for layer in model.layers if layer.class_name == "GlobalAveragePooling2D")
+    label = f"{gap.name} ({gap.class_name})"
+    assert len(label) > 33
+    first = next(i for i, line in enumerate(lines) if line.startswith(label[:32]))
+    assert lines[first][32] == " " and lines[first][33:].split()[0] == "(None,"
+    assert lines[first + 1].startswith(label[32:])
+    rulers = [i for i, line in enumerate(lines) if line and set(line) == {"="}]
+    for line in lines[rulers[0] + 1 : rulers[1]]:  # the layer rows
+        assert len(line) <= 33 + 26 + 12
+        if len(line) > 33:
+            assert line[32] == " " and (len(line) <= 59 or line[58] == " "), line
+
+
 def test_set_weights_changes_predictions_as_in_keras(saved_models):
     saved = saved_models("keras3", "bn_head")
     model = fastvgg.load_model(saved.paths[".keras"])

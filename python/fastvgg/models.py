@@ -291,15 +291,24 @@ class Model:
         total_width = sum(widths)
 
         def row(cells):
-            return "".join(str(cell).ljust(w) for cell, w in zip(cells, widths)).rstrip()
+            # A cell longer than its column goes on over the next lines of that column (as
+            # Keras 3 wraps), so a long layer name never runs into its output shape.
+            chunks = [[text[i : i + w - 1] for i in range(0, max(len(text), 1), w - 1)]
+                      for text, w in zip(map(str, cells), widths)]
+            return [
+                "".join((column[line] if line < len(column) else "").ljust(w) for column, w in zip(chunks, widths)).rstrip()
+                for line in range(max(len(column) for column in chunks))
+            ]
 
         total = self.count_params()
         print_fn(f'Model: "{self.name}"')
         print_fn("_" * total_width)
-        print_fn(row(("Layer (type)", "Output Shape", "Param #")))
+        for line in row(("Layer (type)", "Output Shape", "Param #")):
+            print_fn(line)
         print_fn("=" * total_width)
         for i, layer in enumerate(self.layers):
-            print_fn(row((f"{layer.name} ({layer.class_name})", layer.output_shape, f"{layer.count_params():,}")))
+            for line in row((f"{layer.name} ({layer.class_name})", layer.output_shape, f"{layer.count_params():,}")):
+                print_fn(line)
             if i != len(self.layers) - 1:
                 print_fn("")
         print_fn("=" * total_width)
