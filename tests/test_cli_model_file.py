@@ -91,6 +91,27 @@ def test_predict_with_chosen_preprocessing(photos, model_files, preprocessing): 
         np.testing.assert_allclose([s for _, s in tables[path]], scores[order], atol=1e-4)
 
 
+def test_predict_with_a_model_whose_output_is_a_dict(photos, tmp_path):  # noqa: F811
+    """A Keras 3 model built with outputs={"name": ...}: the CLI shows its scores (before, it
+    stopped on the dict predict returns)."""
+    import keras
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        inputs = keras.Input((32, 32, 3))
+        x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3, padding="same")(inputs))
+        model = keras.Model(inputs, {"scores": keras.layers.Dense(3, activation="softmax")(x)})
+        path = str(tmp_path / "dict_output.keras")
+        model.save(path)
+    result = run_cli("predict", *photos, "--model", path, "--preprocess", "scale", "--top", "3")
+    tables = parse_table(result.stdout)
+    expected = api_scores(path, photos, "scale")["scores"]
+    for image, scores in zip(photos, expected):
+        order = np.argsort(scores)[::-1]
+        assert [label for label, _ in tables[image]] == [f"class {i}" for i in order]
+        np.testing.assert_allclose([s for _, s in tables[image]], scores[order], atol=1e-4)
+
+
 def test_info_prints_the_layers(model_files):
     out = run_cli("info", model_files["gap_head"]).stdout
     model = fastvgg.load_model(model_files["gap_head"])

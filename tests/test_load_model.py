@@ -331,6 +331,29 @@ def test_summary_wraps_long_names_inside_their_column(saved_models):
             assert line[32] == " " and (len(line) <= 59 or line[58] == " "), line
 
 
+def test_dict_inputs_and_outputs_keep_keras_structure(tmp_path):
+    """Keras 3's Model({"image": x}, {"scores": y}): predict gives {"scores": array}, as Keras's
+    does (before, the loader counted the dict's refs as 0 outputs and refused the model)."""
+    keras = _keras("keras3")
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = keras.layers.Flatten()(keras.layers.Conv2D(2, 3, padding="same", name="conv")(inputs))
+    out = keras.layers.Dense(3, activation="softmax", name="dense")(x)
+    images = np.random.default_rng(4).uniform(-1, 1, (2, 8, 8, 3)).astype(np.float32)
+    for model_inputs in (inputs, {"image": inputs}):
+        model = keras.Model(model_inputs, {"scores": out})
+        expected = model.predict(images if model_inputs is inputs else {"image": images}, verbose=0)
+        for ext in (".keras", ".h5"):
+            # fastvgg's models have one input: the array, whatever structure Keras's took.
+            loaded = fastvgg.load_model(_saved(model, str(tmp_path / f"dict{ext}")))
+            got = loaded.predict(images)
+            assert isinstance(got, dict) and list(got) == ["scores"]
+            assert np.abs(got["scores"] - expected["scores"]).max() <= KERAS_ATOL
+            # Keras's way of passing the input, too; a wrong key is named.
+            np.testing.assert_array_equal(loaded.predict({"image": images})["scores"], got["scores"])
+            with pytest.raises(ValueError, match=r"one input, 'image'.*\['picture'\]"):
+                loaded.predict({"picture": images})
+
+
 def test_set_weights_changes_predictions_as_in_keras(saved_models):
     saved = saved_models("keras3", "bn_head")
     model = fastvgg.load_model(saved.paths[".keras"])

@@ -173,6 +173,8 @@ class ModelSpec:
     name: str
     input_name: str
     layers: List[LayerSpec]  # layers[0] is the input
+    # Keras 3's Model(inputs, {"name": output}): predict returns {"name": array}, as Keras's does.
+    output_key: Optional[str] = None
 
     @property
     def input_shape(self) -> Shape:
@@ -273,7 +275,9 @@ def model_from_config(config, path: str = "<config>", custom_objects=None) -> Mo
     if input_shape is None:
         raise ValueError(f"{path!r}: the model config gives no input shape; build the model on an Input before saving.")
     name = str(_dict(config.get("config")).get("name") or "model")
-    return ModelSpec(name, input_name, _specs(leaves, input_name, input_shape, path))
+    outputs = _dict(config.get("config")).get("output_layers")
+    output_key = str(next(iter(outputs))) if isinstance(outputs, dict) and len(outputs) == 1 else None
+    return ModelSpec(name, input_name, _specs(leaves, input_name, input_shape, path), output_key)
 
 
 def _class_name(layer: dict) -> str:
@@ -567,7 +571,10 @@ def _is_reversing_slice(value) -> bool:
 
 
 def _tensor_refs(value) -> List[Tuple[str, int, int]]:
-    """Functional input_layers / output_layers: Keras 3 stores one ref as [name, node, index]."""
+    """Functional input_layers / output_layers: Keras 3 stores one ref as [name, node, index],
+    and the refs of a model built on dicts (Model({"image": x}, {"scores": y})) as a dict."""
+    if isinstance(value, dict):
+        value = list(value.values())
     if not isinstance(value, list):
         return []
     if len(value) == 3 and isinstance(value[0], str):

@@ -220,6 +220,16 @@ class Model:
         return [results[t] for t in tensors]
 
     def _checked_input(self, x) -> np.ndarray:
+        if isinstance(x, dict):
+            # Keras takes {input name: array} for every model (and needs it for a model built on
+            # a dict of inputs); fastvgg's models have one input.
+            name = self.layers[0].name
+            if list(x) != [name]:
+                raise ValueError(
+                    f"Model {self.name!r} has one input, {name!r}; a dict input must hold that one key, got "
+                    f"{sorted(map(str, x))}. Or pass the array itself."
+                )
+            x = x[name]
         if isinstance(x, np.ma.MaskedArray):
             # np.asarray would silently use whatever numbers sit under the mask.
             raise TypeError(

@@ -126,7 +126,8 @@ def build_model(spec: ModelSpec, precision: str = "fast", device: str = "cpu", s
             load()
 
         status = load_model_weights(executor, path, read_and_load, packed_cache)
-    model = LoadedModel(layers[0].output, layers[-1].output, name=spec.name)
+    output = layers[-1].output
+    model = LoadedModel(layers[0].output, output if spec.output_key is None else {spec.output_key: output}, name=spec.name)
     model._packed_cache_status = status
     return model
 
