@@ -110,6 +110,17 @@ def test_predict_with_a_model_whose_output_is_a_dict(photos, tmp_path):  # noqa:
         order = np.argsort(scores)[::-1]
         assert [label for label, _ in tables[image]] == [f"class {i}" for i in order]
         np.testing.assert_allclose([s for _, s in tables[image]], scores[order], atol=1e-4)
+    # Two outputs (along the chain): predict says what to use instead, in one line.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        conv = model.get_layer(index=1).output
+        two = keras.Model(model.input, [conv, model.output["scores"]])
+        two_path = str(tmp_path / "two_outputs.keras")
+        two.save(two_path)
+    failed = run_cli("predict", *photos, "--model", two_path, check=False)
+    assert failed.returncode == 1
+    assert "2 outputs" in failed.stderr and "fastvgg features" in failed.stderr
+    assert len(failed.stderr.strip().splitlines()) == 1
 
 
 def test_info_prints_the_layers(model_files):

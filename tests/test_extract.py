@@ -75,6 +75,22 @@ def test_model_output_structures_follow_keras(vgg16_case):
     assert as_dict["early"].shape == (len(x), x.shape[1] // 4, x.shape[2] // 4, 128)
 
 
+def test_an_output_asked_for_twice_comes_back_as_two_arrays(vgg16_case):
+    """Model(x, [t, pool, t]) (Keras allows it): before, the core was handed one output array
+    twice and stopped ("two out_arrays overlap"); now each position gets its own array."""
+    _, base, x, reference = vgg16_case
+    pool1 = base.get_layer("block1_pool").output
+    pool2 = base.get_layer("block2_pool").output
+    first, middle, again = fastvgg.Model(base.input, [pool1, pool2, pool1]).predict(x)
+    assert_close(first, reference["block1_pool"], "block1_pool")
+    assert_close(middle, reference["block2_pool"], "block2_pool")
+    np.testing.assert_array_equal(first, again)
+    assert first is not again and not np.shares_memory(first, again)
+    both = fastvgg.Model(base.input, {"a": base.input, "b": base.input}).predict(x)
+    np.testing.assert_array_equal(both["a"], both["b"])
+    assert not np.shares_memory(both["a"], both["b"])
+
+
 def test_sub_model_shares_the_base_weights(vgg16_case):
     weights, _, x, _ = vgg16_case
     base = weighted_model(16, weights)

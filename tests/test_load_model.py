@@ -504,8 +504,49 @@ def test_branch_is_refused(tmp_path):
         b = keras.layers.Dense(3, name="right")(x)
         return keras.Model(inputs, [a, b])
 
-    with pytest.raises(UnsupportedModelError, match="2 outputs"):
+    with pytest.raises(UnsupportedModelError, match="'trunk' feeds 2 layers.*a branch"):
         fastvgg.load_model(_save_keras3(tmp_path, build, "branch"))
+
+
+@pytest.mark.parametrize("flavor", ["keras3", "tf_keras"])
+def test_several_outputs_along_the_chain_load(tmp_path, flavor):
+    """A feature extractor saved as Model(x, [layers along the chain]) (perceptual losses, style
+    transfer): predict returns Keras's list (or Keras 3's dict), each output within 1e-4 of
+    Keras's, and the model ends at its deepest output. A nested model with several outputs
+    is refused."""
+    keras = _keras(flavor)
+    layers = keras.layers
+    inputs = keras.Input((20, 20, 3), name="image")
+    conv1 = layers.Conv2D(8, 3, padding="same", activation="relu", name="conv1")(inputs)
+    pool1 = layers.MaxPooling2D(name="pool1")(conv1)
+    conv2 = layers.Conv2D(8, 3, padding="same", activation="relu", name="conv2")(pool1)
+    pool2 = layers.MaxPooling2D(name="pool2")(conv2)
+    conv3 = layers.Conv2D(4, 3, padding="same", name="conv3")(pool2)
+    layers.Flatten(name="unused_after")(conv3)
+    images = np.random.default_rng(5).uniform(-1, 1, (3, 20, 20, 3)).astype(np.float32)
+    structures = [[pool2, conv1, conv3, conv1]] + ([{"early": conv1, "late": pool2}] if flavor == "keras3" else [])
+    for outputs in structures:
+        model = keras.Model(inputs, outputs)
+        expected = model.predict(images, verbose=0)
+        for ext in (".keras", ".h5"):
+            if (flavor, ext) == ("tf_keras", ".keras"):
+                continue  # tf.keras's .keras of this model is its own format's business; .h5 is what it writes
+            loaded = fastvgg.load_model(_saved(model, str(tmp_path / f"several{ext}")))
+            got = loaded.predict(images)
+            assert type(got) is type(expected) and len(got) == len(expected)
+            pairs = [(got[k], expected[k]) for k in expected] if isinstance(expected, dict) else list(zip(got, expected))
+            for ours, theirs in pairs:
+                assert ours.shape == theirs.shape
+                assert np.abs(ours - theirs).max() <= KERAS_ATOL
+            assert loaded.layers[-1].name == ("conv3" if isinstance(outputs, list) else "pool2")
+    # A model with several outputs called as a layer of another: its outputs would be a branch.
+    if flavor == "keras3":
+        two = keras.Model(inputs, [conv1, pool1], name="two_outputs")
+        outer_in = keras.Input((20, 20, 3))
+        first, _ = two(outer_in)
+        outer = keras.Model(outer_in, layers.Flatten()(first))
+        with pytest.raises(UnsupportedModelError, match="'two_outputs', used as a layer of another model, has 2 outputs"):
+            fastvgg.load_model(_saved(outer, str(tmp_path / "nested_two.keras")))
 
 
 def test_unsupported_layer_and_options_are_named(tmp_path):

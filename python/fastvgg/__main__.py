@@ -91,8 +91,13 @@ def _predict(args) -> int:
     elif preprocessing == "scale":
         x = x / np.float32(255.0)
     probs = model.predict(x, batch_size=args.batch_size)
-    if isinstance(probs, dict):  # a Keras 3 model built with outputs={"name": ...}
-        (probs,) = probs.values()
+    outputs = list(probs.values()) if isinstance(probs, dict) else probs if isinstance(probs, list) else [probs]
+    if len(outputs) != 1:
+        raise ValueError(
+            f"the model has {len(outputs)} outputs; `predict` shows one model's class scores. Take its layers' "
+            "outputs with `fastvgg features --model FILE --layer NAME`"
+        )
+    probs = outputs[0]  # a Keras 3 model built with outputs={"name": ...} gives a dict of one
     if probs.ndim != 2:
         raise ValueError(f"the model's output has shape {probs.shape[1:]}; `predict` shows flat class scores only")
     if probs.shape[1] == 1 and _is_model_file(args):  # a binary (sigmoid) head: the score of class 1

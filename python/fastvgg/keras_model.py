@@ -10,7 +10,8 @@ refused with an error that names it.
 
 Sequential and Functional models, nested or flat, are flattened into one chain of
 :class:`LayerSpec`, the layers in the order they run. Anything that is not a chain (branches,
-merges, several inputs or outputs, a layer called twice) is refused: fastvgg runs one chain.
+merges, several inputs, outputs on different branches, a layer called twice) is refused:
+fastvgg runs one chain. Several outputs along the chain are its layers' outputs.
 """
 
 from __future__ import annotations
@@ -173,8 +174,12 @@ class ModelSpec:
     name: str
     input_name: str
     layers: List[LayerSpec]  # layers[0] is the input
-    # Keras 3's Model(inputs, {"name": output}): predict returns {"name": array}, as Keras's does.
-    output_key: Optional[str] = None
+    # The layers whose outputs are the model's, in Keras's order: several where the model was
+    # built with outputs along its chain (Model(x, [block3_pool, block4_pool])); empty: the last.
+    output_names: List[str] = field(default_factory=list)
+    # Their keys where Keras 3's model was built with a dict of outputs ({"scores": y}), so that
+    # predict returns a dict as Keras's does; None: one array, or a list of several.
+    output_keys: Optional[List[str]] = None
 
     @property
     def input_shape(self) -> Shape:
@@ -276,8 +281,8 @@ def model_from_config(config, path: str = "<config>", custom_objects=None) -> Mo
         raise ValueError(f"{path!r}: the model config gives no input shape; build the model on an Input before saving.")
     name = str(_dict(config.get("config")).get("name") or "model")
     outputs = _dict(config.get("config")).get("output_layers")
-    output_key = str(next(iter(outputs))) if isinstance(outputs, dict) and len(outputs) == 1 else None
-    return ModelSpec(name, input_name, _specs(leaves, input_name, input_shape, path), output_key)
+    output_keys = [str(key) for key in outputs] if isinstance(outputs, dict) else None
+    return ModelSpec(name, input_name, _specs(leaves, input_name, input_shape, path), flattener.output_names, output_keys)
 
 
 def _class_name(layer: dict) -> str:
@@ -295,6 +300,8 @@ class _Flattener:
         self.path = path
         self.custom_objects = custom_objects or {}
         self.count = 0
+        # The leaf layers whose outputs are the top-level model's (functional(): depth 0).
+        self.output_names: List[str] = []
 
     def fail(self, message: str):
         raise UnsupportedModelError(f"{self.path!r}: {message}")
@@ -360,11 +367,13 @@ class _Flattener:
                 f"model {model_name!r} has {len(inputs)} inputs ({[r[0] for r in inputs]}); fastvgg runs models "
                 "with one input whose layers form one chain."
             )
-        if len(outputs) != 1:
+        if len(outputs) != 1 and depth > 0:
             self.fail(
-                f"model {model_name!r} has {len(outputs)} outputs ({[r[0] for r in outputs]}); fastvgg runs models "
-                "with one output whose layers form one chain."
+                f"model {model_name!r}, used as a layer of another model, has {len(outputs)} outputs "
+                f"({[r[0] for r in outputs]}); fastvgg runs models whose layers form one chain."
             )
+        if not outputs:
+            self.fail(f"model {model_name!r} has no outputs.")
         # Each layer's one call and the one tensor it reads.
         source: Dict[str, str] = {}
         consumers: Dict[str, List[str]] = {}
@@ -406,21 +415,20 @@ class _Flattener:
         input_name = inputs[0][0]
         if input_name not in layers or _class_name(layers[input_name]) != "InputLayer":
             self.fail(f"model {model_name!r}'s input {input_name!r} is not an InputLayer of the model.")
-        # Walk back from the output to the input.
-        chain: List[str] = []
-        current = outputs[0][0]
-        if current not in layers:
-            self.fail(f"model {model_name!r}'s output {current!r} is not one of its layers.")
-        while current != input_name:
-            if current in chain or len(chain) > len(layers):
-                self.fail(f"model {model_name!r} has a cycle through layer {current!r}.")
-            chain.append(current)
-            if current not in source:
-                self.fail(f"model {model_name!r}: layer {current!r} is not connected to the input {input_name!r}.")
-            current = source[current]
-        chain.reverse()
+        # Walk back from each output to the input. Several outputs must lie on one chain (a
+        # feature extractor's Model(x, [block3_pool, block4_pool])): each output's chain is
+        # the start of the deepest one's.
+        chains = [self.chain_to(ref, layers, source, input_name, model_name) for ref in outputs]
+        chain = max(chains, key=len)
+        for ref, other in zip(outputs, chains):
+            if chain[: len(other)] != other:
+                self.fail(
+                    f"model {model_name!r}'s outputs {ref[0]!r} and {chain[-1]!r} lie on different branches; fastvgg "
+                    "runs models whose layers form one chain (several outputs along it are fine)."
+                )
         input_shape = _input_shape(layers[input_name])
         leaves: List[dict] = []
+        last_leaf: Dict[str, str] = {}  # a chain layer's name -> the leaf whose output is its output
         for name in chain:
             layer = layers[name]
             if _class_name(layer) in _MODEL_CLASSES:
@@ -430,7 +438,30 @@ class _Flattener:
                 self.fail(f"InputLayer {name!r} in the middle of model {model_name!r}.")
             else:
                 leaves.append(self.leaf(layer))
+            last_leaf[name] = _layer_name(leaves[-1]) if leaves else input_name
+        if depth == 0:
+            self.output_names = [last_leaf[ref[0]] for ref in outputs]
         return input_shape, input_name, leaves
+
+    def chain_to(self, ref, layers, source, input_name: str, model_name: str) -> List[str]:
+        """The layers from the input to the output `ref`, in the order they run."""
+        if ref[2] != 0:
+            self.fail(f"model {model_name!r}'s output is output {ref[2]} of {ref[0]!r}; only single-output layers are supported.")
+        chain: List[str] = []
+        current = ref[0]
+        if current not in layers:
+            self.fail(f"model {model_name!r}'s output {current!r} is not one of its layers.")
+        if current == input_name:
+            self.fail(f"model {model_name!r}'s output {current!r} is its input.")
+        while current != input_name:
+            if current in chain or len(chain) > len(layers):
+                self.fail(f"model {model_name!r} has a cycle through layer {current!r}.")
+            chain.append(current)
+            if current not in source:
+                self.fail(f"model {model_name!r}: layer {current!r} is not connected to the input {input_name!r}.")
+            current = source[current]
+        chain.reverse()
+        return chain
 
     def leaf(self, layer: dict) -> dict:
         """A layer that computes something: refused here unless its class is one fastvgg runs."""

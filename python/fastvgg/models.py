@@ -153,9 +153,9 @@ class Model:
         bounded whatever the batch. ``verbose=1`` shows a progress bar over the batches
         ("auto" shows it when stderr is a terminal); unlike Keras, the default is quiet.
         """
-        results = self._run(x, self._output_list, batch_size, verbose)
-        by_tensor = dict(zip(self._output_list, results))
-        return _map_structure(self._output_structure, lambda tensor: by_tensor[tensor])
+        # _map_structure visits the tensors in _output_list's order: one array for each.
+        results = iter(self._run(x, self._output_list, batch_size, verbose))
+        return _map_structure(self._output_structure, lambda tensor: next(results))
 
     def extract(self, x, layers: Sequence[str], batch_size: int = 32, verbose: Union[int, str] = 0) -> Dict[str, np.ndarray]:
         """Outputs of several layers in one forward pass, as ``{name: array}``.
@@ -195,8 +195,11 @@ class Model:
         count, height, width = x.shape[:3]
         # The input layer's "output" is the input itself (so are those of identity layers before a
         # channel reversal); every other tensor comes from the core.
-        echoed = [t for t in tensors if isinstance(t.layer, InputLayer) or t.layer.echoes_input]
-        computed = [t for t in tensors if t not in echoed]
+        # Each tensor once (the core writes each output once); a tensor asked for twice comes
+        # back as two arrays, as Keras's does.
+        unique = list(dict.fromkeys(tensors))
+        echoed = [t for t in unique if isinstance(t.layer, InputLayer) or t.layer.echoes_input]
+        computed = [t for t in unique if t not in echoed]
         # A model that starts with preprocess_input reverses the input's channels (RGB to BGR) first.
         reverse_channels = self.layers[0].reverses_channels
         shapes = self._executor.graph.output_shapes(height, width)
@@ -217,7 +220,12 @@ class Model:
                 for tensor in echoed:
                     results[tensor][start:stop] = chunk
                 bar.update(1)
-        return [results[t] for t in tensors]
+        given = set()
+        arrays = []
+        for t in tensors:
+            arrays.append(results[t].copy() if t in given else results[t])
+            given.add(t)
+        return arrays
 
     def _checked_input(self, x) -> np.ndarray:
         if isinstance(x, dict):

@@ -126,10 +126,19 @@ def build_model(spec: ModelSpec, precision: str = "fast", device: str = "cpu", s
             load()
 
         status = load_model_weights(executor, path, read_and_load, packed_cache)
-    output = layers[-1].output
-    model = LoadedModel(layers[0].output, output if spec.output_key is None else {spec.output_key: output}, name=spec.name)
+    model = LoadedModel(layers[0].output, _output_structure(spec, layers), name=spec.name)
     model._packed_cache_status = status
     return model
+
+
+def _output_structure(spec: ModelSpec, layers: List[Layer]):
+    """The model's outputs as Keras's predict returns them: one tensor, a list of several, or a
+    dict where Keras 3's model was built with one."""
+    by_name = {layer.name: layer for layer in layers}
+    tensors = [by_name[name].output for name in spec.output_names] or [layers[-1].output]
+    if spec.output_keys is not None:
+        return dict(zip(spec.output_keys, tensors))
+    return tensors[0] if len(tensors) == 1 else tensors
 
 
 def preprocesses_its_input(model: Model) -> bool:
