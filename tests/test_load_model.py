@@ -354,6 +354,32 @@ def test_dict_inputs_and_outputs_keep_keras_structure(tmp_path):
                 loaded.predict({"picture": images})
 
 
+@pytest.mark.parametrize("flavor", ["keras3", "tf_keras"])
+def test_reshape_to_one_axis_is_a_flatten_and_identity_is_the_identity(tmp_path, flavor):
+    keras = _keras(flavor)
+    layers = keras.layers
+    model = keras.Sequential([
+        keras.Input((6, 5, 3)),
+        layers.Conv2D(4, 3, padding="same", activation="relu", name="conv"),
+        layers.Reshape((-1,), name="to_rows"),
+        layers.Identity(name="nothing"),
+        layers.Dense(7, activation="tanh", name="dense"),
+        layers.Reshape((7,), name="same_rows"),
+        layers.Dense(3, name="out"),
+    ])
+    images = np.random.default_rng(6).uniform(-1, 1, (2, 6, 5, 3)).astype(np.float32)
+    expected = model.predict(images, verbose=0)
+    for ext in (".keras", ".h5"):
+        loaded = fastvgg.load_model(_saved(model, str(tmp_path / f"reshape{ext}")))
+        assert loaded.get_layer("to_rows").output_shape == (None, 120)
+        assert np.abs(loaded.predict(images) - expected).max() <= KERAS_ATOL
+        rows = model.get_layer("conv")(images).numpy().reshape(2, -1)  # Keras's NHWC order
+        assert np.abs(loaded.extract(images, ["to_rows"])["to_rows"] - rows).max() <= KERAS_ATOL
+    unflatten = keras.Sequential([keras.Input((2, 2, 2)), layers.Flatten(), layers.Reshape((2, 2, 2), name="unflatten")])
+    with pytest.raises(UnsupportedModelError, match=r"'unflatten' \(Reshape\) reshapes to \[2, 2, 2\]"):
+        fastvgg.load_model(_saved(unflatten, str(tmp_path / "unflatten.keras")))
+
+
 def test_set_weights_changes_predictions_as_in_keras(saved_models):
     saved = saved_models("keras3", "bn_head")
     model = fastvgg.load_model(saved.paths[".keras"])

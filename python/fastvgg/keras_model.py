@@ -28,6 +28,7 @@ import numpy as np
 _MODEL_CLASSES = ("Sequential", "Functional", "Model")
 # Layers that are the identity at inference (Keras calls them with training=False).
 _IDENTITY_AT_INFERENCE = (
+    "Identity",
     "Dropout",
     "SpatialDropout1D",
     "SpatialDropout2D",
@@ -84,6 +85,7 @@ SUPPORTED_LAYERS = (
     "LeakyReLU",
     "Softmax",
     "ZeroPadding2D",
+    "Reshape",
 ) + _IDENTITY_AT_INFERENCE + _MODEL_CLASSES
 # The ops Keras records when applications.vgg16.preprocess_input (or x[..., ::-1] and a bias)
 # is called on a symbolic tensor inside a model: Keras 3's GetItem (and Stack) and Add with a
@@ -940,6 +942,17 @@ def _spec(layer: dict, shape: Shape, path: str) -> LayerSpec:
         if 0 in spec.output_shape[:2]:
             refuse(f"pools a {h}x{w} input to nothing.")
         return spec
+    if class_name == "Reshape":
+        # To one axis (Reshape((-1,)) or Reshape((n,))) it is Flatten: both keep the NHWC order.
+        target = config.get("target_shape")
+        if not (isinstance(target, (list, tuple)) and len(target) == 1 and isinstance(target[0], int)
+                and not isinstance(target[0], bool)):
+            refuse(f"reshapes to {target!r}; fastvgg supports Reshape only to one axis ((-1,) or (n,)), as Flatten does.")
+        size = None if None in shape else int(np.prod(shape))
+        if target[0] != -1 and target[0] != size:
+            refuse(f"reshapes an input of shape {shape} to {tuple(target)}" +
+                   ("; save the model with a fixed input size." if size is None else "."))
+        class_name = "Flatten"  # below; spec.class_name stays Keras's
     if class_name == "Flatten":
         spec.kind = "flatten"
         if len(shape) == 1:
