@@ -363,6 +363,7 @@ py::dict describe_op(const Op& op) {
   d["padding"] = op.same_padding ? "same" : "valid";
   d["on_image"] = op.on_image;
   d["negative_slope"] = op.negative_slope;
+  d["max_inverse_norm"] = op.max_inverse_norm;
   return d;
 }
 
@@ -455,7 +456,8 @@ PYBIND11_MODULE(_core, m) {
         py::list ops;
         for (const Op& op : g.ops()) ops.append(describe_op(op));
         return ops;
-      }, "One dict per op: kind, in_channels, out_channels, activation, pool_mode.");
+      }, "One dict per op: kind, in_channels, out_channels, activation, pool_mode, kernel_size, padding, on_image, "
+         "negative_slope, max_inverse_norm.");
 
   py::class_<WeightsUpdate>(m, "WeightsUpdate", "Context manager from CpuExecutor.updating().")
       .def("__enter__", [](WeightsUpdate& u) { u.enter(); return &u; }, py::return_value_policy::reference)

@@ -249,7 +249,9 @@ void register_ops(py::module_& m, py::module_& testing) {
       .def("add_activation", [](Graph& g, const std::string& activation, float negative_slope) {
         return g.add_activation(parse_activation(activation), negative_slope);
       }, py::arg("activation"), py::arg("negative_slope") = 0.0f,
-         "An activation on its own ('linear' is the identity); negative_slope is leaky_relu's.");
+         "An activation on its own ('linear' is the identity); negative_slope is leaky_relu's.")
+      .def("add_l2_normalize", &Graph::add_l2_normalize, py::arg("max_inverse_norm"),
+           "Keras's UnitNormalization on flat rows: each row times min(1 / ||row||, max_inverse_norm).");
 
   auto executor = py::reinterpret_borrow<py::class_<CpuExecutor>>(m.attr("CpuExecutor"));
   executor

@@ -150,13 +150,17 @@ Elementwise elementwise_of(Activation a) {
 }
 
 // Whether an op's activation runs as a pass of its own (the kernels fuse only ReLU; softmax
-// runs on the flat rows).
-bool activation_pass(Activation a) { return a != Activation::Linear && a != Activation::Relu && a != Activation::Softmax; }
+// and l2_normalize run on the flat rows).
+bool activation_pass(Activation a) {
+  return a != Activation::Linear && a != Activation::Relu && a != Activation::Softmax && a != Activation::L2Normalize;
+}
 
 // Op `op`'s activation on `count` flat rows of `cols` values, `stride` floats apart.
 void activate_rows(const OpsTable& ops, const Op& op, float* rows, int count, int cols, std::ptrdiff_t stride) {
   if (op.activation == Activation::Softmax) {
     softmax_rows(rows, count, cols, stride);
+  } else if (op.activation == Activation::L2Normalize) {
+    l2_normalize_rows(rows, count, cols, stride, op.max_inverse_norm);
   } else if (op.activation != Activation::Linear) {
     for (int r = 0; r < count; ++r)
       ops.activation_rows(rows + r * stride, std::size_t(cols), elementwise_of(op.activation), op.negative_slope);

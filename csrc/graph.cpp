@@ -48,10 +48,11 @@ const char* activation_name(Activation activation) {
     case Activation::Swish: return "swish";
     case Activation::Softplus: return "softplus";
     case Activation::LeakyRelu: return "leaky_relu";
+    case Activation::L2Normalize: return "l2_normalize";
   }
   return "?";
 }
-static_assert(kActivationCount == 11, "activation_name and parse_activation list every Activation");
+static_assert(kActivationCount == 12, "activation_name and parse_activation list every Activation");
 
 const char* pool_mode_name(GlobalPoolMode mode) { return mode == GlobalPoolMode::Max ? "max" : "avg"; }
 
@@ -68,8 +69,8 @@ Activation parse_activation(const std::string& name) {
     if (name == activation_name(Activation(a))) return Activation(a);
   if (name == "silu") return Activation::Swish;  // Keras 3's name for it
   throw std::invalid_argument("unknown activation '" + name +
-                              "'; expected linear, relu, softmax, sigmoid, tanh, elu, selu, gelu, swish, softplus or "
-                              "leaky_relu");
+                              "'; expected linear, relu, softmax, sigmoid, tanh, elu, selu, gelu, swish, softplus, "
+                              "leaky_relu or l2_normalize");
 }
 
 GlobalPoolMode parse_pool_mode(const std::string& name) {
@@ -128,6 +129,9 @@ int Graph::append(Op op) {
   if (op.activation == Activation::Softmax && !(op.kind == OpKind::Dense || (op.kind == OpKind::Elementwise && !op.on_image)))
     throw std::invalid_argument("softmax is only supported after a dense layer or on other flat rows (after a flatten or "
                                 "global pooling layer)");
+  if (op.activation == Activation::L2Normalize && !(op.kind == OpKind::Elementwise && !op.on_image))
+    throw std::invalid_argument("l2_normalize is an op of its own on flat rows (after a flatten or global pooling layer), "
+                                "not a layer's activation or an image's");
   if (op.kind == OpKind::Affine && op.out_channels != (op.on_image ? current_channels() : op.out_channels))
     throw std::invalid_argument("an affine map of " + std::to_string(op.out_channels) + " channels cannot follow a layer of " +
                                 std::to_string(current_channels()) + " channels");
@@ -197,9 +201,20 @@ int Graph::add_affine(int channels) {
 }
 
 int Graph::add_activation(Activation activation, float negative_slope) {
+  if (activation == Activation::L2Normalize)
+    throw std::invalid_argument("l2_normalize needs its max_inverse_norm: use add_l2_normalize");
   Op op{OpKind::Elementwise};
   op.activation = activation;
   op.negative_slope = checked_slope(activation, negative_slope);
+  return append(op);
+}
+
+int Graph::add_l2_normalize(float max_inverse_norm) {
+  if (!std::isfinite(max_inverse_norm) || !(max_inverse_norm > 0.0f))
+    throw std::invalid_argument("max_inverse_norm must be a finite number above 0");
+  Op op{OpKind::Elementwise};
+  op.activation = Activation::L2Normalize;
+  op.max_inverse_norm = max_inverse_norm;
   return append(op);
 }
 
@@ -226,7 +241,9 @@ int Graph::add(const Op& op) {
           add_conv(op.kernel_size, op.out_channels, op.same_padding, op.activation, op.negative_slope));
     case OpKind::Pool2x2: return add_pool2x2(op.pool_mode, op.same_padding);
     case OpKind::Affine: return add_affine(op.out_channels);
-    case OpKind::Elementwise: return add_activation(op.activation, op.negative_slope);
+    case OpKind::Elementwise:
+      return op.activation == Activation::L2Normalize ? add_l2_normalize(op.max_inverse_norm)
+                                                       : add_activation(op.activation, op.negative_slope);
   }
   throw std::invalid_argument("unknown op kind");
 }

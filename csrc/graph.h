@@ -23,9 +23,11 @@ enum class OpKind { Conv3x3, MaxPool2x2, Flatten, GlobalPool, Dense, Conv, Pool2
 constexpr int kOpKindCount = 9;
 // Keras's activations; softmax only on flat rows. LeakyRelu is x < 0 ? negative_slope * x : x
 // with the op's negative_slope (Keras's LeakyReLU layer, ReLU(negative_slope=...) and the
-// "leaky_relu" activation).
-enum class Activation { Linear, Relu, Softmax, Sigmoid, Tanh, Elu, Selu, Gelu, Swish, Softplus, LeakyRelu };
-constexpr int kActivationCount = 11;
+// "leaky_relu" activation). L2Normalize is Keras's UnitNormalization layer, on flat rows only
+// and only as an op of its own (add_l2_normalize): each row times min(1 / ||row||_2,
+// max_inverse_norm), where the cap is how Keras 3 (1e12) and tf.keras (1e6) keep a zero row finite.
+enum class Activation { Linear, Relu, Softmax, Sigmoid, Tanh, Elu, Selu, Gelu, Swish, Softplus, LeakyRelu, L2Normalize };
+constexpr int kActivationCount = 12;
 
 struct Op {
   OpKind kind;
@@ -37,6 +39,7 @@ struct Op {
   bool same_padding = false;  // Conv (3x3 only) and Pool2x2: Keras's 'same', else 'valid'
   bool on_image = false;      // Affine, Elementwise: set by the graph, true before the chain turns flat
   float negative_slope = 0.0f;  // LeakyRelu's slope for x < 0, a finite float; 0 for the other activations
+  float max_inverse_norm = 0.0f;  // L2Normalize's cap on 1 / ||row||, finite and > 0; 0 for the others
 
   bool has_weights() const {
     return kind == OpKind::Conv3x3 || kind == OpKind::Dense || kind == OpKind::Conv || kind == OpKind::Affine;
@@ -84,6 +87,8 @@ class Graph {
   // x * scale + shift over `channels` channels (an image's) or features (a flat row's).
   int add_affine(int channels);
   int add_activation(Activation activation, float negative_slope = 0.0f);
+  // Keras's UnitNormalization on the flat rows (see Activation::L2Normalize).
+  int add_l2_normalize(float max_inverse_norm);
   // Appends an op described by its fields (what describe() gives, what other executors rebuild from).
   int add(const Op& op);
 

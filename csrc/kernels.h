@@ -111,6 +111,8 @@ void dense(const float* x, int rows, int depth, const float* kernel, const float
 
 // Row-wise softmax, max-subtracted so large logits do not overflow.
 void softmax_rows(float* y, int rows, int cols, std::ptrdiff_t row_stride);
+// Row-wise L2 normalization (Keras's UnitNormalization): row * min(1 / ||row||, max_inverse_norm).
+void l2_normalize_rows(float* y, int rows, int cols, std::ptrdiff_t row_stride, float max_inverse_norm);
 
 // The fp32 layouts, shared by the fp32 kernel sets of every ISA (weights_pack.cpp, the end of
 // winograd.cpp). Sizes are in floats.

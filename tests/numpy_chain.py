@@ -113,6 +113,9 @@ def run_layer(layer, x):
         return activation(pre, layer.activation, layer.negative_slope), pre
     if kind == "activation":
         return activation(x, layer.activation, layer.negative_slope), x
+    if kind == "l2_normalize":  # Keras's UnitNormalization, with the file's Keras's epsilon
+        inverse = np.minimum(1.0 / np.sqrt((x * x).sum(axis=1, keepdims=True)), layer.max_inverse_norm)
+        return x * inverse, x
     if kind == "reverse_channels":
         return x[..., ::-1], x[..., ::-1]
     if kind == "affine":

@@ -254,6 +254,40 @@ def test_leaky_relu_slopes_against_the_cpu_executor(backend):
         assert np.abs(g - r).max() > 1e-3, f"op {index}: the slope made no difference"
 
 
+UNIT_NORM = [
+    ("conv3x3", 6, "relu"),
+    ("global_pool", "avg"),
+    ("dense", 6, 5, "linear"),
+    ("l2_normalize", 1e12),  # Keras 3's cap on 1 / ||row||
+    ("dense", 5, 4, "tanh"),
+    ("l2_normalize", 1e6),  # tf.keras's
+]
+
+
+def test_l2_normalize_against_the_cpu_executor_and_float64(backend):
+    """UnitNormalization on the flat rows: each layer within 2e-5 of the CPU executor, the
+    normalized rows within a few float32 roundings of the float64 formula; rows of norm below
+    1e-6 show each op's own cap (describe() carries it), not the other's."""
+    graph = core_graph(UNIT_NORM)
+    weights = random_weights(graph, seed=10)
+    x = random_array(np.random.default_rng(11), (3, 7, 5, 3))
+    layers = list(range(len(UNIT_NORM)))
+    for tiny in (False, True):
+        if tiny:  # the last dense layer's rows: its bias alone, of norm 2e-8
+            weights[4] = (np.zeros_like(weights[4][0]), np.full_like(weights[4][1], 1e-8))
+        gpu = load(backend.CudaExecutor(graph.describe(), 3), graph, weights)
+        cpu = load(_core.CpuExecutor(graph, "highest"), graph, weights)
+        got, on_cpu = gpu.forward(x, layers), cpu.forward(x, layers)
+        for index, g, c in zip(layers, got, on_cpu):
+            assert np.linalg.norm(g - c) <= 2e-5 * np.linalg.norm(c) + 1e-30, f"op {index}: {np.abs(g - c).max()}"
+        for index, cap in ((3, 1e12), (5, 1e6)):
+            rows = got[index - 1].astype(np.float64)
+            exact = rows * np.minimum(1.0 / np.linalg.norm(rows, axis=1, keepdims=True), cap)
+            np.testing.assert_allclose(got[index], exact, rtol=8 * U * rows.shape[1], atol=1e-30)
+        np.testing.assert_allclose(np.linalg.norm(got[3], axis=1), 1.0, rtol=1e-6)
+        np.testing.assert_allclose(np.linalg.norm(got[5], axis=1), 2e-2 if tiny else 1.0, rtol=1e-5)
+
+
 # 2. The fine-tuned model shapes --------------------------------------------------------------------------
 # Keras configs, as keras_model reads them from a .keras or .h5 file. The VGG bases keep VGG's
 # structure (blocks of 3x3 'same' ReLU convolutions, each block ending in a 2x2 max pool) with
@@ -510,6 +544,13 @@ def test_an_op_the_gpu_cannot_run_names_the_layer(cuda_device):
         ([{"kind": "conv", "kernel_size": 1, "out_channels": 3, "activation": "softmax"}], 3, "softmax on a convolution"),
         ([{"kind": "flatten"}, {"kind": "pool2x2"}], 3, "pooling cannot follow a flat output"),
         ([{"kind": "flatten"}, {"kind": "conv", "kernel_size": 1, "out_channels": 2}], 3, "convolution cannot follow"),
+        ([{"kind": "activation", "activation": "l2_normalize", "max_inverse_norm": 1e12}], 3, "l2_normalize on an image"),
+        ([{"kind": "flatten"}, {"kind": "activation", "activation": "l2_normalize"}], 3, "max_inverse_norm must be finite and above 0"),
+        ([{"kind": "flatten"}, {"kind": "activation", "activation": "relu", "max_inverse_norm": 1.0}], 3, "0 otherwise"),
+        ([{"kind": "flatten"}, {"kind": "dense", "in_channels": 3, "out_channels": 2, "activation": "l2_normalize",
+           "max_inverse_norm": 1e12}], 3, "not a layer's activation"),
+        ([{"kind": "flatten"}, {"kind": "activation", "activation": "l2_normalize", "max_inverse_norm": "big"}], 3,
+         "max_inverse_norm must be a number"),
     ],
 )  # fmt: skip
 def test_bad_graphs_raise(backend, ops, channels, message):

@@ -380,6 +380,53 @@ def test_reshape_to_one_axis_is_a_flatten_and_identity_is_the_identity(tmp_path,
         fastvgg.load_model(_saved(unflatten, str(tmp_path / "unflatten.keras")))
 
 
+@pytest.mark.parametrize("flavor", ["keras3", "tf_keras"])
+def test_unit_normalization_gives_keras_embeddings(tmp_path, flavor):
+    """UnitNormalization after the head (Keras's metric-learning recipe): unit rows within 1e-4
+    of Keras's, .keras and .h5. Rows of norm below 1e-6 are where Keras 3 (epsilon 1e-12 on
+    1/||x||) and tf.keras (on ||x||^2) differ: fastvgg follows the Keras that wrote the file."""
+    keras = _keras(flavor)
+    layers = keras.layers
+    inputs = keras.Input((10, 10, 3))
+    x = layers.Conv2D(6, 3, padding="same", activation="relu", name="conv")(inputs)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    x = layers.Dense(8, name="embedding")(x)
+    out = layers.UnitNormalization(name="unit")(x)
+    model = keras.Model(inputs, out)
+    images = np.random.default_rng(8).uniform(-1, 1, (3, 10, 10, 3)).astype(np.float32)
+    tiny = model.get_layer("embedding")
+    kernel, bias = tiny.get_weights()
+    for case in ("trained", "tiny rows"):
+        if case == "tiny rows":  # every row the bias alone: norm 2.8e-8
+            tiny.set_weights([np.zeros_like(kernel), np.full_like(bias, 1e-8)])
+        expected = model.predict(images, verbose=0)
+        for ext in (".keras", ".h5"):
+            got = fastvgg.load_model(_saved(model, str(tmp_path / f"unit_{case[0]}{ext}"))).predict(images)
+            assert np.abs(got - expected).max() <= KERAS_ATOL, (case, ext)
+        norms = np.linalg.norm(expected, axis=1)
+        if case == "trained":
+            np.testing.assert_allclose(norms, 1.0, rtol=1e-5)
+        else:  # the two Keras really differ here, so the check above says something
+            np.testing.assert_allclose(norms, 1.0 if flavor == "keras3" else 1e6 * np.sqrt(8) * 1e-8, rtol=1e-4)
+
+    if flavor == "tf_keras":  # tf.math.l2_normalize called in the model: the same op, its own epsilon
+        import tensorflow as tf
+
+        tiny.set_weights([kernel, bias])
+        for epsilon in (1e-12, 100.0):  # 100: rows of norm below 10 are scaled by 0.1, not to unit length
+            model = keras.Model(inputs, tf.math.l2_normalize(x, axis=1, epsilon=epsilon))
+            expected = model.predict(images, verbose=0)
+            got = fastvgg.load_model(_saved(model, str(tmp_path / "tf_l2.h5"))).predict(images)
+            assert np.abs(got - expected).max() <= KERAS_ATOL, epsilon
+            if epsilon == 100.0:  # the cap did act on these rows
+                assert np.linalg.norm(expected, axis=1).max() < 0.99
+        with pytest.raises(UnsupportedModelError, match=r"tf\.math\.l2_normalize over axis None"):
+            fastvgg.load_model(_saved(keras.Model(inputs, tf.math.l2_normalize(x)), str(tmp_path / "tf_l2_all.h5")))
+    on_image = keras.Sequential([keras.Input((4, 4, 3)), layers.UnitNormalization(name="per_pixel")])
+    with pytest.raises(UnsupportedModelError, match=r"'per_pixel' \(UnitNormalization\) .*flat"):
+        fastvgg.load_model(_saved(on_image, str(tmp_path / "per_pixel.keras")))
+
+
 def test_set_weights_changes_predictions_as_in_keras(saved_models):
     saved = saved_models("keras3", "bn_head")
     model = fastvgg.load_model(saved.paths[".keras"])

@@ -167,6 +167,10 @@ void run_softmax(const SoftmaxProblem& p, device::Stream stream) {
   FASTVGG_LAUNCH(softmax_kernel, softmax_geometry(p), stream, p);
 }
 
+void run_l2_normalize(const L2NormalizeProblem& p, device::Stream stream) {
+  if (p.rows > 0) FASTVGG_LAUNCH(l2_normalize_kernel, l2_normalize_geometry(p), stream, p);
+}
+
 void run_transpose(const TransposeProblem& p, device::Stream stream) {
   FASTVGG_LAUNCH(transpose_kernel, transpose_geometry(p), stream, p);
 }
@@ -181,7 +185,8 @@ void run_affine(const AffineProblem& p, device::Stream stream, long long max_blo
 }
 
 void run_activation(const ActivationProblem& p, device::Stream stream, long long max_blocks = 0) {
-  if (p.activation == kSoftmax) throw std::logic_error("softmax is not element-wise");
+  if (p.activation == kSoftmax || p.activation == kL2Normalize)
+    throw std::logic_error("softmax and l2_normalize are not element-wise");
   if (p.activation != kLinear && p.count > 0)
     FASTVGG_LAUNCH(activation_kernel, activation_geometry(p, max_blocks), stream, p);
 }
@@ -273,6 +278,11 @@ std::vector<OpSpec> validated(int input_channels, std::vector<OpSpec> ops) {
     if (op.activation < 0 || op.activation >= kActivationCount) throw std::invalid_argument(where + "unknown activation");
     if (!std::isfinite(op.negative_slope) || (op.negative_slope != 0.0f && op.activation != kLeakyRelu))
       throw std::invalid_argument(where + "negative_slope must be finite, and 0 unless the activation is leaky_relu");
+    if (op.activation == kL2Normalize ? !(std::isfinite(op.max_inverse_norm) && op.max_inverse_norm > 0.0f)
+                                      : op.max_inverse_norm != 0.0f)
+      throw std::invalid_argument(where + "max_inverse_norm must be finite and above 0 for l2_normalize, 0 otherwise");
+    if (op.activation == kL2Normalize && op.kind != OpSpec::Kind::Elementwise)
+      throw std::invalid_argument(where + "l2_normalize is an op of its own on flat rows, not a layer's activation");
     switch (op.kind) {
       case OpSpec::Kind::Conv3x3:
       case OpSpec::Kind::Conv:
@@ -319,8 +329,9 @@ std::vector<OpSpec> validated(int input_channels, std::vector<OpSpec> ops) {
         break;
       case OpSpec::Kind::Elementwise:
         op.on_image = !flat;
-        if (op.on_image && op.activation == kSoftmax)
-          throw std::invalid_argument(where + "softmax on an image is not supported: it applies to flat rows");
+        if (op.on_image && (op.activation == kSoftmax || op.activation == kL2Normalize))
+          throw std::invalid_argument(where + (op.activation == kSoftmax ? "softmax" : "l2_normalize") +
+                                      " on an image is not supported: it applies to flat rows");
         op.in_channels = op.out_channels = op.on_image ? channels : 0;
         break;
       default:
@@ -574,6 +585,8 @@ void Executor::forward(const float* images, int count, int height, int width, co
     if (requested(i, true)) deliver(i, true, values);
     if (op.activation == kSoftmax)
       run_softmax(SoftmaxProblem{values, int(rows), cols}, stream);
+    else if (op.activation == kL2Normalize)
+      run_l2_normalize(L2NormalizeProblem{values, int(rows), cols, op.max_inverse_norm}, stream);
     else
       run_activation(ActivationProblem{values, values, rows * cols, op.activation, op.negative_slope}, stream);
   };

@@ -27,12 +27,13 @@ struct OpSpec {
   int in_channels = 0;   // conv: input channels; dense: input features; affine: = out_channels
   int out_channels = 0;  // conv: filters; dense: units; affine: channels (on an image) or features
   int activation = 0;    // graph.h's Activation: 0 linear, 1 relu, 2 softmax, 3 sigmoid, 4 tanh,
-                         // 5 elu, 6 selu, 7 gelu, 8 swish, 9 softplus, 10 leaky_relu
+                         // 5 elu, 6 selu, 7 gelu, 8 swish, 9 softplus, 10 leaky_relu, 11 l2_normalize
   int pool_mode = 0;     // global pool, Pool2x2: 0 average, 1 max
   int padding = 1;       // convolutions, Pool2x2: 1 'same', 0 'valid'
   int kernel_size = 3;   // Conv: 1 or 3
   bool on_image = false; // Affine, Elementwise: set by the executor, true before the chain turns flat
   float negative_slope = 0.0f;  // leaky_relu's slope for x < 0, finite; 0 for the other activations
+  float max_inverse_norm = 0.0f;  // l2_normalize's cap on 1 / ||row||, finite and > 0; 0 for the others
 };
 
 struct OutputRequest {

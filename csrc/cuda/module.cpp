@@ -48,16 +48,16 @@ void require_shape(const py::array& a, const std::vector<py::ssize_t>& shape, co
 }
 
 // csrc/graph.h's Activation, in its order (OpSpec::activation).
-const char* const kActivationNames[] = {"linear", "relu", "softmax", "sigmoid",  "tanh",      "elu",
-                                         "selu",   "gelu", "swish",   "softplus", "leaky_relu"};
+const char* const kActivationNames[] = {"linear", "relu",  "softmax", "sigmoid",    "tanh",        "elu",
+                                         "selu",   "gelu",  "swish",   "softplus",   "leaky_relu",  "l2_normalize"};
 
 int parse_activation(const std::string& name) {
   for (int i = 0; i < int(sizeof(kActivationNames) / sizeof(kActivationNames[0])); ++i)
     if (name == kActivationNames[i]) return i;
   if (name == "silu") return 8;  // Keras 3's name for swish
   throw py::value_error("unknown activation '" + name +
-                        "'; expected linear, relu, softmax, sigmoid, tanh, elu, selu, gelu, swish (silu), softplus or "
-                        "leaky_relu");
+                        "'; expected linear, relu, softmax, sigmoid, tanh, elu, selu, gelu, swish (silu), softplus, "
+                        "leaky_relu or l2_normalize");
 }
 
 bool is_convolution(const OpSpec& op) { return op.kind == OpSpec::Kind::Conv3x3 || op.kind == OpSpec::Kind::Conv; }
@@ -131,6 +131,14 @@ OpSpec parse_op(const py::dict& d, std::size_t index) {
       op.negative_slope = py::cast<float>(d["negative_slope"]);
     } catch (const py::cast_error&) {
       throw py::value_error(where + "negative_slope must be a number");
+    }
+  }
+  // l2_normalize's cap (describe() lists it for every op: 0 for the others); executor.cu checks it.
+  if (d.contains("max_inverse_norm")) {
+    try {
+      op.max_inverse_norm = py::cast<float>(d["max_inverse_norm"]);
+    } catch (const py::cast_error&) {
+      throw py::value_error(where + "max_inverse_norm must be a number");
     }
   }
   return op;
@@ -260,7 +268,7 @@ py::object test_conv(const FloatArray& x, const FloatArray& kernel, const FloatA
   int oh = pad ? h : h - 2, ow = pad ? w : w - 2;
   if (oh < 1 || ow < 1 || n < 1 || c < 1 || f < 1) throw py::value_error("empty convolution");
   const int act = parse_activation(activation);
-  if (act == 2) throw py::value_error("softmax on a convolution is not supported");
+  if (act == 2 || act == 11) throw py::value_error("softmax and l2_normalize on a convolution are not supported");
   if (pool && (size != 3 || act > 1)) throw py::value_error("a fused pool follows a 3x3 convolution with linear or relu only");
   if (pool && preactivation) throw py::value_error("a fused pool has no pre-activation output");
   if (pool) oh /= 2, ow /= 2;
@@ -318,7 +326,7 @@ FloatArray test_affine(const FloatArray& x, const FloatArray& scale, const Float
 
 FloatArray test_activation(const FloatArray& x, const std::string& name, int max_blocks, float negative_slope) {
   const int act = parse_activation(name);
-  if (act == 2) throw py::value_error("softmax is not element-wise: use softmax()");
+  if (act == 2 || act == 11) throw py::value_error("softmax and l2_normalize are not element-wise");
   FloatArray y(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
   const float* xp = x.data();
   float* yp = y.mutable_data();
@@ -478,6 +486,7 @@ PYBIND11_MODULE(FASTVGG_CUDA_MODULE_NAME, m) {
     if (code == 2 && rows > 4) throw py::value_error("the 'gemv' path takes at most 4 rows");
     if (rows < 1 || depth < 1 || units < 1) throw py::value_error("empty dense layer");
     const int act = parse_activation(activation);
+    if (act == 11) throw py::value_error("l2_normalize is an op of its own, not a dense layer's activation");
     FloatArray y({rows, units});
     const float *xp = x.data(), *kp = kernel.data(), *bp = bias.data();
     float* yp = y.mutable_data();

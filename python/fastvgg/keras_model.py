@@ -86,6 +86,7 @@ SUPPORTED_LAYERS = (
     "Softmax",
     "ZeroPadding2D",
     "Reshape",
+    "UnitNormalization",
 ) + _IDENTITY_AT_INFERENCE + _MODEL_CLASSES
 # The ops Keras records when applications.vgg16.preprocess_input (or x[..., ::-1] and a bias)
 # is called on a symbolic tensor inside a model: Keras 3's GetItem (and Stack) and Add with a
@@ -127,6 +128,10 @@ class UnsupportedModelError(ValueError):
     """The model uses a layer or a structure fastvgg does not run; the message says which."""
 
 
+KERAS3_L2_MAX_INVERSE_NORM = 1e12  # Keras 3's ops.normalize: min(rsqrt(sum of squares), 1 / 1e-12)
+KERAS2_L2_MAX_INVERSE_NORM = 1e6  # tf.math.l2_normalize: rsqrt(max(sum of squares, 1e-12))
+
+
 @dataclass
 class LayerSpec:
     """One Keras layer of the chain: what it computes, its shapes (no batch axis) and weights.
@@ -137,7 +142,8 @@ class LayerSpec:
     "activation", "identity",
     "reverse_channels" (preprocess_input's x[..., ::-1], on the model's input only),
     "zero_pad" (ZeroPadding2D; only as the border of the 'valid' 3x3 convolution after it,
-    where _fold_zero_padding turns the pair into one 'same' convolution).
+    where _fold_zero_padding turns the pair into one 'same' convolution),
+    "l2_normalize" (UnitNormalization, on flat rows).
     """
 
     name: str
@@ -159,6 +165,10 @@ class LayerSpec:
     pad: Tuple[int, int, int, int] = (0, 0, 0, 0)  # zero_pad: top, bottom, left, right
     # A ZeroPadding2D folded into the convolution named here: fastvgg never computes its output.
     folded_into: str = ""
+    # l2_normalize: rows times min(1 / ||row||, this). Keras 3 caps at 1 / epsilon (epsilon 1e-12),
+    # tf.keras's tf.math.l2_normalize at 1 / sqrt(epsilon); _read_model sets the latter for files
+    # Keras 2 wrote. Only rows of norm below 1e-6 tell the two apart.
+    max_inverse_norm: float = KERAS3_L2_MAX_INVERSE_NORM
     # The arrays as Keras keeps them (what get_weights returns), in Keras's order, and their names.
     weight_names: List[str] = field(default_factory=list)
     weight_shapes: List[Tuple[int, ...]] = field(default_factory=list)
@@ -232,9 +242,26 @@ def _read_model(path: str, custom_objects, read_kernels: bool = True) -> ModelSp
                 "with fastvgg.VGG16/VGG19(weights=path), or save the whole model with model.save(...)."
             )
         spec = model_from_config(config, path, custom_objects)
+        if _written_by_keras_2(root, config, archive=archive_config is not None):
+            for layer in spec.layers:
+                if layer.class_name == "UnitNormalization":
+                    layer.max_inverse_norm = KERAS2_L2_MAX_INVERSE_NORM
         stored = _stored_layers(root, config, _NoFallbackNames(), path)
         _attach_weights(spec, stored, path, source, read_kernels)
     return spec
+
+
+def _written_by_keras_2(root, config: dict, archive: bool) -> bool:
+    """Whether Keras 2 (tf.keras, tf_keras) wrote the file, where a layer's meaning differs from
+    Keras 3's (UnitNormalization's epsilon). An .h5 file says so in its keras_version attribute;
+    a .keras archive's config names the classes' modules, which Keras 2 kept under "engine"."""
+    if archive:
+        module = str(config.get("module") or "")
+        return module.startswith("tf_keras") or ".engine" in module
+    version = root.attrs.get("keras_version")
+    if isinstance(version, bytes):
+        version = version.decode("utf8", errors="replace")
+    return isinstance(version, str) and version.split(".")[0] in ("1", "2")
 
 
 class _NoFallbackNames:
@@ -942,6 +969,16 @@ def _spec(layer: dict, shape: Shape, path: str) -> LayerSpec:
         if 0 in spec.output_shape[:2]:
             refuse(f"pools a {h}x{w} input to nothing.")
         return spec
+    if class_name == "UnitNormalization":
+        axis = config.get("axis", -1)
+        axes = axis if isinstance(axis, list) else [axis]
+        if len(shape) != 1:
+            refuse(f"normalizes an input of shape {shape}; fastvgg applies UnitNormalization to flat (batch, features) "
+                   "rows only: put a Flatten or global pooling before it.")
+        if axes not in ([-1], [1]):
+            refuse(f"normalizes over axis {axis!r}; on flat rows only the features axis (-1) is supported.")
+        spec.kind = "l2_normalize"
+        return spec
     if class_name == "Reshape":
         # To one axis (Reshape((-1,)) or Reshape((n,))) it is Flatten: both keep the NHWC order.
         target = config.get("target_shape")
@@ -1104,6 +1141,17 @@ def _preprocessing_spec(spec: LayerSpec, layer: dict, refuse) -> LayerSpec:
             spec.scale, spec.shift = 1.0 / c, zero
         return spec
 
+    def l2_normalize(axis, epsilon) -> LayerSpec:
+        """tf.math.l2_normalize: x * rsqrt(max(sum of squares, epsilon)) over `axis`."""
+        if len(shape) != 1 or axis not in (1, -1, [1], [-1]):
+            refuse(f"calls tf.math.l2_normalize over axis {axis!r} of an input of shape {shape}; fastvgg normalizes "
+                   "the features (axis 1 or -1) of flat (batch, features) rows only.")
+        cap = 1.0 / math.sqrt(epsilon) if isinstance(epsilon, (int, float)) and not isinstance(epsilon, bool) and epsilon > 0 else 0.0
+        if not 0 < np.float32(cap) < np.inf:  # the core keeps the cap in float32
+            refuse(f"calls tf.math.l2_normalize with epsilon={epsilon!r}; expected a positive number within float32's range.")
+        spec.kind, spec.max_inverse_norm = "l2_normalize", cap
+        return spec
+
     if class_name == "_ReverseChannels":
         spec.class_name = "Stack"  # what Keras calls the layer (its GetItems are folded into it)
         if config.get("channels") != channels:
@@ -1127,10 +1175,12 @@ def _preprocessing_spec(spec: LayerSpec, layer: dict, refuse) -> LayerSpec:
             return arithmetic("add", kwargs.get("bias"))
         if isinstance(function, str) and function in _TF_ARITHMETIC and "y" in kwargs:
             return arithmetic(_TF_ARITHMETIC[function], kwargs.get("y"))
+        if function == "math.l2_normalize":  # tf.math.l2_normalize and tf.nn.l2_normalize
+            return l2_normalize(kwargs.get("axis"), kwargs.get("epsilon", 1e-12))
         refuse(
             f"calls tf.{function}; of TensorFlow functions recorded in a model fastvgg runs only tf.nn.bias_add "
-            "(as preprocess_input records it) and +, -, *, / with a constant. Use Keras layers (e.g. Rescaling) "
-            "and save again."
+            "(as preprocess_input records it), +, -, *, / with a constant, and tf.math.l2_normalize over the "
+            "features of flat rows. Use Keras layers (e.g. Rescaling, UnitNormalization) and save again."
         )
     # Keras 3's ops with one tensor and one constant (x / 255.0, preprocess_input's Add). The merge
     # layers of the same names read two tensors and were refused as merges before this.

@@ -206,6 +206,8 @@ def _add_op(graph, spec: LayerSpec, flat: bool) -> int:
         return graph.add_affine(int(spec.output_shape[-1]))
     if kind == "activation":
         return graph.add_activation(spec.activation, spec.negative_slope)
+    if kind == "l2_normalize":
+        return graph.add_l2_normalize(spec.max_inverse_norm)
     if kind == "reverse_channels":  # done to the input before the core runs (_reverse_channels_on_input)
         return graph.add_activation("linear")
     if kind == "identity":  # Dropout and friends: nothing happens at inference

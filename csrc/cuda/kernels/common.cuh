@@ -17,8 +17,8 @@
 namespace fastvgg::cuda {
 
 // Keras's activations, numbered as csrc/graph.h's Activation (and OpSpec::activation). The GEMM
-// epilogues (conv3x3.cuh, dense.cuh) apply only kLinear and kRelu; softmax runs on flat rows
-// (softmax.cuh) and the others as an element-wise pass (activation.cuh).
+// epilogues (conv3x3.cuh, dense.cuh) apply only kLinear and kRelu; softmax and l2_normalize run
+// on flat rows (softmax.cuh) and the others as an element-wise pass (activation.cuh).
 enum ActivationCode : int {
   kLinear = 0,
   kRelu = 1,
@@ -31,8 +31,9 @@ enum ActivationCode : int {
   kSwish = 8,
   kSoftplus = 9,
   kLeakyRelu = 10,  // x < 0 ? negative_slope * x : x, the op's slope (activation.cuh)
+  kL2Normalize = 11,  // UnitNormalization: row * min(1 / ||row||, the op's max_inverse_norm) (softmax.cuh)
 };
-constexpr int kActivationCount = 11;
+constexpr int kActivationCount = 12;
 
 // The epilogues' activation: ReLU that keeps NaN (x < 0 is false for NaN), as the CPU kernels
 // do, or the identity.
