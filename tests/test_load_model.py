@@ -427,6 +427,20 @@ def test_unit_normalization_gives_keras_embeddings(tmp_path, flavor):
         fastvgg.load_model(_saved(on_image, str(tmp_path / "per_pixel.keras")))
 
 
+def test_l2_normalize_edge_rows_as_keras():
+    """Rows whose squares overflow float32 (Keras sums them in float32: zero out), zero rows,
+    a NaN, and an ordinary row, through the core op against Keras 3's UnitNormalization."""
+    keras = _keras("keras3")
+    x = np.array([[1e20, 1e20, 0, 0], [3, 4, 0, 0], [0, 0, 0, 0], [np.nan, 1, 0, 0], [1e-30, 0, 0, 0]], np.float32)
+    expected = np.asarray(keras.layers.UnitNormalization()(x))
+    graph = fastvgg._core.Graph(4)
+    graph.add_flatten()
+    graph.add_l2_normalize(keras_model.KERAS3_L2_MAX_INVERSE_NORM)
+    got = fastvgg._core.CpuExecutor(graph, "highest").forward(x.reshape(len(x), 1, 1, 4), [1])[0]
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
+    np.testing.assert_allclose(np.nan_to_num(got), np.nan_to_num(expected), rtol=1e-6, atol=0)
+
+
 def test_set_weights_changes_predictions_as_in_keras(saved_models):
     saved = saved_models("keras3", "bn_head")
     model = fastvgg.load_model(saved.paths[".keras"])
