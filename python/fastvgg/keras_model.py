@@ -128,6 +128,9 @@ class UnsupportedModelError(ValueError):
     """The model uses a layer or a structure fastvgg does not run; the message says which."""
 
 
+# The features axis of flat (batch, features) rows, as an int or as Keras's list of axes: the
+# one axis UnitNormalization and tf.math.l2_normalize may normalize over here.
+_FEATURES_AXES = (1, -1, [1], [-1])
 KERAS3_L2_MAX_INVERSE_NORM = 1e12  # Keras 3's ops.normalize: min(rsqrt(sum of squares), 1 / 1e-12)
 KERAS2_L2_MAX_INVERSE_NORM = 1e6  # tf.math.l2_normalize: rsqrt(max(sum of squares, 1e-12))
 
@@ -971,11 +974,10 @@ def _spec(layer: dict, shape: Shape, path: str) -> LayerSpec:
         return spec
     if class_name == "UnitNormalization":
         axis = config.get("axis", -1)
-        axes = axis if isinstance(axis, list) else [axis]
         if len(shape) != 1:
             refuse(f"normalizes an input of shape {shape}; fastvgg applies UnitNormalization to flat (batch, features) "
                    "rows only: put a Flatten or global pooling before it.")
-        if axes not in ([-1], [1]):
+        if axis not in _FEATURES_AXES:
             refuse(f"normalizes over axis {axis!r}; on flat rows only the features axis (-1) is supported.")
         spec.kind = "l2_normalize"
         return spec
@@ -1143,7 +1145,7 @@ def _preprocessing_spec(spec: LayerSpec, layer: dict, refuse) -> LayerSpec:
 
     def l2_normalize(axis, epsilon) -> LayerSpec:
         """tf.math.l2_normalize: x * rsqrt(max(sum of squares, epsilon)) over `axis`."""
-        if len(shape) != 1 or axis not in (1, -1, [1], [-1]):
+        if len(shape) != 1 or axis not in _FEATURES_AXES:
             refuse(f"calls tf.math.l2_normalize over axis {axis!r} of an input of shape {shape}; fastvgg normalizes "
                    "the features (axis 1 or -1) of flat (batch, features) rows only.")
         cap = 1.0 / math.sqrt(epsilon) if isinstance(epsilon, (int, float)) and not isinstance(epsilon, bool) and epsilon > 0 else 0.0
