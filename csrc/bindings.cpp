@@ -19,6 +19,7 @@
 #include "bf16/kernels_bf16.h"
 #include "bindings_winograd_batch.h"
 #include "cpu_features.h"
+#include "crc32c.h"
 #include "cpu_executor.h"
 #include "graph.h"
 #include "preprocess.h"
@@ -423,6 +424,18 @@ PYBIND11_MODULE(_core, m) {
   }, py::arg("x"), py::arg("bgr_mean"),
      "Keras's VGG preprocessing (RGB to BGR, minus bgr_mean) of C-contiguous uint8 or float32 images, 3 channels "
      "last, as float32: fastvgg.preprocess_input's fast path.");
+  m.def("crc32c", [](const py::buffer& data, std::uint32_t crc) {
+    // Any buffer (bytes, memoryview, a numpy view of a mapped file): C-contiguous bytes only,
+    // so that what is summed is what the file holds, in its order.
+    const py::buffer_info info = data.request();
+    if (!PyBuffer_IsContiguous(info.view(), 'C'))
+      throw py::value_error("crc32c needs a C-contiguous buffer; pass bytes or a contiguous array");
+    const std::size_t size = std::size_t(info.size) * std::size_t(info.itemsize);
+    py::gil_scoped_release release;
+    return crc32c_extend(crc, info.ptr, size);
+  }, py::arg("data"), py::arg("crc") = 0u,
+     "CRC-32C (Castagnoli) of a C-contiguous buffer's bytes, continuing from `crc`: the checksum of TensorFlow's "
+     "checkpoints. crc32c(b'123456789') == 0xE3069283.");
   m.def("available_isas", []() {
     std::vector<std::string> names;
     for (const KernelTable* t : supported_kernel_tables()) names.push_back(t->isa_name);
@@ -604,6 +617,10 @@ PYBIND11_MODULE(_core, m) {
     softmax_rows(y.mutable_data(), int(x.shape(0)), int(x.shape(1)), x.shape(1));
     return y;
   }, py::arg("x"));
+  testing.def("crc32c_table", [](const py::bytes& data, std::uint32_t crc) {
+    const std::string bytes = data;
+    return crc32c_extend_table(crc, bytes.data(), bytes.size());
+  }, py::arg("data"), py::arg("crc") = 0u, "crc32c's table path, whatever the CPU has (its plain twin).");
   register_ops(m, testing);
   testing.def("layout_roundtrip", &test_layout_roundtrip, py::arg("x"), py::arg("isa"));
   testing.def("fma_peak_gflops", [](int threads, long iterations, const std::string& isa) {

@@ -66,7 +66,7 @@ _KIND = {
     "int": "int", "SupportsInt": "int", "SupportsFloat": "float", "str": "str", "bool": "bool", "float": "float", "None": "None",
     "ndarray": "array", "NDArray": "array", "ArrayLike": "array",
     "Sequence": "sequence", "List": "list", "list": "list", "Tuple": "tuple", "tuple": "tuple",
-    "Dict": "dict", "dict": "dict", "Buffer": "buffer", "object": "any",
+    "Dict": "dict", "dict": "dict", "Buffer": "buffer", "bytes": "bytes", "object": "any",
 }  # fmt: skip
 
 
