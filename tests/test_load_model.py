@@ -41,6 +41,7 @@ NUMPY_REL_L2 = {"highest": 1e-5, "fast": 1e-4}
 # layers. The per-layer check stops at the layer named here; the whole model is still held to
 # Keras's 1e-4.
 HEAD_AMPLIFIED = {"preprocess_inside": "gap"}
+SAVED_MODEL = "savedmodel"  # the key of a SavedModel directory among a Saved's paths
 KERAS3_CASES = [(name, ext) for name in kf.BUILDERS for ext in (".keras", ".h5")]
 TF_KERAS_CASES = [
     (name, ext)
@@ -48,6 +49,8 @@ TF_KERAS_CASES = [
                  "caffe_padded")
     for ext in (".h5", ".keras")
 ] + [("preprocess_inside", ".h5")]  # tf.keras cannot write its ops to .keras
+# tf.keras's model.save("dir"): a TensorFlow SavedModel directory (tf_saved_model.py).
+TF_KERAS_CASES += [(name, SAVED_MODEL) for name in dict.fromkeys(name for name, _ in TF_KERAS_CASES)]
 
 
 @dataclass
@@ -109,6 +112,8 @@ def saved_models(tmp_path_factory):
                             raise
                         continue
                     paths[ext] = path
+                if flavor == "tf_keras":
+                    paths[SAVED_MODEL] = _saved(model, str(directory / f"{flavor}_{name}_savedmodel"), save_format="tf")
             cache[(flavor, name)] = Saved(paths, x, expected, model)
         return cache[(flavor, name)]
 
@@ -666,18 +671,6 @@ def test_unsupported_layer_and_options_are_named(tmp_path):
 
     with pytest.raises(UnsupportedModelError, match="'hard' uses activation 'hard_sigmoid'"):
         fastvgg.load_model(_save_keras3(tmp_path, hard, "hard"))
-
-
-def test_tensorflow_saved_model_directory_says_how_to_convert_it(tmp_path):
-    """tf.keras's model.save("dir") wrote a SavedModel before TensorFlow 2.16; fastvgg does not
-    read TensorFlow's formats and must say so, and what to do, for the model and for weights."""
-    keras = _keras("tf_keras")
-    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(2, 3), keras.layers.Flatten(), keras.layers.Dense(2)])
-    path = _saved(model, str(tmp_path / "saved"), save_format="tf")
-    assert os.path.isfile(os.path.join(path, "saved_model.pb"))
-    for load in (fastvgg.load_model, lambda p: fastvgg.VGG16(p, include_top=False)):
-        with pytest.raises(IsADirectoryError, match=r"TensorFlow SavedModel directory.*save\('model.keras'\)"):
-            load(path)
 
 
 @pytest.mark.parametrize("flavor", ["keras3", "tf_keras"])

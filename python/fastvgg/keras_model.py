@@ -235,8 +235,11 @@ def read_kernel_weights(spec: ModelSpec, filepath, *, custom_objects=None) -> No
 
 
 def _read_model(path: str, custom_objects, read_kernels: bool = True) -> ModelSpec:
+    from .tf_saved_model import is_saved_model
     from .weights import _open_weights, _stored_layers
 
+    if is_saved_model(path):
+        return _read_saved_model(path, custom_objects, read_kernels)
     with _open_weights(path) as (source, root, archive_config):
         config = archive_config if archive_config is not None else _h5_model_config(root, path)
         if config is None:
@@ -251,6 +254,34 @@ def _read_model(path: str, custom_objects, read_kernels: bool = True) -> ModelSp
                     layer.max_inverse_norm = KERAS2_L2_MAX_INVERSE_NORM
         stored = _stored_layers(root, config, _NoFallbackNames(), path)
         _attach_weights(spec, stored, path, source, read_kernels)
+    return spec
+
+
+def _read_saved_model(path: str, custom_objects, read_kernels: bool) -> ModelSpec:
+    """A SavedModel directory that tf.keras wrote (tf_saved_model.py reads it): its config
+    becomes the chain as an .h5 file's does, and each layer's variables, matched by weight
+    name, its weights."""
+    from .tf_saved_model import read_saved_model
+    from .weights import StoredLayer
+
+    contents = read_saved_model(path)
+    spec = model_from_config(contents.config, path, custom_objects)
+    for layer in spec.layers:  # only tf.keras (Keras 2) writes SavedModels with a Keras config
+        if layer.class_name == "UnitNormalization":
+            layer.max_inverse_norm = KERAS2_L2_MAX_INVERSE_NORM
+    stored = {}
+    for layer in spec.layers:
+        saved = contents.layer_weights.get(layer.name)
+        if not layer.weight_names or saved is None:
+            continue
+        by_name = dict(saved)
+        if sorted(by_name) != sorted(layer.weight_names) or len(by_name) != len(saved):
+            raise ValueError(
+                f"{path!r}: layer {layer.name!r} ({layer.class_name}) has the variables {[n for n, _ in saved]} in the "
+                f"checkpoint; its config says {layer.weight_names}: config and weights disagree."
+            )
+        stored[layer.name] = StoredLayer(layer.name, [by_name[n] for n in layer.weight_names], layer.name)
+    _attach_weights(spec, stored, path, None, read_kernels)
     return spec
 
 
@@ -1247,22 +1278,29 @@ def _attach_weights(spec: ModelSpec, stored, path: str, source, read_kernels: bo
         if read_kernels or layer.kind not in KERNEL_KINDS:
             plan.append((layer, arrays))
     from ._hdf5_reader import HDF5ReadError, read_arrays
+    from .tf_saved_model import CheckpointTensor
     from .weights import _StoredArray
 
     # Data libhdf5 must decode (chunked, compressed) is read by one isolated child; the rest
-    # straight from its checked offsets.
-    indirect = [array for _, arrays in plan for array in arrays if not array.readable_in_place]
+    # straight from its checked offsets. A SavedModel's tensors read themselves.
+    indirect = [array for _, arrays in plan for array in arrays
+                if not isinstance(array, CheckpointTensor) and not array.readable_in_place]
     try:
         preloaded = dict(zip((id(a) for a in indirect), read_arrays(source, indirect, isolated=True)))
     except HDF5ReadError as error:
         raise ValueError(str(error)) from None
+
+    def read(array):
+        if isinstance(array, CheckpointTensor):
+            return array.read()
+        return _StoredArray(source, array, preloaded.get(id(array)))[()]
+
     for layer, arrays in plan:
         try:
-            values = [
-                np.asarray(_StoredArray(source, a, preloaded.get(id(a)))[()], dtype=np.float32).reshape(shape)
-                for a, shape in zip(arrays, layer.weight_shapes)
-            ]
+            values = [np.asarray(read(a), dtype=np.float32).reshape(shape) for a, shape in zip(arrays, layer.weight_shapes)]
         except HDF5ReadError as error:
+            raise ValueError(f"{path!r} is damaged: reading layer {layer.name!r} failed ({error}).") from None
+        except ValueError as error:  # a SavedModel tensor's checksum or size
             raise ValueError(f"{path!r} is damaged: reading layer {layer.name!r} failed ({error}).") from None
         layer.weights = values
         if layer.class_name == "BatchNormalization":

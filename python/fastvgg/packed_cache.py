@@ -123,6 +123,11 @@ def source_digest(path: str, directory: Optional[str] = None, known_md5: Optiona
     if known_md5:
         return f"md5:{known_md5}"
     path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path):  # a SavedModel directory: the digests of the files a load reads
+        from .tf_saved_model import saved_model_files
+
+        files = "\n".join(f"{name} {source_digest(os.path.join(path, name), directory)}" for name in saved_model_files(path))
+        return "sha256:" + hashlib.sha256(files.encode("utf-8", "surrogateescape")).hexdigest()
     stat = os.stat(path)
     fingerprint = [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
     memo = None

@@ -97,8 +97,11 @@ class Extractor:
     ) -> None:
         model_file = None
         if not (isinstance(model, str) and model in ARCHITECTURES):
-            if not isinstance(model, (str, os.PathLike)) or not os.path.isfile(model):
-                raise ValueError(f"`model` must be 'vgg16', 'vgg19' or the path of a Keras model file, got {model!r}.")
+            from .tf_saved_model import is_saved_model
+
+            if not isinstance(model, (str, os.PathLike)) or not (os.path.isfile(model) or is_saved_model(os.fspath(model))):
+                raise ValueError(f"`model` must be 'vgg16', 'vgg19' or the path of a Keras model file (or tf.keras "
+                                 f"SavedModel directory), got {model!r}.")
             if weights != "imagenet" or seed is not None:
                 raise ValueError("A model file holds its own weights: leave out `weights` and `seed` with model=<file>.")
             model_file = os.fspath(model)

@@ -31,9 +31,9 @@ def load_model(
     custom_objects: Optional[dict] = None,
     packed_cache=None,
 ) -> Model:
-    """Loads a Keras model saved with ``model.save`` (``.keras``, or a whole-model ``.h5`` from
-    Keras 3, Keras 2 or tf.keras) and returns a :class:`fastvgg.Model` that predicts what Keras
-    predicts.
+    """Loads a Keras model saved with ``model.save`` (``.keras``, a whole-model ``.h5`` from
+    Keras 3, Keras 2 or tf.keras, or tf.keras's TensorFlow SavedModel directory) and returns a
+    :class:`fastvgg.Model` that predicts what Keras predicts.
 
     The architecture is read from the file as data; nothing in it is executed. Models whose
     layers form one chain (Sequential, or Functional without branches, nested VGG bases
@@ -41,7 +41,8 @@ def load_model(
     raises ``ValueError`` naming the layer or structure that is not supported.
 
     Args:
-        filepath: the ``.keras`` or ``.h5`` file.
+        filepath: the ``.keras`` or ``.h5`` file, or the SavedModel directory (read through its
+            ``keras_metadata.pb``; see fastvgg.tf_saved_model).
         precision: "fast" (Winograd 3x3 convolutions where they pay), "highest" or "bf16" (see
             ``fastvgg.VGG16``).
         device: "cpu" (default), "cuda" or "auto", as for ``fastvgg.VGG16``. The GPU executor

@@ -163,9 +163,9 @@ def _open_weights(path: str, trusted: bool = False) -> Iterator[Tuple[HDF5Source
             # tf.keras's model.save("dir") before TensorFlow 2.16, or Keras 3's model.export():
             # TensorFlow's own protobuf and checkpoint formats, which fastvgg does not read.
             raise IsADirectoryError(
-                f"{path!r} is a TensorFlow SavedModel directory, which fastvgg does not read. Where TensorFlow "
-                "is installed, load it and save it as a Keras file: "
-                "tf.keras.models.load_model(path).save('model.keras') (or 'model.h5'), then load that file."
+                f"{path!r} is a TensorFlow SavedModel directory, a whole model: load it with "
+                "fastvgg.load_model(path) (tf.keras's SavedModels load; TensorFlow serving graphs do not). "
+                "weights= takes a Keras weights file (.h5, .weights.h5 or .keras)."
             )
         raise IsADirectoryError(f"{path!r} is a directory; pass the path of a Keras weights file (.h5, .weights.h5 or .keras).")
     config = None
