@@ -997,3 +997,38 @@ def test_files_that_are_not_models(saved_models, tmp_path):
     with pytest.raises(FileNotFoundError):
         fastvgg.load_model(str(tmp_path / "absent.keras"))
     del keras
+
+
+@pytest.mark.parametrize("flavor, ext", [("keras3", ".keras"), ("keras3", ".h5"), ("tf_keras", ".h5"), ("tf_keras", ".keras"),
+                                         ("tf_keras", SAVED_MODEL)])
+def test_frozen_layers_and_statistics_are_non_trainable_in_summary(tmp_path, flavor, ext):
+    """A fine-tuned model saved with its base frozen (base.trainable = False): summary() counts
+    trainable and non-trainable parameters as Keras does (BatchNormalization's moving
+    statistics and Normalization's are never trainable), and each layer's trainable flag is
+    Keras's."""
+    keras = _keras(flavor)
+    norm = keras.layers.Normalization(name="norm")
+    norm.adapt(np.random.default_rng(0).uniform(0, 1, (8, 8, 8, 3)).astype(np.float32))
+    base = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3, name="c1"),
+                             keras.layers.BatchNormalization(name="bn1"), keras.layers.Conv2D(5, 1, name="c2")], name="base")
+    base.trainable = False
+    inputs = keras.Input((8, 8, 3))
+    x = base(norm(inputs))
+    x = keras.layers.Flatten(name="flat")(x)
+    x = keras.layers.Dense(6, name="d1")(x)
+    x = keras.layers.BatchNormalization(name="bn2")(x)
+    model = keras.Model(inputs, keras.layers.Dense(2, name="out")(x))
+    path = _saved(model, str(tmp_path / f"frozen{ext if ext != SAVED_MODEL else ''}"),
+                  **({"save_format": "tf"} if ext == SAVED_MODEL else {}))
+    ours = fastvgg.load_model(path)
+    frozen = sum(int(np.prod(w.shape)) for w in model.non_trainable_weights)
+    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    assert frozen > 0 and trainable > 0
+    lines = []
+    ours.summary(print_fn=lines.append)
+    assert f"Total params: {model.count_params():,} " in "\n".join(lines)
+    assert f"Trainable params: {trainable:,} " in "\n".join(lines)
+    assert f"Non-trainable params: {frozen:,} " in "\n".join(lines)
+    keras_leaves = _keras_layers(model)
+    for layer in ours.layers[1:]:
+        assert layer.trainable == keras_leaves[layer.name].trainable, layer.name

@@ -135,6 +135,10 @@ KERAS3_L2_MAX_INVERSE_NORM = 1e12  # Keras 3's ops.normalize: min(rsqrt(sum of s
 KERAS2_L2_MAX_INVERSE_NORM = 1e6  # tf.math.l2_normalize: rsqrt(max(sum of squares, 1e-12))
 
 
+# The weights Keras keeps out of training (trainable=False at creation), by layer class.
+_STATISTICS = {"BatchNormalization": ("moving_mean", "moving_variance"), "Normalization": ("mean", "variance", "count")}
+
+
 @dataclass
 class LayerSpec:
     """One Keras layer of the chain: what it computes, its shapes (no batch axis) and weights.
@@ -180,8 +184,19 @@ class LayerSpec:
     scale: Optional[np.ndarray] = field(default=None, repr=False)
     shift: Optional[np.ndarray] = field(default=None, repr=False)
 
+    # Keras's layer.trainable as saved (False in a frozen base, or any layer of a nested model
+    # saved frozen); a frozen layer's weights count as non-trainable in summary().
+    trainable: bool = True
+
     def count_params(self) -> int:
         return int(sum(int(np.prod(s)) for s in self.weight_shapes))
+
+    def count_non_trainable_params(self) -> int:
+        """What Keras's summary counts as non-trainable: every weight of a frozen layer, else
+        the statistics Keras never trains (BatchNormalization's moving mean and variance,
+        Normalization's mean, variance and count)."""
+        return int(sum(int(np.prod(shape)) for name, shape in zip(self.weight_names, self.weight_shapes)
+                       if not self.trainable or name in _STATISTICS.get(self.class_name, ())))
 
 
 @dataclass
@@ -358,6 +373,10 @@ def _layer_name(layer: dict) -> str:
     return str(layer.get("name") or config.get("name") or "")
 
 
+# Marks a leaf layer's config (a copy) whose enclosing nested model was saved frozen.
+_FROZEN_BY_PARENT = "fastvgg_frozen_by_parent"
+
+
 class _Flattener:
     def __init__(self, path: str, custom_objects) -> None:
         self.path = path
@@ -379,8 +398,14 @@ class _Flattener:
         if not isinstance(inner, dict) or not isinstance(inner.get("layers"), list):
             self.fail(f"model {_layer_name(config)!r} has no layer list in its config.")
         if _class_name(config) == "Sequential":
-            return self.sequential(config, inner, depth)
-        return self.functional(config, inner, depth)
+            shape, name, leaves = self.sequential(config, inner, depth)
+        else:
+            shape, name, leaves = self.functional(config, inner, depth)
+        if depth > 0 and inner.get("trainable") is False:
+            # A frozen nested model (base.trainable = False) freezes its layers, whatever
+            # their own configs say (Keras writes both; an edited file may not).
+            leaves = [dict(leaf, **{_FROZEN_BY_PARENT: True}) for leaf in leaves]
+        return shape, name, leaves
 
     def checked_layer(self, layer) -> dict:
         if not isinstance(layer, dict) or not isinstance(layer.get("config", {}), dict):
@@ -916,6 +941,7 @@ def _spec(layer: dict, shape: Shape, path: str) -> LayerSpec:
     name, class_name = _layer_name(layer), _class_name(layer)
     config = layer.get("config") or {}
     spec = LayerSpec(name, class_name, "identity", config, shape, shape)
+    spec.trainable = config.get("trainable", True) is not False and not layer.get(_FROZEN_BY_PARENT, False)
     spatial = len(shape) == 3
 
     def refuse(reason: str):

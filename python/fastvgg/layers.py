@@ -29,6 +29,8 @@ class Layer:
     # A loaded ZeroPadding2D that runs inside the convolution named here: its padded image is
     # never computed, so it cannot be a model's output (keras_model._fold_zero_padding).
     folded_into = ""
+    # Keras's layer.trainable as the model file saved it (informational: fastvgg never trains).
+    trainable = True
 
     def __init__(self, name: str, input_shape: Shape, output_shape: Shape) -> None:
         self.name = name
@@ -51,6 +53,10 @@ class Layer:
 
     def count_params(self) -> int:
         return int(sum(np.prod(s) for s in self.weight_shapes()))
+
+    def count_non_trainable_params(self) -> int:
+        """The parameters Keras's summary calls non-trainable (a built-in VGG's are all trainable)."""
+        return 0
 
     def get_weights(self) -> List[np.ndarray]:
         if not self.weight_shapes():

@@ -330,9 +330,10 @@ class Model:
             if i != len(self.layers) - 1:
                 print_fn("")
         print_fn("=" * total_width)
+        frozen = sum(layer.count_non_trainable_params() for layer in self.layers)
         print_fn(f"Total params: {total:,} ({_bytes_text(total * 4)})")
-        print_fn(f"Trainable params: {total:,} ({_bytes_text(total * 4)})")
-        print_fn("Non-trainable params: 0 (0.00 B)")
+        print_fn(f"Trainable params: {total - frozen:,} ({_bytes_text((total - frozen) * 4)})")
+        print_fn(f"Non-trainable params: {frozen:,} ({_bytes_text(frozen * 4)})")
         print_fn("_" * total_width)
 
     def __repr__(self) -> str:

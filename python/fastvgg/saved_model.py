@@ -247,10 +247,14 @@ class _SpecLayer:
     def _init_from_spec(self, spec: LayerSpec) -> None:
         Layer.__init__(self, spec.name, (None,) + tuple(spec.input_shape), (None,) + tuple(spec.output_shape))
         self.class_name = spec.class_name
+        self.trainable = spec.trainable
         self._spec = spec
 
     def weight_shapes(self):
         return [tuple(s) for s in self._spec.weight_shapes]
+
+    def count_non_trainable_params(self) -> int:
+        return self._spec.count_non_trainable_params()
 
 
 class LoadedLayer(_SpecLayer, Layer):
