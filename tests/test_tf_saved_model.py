@@ -131,6 +131,36 @@ def _keras_leaf(model, name):
     raise KeyError(name)
 
 
+def test_tensorflow_2_4_layout_with_the_metadata_inside_the_graph(saved_dir, tmp_path):
+    """TensorFlow 2.0-2.4 wrote no keras_metadata.pb: each Keras object's JSON was the
+    user_object.metadata of its node in saved_model.pb's object graph (the field 2.5 deprecated,
+    keyed by the same node ids keras_metadata.pb carries). That layout, rebuilt from a current
+    directory with TensorFlow's own protobuf classes, loads and predicts as Keras."""
+    _tf()
+    from tensorflow.core.protobuf import saved_model_pb2
+    from tf_keras.protobuf import saved_metadata_pb2
+
+    path, x, expected, _ = saved_dir
+    old = str(tmp_path / "tf24")
+    shutil.copytree(path, old)
+    metadata = saved_metadata_pb2.SavedMetadata()
+    with open(os.path.join(old, "keras_metadata.pb"), "rb") as f:
+        metadata.ParseFromString(f.read())
+    saved = saved_model_pb2.SavedModel()
+    with open(os.path.join(old, "saved_model.pb"), "rb") as f:
+        saved.ParseFromString(f.read())
+    nodes = saved.meta_graphs[0].object_graph_def.nodes
+    for node in metadata.nodes:
+        assert nodes[node.node_id].user_object.identifier == node.identifier
+        nodes[node.node_id].user_object.metadata = node.metadata
+    with open(os.path.join(old, "saved_model.pb"), "wb") as f:
+        f.write(saved.SerializeToString())
+    os.remove(os.path.join(old, "keras_metadata.pb"))
+    model = fastvgg.load_model(old, packed_cache=False)
+    np.testing.assert_allclose(model.predict(x), expected, atol=KERAS_ATOL)
+    assert [layer.name for layer in model.layers] == ["image", "norm", "conv_a", "pool_a", "bn", "gap", "scores"]
+
+
 def test_saved_model_goes_through_the_packed_cache(saved_dir, tmp_path):
     path, x, expected, _ = saved_dir
     copy = str(tmp_path / "copy")
@@ -246,7 +276,7 @@ def test_damaged_directories_are_clear_errors(saved_dir, tmp_path, what):
         message = r"keras_metadata.pb|runs past|wire type|number"
     else:
         os.remove(os.path.join(path, "keras_metadata.pb"))
-        message = r"no keras_metadata.pb"
+        message = r"no keras_metadata.pb, none inside saved_model.pb"
     with pytest.raises(ValueError, match=message):
         fastvgg.load_model(path, packed_cache=False)
 

@@ -5,7 +5,9 @@ writes a directory of TensorFlow formats rather than an HDF5 file:
 
 - ``keras_metadata.pb``: a protobuf list of the saved objects, each with its path from the
   model ("root.layer_with_weights-0.layer-3") and a JSON text; the root's JSON holds the model
-  config that an ``.h5`` file would hold, the others name each layer.
+  config that an ``.h5`` file would hold, the others name each layer. TensorFlow 2.0-2.4 kept
+  the same JSON texts in ``saved_model.pb``'s object graph instead, where the paths are found
+  by walking the graph (only that part of the file is parsed; its graph is never run).
 - ``variables/variables.index``: a LevelDB-format table (sorted keys, blocks with CRC-32C
   trailers) from each variable's checkpoint key to where its bytes are: which data shard, at
   which offset, how many, their dtype, shape and CRC-32C. Its ``_CHECKPOINTABLE_OBJECT_GRAPH``
@@ -14,7 +16,7 @@ writes a directory of TensorFlow formats rather than an HDF5 file:
   a nested model's variables are stored as "variables/7/...").
 - ``variables/variables.data-00000-of-00001`` (and further shards): the tensors' raw bytes.
 
-Only what loading a Keras model needs is read: no graph (``saved_model.pb``) is run or parsed.
+Only what loading a Keras model needs is read: no TensorFlow graph or function is run or parsed.
 Every structure is bounds-checked; anything malformed, truncated or foreign is a ValueError
 naming the file and what is wrong. The tensors' checksums are verified as they are read.
 """
@@ -482,6 +484,47 @@ def _metadata(data: bytes) -> List[Tuple[str, str, str]]:
     return objects
 
 
+def _metadata_in_graph(data: bytes) -> List[Tuple[str, str, str]]:
+    """The same triples from saved_model.pb, where TensorFlow 2.0-2.4 kept each Keras object's
+    metadata (SavedModel.meta_graphs[0].object_graph_def.nodes[i].user_object.metadata); the
+    paths are the breadth-first first-found ones from the root, as keras_metadata.pb names them."""
+    meta_graph = next((span for number, _, span in _fields(data) if number == 2), None)
+    if not isinstance(meta_graph, tuple):
+        raise _Malformed(f"{GRAPH_FILE} holds no meta graph")
+    graph = next((span for number, _, span in _fields(data, *meta_graph) if number == 7), None)
+    if not isinstance(graph, tuple):
+        raise _Malformed(f"{GRAPH_FILE} holds no object graph")
+    nodes: List[Tuple[List[Tuple[str, int]], str, str]] = []
+    for number, _, span in _fields(data, *graph):
+        if number != 1 or not isinstance(span, tuple):
+            continue
+        children: List[Tuple[str, int]] = []
+        identifier = text = ""
+        for field, _, value in _fields(data, *span):
+            if field == 1 and isinstance(value, tuple):
+                node_id = -1
+                for inner, _, item in _fields(data, *value):
+                    if inner == 1:
+                        node_id = _int_field(item, "a child's node id")
+                local_name, = _strings(data, value, {2: "a child's name"})
+                children.append((local_name, node_id))
+            elif field == 4 and isinstance(value, tuple):
+                identifier, text = _strings(data, value, {1: "an object's identifier", 3: "an object's metadata"})
+        nodes.append((children, identifier, text))
+    if not nodes:
+        raise _Malformed(f"{GRAPH_FILE}'s object graph is empty")
+    paths = {0: "root"}
+    queue = [0]
+    for node_id in queue:  # breadth first; the list grows as it is walked
+        for local_name, child in nodes[node_id][0]:
+            if not 0 <= child < len(nodes):
+                raise _Malformed(f"{GRAPH_FILE}'s object graph points at node {child} of {len(nodes)}")
+            if child not in paths:
+                paths[child] = f"{paths[node_id]}.{local_name}"
+                queue.append(child)
+    return [(paths[i], identifier, text) for i, (_, identifier, text) in enumerate(nodes) if i in paths and text]
+
+
 def _json(text: str, what: str) -> dict:
     try:
         value = _plain_json(json.loads(text))
@@ -513,22 +556,24 @@ def read_saved_model(path: str) -> SavedModelContents:
 
 
 def _read(path: str) -> SavedModelContents:
-    metadata_path = os.path.join(path, METADATA_FILE)
-    if not os.path.isfile(metadata_path):
-        raise _Malformed(
-            f"the SavedModel directory has no {METADATA_FILE}, so it holds no Keras model config: it was written by "
-            "tf.saved_model.save or Keras 3's model.export() (a serving graph), or by TensorFlow before 2.5. fastvgg "
-            "reads the Keras model, not TensorFlow graphs. Where TensorFlow is installed, load the Keras model and "
-            "save it as a Keras file (model.save('model.keras') or 'model.h5'), then load that file"
-        )
-    size = os.path.getsize(metadata_path)
+    # TensorFlow 2.5 and later write the Keras metadata beside the graph; 2.0-2.4 inside it.
+    in_graph = not os.path.isfile(os.path.join(path, METADATA_FILE))
+    source = GRAPH_FILE if in_graph else METADATA_FILE
+    size = os.path.getsize(os.path.join(path, source))
     if size > _MAX_METADATA_BYTES:
-        raise _Malformed(f"{METADATA_FILE} is {size} bytes, more than any Keras model's")
-    with open(metadata_path, "rb") as f:
-        objects = _metadata(f.read())
+        raise _Malformed(f"{source} is {size} bytes, more than any Keras model's")
+    with open(os.path.join(path, source), "rb") as f:
+        data = f.read()
+    objects = _metadata_in_graph(data) if in_graph else _metadata(data)
     roots = [(identifier, text) for node_path, identifier, text in objects if node_path == "root"]
     if not roots:
-        raise _Malformed(f"{METADATA_FILE} describes no root object (not a Keras SavedModel)")
+        raise _Malformed(
+            f"the SavedModel holds no Keras model config (no {METADATA_FILE}, none inside {GRAPH_FILE}): it was written by "
+            "tf.saved_model.save or Keras 3's model.export(), a serving graph. fastvgg reads the Keras model, not "
+            "TensorFlow graphs. Where TensorFlow is installed, load the Keras model and save it as a Keras file "
+            "(model.save('model.keras') or 'model.h5'), then load that file"
+            if in_graph else f"{METADATA_FILE} describes no root object (not a Keras SavedModel)"
+        )
     identifier, text = roots[0]
     root = _json(text, f"{METADATA_FILE}'s model description")
     config = root.get("config")
