@@ -89,6 +89,22 @@ def import_tf_keras():
     return tf_keras
 
 
+def keras_flavor(flavor: str):
+    """Keras 3 ("keras3") or tf_keras ("tf_keras"), or a skip with the reason where TensorFlow
+    cannot be imported (both write the files the Keras-parity tests load)."""
+    try:
+        import tensorflow  # noqa: F401
+    except Exception as error:  # pragma: no cover - only without TensorFlow
+        pytest.skip(f"TensorFlow cannot be imported ({error}); there is no Keras to compare fastvgg against")
+    if flavor == "keras3":
+        import keras
+
+        return keras
+    import tf_keras
+
+    return tf_keras
+
+
 def aligned_copy(view) -> np.ndarray:
     """A read-only copy of a packed section, aligned to 64 bytes like a mapped cache file's."""
     buffer = np.empty(len(view) + 64, np.uint8)

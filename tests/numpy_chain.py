@@ -153,11 +153,13 @@ def affine(layer, x):
 
 
 def run_chain(spec, x, outputs=None):
-    """Runs a ModelSpec's chain on a batch in float64; returns the last output, or a dict of the
-    named outputs (``name`` or ``name:preact``)."""
+    """Runs a ModelSpec's chain (or tree of chains) on a batch in float64; returns the last
+    output, or a dict of the named outputs (``name`` or ``name:preact``)."""
     y = np.asarray(x, dtype=np.float64)
     found = {}
-    for layer in spec.layers:
+    for index, layer in enumerate(spec.layers):
+        if index > 0 and spec.branch_inputs:  # a tree: this layer may read another than the one before
+            y = found[spec.input_of(index)]
         y, pre = run_layer(layer, y)
         found[layer.name] = y
         found[layer.name + ":preact"] = pre

@@ -26,6 +26,7 @@ import pytest
 import fastvgg
 import keras_finetuned as kf
 import numpy_chain
+from helpers import keras_flavor
 from fastvgg import keras_model
 from fastvgg.keras_model import UnsupportedModelError
 
@@ -62,17 +63,7 @@ class Saved:
 
 
 def _keras(flavor):
-    try:
-        import tensorflow  # noqa: F401
-    except Exception as error:  # pragma: no cover - only without TensorFlow
-        pytest.skip(f"TensorFlow cannot be imported ({error}); there is no Keras to compare fastvgg against")
-    if flavor == "keras3":
-        import keras
-
-        return keras
-    import tf_keras
-
-    return tf_keras
+    return keras_flavor(flavor)
 
 
 def _saved(model, path: str, **options) -> str:
@@ -586,18 +577,6 @@ def test_shared_layer_is_refused(tmp_path):
 
     with pytest.raises(UnsupportedModelError, match="'shared' .*called 2 times"):
         fastvgg.load_model(_save_keras3(tmp_path, build, "shared"))
-
-
-def test_branch_is_refused(tmp_path):
-    def build(keras):
-        inputs = keras.Input((6,))
-        x = keras.layers.Dense(6, name="trunk")(inputs)
-        a = keras.layers.Dense(3, name="left")(x)
-        b = keras.layers.Dense(3, name="right")(x)
-        return keras.Model(inputs, [a, b])
-
-    with pytest.raises(UnsupportedModelError, match="'trunk' feeds 2 layers.*a branch"):
-        fastvgg.load_model(_save_keras3(tmp_path, build, "branch"))
 
 
 @pytest.mark.parametrize("flavor", ["keras3", "tf_keras"])

@@ -9,9 +9,11 @@ class is not one of :data:`SUPPORTED_LAYERS` (a ``Lambda``, a custom or register
 refused with an error that names it.
 
 Sequential and Functional models, nested or flat, are flattened into one chain of
-:class:`LayerSpec`, the layers in the order they run. Anything that is not a chain (branches,
-merges, several inputs, outputs on different branches, a layer called twice) is refused:
-fastvgg runs one chain. Several outputs along the chain are its layers' outputs.
+:class:`LayerSpec`, the layers in the order they run, or, where heads split from one trunk
+(outputs on different branches of the outer model), a tree: the chains one after another, with
+``ModelSpec.branch_inputs`` naming what each further chain's first layer reads. Anything where
+a layer reads two tensors (merges), several inputs, a branch inside a nested model or a layer
+called twice is refused. Several outputs along a chain are its layers' outputs.
 """
 
 from __future__ import annotations
@@ -210,6 +212,18 @@ class ModelSpec:
     # Their keys where Keras 3's model was built with a dict of outputs ({"scores": y}), so that
     # predict returns a dict as Keras's does; None: one array, or a list of several.
     output_keys: Optional[List[str]] = None
+    # Heads that split from one trunk: the layers run in `layers`' order, each reading the
+    # output of the layer before it, except those named here, which read the layer named by
+    # their value (the first layer of each further head). Empty for a chain.
+    branch_inputs: Dict[str, str] = field(default_factory=dict)
+    # The layer names (input first) in Keras's model.layers order where it is not the order
+    # they run in (a tree: Keras interleaves the heads), so that layers, summary() and
+    # get_weights() list them as Keras does; None: `layers`' order.
+    keras_order: Optional[List[str]] = None
+
+    def input_of(self, index: int) -> str:
+        """The name of the layer whose output layers[index] reads."""
+        return self.branch_inputs.get(self.layers[index].name, self.layers[index - 1].name)
 
     @property
     def input_shape(self) -> Shape:
@@ -360,7 +374,9 @@ def model_from_config(config, path: str = "<config>", custom_objects=None) -> Mo
     name = str(_dict(config.get("config")).get("name") or "model")
     outputs = _dict(config.get("config")).get("output_layers")
     output_keys = [str(key) for key in outputs] if isinstance(outputs, dict) else None
-    return ModelSpec(name, input_name, _specs(leaves, input_name, input_shape, path), flattener.output_names, output_keys)
+    specs = _specs(leaves, input_name, input_shape, path, flattener.branch_inputs)
+    return ModelSpec(name, input_name, specs, flattener.output_names, output_keys, dict(flattener.branch_inputs),
+                     flattener.keras_order)
 
 
 def _class_name(layer: dict) -> str:
@@ -384,6 +400,10 @@ class _Flattener:
         self.count = 0
         # The leaf layers whose outputs are the top-level model's (functional(): depth 0).
         self.output_names: List[str] = []
+        # A leaf that reads another leaf's output than the one before it in the order (the
+        # first layer of a head that branches from the trunk) -> the leaf it reads.
+        self.branch_inputs: Dict[str, str] = {}
+        self.keras_order: Optional[List[str]] = None  # the leaves in Keras's model.layers order, where it differs
 
     def fail(self, message: str):
         raise UnsupportedModelError(f"{self.path!r}: {message}")
@@ -494,31 +514,33 @@ class _Flattener:
                 self.fail(f"layer {name!r} reads output {refs[0][2]} of {refs[0][0]!r}; only single-output layers are supported.")
             source[name] = refs[0][0]
             consumers.setdefault(refs[0][0], []).append(name)
-        for producer, readers in consumers.items():
-            if len(readers) > 1:
-                self.fail(
-                    f"the output of layer {producer!r} feeds {len(readers)} layers ({readers}) in model "
-                    f"{model_name!r}: a branch. fastvgg runs models whose layers form one chain."
-                )
+        if depth > 0:
+            for producer, readers in consumers.items():
+                if len(readers) > 1:
+                    self.fail(
+                        f"the output of layer {producer!r} feeds {len(readers)} layers ({readers}) in model "
+                        f"{model_name!r}, which is used as a layer of another model: a branch inside a nested model. "
+                        "fastvgg runs branches (heads that split from one trunk) in the outer model only."
+                    )
         input_name = inputs[0][0]
         if input_name not in layers or _class_name(layers[input_name]) != "InputLayer":
             self.fail(f"model {model_name!r}'s input {input_name!r} is not an InputLayer of the model.")
-        # Walk back from each output to the input. Several outputs must lie on one chain (a
-        # feature extractor's Model(x, [block3_pool, block4_pool])): each output's chain is
-        # the start of the deepest one's.
+        # Walk back from each output to the input. Outputs along one chain (a feature
+        # extractor's Model(x, [block3_pool, block4_pool])) share it; outputs on different
+        # branches (heads that split from one trunk) make a tree: each layer still reads one
+        # tensor, and the layers run chain by chain, each chain after the one it branches from.
         chains = [self.chain_to(ref, layers, source, input_name, model_name) for ref in outputs]
-        chain = max(chains, key=len)
-        for ref, other in zip(outputs, chains):
-            if chain[: len(other)] != other:
-                self.fail(
-                    f"model {model_name!r}'s outputs {ref[0]!r} and {chain[-1]!r} lie on different branches; fastvgg "
-                    "runs models whose layers form one chain (several outputs along it are fine)."
-                )
+        order: List[str] = []
+        for chain in sorted(chains, key=len, reverse=True):  # the deepest first: the trunk and its longest head
+            order.extend(name for name in chain if name not in order)
         input_shape = _input_shape(layers[input_name])
         leaves: List[dict] = []
         last_leaf: Dict[str, str] = {}  # a chain layer's name -> the leaf whose output is its output
-        for name in chain:
+        leaves_of: Dict[str, List[str]] = {}
+        for name in order:
             layer = layers[name]
+            before = len(leaves)
+            reads = last_leaf.get(source[name], input_name)
             if _class_name(layer) in _MODEL_CLASSES:
                 _, _, nested = self.model(layer, depth + 1)
                 leaves.extend(nested)
@@ -526,9 +548,14 @@ class _Flattener:
                 self.fail(f"InputLayer {name!r} in the middle of model {model_name!r}.")
             else:
                 leaves.append(self.leaf(layer))
-            last_leaf[name] = _layer_name(leaves[-1]) if leaves else input_name
+            if len(leaves) > before and reads != (_layer_name(leaves[before - 1]) if before else input_name):
+                self.branch_inputs[_layer_name(leaves[before])] = reads
+            last_leaf[name] = _layer_name(leaves[-1]) if len(leaves) > before else reads
+            leaves_of[name] = [_layer_name(leaf) for leaf in leaves[before:]]
         if depth == 0:
             self.output_names = [last_leaf[ref[0]] for ref in outputs]
+            if self.branch_inputs:  # Keras lists a tree's layers in its config's order, heads interleaved
+                self.keras_order = [input_name] + [leaf for name in layers if name in leaves_of for leaf in leaves_of[name]]
         return input_shape, input_name, leaves
 
     def chain_to(self, ref, layers, source, input_name: str, model_name: str) -> List[str]:
@@ -877,7 +904,8 @@ def _pooled(size: Optional[int], padding: str) -> Optional[int]:
     return (size + 1) // 2 if padding == "same" else size // 2
 
 
-def _specs(leaves: List[dict], input_name: str, input_shape: Shape, path: str) -> List[LayerSpec]:
+def _specs(leaves: List[dict], input_name: str, input_shape: Shape, path: str,
+           branch_inputs: Optional[Dict[str, str]] = None) -> List[LayerSpec]:
     if len(input_shape) != 4:
         raise UnsupportedModelError(
             f"{path!r}: the model's input has shape {input_shape}; fastvgg runs image models, input (batch, height, width, channels)."
@@ -886,30 +914,41 @@ def _specs(leaves: List[dict], input_name: str, input_shape: Shape, path: str) -
         raise UnsupportedModelError(f"{path!r}: the model's input has no fixed channel count ({input_shape}).")
     shape: Shape = tuple(input_shape[1:])
     specs = [LayerSpec(input_name or "input_layer", "InputLayer", "input", {}, shape, shape)]
-    names = {specs[0].name}
+    shapes = {specs[0].name: shape}
+    branch_inputs = branch_inputs or {}
     for layer in leaves:
+        name = _layer_name(layer)
+        if name in branch_inputs:
+            shape = shapes[branch_inputs[name]]
         spec = _spec(layer, shape, path)
-        if spec.name in names:
+        if spec.name in shapes:
             raise UnsupportedModelError(
                 f"{path!r}: two layers are named {spec.name!r} once the nested models are flattened; fastvgg needs "
                 "unique layer names. Rename one in Keras (layer.name) and save again."
             )
-        names.add(spec.name)
         specs.append(spec)
-        shape = spec.output_shape
-    _fold_zero_padding(specs, path)
+        shape = shapes[spec.name] = spec.output_shape
+    _fold_zero_padding(specs, path, branch_inputs)
     return specs
 
 
-def _fold_zero_padding(specs: List[LayerSpec], path: str) -> None:
+def _fold_zero_padding(specs: List[LayerSpec], path: str, branch_inputs: Optional[Dict[str, str]] = None) -> None:
     """ZeroPadding2D(1) followed by a 'valid' 3x3 Conv2D (how VGG ported from Caffe, and VGG
     written out by hand in early Keras, pad) is exactly a 'same' 3x3 convolution of the
     unpadded image: fastvgg runs the pair as that, with its fast kernels. The padded image
-    itself is never computed. Padding anywhere else is refused."""
+    itself is never computed, so nothing else may read it. Padding anywhere else is refused."""
+    branch_inputs = branch_inputs or {}
     for position, spec in enumerate(specs):
         if spec.kind != "zero_pad":
             continue
         after = specs[position + 1] if position + 1 < len(specs) else None
+        if after is not None and after.name in branch_inputs:
+            after = None  # the next layer in the order starts another head: nothing reads the padding after it
+        if spec.name in branch_inputs.values():
+            raise UnsupportedModelError(
+                f"{path!r}: layer {spec.name!r} (ZeroPadding2D) feeds several layers; fastvgg runs ZeroPadding2D only "
+                "as the border of the one 'valid' 3x3 Conv2D that reads it. Use Conv2D(padding='same') instead."
+            )
         if spec.pad != (1, 1, 1, 1) or after is None or not (
             after.kind == "conv" and after.kernel_size == 3 and after.padding == "valid"
         ):

@@ -41,6 +41,9 @@ class Layer:
         self._executor: Optional["CpuExecutor"] = None
         self._index: Optional[int] = None
         self._graph: Optional[List["Layer"]] = None
+        # On the input layer of a loaded model with heads on several branches: what runs them
+        # (saved_model.Branches); None for a chain.
+        self._branches = None
 
     @property
     def output(self) -> "LayerOutput":

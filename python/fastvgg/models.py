@@ -69,9 +69,15 @@ class Model:
                     "Take inputs and outputs from the same model."
                 )
             _check_computed(tensor.layer)
-        deepest = max(graph.index(tensor.layer) for tensor in self._output_list)
         self._executor = input_tensor.layer._executor
-        self.layers: List[Layer] = graph[: deepest + 1]
+        # A loaded model whose heads split from one trunk runs on several executors, one per
+        # chain; its runner (set on its input layer) knows which layers each output needs.
+        self._branches = input_tensor.layer._branches
+        if self._branches is not None:
+            self.layers: List[Layer] = self._branches.layers_for(self._output_list)
+        else:
+            deepest = max(graph.index(tensor.layer) for tensor in self._output_list)
+            self.layers = graph[: deepest + 1]
         self.name = name if name is not None else "functional"
 
     # Keras's attribute names -------------------------------------------------------------
@@ -131,7 +137,7 @@ class Model:
             for layer in weighted
         ]
         # Predictions on other threads wait until every layer holds its new weights.
-        with self._executor.updating():
+        with self._updating():
             for layer, arrays in checked:
                 layer._assign(*arrays)
 
@@ -140,8 +146,12 @@ class Model:
         from .weights import load_weights
 
         # Predictions on other threads wait until every layer holds the file's weights.
-        with self._executor.updating():
+        with self._updating():
             load_weights(self, filepath)
+
+    def _updating(self):
+        """Holds predictions on other threads off while weights change (on every executor)."""
+        return self._executor.updating() if self._branches is None else self._branches.updating()
 
     # Inference ----------------------------------------------------------------------------
     def predict(self, x, batch_size: int = 32, verbose: Union[int, str] = 0):
@@ -202,8 +212,8 @@ class Model:
         computed = [t for t in unique if t not in echoed]
         # A model that starts with preprocess_input reverses the input's channels (RGB to BGR) first.
         reverse_channels = self.layers[0].reverses_channels
-        shapes = self._executor.graph.output_shapes(height, width)
-        results = {t: np.empty((count,) + tuple(shapes[t.layer._index]), dtype=np.float32) for t in computed}
+        shapes = self._core_shapes(computed, height, width)
+        results = {t: np.empty((count,) + shapes[t], dtype=np.float32) for t in computed}
         results.update({t: np.empty(x.shape, dtype=np.float32) for t in echoed})
         batches = range(0, count, batch_size)
         with progress_bar(len(batches), unit="batch", desc=self.name, enabled=show_progress) as bar:
@@ -214,9 +224,12 @@ class Model:
                     # Slices along the batch axis of C-contiguous arrays are C-contiguous: the
                     # core writes each output straight into the array predict returns.
                     core_input = np.ascontiguousarray(chunk[..., ::-1]) if reverse_channels else chunk
-                    self._executor.forward_into(
-                        core_input, [(t.layer._index, t.before_activation, results[t][start:stop]) for t in computed]
-                    )
+                    outputs = [(t, results[t][start:stop]) for t in computed]
+                    if self._branches is None:
+                        self._executor.forward_into(
+                            core_input, [(t.layer._index, t.before_activation, out) for t, out in outputs])
+                    else:
+                        self._branches.forward_into(core_input, outputs)
                 for tensor in echoed:
                     results[tensor][start:stop] = chunk
                 bar.update(1)
@@ -226,6 +239,13 @@ class Model:
             arrays.append(results[t].copy() if t in given else results[t])
             given.add(t)
         return arrays
+
+    def _core_shapes(self, tensors, height: int, width: int) -> Dict[LayerOutput, Tuple[int, ...]]:
+        """Each tensor's shape (no batch axis) as the core writes it, for an input of this size."""
+        if self._branches is not None:
+            return self._branches.core_shapes(tensors, height, width)
+        shapes = self._executor.graph.output_shapes(height, width)
+        return {t: tuple(shapes[t.layer._index]) for t in tensors}
 
     def _checked_input(self, x) -> np.ndarray:
         if isinstance(x, dict):

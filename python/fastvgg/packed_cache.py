@@ -508,14 +508,19 @@ def _build_identity(directory: Optional[str]) -> Dict[str, str]:
             for module in (_core, weights, layers)}
 
 
-def model_identity(executor, source_path: str, directory: Optional[str], known_md5: Optional[str] = None) -> dict:
+def model_identity(executor, source_path: str, directory: Optional[str], known_md5: Optional[str] = None,
+                   part: Optional[str] = None) -> dict:
     """Everything the packed bytes depend on: this module's format, fastvgg's version and
     build, the kernel set, the precision, the graph, and the weights file's content and name
     (the name decides the layout of Theano-ordered files)."""
     from . import __version__
 
     graph = executor.graph
+    # One of several executors loaded from one file (the chains of a model whose heads split
+    # from one trunk): two heads of the same shape must not share an entry.
+    named_part = {"part": part} if part else {}
     return {
+        **named_part,
         "format": FORMAT_VERSION,
         "fastvgg": __version__,
         "build": _build_identity(directory),
@@ -530,7 +535,7 @@ def model_identity(executor, source_path: str, directory: Optional[str], known_m
 
 def load_model_weights(
     executor, source_path: str, build: Callable[[], None], directory: CacheDirectory = None,
-    known_md5: Optional[str] = None,
+    known_md5: Optional[str] = None, part: Optional[str] = None,
 ) -> str:
     """Loads the weights of ``source_path`` into ``executor`` through the cache (see
     :func:`load_through_cache`); ``build()`` is the ordinary load."""
@@ -542,7 +547,7 @@ def load_model_weights(
         build()
         return "not-cacheable"
     try:
-        identity = model_identity(executor, source_path, root, known_md5)
+        identity = model_identity(executor, source_path, root, known_md5, part)
     except OSError as error:  # the source cannot be hashed: the ordinary load says why
         log.info("packed-weights cache not used for %s: %s", source_path, error)
         build()

@@ -3,13 +3,16 @@
 keras_model.py reads the file into a chain of layer specs; this module turns the chain into
 the core's graph (one op per layer, a convolution or dense layer's activation fused into it)
 and into ``fastvgg.Model`` layers whose names, shapes and weights are the Keras model's. The
-whole chain then runs in C++ in one call per batch.
+whole chain then runs in C++ in one call per batch. A tree (heads that split from one trunk)
+becomes one graph and executor per chain, run one after another by :class:`Branches`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import List, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -36,9 +39,10 @@ def load_model(
     :class:`fastvgg.Model` that predicts what Keras predicts.
 
     The architecture is read from the file as data; nothing in it is executed. Models whose
-    layers form one chain (Sequential, or Functional without branches, nested VGG bases
-    included) of the layers in ``fastvgg.keras_model.SUPPORTED_LAYERS`` load; anything else
-    raises ``ValueError`` naming the layer or structure that is not supported.
+    layers form one chain (Sequential, or Functional, nested VGG bases included), or a tree of
+    chains where heads split from one trunk, of the layers in
+    ``fastvgg.keras_model.SUPPORTED_LAYERS`` load; anything else raises ``ValueError`` naming
+    the layer or structure that is not supported.
 
     Args:
         filepath: the ``.keras`` or ``.h5`` file, or the SavedModel directory (read through its
@@ -81,20 +85,79 @@ def load_model(
 
 
 def build_model(spec: ModelSpec, precision: str = "fast", device: str = "cpu", source=None) -> "LoadedModel":
-    """The core graph, the executor with the weights, and the layers of a checked chain.
+    """The core graphs, the executors with the weights, and the layers of a checked chain, or
+    of a tree of chains where heads split from one trunk (one core graph and executor each).
 
     ``source``: (path, read_kernels, packed_cache) to load through the packed cache, where
     ``read_kernels()`` fills the spec's convolution and dense weights when the cache misses."""
     input_spec = spec.layers[0]
-    graph = _core.Graph(int(input_spec.output_shape[-1]))
-    layers: List[Layer] = [InputLayer(input_spec.name, (None,) + input_spec.output_shape, (None,) + input_spec.output_shape)]
+    input_layer = InputLayer(input_spec.name, (None,) + input_spec.output_shape, (None,) + input_spec.output_shape)
     # The graph itself checks that an input is large enough for its poolings and 'valid'
     # convolutions; a model without VGG's five poolings takes images smaller than 32x32.
-    layers[0].min_input_size = 1
-    flat = False
+    input_layer.min_input_size = 1
+    layers: List[Layer] = [input_layer]
+    by_name = {input_layer.name: input_layer}
+    chains: List[_Chain] = []
+    statuses = []
+    split = _split_into_chains(spec)
+    for reads, chain_specs in split:
+        part = ",".join(s.name for s in chain_specs) if len(split) > 1 else None
+        chain, status = _build_chain(chain_specs, by_name[reads] if reads else None, input_layer, precision, device,
+                                     source, part)
+        chains.append(chain)
+        statuses.append(status)
+        layers.extend(chain.layers)
+        by_name.update((layer.name, layer) for layer in chain.layers)
+    input_layer._executor = chains[0].executor
+    if spec.keras_order:
+        position = {name: i for i, name in enumerate(spec.keras_order)}
+        layers.sort(key=lambda layer: position[layer.name])
+    for layer in layers:
+        layer._graph = layers
+    if len(chains) > 1:
+        input_layer._branches = Branches(layers, chains)
+    model = LoadedModel(input_layer.output, _output_structure(spec, layers), name=spec.name)
+    model._packed_cache_status = statuses[0] if len(set(statuses)) == 1 else ",".join(statuses)
+    return model
+
+
+def _split_into_chains(spec: ModelSpec) -> List[Tuple[str, List[LayerSpec]]]:
+    """(the layer the chain reads, or "" for the model's input; its layers), in spec order: a
+    new chain starts at each layer that reads another than the one before it."""
+    chains: List[Tuple[str, List[LayerSpec]]] = [("", [])]
     for layer_spec in spec.layers[1:]:
+        if layer_spec.name in spec.branch_inputs:
+            chains.append((spec.branch_inputs[layer_spec.name], []))
+        chains[-1][1].append(layer_spec)
+    return chains
+
+
+@dataclass
+class _Chain:
+    reads: Optional[Layer]  # the layer whose output the chain's first layer reads; None: the model's input
+    layers: List[Layer]
+    executor: object
+    flat_input: bool  # it reads flat rows, which its core graph takes as a 1x1 image and flattens
+
+
+def _build_chain(specs: List[LayerSpec], reads: Optional[Layer], input_layer: InputLayer, precision: str, device: str,
+                 source, part: Optional[str]) -> Tuple[_Chain, str]:
+    from .keras_model import UnsupportedModelError
+
+    shape = tuple(reads.output_shape[1:]) if reads is not None and reads is not input_layer else tuple(input_layer.output_shape[1:])
+    graph = _core.Graph(int(shape[-1]))
+    flat = len(shape) == 1
+    if flat:
+        graph.add_flatten()  # a (1, 1, features) image to the rows it is
+    layers: List[Layer] = []
+    for layer_spec in specs:
         if layer_spec.kind == "reverse_channels" or layer_spec.reverses_input:
-            _reverse_channels_on_input(layers, layer_spec)
+            if reads is not None:
+                raise UnsupportedModelError(
+                    f"layer {layer_spec.name!r} ({layer_spec.class_name}) reverses the channel order in a branch of the "
+                    "model; fastvgg reverses channels only on the model's input, as preprocess_input called first does."
+                )
+            _reverse_channels_on_input([input_layer] + layers, layer_spec)
         index = _add_op(graph, layer_spec, flat)
         layer = _layer_for(layer_spec)
         if isinstance(layer, LoadedDense):
@@ -103,15 +166,20 @@ def build_model(spec: ModelSpec, precision: str = "fast", device: str = "cpu", s
         layer._index = index
         layer.folded_into = layer_spec.folded_into
         layers.append(layer)
+    if reads is not None and (reads.echoes_input or (reads is input_layer and input_layer.reverses_channels)):
+        raise UnsupportedModelError(
+            f"layer {specs[0].name!r} reads {reads.name!r}, the model's input before preprocess_input reverses its "
+            "channels; fastvgg runs branches only after that reversal."
+        )
     from .models import new_executor
 
-    executor = new_executor(graph, precision, device, layers[1:])
+    executor = new_executor(graph, precision, device, layers)
     for layer in layers:
-        layer._graph = layers
         layer._executor = executor
+
     def load() -> None:
         with executor.updating():
-            for layer in layers[1:]:
+            for layer in layers:
                 layer._load_from_spec()
 
     status = "off"
@@ -126,10 +194,93 @@ def build_model(spec: ModelSpec, precision: str = "fast", device: str = "cpu", s
             read_kernels()
             load()
 
-        status = load_model_weights(executor, path, read_and_load, packed_cache)
-    model = LoadedModel(layers[0].output, _output_structure(spec, layers), name=spec.name)
-    model._packed_cache_status = status
-    return model
+        status = load_model_weights(executor, path, read_and_load, packed_cache, part=part)
+    return _Chain(reads, layers, executor, len(shape) == 1), status
+
+
+class Branches:
+    """Runs a loaded model whose heads split from one trunk: each chain of the tree has its own
+    core graph and executor, and a chain's input is the output of the layer it branches from
+    (flat rows go in as a (1, 1, features) image). Only the chains an output needs run."""
+
+    def __init__(self, layers: List[Layer], chains: List[_Chain]) -> None:
+        self.layers = layers
+        self.chains = chains
+        self.chain_of = {id(layer): i for i, chain in enumerate(chains) for layer in chain.layers}
+
+    def _parent_chain(self, i: int) -> Optional[int]:
+        reads = self.chains[i].reads
+        return None if reads is None or id(reads) not in self.chain_of else self.chain_of[id(reads)]
+
+    def _needed(self, layers) -> List[int]:
+        needed = set()
+        for layer in layers:
+            i: Optional[int] = self.chain_of.get(id(layer))
+            while i is not None and i not in needed:
+                needed.add(i)
+                i = self._parent_chain(i)
+        return sorted(needed)
+
+    def layers_for(self, tensors) -> List[Layer]:
+        """The layers the outputs `tensors` need (their ancestors), in the model's order."""
+        keep = {id(self.layers[0])}
+        for tensor in tensors:
+            layer = tensor.layer
+            while layer is not None and id(layer) in self.chain_of:
+                chain = self.chains[self.chain_of[id(layer)]]
+                keep.update(id(l) for l in chain.layers[: chain.layers.index(layer) + 1])
+                layer = chain.reads
+        return [layer for layer in self.layers if id(layer) in keep]
+
+    def updating(self):
+        stack = contextlib.ExitStack()
+        for chain in self.chains:
+            stack.enter_context(chain.executor.updating())
+        return stack
+
+    def _chain_shapes(self, height: int, width: int) -> Dict[int, list]:
+        shapes: Dict[int, list] = {}
+        for i, chain in enumerate(self.chains):
+            parent = self._parent_chain(i)
+            if parent is None:
+                size = (height, width)
+            else:
+                out = tuple(shapes[parent][chain.reads._index])
+                size = (1, 1) if len(out) == 1 else out[:2]
+            shapes[i] = chain.executor.graph.output_shapes(*size)
+        return shapes
+
+    def core_shapes(self, tensors, height: int, width: int):
+        shapes = self._chain_shapes(height, width)
+        return {t: tuple(shapes[self.chain_of[id(t.layer)]][t.layer._index]) for t in tensors}
+
+    def forward_into(self, core_input: np.ndarray, outputs) -> None:
+        """Runs the chains the tensors in `outputs` ((tensor, array) pairs) need, each writing its
+        tensors into their arrays."""
+        count, height, width = core_input.shape[:3]
+        shapes = self._chain_shapes(height, width)
+        needed = self._needed(t.layer for t, _ in outputs)
+        inputs = {i: core_input for i in needed if self._parent_chain(i) is None}
+        for i in needed:
+            chain = self.chains[i]
+            requests = [(t.layer._index, t.before_activation, out) for t, out in outputs
+                        if self.chain_of[id(t.layer)] == i]
+            feeds = []
+            for j in needed:
+                if j <= i or self._parent_chain(j) != i:
+                    continue
+                reads = self.chains[j].reads
+                given = [out for t, out in outputs if t.layer is reads and not t.before_activation]
+                if given:
+                    out = given[0]
+                else:
+                    out = np.empty((count,) + tuple(shapes[i][reads._index]), np.float32)
+                    requests.append((reads._index, False, out))
+                    outputs = list(outputs) + [(reads.output, out)]  # later children of the same layer reuse it
+                feeds.append((j, out))
+            chain.executor.forward_into(inputs[i], requests)
+            for j, out in feeds:
+                inputs[j] = out.reshape((count, 1, 1, out.shape[1])) if out.ndim == 2 else out
 
 
 def _output_structure(spec: ModelSpec, layers: List[Layer]):
