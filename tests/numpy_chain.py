@@ -88,7 +88,7 @@ def pool2x2(x, mode, same):
 def run_layer(layer, x):
     """One LayerSpec applied to a float64 batch; returns (output, output before activation)."""
     kind = layer.kind
-    if kind in ("input", "identity"):
+    if kind in ("input", "identity", "merge"):  # a merge: its inputs were merged by run_chain
         return x, x
     if kind == "conv":
         kernel = layer.weights[0]
@@ -152,13 +152,30 @@ def affine(layer, x):
     raise ValueError(f"no numpy affine for {layer.class_name!r}")
 
 
+def merge(arrays, how):
+    """Keras's merge layers, in float64 (tensors of Keras's shapes)."""
+    if how == "concatenate":
+        return np.concatenate(arrays, axis=-1)
+    if how == "subtract":
+        return arrays[0] - arrays[1]
+    if how == "add":
+        return np.sum(arrays, axis=0)
+    if how == "average":
+        return np.mean(arrays, axis=0)
+    if how == "multiply":
+        return np.prod(arrays, axis=0)
+    return (np.max if how == "maximum" else np.min)(arrays, axis=0)
+
+
 def run_chain(spec, x, outputs=None):
     """Runs a ModelSpec's chain (or tree of chains) on a batch in float64; returns the last
     output, or a dict of the named outputs (``name`` or ``name:preact``)."""
     y = np.asarray(x, dtype=np.float64)
     found = {}
     for index, layer in enumerate(spec.layers):
-        if index > 0 and spec.branch_inputs:  # a tree: this layer may read another than the one before
+        if layer.name in spec.merge_inputs:
+            y = merge([found[name] for name in spec.merge_inputs[layer.name]], layer.merge)
+        elif index > 0 and spec.branch_inputs:  # a tree: this layer may read another than the one before
             y = found[spec.input_of(index)]
         y, pre = run_layer(layer, y)
         found[layer.name] = y

@@ -1,6 +1,6 @@
-"""Heads that split from one trunk: fine-tuned models with several outputs on different branches
-(a class head and a box head on one VGG base, an auxiliary head from block3, a head that splits
-again), built, saved and run by real Keras, loaded by fastvgg.
+"""Models that are not one chain: heads that split from one trunk (a class head and a box head
+on one VGG base, an auxiliary head from block3, a head that splits again) and merges
+(Concatenate, Add, Average, ...), built, saved and run by real Keras, loaded by fastvgg.
 
 Each chain of the tree runs on its own executor (saved_model.Branches); every layer's output is
 held to Keras's own sub-model and to the float64 numpy chain, and the model API (layers,
@@ -64,7 +64,31 @@ def aux_and_tree(keras):
     return keras.Model(base.input, [main, aux, base.get_layer("block4_pool").output, flag, pixels])
 
 
-BUILDERS = {"box_and_class": box_and_class, "aux_and_tree": aux_and_tree}
+def merges(keras):
+    """Merges on a flat VGG16 base: a residual Add around a 1x1 convolution on block4_pool,
+    "concat pooling" (Concatenate of average and max pooling), an Average of two Dense heads
+    and a Maximum of two 1x1 convolutions on the image; every merge kind once more in a side
+    head (Subtract, Multiply, Minimum, a three-input Add, Concatenate of images)."""
+    layers = keras.layers
+    base = keras.applications.VGG16(weights=None, include_top=False, input_shape=(48, 48, 3))
+    pool4 = base.get_layer("block4_pool").output
+    residual = layers.Add(name="residual")([pool4, layers.Conv2D(512, 1, name="res_conv")(pool4)])
+    residual = layers.Activation("relu", name="res_relu")(residual)
+    cat = layers.Concatenate(name="concat_pool")([layers.GlobalAveragePooling2D(name="gap")(residual),
+                                                 layers.GlobalMaxPooling2D(name="gmp")(residual)])
+    averaged = layers.Average(name="avg")([layers.Dense(6, name="da")(cat), layers.Dense(6, name="db")(cat)])
+    main = layers.Dense(4, activation="softmax", name="main")(layers.Activation("tanh", name="avg_tanh")(averaged))
+    k1, k2 = (layers.Conv2D(3, 1, name=n)(base.output) for n in ("k1", "k2"))
+    image_max = layers.Maximum(name="img_max")([k1, k2])
+    side = layers.Concatenate(name="img_cat")([image_max, layers.Minimum(name="img_min")([k1, k2])])
+    side = layers.GlobalAveragePooling2D(name="side_gap")(side)
+    s1, s2, s3 = (layers.Dense(5, name=n)(side) for n in ("s1", "s2", "s3"))
+    mixed = layers.Add(name="add3")([layers.Subtract(name="sub")([s1, s2]), layers.Multiply(name="mul")([s2, s3]), s3])
+    flag = layers.Dense(1, activation="sigmoid", name="flag")(mixed)
+    return keras.Model(base.input, [main, flag, image_max])
+
+
+BUILDERS = {"box_and_class": box_and_class, "aux_and_tree": aux_and_tree, "merges": merges}
 FORMATS = {"keras3": (".keras", ".h5"), "tf_keras": (".h5", ".keras", "savedmodel")}
 CASES = [(flavor, name, ext) for flavor in FORMATS for name in BUILDERS for ext in FORMATS[flavor]]
 
@@ -84,7 +108,10 @@ def _keras_layer_outputs(model, spec, x):
     by_name = {layer.name: layer for layer in _leaves(model)}
     found = {spec.layers[0].name: x}
     for index, layer in enumerate(spec.layers[1:], start=1):
-        result = by_name[layer.name](found[spec.input_of(index)], training=False)
+        if layer.name in spec.merge_inputs:
+            result = by_name[layer.name]([found[name] for name in spec.merge_inputs[layer.name]], training=False)
+        else:
+            result = by_name[layer.name](found[spec.input_of(index)], training=False)
         found[layer.name] = np.asarray(result.numpy() if hasattr(result, "numpy") else result)
     return found
 
@@ -162,7 +189,8 @@ def test_every_layer_matches_keras_and_the_numpy_chain(saved, flavor, name):
     model, x, _, paths = saved(flavor, name)
     path = paths[FORMATS[flavor][0]]
     spec = keras_model.read_model(path)
-    assert spec.branch_inputs  # it is a tree, not a chain
+    assert spec.branch_inputs  # it is not a chain
+    assert bool(spec.merge_inputs) == (name == "merges")
     names = [layer.name for layer in spec.layers[1:] if layer.kind != "identity"]
     ours = fastvgg.load_model(path, packed_cache=False).extract(x, names)
     reference = numpy_chain.run_chain(spec, x, names)
@@ -241,25 +269,62 @@ def test_two_heads_of_one_shape_keep_their_own_packed_weights(tmp_path):
             np.testing.assert_allclose(a, b, atol=KERAS_ATOL)
 
 
-def test_branches_that_cannot_run_are_refused_by_name(tmp_path):
+def test_what_cannot_run_is_refused_by_name(tmp_path):
     keras = _keras("keras3")
     layers = keras.layers
-    inputs = keras.Input((8, 8, 3))
-    x = layers.Conv2D(4, 3, padding="same", name="conv")(inputs)
-    merged = layers.Concatenate(name="merge")([layers.GlobalAveragePooling2D()(x), layers.GlobalMaxPooling2D()(x)])
-    path = str(tmp_path / "merge.keras")
-    keras.Model(inputs, layers.Dense(2)(merged)).save(path)
-    with pytest.raises(UnsupportedModelError, match="'merge' .*takes 2 inputs"):
-        fastvgg.load_model(path)
-    # A branch inside a nested model (used as a layer, so it has one output) is refused.
+
+    def refused(build, match):
+        inputs = keras.Input((8, 8, 3))
+        path = str(tmp_path / "refused.keras")
+        keras.Model(inputs, build(inputs)).save(path)
+        with pytest.raises(UnsupportedModelError, match=match):
+            fastvgg.load_model(path)
+
+    # Concatenate along the height, not the channels.
+    refused(lambda x: layers.Concatenate(axis=1, name="rows")([layers.Conv2D(2, 1)(x), layers.Conv2D(2, 1)(x)]),
+            "'rows' .*along axis 1")
+    # A merge inside a nested model (used as a layer of another).
     inner_in = keras.Input((8, 8, 3))
     a = layers.Conv2D(2, 1, name="a")(inner_in)
     inner = keras.Model(inner_in, layers.Add(name="sum")([layers.Conv2D(2, 1, name="b")(a), a]), name="inner")
-    outer_in = keras.Input((8, 8, 3))
-    path = str(tmp_path / "nested.keras")
-    keras.Model(outer_in, inner(outer_in)).save(path)
-    with pytest.raises(UnsupportedModelError, match="takes 2 inputs|nested model"):
+    refused(lambda x: inner(x), "'sum' .*takes 2 inputs.*inside a model used as a layer of another")
+    # A layer that takes two tensors and is no merge.
+    refused(lambda x: layers.Dot(axes=1, name="dot")([layers.Flatten()(x), layers.Flatten()(layers.Conv2D(3, 1)(x))]),
+            "'dot' .*takes 2 inputs.*merges tensors only with Concatenate")
+
+
+def test_tf_keras_ops_on_two_tensors_say_which_layer_to_use(tmp_path):
+    """tf.keras records x + y on two tensors as a TFOpLambda with the second tensor among its
+    arguments: refused with the merge layer to use instead (never read as a constant)."""
+    keras = _keras("tf_keras")
+    layers = keras.layers
+    inputs = keras.Input((8, 8, 3))
+    a = layers.Conv2D(4, 3, padding="same", name="a")(inputs)
+    b = layers.Conv2D(4, 1, name="b")(inputs)
+    path = str(tmp_path / "tf_add.h5")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        keras.Model(inputs, layers.Flatten()(a + b)).save(path)
+    with pytest.raises(UnsupportedModelError, match=r"add of two tensors .*keras.layers.Add\(\)\(\[x, y\]\)"):
         fastvgg.load_model(path)
+
+
+def test_keras3_ops_on_two_tensors_are_merges(tmp_path):
+    """keras.ops.add(x, y) (or x + y) on two tensors records Keras 3's Add op, which is the Add
+    merge; with a constant it stays the per-channel affine map it was."""
+    keras = _keras("keras3")
+    layers = keras.layers
+    inputs = keras.Input((8, 8, 3))
+    a = layers.Conv2D(4, 3, padding="same", name="a")(inputs)
+    b = layers.Conv2D(4, 1, name="b")(inputs)
+    summed = keras.ops.add(a, b) * 0.5
+    model = keras.Model(inputs, layers.Dense(2, name="out")(layers.Flatten()(summed)))
+    path = str(tmp_path / "ops.keras")
+    model.save(path)
+    images = np.random.default_rng(2).uniform(-1, 1, (2, 8, 8, 3)).astype(np.float32)
+    ours = fastvgg.load_model(path)
+    assert [layer.class_name for layer in ours.layers if layer.class_name in ("Add", "Multiply")] == ["Add", "Multiply"]
+    np.testing.assert_allclose(ours.predict(images), model.predict(images, verbose=0), atol=KERAS_ATOL)
 
 
 def test_heads_run_on_the_cuda_executor_through_its_emulator(tmp_path, monkeypatch):
@@ -292,3 +357,22 @@ def test_heads_run_on_the_cuda_executor_through_its_emulator(tmp_path, monkeypat
     assert len(chains) == 3 and all(isinstance(chain.executor, fastvgg_cuda.CudaExecutor) for chain in chains)
     for a, b in zip(ours.predict(images, batch_size=2), expected):
         np.testing.assert_allclose(a, b, atol=KERAS_ATOL)
+    # One CUDA executor for a whole model is for chains; a tree says how to get its chains there.
+    with pytest.raises(ValueError, match="heads that split from one trunk.*device='cuda'"):
+        fastvgg_cuda.executor_for_model(fastvgg.load_model(path))
+
+
+def test_open_sizes_that_disagree_at_run_time_are_a_clear_error(tmp_path):
+    """An input of any size: two poolings of different depth both have shape (None, None, C)
+    in the file, so only the image size decides whether they can be concatenated."""
+    keras = _keras("keras3")
+    layers = keras.layers
+    inputs = keras.Input((None, None, 3))
+    shallow = layers.MaxPooling2D(name="once")(inputs)
+    deep = layers.MaxPooling2D(name="twice")(layers.MaxPooling2D(name="first")(inputs))
+    model = keras.Model(inputs, layers.Concatenate(name="cat")([shallow, deep]))
+    path = str(tmp_path / "sizes.keras")
+    model.save(path)
+    ours = fastvgg.load_model(path)
+    with pytest.raises(ValueError, match=r"'cat' \(Concatenate\) cannot merge tensors of shapes \[\(4, 4, 3\), \(2, 2, 3\)\]"):
+        ours.predict(np.zeros((1, 8, 8, 3), np.float32))

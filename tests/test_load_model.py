@@ -548,15 +548,17 @@ def test_lambda_is_refused_by_name(tmp_path):
             fastvgg.load_model(path, safe_mode=safe_mode)
 
 
-def test_residual_add_is_refused(tmp_path):
-    def build(keras):
-        inputs = keras.Input((8, 8, 4))
-        x = keras.layers.Conv2D(4, 3, padding="same", name="branch")(inputs)
-        x = keras.layers.Add(name="residual")([inputs, x])
-        return keras.Model(inputs, keras.layers.Flatten()(x))
-
-    with pytest.raises(UnsupportedModelError, match="'residual' .*takes 2 inputs.*one chain"):
-        fastvgg.load_model(_save_keras3(tmp_path, build, "residual"))
+def test_residual_add_from_the_input_loads(tmp_path):
+    """Add([inputs, conv(inputs)]): a merge that reads the model's input itself (once refused;
+    tests/test_branches.py has the merges on VGG bases)."""
+    keras = _keras("keras3")
+    inputs = keras.Input((8, 8, 4))
+    x = keras.layers.Conv2D(4, 3, padding="same", name="branch")(inputs)
+    x = keras.layers.Add(name="residual")([inputs, x])
+    model = keras.Model(inputs, keras.layers.Flatten()(x))
+    path = _saved(model, str(tmp_path / "residual.keras"))
+    images = np.random.default_rng(4).uniform(-1, 1, (2, 8, 8, 4)).astype(np.float32)
+    np.testing.assert_allclose(fastvgg.load_model(path).predict(images), model.predict(images, verbose=0), atol=KERAS_ATOL)
 
 
 def test_two_inputs_are_refused(tmp_path):

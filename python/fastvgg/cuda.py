@@ -147,6 +147,11 @@ def describe_model(model) -> Tuple[List[dict], int]:
     layers run in the model's graph (a sub-model built by Model(inputs, outputs) describes its
     own layers, a prefix of the graph). Every model's layers, VGG16/VGG19's and load_model's,
     were built from that graph, one op each."""
+    if getattr(model, "_branches", None) is not None:
+        raise ValueError(
+            f"Model {model.name!r} has heads that split from one trunk: it runs on one executor per chain, not one "
+            "graph. Load it with device='cuda' (fastvgg.load_model(path, device='cuda')) to run it on the GPU."
+        )
     described = model._executor.graph.describe()
     ops = [dict(described[layer._index]) for layer in _computed_layers(model)]
     return ops, int(model.input_shape[-1])

@@ -9,11 +9,12 @@ class is not one of :data:`SUPPORTED_LAYERS` (a ``Lambda``, a custom or register
 refused with an error that names it.
 
 Sequential and Functional models, nested or flat, are flattened into one chain of
-:class:`LayerSpec`, the layers in the order they run, or, where heads split from one trunk
-(outputs on different branches of the outer model), a tree: the chains one after another, with
-``ModelSpec.branch_inputs`` naming what each further chain's first layer reads. Anything where
-a layer reads two tensors (merges), several inputs, a branch inside a nested model or a layer
-called twice is refused. Several outputs along a chain are its layers' outputs.
+:class:`LayerSpec`, the layers in the order they run. Where heads split from one trunk or a
+merge (Concatenate, Add, ...) joins tensors (in the outer model), the layers come chain after
+chain, each after the layers it reads: ``ModelSpec.branch_inputs`` names what a chain's first
+layer reads where that is not the layer before it, ``ModelSpec.merge_inputs`` what each merge
+merges. Other layers that read two tensors, several inputs, a branch or merge inside a nested
+model and a layer called twice are refused. Several outputs along a chain are its layers' outputs.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+# Layers that merge several tensors of one model (each its own chain's start, fed by numpy in
+# saved_model.Branches): their names as Keras 3's layers and ops and tf.keras's layers give them.
+MERGE_LAYERS = ("Concatenate", "Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum")
 # Model classes whose config holds other layers: flattened into the chain.
 _MODEL_CLASSES = ("Sequential", "Functional", "Model")
 # Layers that are the identity at inference (Keras calls them with training=False).
@@ -89,7 +93,7 @@ SUPPORTED_LAYERS = (
     "ZeroPadding2D",
     "Reshape",
     "UnitNormalization",
-) + _IDENTITY_AT_INFERENCE + _MODEL_CLASSES
+) + tuple(m for m in MERGE_LAYERS if m not in ("Add", "Subtract", "Multiply")) + _IDENTITY_AT_INFERENCE + _MODEL_CLASSES
 # The ops Keras records when applications.vgg16.preprocess_input (or x[..., ::-1] and a bias)
 # is called on a symbolic tensor inside a model: Keras 3's GetItem (and Stack) and Add with a
 # constant, tf.keras's SlicingOpLambda and TFOpLambda. Only Keras's preprocessing forms of them
@@ -152,7 +156,8 @@ class LayerSpec:
     "reverse_channels" (preprocess_input's x[..., ::-1], on the model's input only),
     "zero_pad" (ZeroPadding2D; only as the border of the 'valid' 3x3 convolution after it,
     where _fold_zero_padding turns the pair into one 'same' convolution),
-    "l2_normalize" (UnitNormalization, on flat rows).
+    "l2_normalize" (UnitNormalization, on flat rows),
+    "merge" (Concatenate, Add, ...: several tensors into one, see ``merge``).
     """
 
     name: str
@@ -174,6 +179,10 @@ class LayerSpec:
     pad: Tuple[int, int, int, int] = (0, 0, 0, 0)  # zero_pad: top, bottom, left, right
     # A ZeroPadding2D folded into the convolution named here: fastvgg never computes its output.
     folded_into: str = ""
+    # merge: "concatenate" (last axis), "add", "subtract", "multiply", "average", "maximum" or
+    # "minimum", and the shapes of the tensors it merges, in order.
+    merge: str = ""
+    input_shapes: List[Shape] = field(default_factory=list)
     # l2_normalize: rows times min(1 / ||row||, this). Keras 3 caps at 1 / epsilon (epsilon 1e-12),
     # tf.keras's tf.math.l2_normalize at 1 / sqrt(epsilon); _read_model sets the latter for files
     # Keras 2 wrote. Only rows of norm below 1e-6 tell the two apart.
@@ -220,6 +229,9 @@ class ModelSpec:
     # they run in (a tree: Keras interleaves the heads), so that layers, summary() and
     # get_weights() list them as Keras does; None: `layers`' order.
     keras_order: Optional[List[str]] = None
+    # Merge layers (Concatenate, Add, ...) -> the layers whose outputs they merge, in Keras's
+    # order. Each merge starts a chain of its own.
+    merge_inputs: Dict[str, List[str]] = field(default_factory=dict)
 
     def input_of(self, index: int) -> str:
         """The name of the layer whose output layers[index] reads."""
@@ -374,9 +386,9 @@ def model_from_config(config, path: str = "<config>", custom_objects=None) -> Mo
     name = str(_dict(config.get("config")).get("name") or "model")
     outputs = _dict(config.get("config")).get("output_layers")
     output_keys = [str(key) for key in outputs] if isinstance(outputs, dict) else None
-    specs = _specs(leaves, input_name, input_shape, path, flattener.branch_inputs)
+    specs = _specs(leaves, input_name, input_shape, path, flattener.branch_inputs, flattener.merge_inputs)
     return ModelSpec(name, input_name, specs, flattener.output_names, output_keys, dict(flattener.branch_inputs),
-                     flattener.keras_order)
+                     flattener.keras_order, dict(flattener.merge_inputs))
 
 
 def _class_name(layer: dict) -> str:
@@ -404,6 +416,8 @@ class _Flattener:
         # first layer of a head that branches from the trunk) -> the leaf it reads.
         self.branch_inputs: Dict[str, str] = {}
         self.keras_order: Optional[List[str]] = None  # the leaves in Keras's model.layers order, where it differs
+        # A merge leaf (Concatenate, Add, ...) -> the leaves whose outputs it merges, in order.
+        self.merge_inputs: Dict[str, List[str]] = {}
 
     def fail(self, message: str):
         raise UnsupportedModelError(f"{self.path!r}: {message}")
@@ -482,8 +496,8 @@ class _Flattener:
             )
         if not outputs:
             self.fail(f"model {model_name!r} has no outputs.")
-        # Each layer's one call and the one tensor it reads.
-        source: Dict[str, str] = {}
+        # Each layer's one call and the tensors it reads: one, or several for a merge.
+        sources: Dict[str, List[str]] = {}
         consumers: Dict[str, List[str]] = {}
         for name, layer in layers.items():
             nodes = layer.get("inbound_nodes") or []
@@ -502,18 +516,18 @@ class _Flattener:
                     f"layer {name!r} ({_class_name(layer)}) is called with training=True, so Keras keeps it random "
                     "at inference (e.g. Monte Carlo dropout); fastvgg runs deterministic inference only."
                 )
-            if len(refs) != 1:
-                self.fail(
-                    f"layer {name!r} ({_class_name(layer)}) takes {len(refs)} inputs "
-                    f"({[r[0] for r in refs]}): merges and branches (Add, Concatenate, residual connections) "
-                    "are not supported; fastvgg runs models whose layers form one chain."
-                )
-            if refs[0][0] not in layers:
-                self.fail(f"layer {name!r} reads the output of {refs[0][0]!r}, which model {model_name!r} does not have.")
-            if refs[0][2] != 0:
-                self.fail(f"layer {name!r} reads output {refs[0][2]} of {refs[0][0]!r}; only single-output layers are supported.")
-            source[name] = refs[0][0]
-            consumers.setdefault(refs[0][0], []).append(name)
+            merge = _class_name(layer) in MERGE_LAYERS and len(refs) > 1
+            if len(refs) != 1 and not (merge and depth == 0):
+                where = (" inside a model used as a layer of another; fastvgg merges in the outer model only"
+                         if merge else f"; fastvgg merges tensors only with {', '.join(MERGE_LAYERS)}")
+                self.fail(f"layer {name!r} ({_class_name(layer)}) takes {len(refs)} inputs ({[r[0] for r in refs]}){where}.")
+            for ref in refs:
+                if ref[0] not in layers:
+                    self.fail(f"layer {name!r} reads the output of {ref[0]!r}, which model {model_name!r} does not have.")
+                if ref[2] != 0:
+                    self.fail(f"layer {name!r} reads output {ref[2]} of {ref[0]!r}; only single-output layers are supported.")
+                consumers.setdefault(ref[0], []).append(name)
+            sources[name] = [ref[0] for ref in refs]
         if depth > 0:
             for producer, readers in consumers.items():
                 if len(readers) > 1:
@@ -525,22 +539,15 @@ class _Flattener:
         input_name = inputs[0][0]
         if input_name not in layers or _class_name(layers[input_name]) != "InputLayer":
             self.fail(f"model {model_name!r}'s input {input_name!r} is not an InputLayer of the model.")
-        # Walk back from each output to the input. Outputs along one chain (a feature
-        # extractor's Model(x, [block3_pool, block4_pool])) share it; outputs on different
-        # branches (heads that split from one trunk) make a tree: each layer still reads one
-        # tensor, and the layers run chain by chain, each chain after the one it branches from.
-        chains = [self.chain_to(ref, layers, source, input_name, model_name) for ref in outputs]
-        order: List[str] = []
-        for chain in sorted(chains, key=len, reverse=True):  # the deepest first: the trunk and its longest head
-            order.extend(name for name in chain if name not in order)
+        order = self.run_order(outputs, layers, sources, input_name, model_name)
         input_shape = _input_shape(layers[input_name])
         leaves: List[dict] = []
-        last_leaf: Dict[str, str] = {}  # a chain layer's name -> the leaf whose output is its output
+        last_leaf: Dict[str, str] = {}  # a layer's name -> the leaf whose output is its output
         leaves_of: Dict[str, List[str]] = {}
         for name in order:
             layer = layers[name]
             before = len(leaves)
-            reads = last_leaf.get(source[name], input_name)
+            reads = [last_leaf.get(source, input_name) for source in sources[name]]
             if _class_name(layer) in _MODEL_CLASSES:
                 _, _, nested = self.model(layer, depth + 1)
                 leaves.extend(nested)
@@ -548,35 +555,49 @@ class _Flattener:
                 self.fail(f"InputLayer {name!r} in the middle of model {model_name!r}.")
             else:
                 leaves.append(self.leaf(layer))
-            if len(leaves) > before and reads != (_layer_name(leaves[before - 1]) if before else input_name):
-                self.branch_inputs[_layer_name(leaves[before])] = reads
-            last_leaf[name] = _layer_name(leaves[-1]) if len(leaves) > before else reads
+            if len(reads) > 1:
+                self.merge_inputs[_layer_name(leaves[before])] = reads
+            elif len(leaves) > before and reads[0] != (_layer_name(leaves[before - 1]) if before else input_name):
+                self.branch_inputs[_layer_name(leaves[before])] = reads[0]
+            last_leaf[name] = _layer_name(leaves[-1]) if len(leaves) > before else reads[0]
             leaves_of[name] = [_layer_name(leaf) for leaf in leaves[before:]]
         if depth == 0:
             self.output_names = [last_leaf[ref[0]] for ref in outputs]
-            if self.branch_inputs:  # Keras lists a tree's layers in its config's order, heads interleaved
+            if self.branch_inputs or self.merge_inputs:  # Keras lists the layers in its config's order
                 self.keras_order = [input_name] + [leaf for name in layers if name in leaves_of for leaf in leaves_of[name]]
         return input_shape, input_name, leaves
 
-    def chain_to(self, ref, layers, source, input_name: str, model_name: str) -> List[str]:
-        """The layers from the input to the output `ref`, in the order they run."""
-        if ref[2] != 0:
-            self.fail(f"model {model_name!r}'s output is output {ref[2]} of {ref[0]!r}; only single-output layers are supported.")
-        chain: List[str] = []
-        current = ref[0]
-        if current not in layers:
-            self.fail(f"model {model_name!r}'s output {current!r} is not one of its layers.")
-        if current == input_name:
-            self.fail(f"model {model_name!r}'s output {current!r} is its input.")
-        while current != input_name:
-            if current in chain or len(chain) > len(layers):
-                self.fail(f"model {model_name!r} has a cycle through layer {current!r}.")
-            chain.append(current)
-            if current not in source:
-                self.fail(f"model {model_name!r}: layer {current!r} is not connected to the input {input_name!r}.")
-            current = source[current]
-        chain.reverse()
-        return chain
+    def run_order(self, outputs, layers, sources, input_name: str, model_name: str) -> List[str]:
+        """The layers the outputs need, each after the layers it reads: depth first from each
+        output in turn, a layer's inputs in Keras's order. A chain stays contiguous; a head that
+        branches off, or a merge, follows the layers it reads (saved_model runs each contiguous
+        stretch as one core graph)."""
+        order: List[str] = []
+        state: Dict[str, str] = {input_name: "done"}
+        for ref in outputs:
+            if ref[2] != 0:
+                self.fail(f"model {model_name!r}'s output is output {ref[2]} of {ref[0]!r}; only single-output layers are supported.")
+            if ref[0] not in layers:
+                self.fail(f"model {model_name!r}'s output {ref[0]!r} is not one of its layers.")
+            if ref[0] == input_name:
+                self.fail(f"model {model_name!r}'s output {ref[0]!r} is its input.")
+            stack = [(ref[0], False)]
+            while stack:
+                name, expanded = stack.pop()
+                if expanded:
+                    state[name] = "done"
+                    order.append(name)
+                    continue
+                if state.get(name) == "done":
+                    continue
+                if state.get(name) == "open":  # reached again before it was done: it reads itself
+                    self.fail(f"model {model_name!r} has a cycle through layer {name!r}.")
+                if name not in sources:
+                    self.fail(f"model {model_name!r}: layer {name!r} is not connected to the input {input_name!r}.")
+                state[name] = "open"
+                stack.append((name, True))
+                stack.extend((source, False) for source in reversed(sources[name]) if state.get(source) != "done")
+        return order
 
     def leaf(self, layer: dict) -> dict:
         """A layer that computes something: refused here unless its class is one fastvgg runs."""
@@ -905,7 +926,7 @@ def _pooled(size: Optional[int], padding: str) -> Optional[int]:
 
 
 def _specs(leaves: List[dict], input_name: str, input_shape: Shape, path: str,
-           branch_inputs: Optional[Dict[str, str]] = None) -> List[LayerSpec]:
+           branch_inputs: Optional[Dict[str, str]] = None, merge_inputs: Optional[Dict[str, List[str]]] = None) -> List[LayerSpec]:
     if len(input_shape) != 4:
         raise UnsupportedModelError(
             f"{path!r}: the model's input has shape {input_shape}; fastvgg runs image models, input (batch, height, width, channels)."
@@ -920,7 +941,10 @@ def _specs(leaves: List[dict], input_name: str, input_shape: Shape, path: str,
         name = _layer_name(layer)
         if name in branch_inputs:
             shape = shapes[branch_inputs[name]]
-        spec = _spec(layer, shape, path)
+        if merge_inputs and name in merge_inputs:
+            spec = _merge_spec(layer, [shapes[source] for source in merge_inputs[name]], path)
+        else:
+            spec = _spec(layer, shape, path)
         if spec.name in shapes:
             raise UnsupportedModelError(
                 f"{path!r}: two layers are named {spec.name!r} once the nested models are flattened; fastvgg needs "
@@ -928,23 +952,26 @@ def _specs(leaves: List[dict], input_name: str, input_shape: Shape, path: str,
             )
         specs.append(spec)
         shape = shapes[spec.name] = spec.output_shape
-    _fold_zero_padding(specs, path, branch_inputs)
+    _fold_zero_padding(specs, path, branch_inputs, merge_inputs)
     return specs
 
 
-def _fold_zero_padding(specs: List[LayerSpec], path: str, branch_inputs: Optional[Dict[str, str]] = None) -> None:
+def _fold_zero_padding(specs: List[LayerSpec], path: str, branch_inputs: Optional[Dict[str, str]] = None,
+                       merge_inputs: Optional[Dict[str, List[str]]] = None) -> None:
     """ZeroPadding2D(1) followed by a 'valid' 3x3 Conv2D (how VGG ported from Caffe, and VGG
     written out by hand in early Keras, pad) is exactly a 'same' 3x3 convolution of the
     unpadded image: fastvgg runs the pair as that, with its fast kernels. The padded image
     itself is never computed, so nothing else may read it. Padding anywhere else is refused."""
-    branch_inputs = branch_inputs or {}
+    branch_inputs, merge_inputs = branch_inputs or {}, merge_inputs or {}
+    # Layers read by another than the layer after them in the order.
+    read_elsewhere = set(branch_inputs.values()) | {name for names in merge_inputs.values() for name in names}
     for position, spec in enumerate(specs):
         if spec.kind != "zero_pad":
             continue
         after = specs[position + 1] if position + 1 < len(specs) else None
-        if after is not None and after.name in branch_inputs:
-            after = None  # the next layer in the order starts another head: nothing reads the padding after it
-        if spec.name in branch_inputs.values():
+        if after is not None and (after.name in branch_inputs or after.name in merge_inputs):
+            after = None  # the next layer in the order starts another chain: nothing reads the padding after it
+        if spec.name in read_elsewhere:
             raise UnsupportedModelError(
                 f"{path!r}: layer {spec.name!r} (ZeroPadding2D) feeds several layers; fastvgg runs ZeroPadding2D only "
                 "as the border of the one 'valid' 3x3 Conv2D that reads it. Use Conv2D(padding='same') instead."
@@ -976,19 +1003,17 @@ def _dtype_policy_name(dtype):
     return _dict(dtype.get("config")).get("name") if isinstance(dtype, dict) else dtype
 
 
-def _spec(layer: dict, shape: Shape, path: str) -> LayerSpec:
+def _checked_spec(layer: dict, shape: Shape, path: str):
+    """A layer's spec as the identity (the callers set what it computes), its config, and the
+    function that refuses it with a reason; refused here: what no layer of fastvgg's computes
+    (channels first, 16-bit computation)."""
     name, class_name = _layer_name(layer), _class_name(layer)
     config = layer.get("config") or {}
     spec = LayerSpec(name, class_name, "identity", config, shape, shape)
     spec.trainable = config.get("trainable", True) is not False and not layer.get(_FROZEN_BY_PARENT, False)
-    spatial = len(shape) == 3
 
     def refuse(reason: str):
         raise UnsupportedModelError(f"{path!r}: layer {name!r} ({class_name}) {reason}")
-
-    def need_spatial():
-        if not spatial:
-            refuse(f"needs an image input (height, width, channels), but its input has shape {shape}.")
 
     if config.get("data_format") not in (None, "channels_last"):
         refuse(f"uses data_format={config.get('data_format')!r}; only channels_last is supported.")
@@ -998,9 +1023,47 @@ def _spec(layer: dict, shape: Shape, path: str) -> LayerSpec:
             f"computes in dtype {policy!r}; fastvgg runs float32 models, and models trained under a mixed "
             "precision policy ('mixed_float16', 'mixed_bfloat16'), whose weights are float32."
         )
+    return spec, config, refuse
+
+
+def _merge_spec(layer: dict, shapes: List[Shape], path: str) -> LayerSpec:
+    """A merge of several tensors (kind "merge"): Concatenate along the last axis, or the
+    elementwise Add, Subtract, Multiply, Average, Maximum, Minimum of tensors of one shape."""
+    spec, config, refuse = _checked_spec(layer, shapes[0], path)
+    rank = len(shapes[0])
+    if spec.class_name == "Concatenate":
+        axis = config.get("axis", -1)
+        if any(len(s) != rank for s in shapes) or axis not in (-1, rank):
+            refuse(f"concatenates inputs of shapes {shapes} along axis {axis!r}; fastvgg concatenates along the last "
+                   "axis (channels, or features) only.")
+        if any(tuple(s[:-1]) != tuple(shapes[0][:-1]) or s[-1] is None for s in shapes):
+            refuse(f"concatenates inputs of shapes {shapes}, which differ before the last axis.")
+        spec.merge = "concatenate"
+        spec.output_shape = tuple(shapes[0][:-1]) + (sum(s[-1] for s in shapes),)
+    else:
+        if any(tuple(s) != tuple(shapes[0]) for s in shapes):
+            refuse(f"merges inputs of shapes {shapes}; fastvgg merges tensors of one shape (no broadcasting).")
+        if spec.class_name == "Subtract" and len(shapes) != 2:
+            refuse(f"subtracts {len(shapes)} inputs; Subtract takes exactly two.")
+        spec.merge = spec.class_name.lower()
+    spec.kind = "merge"
+    spec.input_shapes = [tuple(s) for s in shapes]
+    return spec
+
+
+def _spec(layer: dict, shape: Shape, path: str) -> LayerSpec:
+    spec, config, refuse = _checked_spec(layer, shape, path)
+    name, class_name = spec.name, spec.class_name
+    spatial = len(shape) == 3
+
+    def need_spatial():
+        if not spatial:
+            refuse(f"needs an image input (height, width, channels), but its input has shape {shape}.")
 
     if class_name in _IDENTITY_AT_INFERENCE:
         return spec
+    if class_name in MERGE_LAYERS and class_name not in _PREPROCESSING_OPS:
+        refuse("merges a single tensor; Keras merges two or more.")
     if class_name == "ZeroPadding2D":
         need_spatial()
         spec.kind, spec.pad = "zero_pad", _zero_padding(config.get("padding", 1), refuse)
@@ -1272,7 +1335,12 @@ def _preprocessing_spec(spec: LayerSpec, layer: dict, refuse) -> LayerSpec:
         if function == "nn.bias_add" and kwargs.get("data_format") in (None, "NHWC", "N...C"):
             return arithmetic("add", kwargs.get("bias"))
         if isinstance(function, str) and function in _TF_ARITHMETIC and "y" in kwargs:
-            return arithmetic(_TF_ARITHMETIC[function], kwargs.get("y"))
+            y = kwargs.get("y")
+            if isinstance(y, list) and len(y) >= 3 and isinstance(y[0], str):  # [layer name, node, index]: a tensor
+                refuse(f"computes {_TF_ARITHMETIC[function]} of two tensors with a TensorFlow op (tf.{function}); fastvgg "
+                       "merges tensors with Keras's merge layers: use keras.layers.Add()([x, y]) (or Subtract, "
+                       "Multiply) and save again.")
+            return arithmetic(_TF_ARITHMETIC[function], y)
         if function == "math.l2_normalize":  # tf.math.l2_normalize and tf.nn.l2_normalize
             return l2_normalize(kwargs.get("axis"), kwargs.get("epsilon", 1e-12))
         refuse(

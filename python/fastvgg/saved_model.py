@@ -102,7 +102,7 @@ def build_model(spec: ModelSpec, precision: str = "fast", device: str = "cpu", s
     split = _split_into_chains(spec)
     for reads, chain_specs in split:
         part = ",".join(s.name for s in chain_specs) if len(split) > 1 else None
-        chain, status = _build_chain(chain_specs, by_name[reads] if reads else None, input_layer, precision, device,
+        chain, status = _build_chain(chain_specs, [by_name[name] for name in reads], input_layer, precision, device,
                                      source, part)
         chains.append(chain)
         statuses.append(status)
@@ -121,30 +121,37 @@ def build_model(spec: ModelSpec, precision: str = "fast", device: str = "cpu", s
     return model
 
 
-def _split_into_chains(spec: ModelSpec) -> List[Tuple[str, List[LayerSpec]]]:
-    """(the layer the chain reads, or "" for the model's input; its layers), in spec order: a
-    new chain starts at each layer that reads another than the one before it."""
-    chains: List[Tuple[str, List[LayerSpec]]] = [("", [])]
+def _split_into_chains(spec: ModelSpec) -> List[Tuple[List[str], List[LayerSpec]]]:
+    """(the layers the chain's first layer reads: none for the model's input, one where a head
+    branches off, several for a merge; the chain's layers), in spec order. A new chain starts
+    at each layer that reads another than the one before it, and at each merge."""
+    chains: List[Tuple[List[str], List[LayerSpec]]] = [([], [])]
     for layer_spec in spec.layers[1:]:
         if layer_spec.name in spec.branch_inputs:
-            chains.append((spec.branch_inputs[layer_spec.name], []))
+            chains.append(([spec.branch_inputs[layer_spec.name]], []))
+        elif layer_spec.name in spec.merge_inputs:
+            chains.append((list(spec.merge_inputs[layer_spec.name]), []))
         chains[-1][1].append(layer_spec)
     return chains
 
 
 @dataclass
 class _Chain:
-    reads: Optional[Layer]  # the layer whose output the chain's first layer reads; None: the model's input
+    reads: List[Layer]  # what the chain's first layer reads: [] the model's input, one layer, or a merge's
     layers: List[Layer]
     executor: object
-    flat_input: bool  # it reads flat rows, which its core graph takes as a 1x1 image and flattens
+    merge: str = ""  # the merge its first layer computes (numpy, before the core runs the chain), if any
 
 
-def _build_chain(specs: List[LayerSpec], reads: Optional[Layer], input_layer: InputLayer, precision: str, device: str,
+def _build_chain(specs: List[LayerSpec], reads: List[Layer], input_layer: InputLayer, precision: str, device: str,
                  source, part: Optional[str]) -> Tuple[_Chain, str]:
     from .keras_model import UnsupportedModelError
 
-    shape = tuple(reads.output_shape[1:]) if reads is not None and reads is not input_layer else tuple(input_layer.output_shape[1:])
+    merge = specs[0].merge if specs[0].kind == "merge" else ""
+    if merge:
+        shape = tuple(specs[0].output_shape)  # the merged tensor goes in; the merge layer's op passes it on
+    else:
+        shape = tuple((reads[0] if reads else input_layer).output_shape[1:])
     graph = _core.Graph(int(shape[-1]))
     flat = len(shape) == 1
     if flat:
@@ -152,7 +159,7 @@ def _build_chain(specs: List[LayerSpec], reads: Optional[Layer], input_layer: In
     layers: List[Layer] = []
     for layer_spec in specs:
         if layer_spec.kind == "reverse_channels" or layer_spec.reverses_input:
-            if reads is not None:
+            if reads:
                 raise UnsupportedModelError(
                     f"layer {layer_spec.name!r} ({layer_spec.class_name}) reverses the channel order in a branch of the "
                     "model; fastvgg reverses channels only on the model's input, as preprocess_input called first does."
@@ -166,11 +173,12 @@ def _build_chain(specs: List[LayerSpec], reads: Optional[Layer], input_layer: In
         layer._index = index
         layer.folded_into = layer_spec.folded_into
         layers.append(layer)
-    if reads is not None and (reads.echoes_input or (reads is input_layer and input_layer.reverses_channels)):
-        raise UnsupportedModelError(
-            f"layer {specs[0].name!r} reads {reads.name!r}, the model's input before preprocess_input reverses its "
-            "channels; fastvgg runs branches only after that reversal."
-        )
+    for read in reads:
+        if read.echoes_input or (read is input_layer and input_layer.reverses_channels):
+            raise UnsupportedModelError(
+                f"layer {specs[0].name!r} reads {read.name!r}, the model's input before preprocess_input reverses its "
+                "channels; fastvgg runs branches and merges only after that reversal."
+            )
     from .models import new_executor
 
     executor = new_executor(graph, precision, device, layers)
@@ -195,41 +203,75 @@ def _build_chain(specs: List[LayerSpec], reads: Optional[Layer], input_layer: In
             load()
 
         status = load_model_weights(executor, path, read_and_load, packed_cache, part=part)
-    return _Chain(reads, layers, executor, len(shape) == 1), status
+    return _Chain(reads, layers, executor, merge), status
+
+
+def _check_mergeable(layer: Layer, merge: str, arrays: List[np.ndarray]) -> None:
+    """Sizes a saved model leaves open (None) may differ at run time between the tensors a
+    merge reads (e.g. two poolings of different depth on an image of any size)."""
+    keep = slice(None, -1) if merge == "concatenate" else slice(None)
+    shapes = [array.shape[1:] for array in arrays]
+    if any(shape[keep] != shapes[0][keep] for shape in shapes):
+        raise ValueError(
+            f"Layer {layer.name!r} ({layer.class_name}) cannot merge tensors of shapes {[tuple(s) for s in shapes]} "
+            "(without the batch axis) that this input size gives; Keras cannot either. Use an input size for which "
+            "its inputs agree, e.g. the size the model was trained on."
+        )
+
+
+def _merged(merge: str, arrays: List[np.ndarray]) -> np.ndarray:
+    """Keras's merge of float32 tensors of one shape (Concatenate: along the last axis), in its
+    order of operations: sums and products from the first input on, Average as that sum over
+    the count, so the float32 results are Keras's bits."""
+    if merge == "concatenate":
+        return np.concatenate(arrays, axis=-1)
+    if merge == "subtract":
+        return np.subtract(arrays[0], arrays[1])
+    combine = {"add": np.add, "average": np.add, "multiply": np.multiply, "maximum": np.maximum, "minimum": np.minimum}[merge]
+    result = arrays[0]
+    for array in arrays[1:]:
+        result = combine(result, array)
+    if merge == "average":
+        result = result / np.float32(len(arrays))
+    return np.ascontiguousarray(result, dtype=np.float32)
 
 
 class Branches:
-    """Runs a loaded model whose heads split from one trunk: each chain of the tree has its own
-    core graph and executor, and a chain's input is the output of the layer it branches from
-    (flat rows go in as a (1, 1, features) image). Only the chains an output needs run."""
+    """Runs a loaded model that is not one chain: heads that split from one trunk, and merges
+    (Concatenate, Add, ...). Each chain has its own core graph and executor; a chain's input is
+    the output of the layer it branches from, or the merge (numpy, in Keras's order of
+    operations) of the outputs it merges; flat rows go in as a (1, 1, features) image. Only
+    the chains the requested outputs need run."""
 
     def __init__(self, layers: List[Layer], chains: List[_Chain]) -> None:
         self.layers = layers
         self.chains = chains
         self.chain_of = {id(layer): i for i, chain in enumerate(chains) for layer in chain.layers}
 
-    def _parent_chain(self, i: int) -> Optional[int]:
-        reads = self.chains[i].reads
-        return None if reads is None or id(reads) not in self.chain_of else self.chain_of[id(reads)]
+    def _parents(self, i: int) -> List[int]:
+        return [self.chain_of[id(read)] for read in self.chains[i].reads if id(read) in self.chain_of]
 
     def _needed(self, layers) -> List[int]:
         needed = set()
-        for layer in layers:
-            i: Optional[int] = self.chain_of.get(id(layer))
-            while i is not None and i not in needed:
+        stack = [self.chain_of[id(layer)] for layer in layers if id(layer) in self.chain_of]
+        while stack:
+            i = stack.pop()
+            if i not in needed:
                 needed.add(i)
-                i = self._parent_chain(i)
+                stack.extend(self._parents(i))
         return sorted(needed)
 
     def layers_for(self, tensors) -> List[Layer]:
         """The layers the outputs `tensors` need (their ancestors), in the model's order."""
         keep = {id(self.layers[0])}
-        for tensor in tensors:
-            layer = tensor.layer
-            while layer is not None and id(layer) in self.chain_of:
-                chain = self.chains[self.chain_of[id(layer)]]
-                keep.update(id(l) for l in chain.layers[: chain.layers.index(layer) + 1])
-                layer = chain.reads
+        stack = [tensor.layer for tensor in tensors]
+        while stack:
+            layer = stack.pop()
+            if id(layer) not in self.chain_of or id(layer) in keep:
+                continue
+            chain = self.chains[self.chain_of[id(layer)]]
+            keep.update(id(l) for l in chain.layers[: chain.layers.index(layer) + 1])
+            stack.extend(chain.reads)
         return [layer for layer in self.layers if id(layer) in keep]
 
     def updating(self):
@@ -241,11 +283,11 @@ class Branches:
     def _chain_shapes(self, height: int, width: int) -> Dict[int, list]:
         shapes: Dict[int, list] = {}
         for i, chain in enumerate(self.chains):
-            parent = self._parent_chain(i)
-            if parent is None:
+            if not chain.reads:
                 size = (height, width)
             else:
-                out = tuple(shapes[parent][chain.reads._index])
+                read = chain.reads[0]  # a merge's inputs share their size
+                out = tuple(shapes[self.chain_of[id(read)]][read._index]) if id(read) in self.chain_of else (height, width)
                 size = (1, 1) if len(out) == 1 else out[:2]
             shapes[i] = chain.executor.graph.output_shapes(*size)
         return shapes
@@ -260,27 +302,40 @@ class Branches:
         count, height, width = core_input.shape[:3]
         shapes = self._chain_shapes(height, width)
         needed = self._needed(t.layer for t, _ in outputs)
-        inputs = {i: core_input for i in needed if self._parent_chain(i) is None}
+        # What later chains read: each such layer's output, computed once.
+        read_later = {id(read): read for i in needed for read in self.chains[i].reads}
+        available = {id(self.layers[0]): core_input}
         for i in needed:
             chain = self.chains[i]
+            if not chain.reads:
+                chain_input = core_input
+            else:
+                arrays = [self._as_keras_shape(available[id(read)], read) for read in chain.reads]
+                if chain.merge:
+                    _check_mergeable(chain.layers[0], chain.merge, arrays)
+                chain_input = _merged(chain.merge, arrays) if chain.merge else arrays[0]
+                if chain_input.ndim == 2:  # flat rows: the graph takes them as a 1x1 image
+                    chain_input = chain_input.reshape((count, 1, 1, chain_input.shape[1]))
             requests = [(t.layer._index, t.before_activation, out) for t, out in outputs
                         if self.chain_of[id(t.layer)] == i]
-            feeds = []
-            for j in needed:
-                if j <= i or self._parent_chain(j) != i:
+            for layer in chain.layers:
+                if id(layer) not in read_later:
                     continue
-                reads = self.chains[j].reads
-                given = [out for t, out in outputs if t.layer is reads and not t.before_activation]
+                given = [out for t, out in outputs if t.layer is layer and not t.before_activation]
                 if given:
-                    out = given[0]
+                    available[id(layer)] = given[0]
                 else:
-                    out = np.empty((count,) + tuple(shapes[i][reads._index]), np.float32)
-                    requests.append((reads._index, False, out))
-                    outputs = list(outputs) + [(reads.output, out)]  # later children of the same layer reuse it
-                feeds.append((j, out))
-            chain.executor.forward_into(inputs[i], requests)
-            for j, out in feeds:
-                inputs[j] = out.reshape((count, 1, 1, out.shape[1])) if out.ndim == 2 else out
+                    available[id(layer)] = np.empty((count,) + tuple(shapes[i][layer._index]), np.float32)
+                    requests.append((layer._index, False, available[id(layer)]))
+            chain.executor.forward_into(np.ascontiguousarray(chain_input), requests)
+
+    @staticmethod
+    def _as_keras_shape(array: np.ndarray, layer: Layer) -> np.ndarray:
+        """The core keeps a global pooling with keepdims flat; Keras's (1, 1, C) restored, so
+        that a merge combines tensors of Keras's shapes."""
+        if array.ndim == 2 and len(layer.output_shape) == 4:
+            return array.reshape((array.shape[0], 1, 1, array.shape[1]))
+        return array
 
 
 def _output_structure(spec: ModelSpec, layers: List[Layer]):
@@ -364,6 +419,8 @@ def _add_op(graph, spec: LayerSpec, flat: bool) -> int:
         return graph.add_activation("linear")
     if kind == "identity":  # Dropout and friends: nothing happens at inference
         return graph.add_activation("linear")
+    if kind == "merge":  # merged before the chain runs (Branches); the layer's output is its input
+        return graph.add_activation("linear")
     raise ValueError(f"layer {spec.name!r}: no core op for kind {kind!r}")  # pragma: no cover
 
 
@@ -397,6 +454,8 @@ class _SpecLayer:
 
     def _init_from_spec(self, spec: LayerSpec) -> None:
         Layer.__init__(self, spec.name, (None,) + tuple(spec.input_shape), (None,) + tuple(spec.output_shape))
+        if spec.input_shapes:  # a merge: Keras gives the shapes of what it merges, as a list
+            self.input_shape = [(None,) + tuple(shape) for shape in spec.input_shapes]
         self.class_name = spec.class_name
         self.trainable = spec.trainable
         self._spec = spec
