@@ -376,3 +376,56 @@ def test_open_sizes_that_disagree_at_run_time_are_a_clear_error(tmp_path):
     ours = fastvgg.load_model(path)
     with pytest.raises(ValueError, match=r"'cat' \(Concatenate\) cannot merge tensors of shapes \[\(4, 4, 3\), \(2, 2, 3\)\]"):
         ours.predict(np.zeros((1, 8, 8, 3), np.float32))
+
+
+def test_threads_predict_and_set_weights_on_a_model_of_several_chains(tmp_path):
+    """Four threads predict on one model of several chains (each chain's executor called
+    concurrently) while another thread swaps its weights back and forth: every prediction is
+    one of the two models' whole results, bit for bit, never a mix of old and new chains'."""
+    import threading
+
+    keras = _keras("keras3")
+    layers = keras.layers
+    keras.utils.set_random_seed(9)
+    inputs = keras.Input((None, None, 3))
+    x = layers.Conv2D(8, 3, padding="same", activation="relu", name="conv")(inputs)
+    x = layers.MaxPooling2D(name="pool")(x)
+    cat = layers.Concatenate(name="cat")([layers.GlobalAveragePooling2D(name="gap")(x),
+                                          layers.GlobalMaxPooling2D(name="gmp")(x)])
+    model = keras.Model(inputs, [layers.Dense(3, name="left")(cat), layers.Dense(2, name="right")(x)])
+    path = str(tmp_path / "threads.keras")
+    model.save(path)
+    ours = fastvgg.load_model(path)
+    original = ours.get_weights()
+    changed = [w * 1.5 + 0.25 for w in original]
+    images = {size: np.random.default_rng(size).uniform(-1, 1, (2, size, size, 3)).astype(np.float32) for size in (8, 12, 16, 20)}
+
+    def results(weights):
+        ours.set_weights(weights)
+        return {size: ours.predict(x) for size, x in images.items()}
+
+    expected = [results(original), results(changed)]
+    ours.set_weights(original)
+    failures, stop = [], threading.Event()
+
+    def predict(size):
+        for _ in range(30):
+            got = ours.predict(images[size])
+            if not any(all(np.array_equal(a, b) for a, b in zip(got, want[size])) for want in expected):
+                failures.append(size)
+
+    def swap():
+        while not stop.is_set():
+            for weights in (changed, original):
+                ours.set_weights(weights)
+
+    swapper = threading.Thread(target=swap)
+    workers = [threading.Thread(target=predict, args=(size,)) for size in images]
+    swapper.start()
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    stop.set()
+    swapper.join()
+    assert not failures, f"predictions that mix the weights of different moments, for image sizes {sorted(set(failures))}"

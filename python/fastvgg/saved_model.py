@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -206,6 +207,64 @@ def _build_chain(specs: List[LayerSpec], reads: List[Layer], input_layer: InputL
     return _Chain(reads, layers, executor, merge), status
 
 
+class _PassesOrUpdate:
+    """Forward passes run side by side; a weight update waits for them and runs alone. Each
+    executor orders its own calls; this orders a whole pass over several executors against an
+    update of all of them. Turns alternate: passes that arrive while an update waits start after
+    it, and the passes that waited all start before the next update, so neither a stream of
+    predictions nor a stream of updates starves the other. An update may nest in one by the same
+    thread (set_weights inside load_weights)."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._passes = 0  # running
+        self._waiting_passes = 0
+        self._waiting_updates = 0
+        self._updater: Optional[int] = None  # the thread updating, if any
+        self._depth = 0
+        self._passes_turn = False  # an update just ended while passes waited: they go first
+
+    @contextlib.contextmanager
+    def forward(self):
+        with self._condition:
+            self._waiting_passes += 1
+            while self._updater is not None or (self._waiting_updates and not self._passes_turn):
+                self._condition.wait()
+            self._waiting_passes -= 1
+            self._passes += 1
+            if not self._waiting_passes:
+                self._passes_turn = False
+                self._condition.notify_all()
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._passes -= 1
+                if not self._passes:
+                    self._condition.notify_all()
+
+    @contextlib.contextmanager
+    def update(self):
+        me = threading.get_ident()
+        with self._condition:
+            if self._updater != me:
+                self._waiting_updates += 1
+                while self._updater is not None or self._passes or self._passes_turn:
+                    self._condition.wait()
+                self._waiting_updates -= 1
+                self._updater = me
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._depth -= 1
+                if not self._depth:
+                    self._updater = None
+                    self._passes_turn = self._waiting_passes > 0
+                    self._condition.notify_all()
+
+
 def _check_mergeable(layer: Layer, merge: str, arrays: List[np.ndarray]) -> None:
     """Sizes a saved model leaves open (None) may differ at run time between the tensors a
     merge reads (e.g. two poolings of different depth on an image of any size)."""
@@ -247,6 +306,7 @@ class Branches:
         self.layers = layers
         self.chains = chains
         self.chain_of = {id(layer): i for i, chain in enumerate(chains) for layer in chain.layers}
+        self._passes = _PassesOrUpdate()
 
     def _parents(self, i: int) -> List[int]:
         return [self.chain_of[id(read)] for read in self.chains[i].reads if id(read) in self.chain_of]
@@ -275,7 +335,10 @@ class Branches:
         return [layer for layer in self.layers if id(layer) in keep]
 
     def updating(self):
+        """Holds every chain's executor for a weight update, after the passes under way: no
+        pass sees some chains' old weights and others' new ones."""
         stack = contextlib.ExitStack()
+        stack.enter_context(self._passes.update())
         for chain in self.chains:
             stack.enter_context(chain.executor.updating())
         return stack
@@ -299,6 +362,10 @@ class Branches:
     def forward_into(self, core_input: np.ndarray, outputs) -> None:
         """Runs the chains the tensors in `outputs` ((tensor, array) pairs) need, each writing its
         tensors into their arrays."""
+        with self._passes.forward():
+            self._forward_into(core_input, outputs)
+
+    def _forward_into(self, core_input: np.ndarray, outputs) -> None:
         count, height, width = core_input.shape[:3]
         shapes = self._chain_shapes(height, width)
         needed = self._needed(t.layer for t, _ in outputs)
