@@ -42,6 +42,9 @@ def test_snappy_blocks_decode_by_the_format():
     # 2-byte-offset copy of 4 bytes at offset 12, then the literal "!".
     stream = bytes([17, 0x08]) + b"abc" + bytes([0x15, 3]) + bytes([(4 - 1) << 2 | 2, 12, 0]) + bytes([0x00]) + b"!"
     assert tf_saved_model._snappy_decompress(stream) == b"abcabcabcabc" + b"abca" + b"!"
+    # Copies longer than their offset repeat the last bytes (offsets 1 and 2).
+    assert tf_saved_model._snappy_decompress(bytes([9, 0x00]) + b"z" + bytes([(8 - 4) << 2 | 1, 1])) == b"z" * 9
+    assert tf_saved_model._snappy_decompress(bytes([10, 0x04]) + b"ab" + bytes([(8 - 4) << 2 | 1, 2])) == b"ab" * 5
     for broken in (stream[:-1], bytes([18]) + stream[1:], bytes([16, 0x15, 3])):
         with pytest.raises(ValueError):
             tf_saved_model._snappy_decompress(broken)

@@ -195,8 +195,8 @@ def _snappy_decompress(data: bytes) -> bytes:
         if size <= offset:
             out += out[len(out) - offset:len(out) - offset + size]
         else:  # an overlapping copy repeats the last `offset` bytes
-            for _ in range(size):
-                out.append(out[-offset])
+            pattern = out[len(out) - offset:]
+            out += (pattern * (size // offset + 1))[:size]
         if len(out) > length:
             break
     if len(out) != length:
