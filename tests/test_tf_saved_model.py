@@ -64,6 +64,7 @@ def test_checkpoint_tensors_read_as_tensorflow_reads_them(tmp_path):
     }
     variables = {k: tf.Variable(v) for k, v in values.items()}
     variables["bf16"] = tf.Variable(tf.constant(rng.standard_normal(9), dtype=tf.bfloat16))
+    variables["flag"] = tf.Variable([True, False])  # a dtype no weight has: listed, never read as numbers
     # Hundreds of long, similar keys: several index blocks, keys that share prefixes.
     for i in range(400):
         variables[f"layer_with_a_long_name_{i:04d}"] = tf.Variable(np.full((2,), i, np.float32))
@@ -72,7 +73,9 @@ def test_checkpoint_tensors_read_as_tensorflow_reads_them(tmp_path):
     tensors = tf_saved_model.read_checkpoint_index(prefix)
     keys = {k for k in reader.get_variable_to_shape_map()}
     assert keys == set(tensors)
-    for key in keys - {tf_saved_model.OBJECT_GRAPH_KEY}:
+    flag = tensors["flag/.ATTRIBUTES/VARIABLE_VALUE"]
+    assert (flag.tf_dtype, flag.stored_dtype) == (10, np.dtype("V1"))
+    for key in keys - {tf_saved_model.OBJECT_GRAPH_KEY, flag.key}:
         expected = reader.get_tensor(key)
         got = tensors[key].read()
         if key.startswith("bf16"):

@@ -49,8 +49,8 @@ _BLOCK_TRAILER_BYTES = 5  # compression type, masked CRC-32C
 _DTYPES = {1: np.dtype("<f4"), 2: np.dtype("<f8"), 3: np.dtype("<i4"), 9: np.dtype("<i8"), 19: np.dtype("<f2"),
            14: np.dtype("<u2")}
 _DT_BFLOAT16, _DT_STRING = 14, 7
-_DTYPE_NAMES = {4: "uint8", 5: "int16", 6: "int8", 7: "string", 8: "complex64", 10: "bool", 14: "bfloat16",
-                20: "resource", 21: "variant", 22: "uint32", 23: "uint64"}
+_DTYPE_NAMES = {4: "uint8", 5: "int16", 6: "int8", 7: "string", 8: "complex64", 10: "bool", 20: "resource",
+                21: "variant", 22: "uint32", 23: "uint64"}
 
 
 def is_saved_model(path: str) -> bool:
@@ -278,6 +278,7 @@ class CheckpointTensor:
     dtype: np.dtype
     stored_dtype: np.dtype
     bfloat16: bool = False
+    tf_dtype: int = 0  # TensorFlow's DataType number
 
     def raw(self) -> bytes:
         with open(self.shard_path, "rb") as f:
@@ -343,7 +344,8 @@ def _entry(key: str, value: bytes, shards: List[str], shard_sizes: List[int], bi
     if dtype_code == _DT_STRING:
         stored = np.dtype("u1")
     elif stored is None:
-        return CheckpointTensor(key, shards[shard], offset, size, crc, shape, np.dtype("V1"), np.dtype("V1"))
+        return CheckpointTensor(key, shards[shard], offset, size, crc, shape, np.dtype("V1"), np.dtype("V1"),
+                                tf_dtype=dtype_code)
     if big_endian:
         stored = stored.newbyteorder(">")
     count = int(np.prod(shape, dtype=np.int64)) if shape else 1
@@ -630,6 +632,7 @@ def _read(path: str) -> SavedModelContents:
     for weights in layer_weights.values():
         for weight_name, tensor in weights:
             if tensor.stored_dtype == np.dtype("V1"):
-                raise _Malformed(f"tensor {tensor.key!r} ({weight_name}) has a dtype fastvgg does not read")
+                dtype = _DTYPE_NAMES.get(tensor.tf_dtype, f"number {tensor.tf_dtype}")
+                raise _Malformed(f"tensor {tensor.key!r} ({weight_name}) has dtype {dtype}; Keras weights are floating point")
     version = root.get("keras_version")
     return SavedModelContents(model_config, version if isinstance(version, str) else "", layer_weights)
