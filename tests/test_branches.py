@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import fastvgg
+import keras_finetuned as kf
 import numpy_chain
 from helpers import keras_flavor
 from fastvgg import keras_model
@@ -22,10 +23,6 @@ from fastvgg.keras_model import UnsupportedModelError
 
 KERAS_ATOL = 1e-4  # test_load_model's bound; not to be loosened
 NUMPY_REL_L2 = 1e-4  # "fast" precision against the float64 chain, per layer (test_load_model's)
-
-
-def _keras(flavor):
-    return keras_flavor(flavor)
 
 
 def box_and_class(keras):
@@ -93,19 +90,11 @@ FORMATS = {"keras3": (".keras", ".h5"), "tf_keras": (".h5", ".keras", "savedmode
 CASES = [(flavor, name, ext) for flavor in FORMATS for name in BUILDERS for ext in FORMATS[flavor]]
 
 
-def _leaves(model):
-    for layer in model.layers:
-        if layer.__class__.__name__ in ("Sequential", "Functional", "Model"):
-            yield from _leaves(layer)
-        else:
-            yield layer
-
-
 def _keras_layer_outputs(model, spec, x):
     """Every layer's output as Keras's own layer computes it (called eagerly, training=False),
     each fed what the spec says it reads: the per-layer half of the check (the wiring is held
     to Keras by the model's outputs)."""
-    by_name = {layer.name: layer for layer in _leaves(model)}
+    by_name = {layer.name: layer for layer in kf._leaf_layers(model)}
     found = {spec.layers[0].name: x}
     for index, layer in enumerate(spec.layers[1:], start=1):
         if layer.name in spec.merge_inputs:
@@ -117,7 +106,7 @@ def _keras_layer_outputs(model, spec, x):
 
 
 def _classifier_heads(model):
-    return [layer for layer in _leaves(model) if layer.__class__.__name__ == "Dense"
+    return [layer for layer in kf._leaf_layers(model) if layer.__class__.__name__ == "Dense"
             and layer.get_config()["activation"] in ("softmax", "sigmoid")]
 
 
@@ -141,13 +130,13 @@ def saved(tmp_path_factory):
 
     def get(flavor, name):
         if (flavor, name) not in cache:
-            keras = _keras(flavor)
+            keras = keras_flavor(flavor)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 keras.utils.set_random_seed(7)
                 model = BUILDERS[name](keras)
                 rng = np.random.default_rng(7)
-                for layer in _leaves(model):  # every weight off its initial value (biases too)
+                for layer in kf._leaf_layers(model):  # every weight off its initial value (biases too)
                     layer.set_weights([(w + rng.normal(0, 1, w.shape) * 0.05 * (np.abs(w).mean() + 0.1)).astype(w.dtype)
                                        for w in layer.get_weights()])
                 x = rng.uniform(-2, 2, (3,) + tuple(model.input_shape[1:])).astype(np.float32)
@@ -208,7 +197,7 @@ def test_model_api_lists_layers_and_weights_as_keras(saved, flavor):
     model, x, expected, paths = saved(flavor, "box_and_class")
     ours = fastvgg.load_model(paths[".h5"], packed_cache=False)
     # Keras's order (its config's, heads interleaved), the nested base flattened.
-    assert [layer.name for layer in ours.layers][1:] == [l.name for l in _leaves(model) if l.__class__.__name__ != "InputLayer"]
+    assert [layer.name for layer in ours.layers][1:] == [l.name for l in kf._leaf_layers(model) if l.__class__.__name__ != "InputLayer"]
     keras_weights = model.get_weights()
     our_weights = ours.get_weights()
     assert len(our_weights) == len(keras_weights)
@@ -248,7 +237,7 @@ def test_sub_models_run_only_the_branches_they_need(saved):
 
 def test_two_heads_of_one_shape_keep_their_own_packed_weights(tmp_path):
     """Two heads with the same layers but different weights are two cache entries, not one."""
-    keras = _keras("keras3")
+    keras = keras_flavor("keras3")
     keras.utils.set_random_seed(3)
     inputs = keras.Input((16, 16, 3))
     x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv")(inputs)
@@ -270,7 +259,7 @@ def test_two_heads_of_one_shape_keep_their_own_packed_weights(tmp_path):
 
 
 def test_what_cannot_run_is_refused_by_name(tmp_path):
-    keras = _keras("keras3")
+    keras = keras_flavor("keras3")
     layers = keras.layers
 
     def refused(build, match):
@@ -296,7 +285,7 @@ def test_what_cannot_run_is_refused_by_name(tmp_path):
 def test_tf_keras_ops_on_two_tensors_say_which_layer_to_use(tmp_path):
     """tf.keras records x + y on two tensors as a TFOpLambda with the second tensor among its
     arguments: refused with the merge layer to use instead (never read as a constant)."""
-    keras = _keras("tf_keras")
+    keras = keras_flavor("tf_keras")
     layers = keras.layers
     inputs = keras.Input((8, 8, 3))
     a = layers.Conv2D(4, 3, padding="same", name="a")(inputs)
@@ -312,7 +301,7 @@ def test_tf_keras_ops_on_two_tensors_say_which_layer_to_use(tmp_path):
 def test_keras3_ops_on_two_tensors_are_merges(tmp_path):
     """keras.ops.add(x, y) (or x + y) on two tensors records Keras 3's Add op, which is the Add
     merge; with a constant it stays the per-channel affine map it was."""
-    keras = _keras("keras3")
+    keras = keras_flavor("keras3")
     layers = keras.layers
     inputs = keras.Input((8, 8, 3))
     a = layers.Conv2D(4, 3, padding="same", name="a")(inputs)
@@ -333,7 +322,7 @@ def test_heads_run_on_the_cuda_executor_through_its_emulator(tmp_path, monkeypat
     from cuda_builds import emulated_module
     from fastvgg import cuda as fastvgg_cuda
 
-    keras = _keras("keras3")
+    keras = keras_flavor("keras3")
     layers = keras.layers
     keras.utils.set_random_seed(5)
     inputs = keras.Input((12, 12, 3))
@@ -365,7 +354,7 @@ def test_heads_run_on_the_cuda_executor_through_its_emulator(tmp_path, monkeypat
 def test_open_sizes_that_disagree_at_run_time_are_a_clear_error(tmp_path):
     """An input of any size: two poolings of different depth both have shape (None, None, C)
     in the file, so only the image size decides whether they can be concatenated."""
-    keras = _keras("keras3")
+    keras = keras_flavor("keras3")
     layers = keras.layers
     inputs = keras.Input((None, None, 3))
     shallow = layers.MaxPooling2D(name="once")(inputs)
@@ -384,7 +373,7 @@ def test_threads_predict_and_set_weights_on_a_model_of_several_chains(tmp_path):
     one of the two models' whole results, bit for bit, never a mix of old and new chains'."""
     import threading
 
-    keras = _keras("keras3")
+    keras = keras_flavor("keras3")
     layers = keras.layers
     keras.utils.set_random_seed(9)
     inputs = keras.Input((None, None, 3))

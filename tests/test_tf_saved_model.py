@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import fastvgg
+import keras_finetuned as kf
 from fastvgg import _core, tf_saved_model
 from fastvgg.keras_model import UnsupportedModelError
 
@@ -119,22 +120,10 @@ def test_saved_model_predicts_as_keras(saved_dir):
     assert [layer.name for layer in model.layers] == ["image", "norm", "conv_a", "pool_a", "bn", "gap", "scores"]
     for name in ("norm", "conv_a", "bn", "scores"):
         ours = model.get_layer(name).get_weights()
-        theirs = [w for w in _keras_leaf(keras_model, name).get_weights()]
+        theirs = {layer.name: layer for layer in kf._leaf_layers(keras_model)}[name].get_weights()
         assert len(ours) == len(theirs)
         for a, b in zip(ours, theirs):
             np.testing.assert_array_equal(a.reshape(np.shape(b)), b)
-
-
-def _keras_leaf(model, name):
-    for layer in model.layers:
-        if layer.name == name:
-            return layer
-        if hasattr(layer, "layers"):
-            try:
-                return _keras_leaf(layer, name)
-            except KeyError:
-                pass
-    raise KeyError(name)
 
 
 def test_tensorflow_2_4_layout_with_the_metadata_inside_the_graph(saved_dir, tmp_path):

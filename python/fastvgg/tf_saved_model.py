@@ -419,6 +419,17 @@ class _Node:
     variables: List[Tuple[str, str]]  # (full_name, checkpoint key) of a VARIABLE_VALUE attribute
 
 
+def _object_reference(data: bytes, span) -> Tuple[str, int]:
+    """(local name, node id) of an ObjectReference, the child link of both object graphs (the
+    checkpoint's and saved_model.pb's)."""
+    node_id = -1
+    for number, _, item in _fields(data, *span):
+        if number == 1:
+            node_id = _int_field(item, "a child's node id")
+    local_name, = _strings(data, span, {2: "a child's name"})
+    return local_name, node_id
+
+
 def _object_graph(data: bytes) -> List[_Node]:
     nodes: List[_Node] = []
     for number, _, span in _fields(data):
@@ -429,13 +440,7 @@ def _object_graph(data: bytes) -> List[_Node]:
         node = _Node([], [])
         for field, _, value in _fields(data, *span):
             if field == 1 and isinstance(value, tuple):
-                node_id, local_name = -1, ""
-                for inner, _, item in _fields(data, *value):
-                    if inner == 1:
-                        node_id = _int_field(item, "a child's node id")
-                    elif inner == 2:
-                        local_name = _text(data, item, "a child's name")
-                node.children.append((local_name, node_id))
+                node.children.append(_object_reference(data, value))
             elif field == 2 and isinstance(value, tuple):
                 name, full_name, checkpoint_key = _strings(
                     data, value, {1: "an attribute's name", 2: "a variable's name", 3: "a checkpoint key"})
@@ -504,12 +509,7 @@ def _metadata_in_graph(data: bytes) -> List[Tuple[str, str, str]]:
         identifier = text = ""
         for field, _, value in _fields(data, *span):
             if field == 1 and isinstance(value, tuple):
-                node_id = -1
-                for inner, _, item in _fields(data, *value):
-                    if inner == 1:
-                        node_id = _int_field(item, "a child's node id")
-                local_name, = _strings(data, value, {2: "a child's name"})
-                children.append((local_name, node_id))
+                children.append(_object_reference(data, value))
             elif field == 4 and isinstance(value, tuple):
                 identifier, text = _strings(data, value, {1: "an object's identifier", 3: "an object's metadata"})
         nodes.append((children, identifier, text))
