@@ -10,6 +10,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -29,6 +31,11 @@ namespace py = pybind11;
 namespace fastvgg {
 double fma_peak_gflops(int threads, long iterations, const std::string& isa);  // csrc/fma_peak.cpp
 void register_ops(pybind11::module_& m, pybind11::module_& testing);  // csrc/bindings_ops.cpp
+
+// An activation's numbers as Python passes them: max_value None is no cap.
+ActivationParams activation_params(float negative_slope, std::optional<float> max_value, float threshold) {
+  return {negative_slope, max_value ? *max_value : kNoCap, threshold};
+}
 }
 using namespace fastvgg;
 
@@ -365,6 +372,10 @@ py::dict describe_op(const Op& op) {
   d["on_image"] = op.on_image;
   d["negative_slope"] = op.negative_slope;
   d["max_inverse_norm"] = op.max_inverse_norm;
+  if (std::isfinite(op.max_value)) d["max_value"] = op.max_value;  // absent: no cap
+  d["threshold"] = op.threshold;
+  d["alpha_height"] = op.alpha_height;
+  d["alpha_width"] = op.alpha_width;
   return d;
 }
 
@@ -447,17 +458,23 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<Graph>(m, "Graph", "A chain of ops and their sizes; no weights (an executor holds those).")
       .def(py::init<int>(), py::arg("input_channels"))
-      .def("add_conv3x3", [](Graph& g, int filters, const std::string& activation, float negative_slope) {
-        return g.add_conv3x3(filters, parse_activation(activation), negative_slope);
-      }, py::arg("filters"), py::arg("activation"), py::arg("negative_slope") = 0.0f,
-         "negative_slope: leaky_relu's slope for x < 0 (any other activation takes none).")
+      .def("add_conv3x3", [](Graph& g, int filters, const std::string& activation, float negative_slope,
+                             std::optional<float> max_value, float threshold) {
+        return g.add_conv3x3(filters, parse_activation(activation), activation_params(negative_slope, max_value, threshold));
+      }, py::arg("filters"), py::arg("activation"), py::arg("negative_slope") = 0.0f, py::arg("max_value") = py::none(),
+         py::arg("threshold") = 0.0f,
+         "negative_slope: leaky_relu's slope for x < 0, or clipped_relu's below its threshold; max_value (None: no "
+         "cap) and threshold: clipped_relu's. Other activations take none of them.")
       .def("add_max_pool2x2", &Graph::add_max_pool2x2)
       .def("add_flatten", &Graph::add_flatten)
       .def("add_global_pool", [](Graph& g, const std::string& mode) { return g.add_global_pool(parse_pool_mode(mode)); },
            py::arg("mode"))
-      .def("add_dense", [](Graph& g, int in_features, int units, const std::string& activation, float negative_slope) {
-        return g.add_dense(in_features, units, parse_activation(activation), negative_slope);
-      }, py::arg("in_features"), py::arg("units"), py::arg("activation"), py::arg("negative_slope") = 0.0f)
+      .def("add_dense", [](Graph& g, int in_features, int units, const std::string& activation, float negative_slope,
+                           std::optional<float> max_value, float threshold) {
+        return g.add_dense(in_features, units, parse_activation(activation),
+                           activation_params(negative_slope, max_value, threshold));
+      }, py::arg("in_features"), py::arg("units"), py::arg("activation"), py::arg("negative_slope") = 0.0f,
+         py::arg("max_value") = py::none(), py::arg("threshold") = 0.0f)
       .def_property_readonly("layer_count", &Graph::op_count)
       .def_property_readonly("input_channels", &Graph::input_channels)
       .def("output_shapes", [](const Graph& g, int height, int width) {
@@ -470,7 +487,8 @@ PYBIND11_MODULE(_core, m) {
         for (const Op& op : g.ops()) ops.append(describe_op(op));
         return ops;
       }, "One dict per op: kind, in_channels, out_channels, activation, pool_mode, kernel_size, padding, on_image, "
-         "negative_slope, max_inverse_norm.");
+         "negative_slope, max_inverse_norm, threshold, alpha_height, alpha_width, and max_value where clipped_relu has "
+         "a cap.");
 
   py::class_<WeightsUpdate>(m, "WeightsUpdate", "Context manager from CpuExecutor.updating().")
       .def("__enter__", [](WeightsUpdate& u) { u.enter(); return &u; }, py::return_value_policy::reference)
@@ -555,7 +573,9 @@ PYBIND11_MODULE(_core, m) {
         const py::ssize_t k = op.kernel_size;
         FloatArray kernel(op.is_convolution()         ? std::vector<py::ssize_t>{k, k, op.in_channels, op.out_channels}
                           : op.kind == OpKind::Affine ? std::vector<py::ssize_t>{op.out_channels}
-                                                      : std::vector<py::ssize_t>{op.in_channels, op.out_channels});
+                          : op.kind == OpKind::PRelu
+                              ? std::vector<py::ssize_t>{op.alpha_height, op.alpha_width, op.out_channels}
+                              : std::vector<py::ssize_t>{op.in_channels, op.out_channels});
         FloatArray bias(std::vector<py::ssize_t>{op.out_channels});
         float *kp = kernel.mutable_data(), *bp = bias.mutable_data();
         {

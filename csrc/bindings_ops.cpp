@@ -22,6 +22,8 @@
 namespace py = pybind11;
 
 namespace fastvgg {
+ActivationParams activation_params(float negative_slope, std::optional<float> max_value, float threshold);  // bindings.cpp
+
 namespace {
 
 using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
@@ -175,8 +177,50 @@ FloatArray test_affine(const FloatArray& x, const FloatArray& scale, const Float
   });
 }
 
-FloatArray test_activation(const FloatArray& x, const std::string& name, const std::string& isa, float negative_slope) {
+// Keras's PReLU on flat rows (2-D) or NHWC images (4-D, blocked layout), alpha of shape
+// (alpha_height, alpha_width, channels) with extents of 1 or the image's; "reference" for the twin.
+FloatArray test_prelu(const FloatArray& x, const FloatArray& alpha, const std::string& isa) {
+  const bool image = x.ndim() == 4;
+  if (!image && x.ndim() != 2) throw py::value_error("x must be 2-D rows or a 4-D NHWC array");
+  const int n = to_int(x.shape(0), "batch"), h = image ? to_int(x.shape(1), "height") : 1,
+            w = image ? to_int(x.shape(2), "width") : 1, c = to_int(x.shape(x.ndim() - 1), "channels");
+  if (alpha.ndim() != 3 || alpha.shape(2) != c || (alpha.shape(0) != 1 && alpha.shape(0) != h) ||
+      (alpha.shape(1) != 1 && alpha.shape(1) != w))
+    throw py::value_error("alpha must have shape (1 or height, 1 or width, channels)");
+  const int ah = int(alpha.shape(0)), aw = int(alpha.shape(1));
+  const KernelTable* k = table_or_null(isa);
+  if (!k || !image) {
+    FloatArray y(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
+    const float *xp = x.data(), *ap = alpha.data();
+    float* yp = y.mutable_data();
+    py::gil_scoped_release release;
+    if (!k) {
+      reference::prelu(xp, n, h, w, c, ap, ah, aw, yp);
+    } else {
+      std::copy(xp, xp + std::size_t(n) * std::size_t(c), yp);
+      ops_for(*k).prelu_rows(yp, n, c, c, ap);
+    }
+    return y;
+  }
+  // The blocked alpha, as CpuExecutor::set_prelu packs it.
+  std::vector<float> blocked(std::size_t(channel_blocks(c)) * ah * aw * kChannelBlock, 0.0f);
+  for (int i = 0; i < ah; ++i)
+    for (int j = 0; j < aw; ++j)
+      for (int ch = 0; ch < c; ++ch)
+        blocked[((std::size_t(ch / kChannelBlock) * ah + i) * aw + j) * kChannelBlock + ch % kChannelBlock] =
+            alpha.at(i, j, ch);
+  const Nhwc s = nhwc_of(x);
+  const OpsTable& ops = ops_for(*k);
+  return per_image(*k, x, s, s.h, s.w, s.c, [&](const BlockedImage& in, const BlockedImage& out) {
+    std::copy(in.data, in.data + in.size(), out.data);
+    ops.prelu_blocked(out, blocked.data(), ah, aw, threads());
+  });
+}
+
+FloatArray test_activation(const FloatArray& x, const std::string& name, const std::string& isa, float negative_slope,
+                           std::optional<float> max_value, float threshold) {
   const Elementwise f = parse_elementwise(name);
+  const ActivationParams params = activation_params(negative_slope, max_value, threshold);
   const KernelTable* k = table_or_null(isa);
   if (!k || x.ndim() != 4) {
     FloatArray y(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
@@ -185,10 +229,10 @@ FloatArray test_activation(const FloatArray& x, const std::string& name, const s
     const std::size_t count = std::size_t(x.size());
     py::gil_scoped_release release;
     if (!k) {
-      reference::activation(xp, count, f, negative_slope, yp);
+      reference::activation(xp, count, f, params, yp);
     } else {
       std::copy(xp, xp + count, yp);
-      ops_for(*k).activation_rows(yp, count, f, negative_slope);
+      ops_for(*k).activation_rows(yp, count, f, params);
     }
     return y;
   }
@@ -196,14 +240,15 @@ FloatArray test_activation(const FloatArray& x, const std::string& name, const s
   const OpsTable& ops = ops_for(*k);
   return per_image(*k, x, n, n.h, n.w, n.c, [&](const BlockedImage& in, const BlockedImage& out) {
     std::copy(in.data, in.data + in.size(), out.data);
-    ops.activation_blocked(out, f, negative_slope, threads());
+    ops.activation_blocked(out, f, params, threads());
   });
 }
 
 // The whole blocked buffer of x[0] after an activation, (blocks, h + 2, w + 2, 16): the tests
 // check that the border and the padding channels are still zero.
 FloatArray test_activation_blocked_buffer(const FloatArray& x, const std::string& name, const std::string& isa,
-                                          float negative_slope) {
+                                          float negative_slope, std::optional<float> max_value, float threshold) {
+  const ActivationParams params = activation_params(negative_slope, max_value, threshold);
   const Nhwc s = nhwc_of(x);
   if (s.n < 1) throw py::value_error("x needs at least one image");
   const Elementwise f = parse_elementwise(name);
@@ -214,7 +259,7 @@ FloatArray test_activation_blocked_buffer(const FloatArray& x, const std::string
   py::gil_scoped_release release;
   const BlockedImage image{bp, s.c, s.h, s.w};
   k.nhwc_to_blocked(xp, image);
-  ops_for(k).activation_blocked(image, f, negative_slope, threads());
+  ops_for(k).activation_blocked(image, f, params, threads());
   return buffer;
 }
 
@@ -236,20 +281,28 @@ void register_ops(py::module_& m, py::module_& testing) {
   auto graph = py::reinterpret_borrow<py::class_<Graph>>(m.attr("Graph"));
   graph
       .def("add_conv", [](Graph& g, int kernel_size, int filters, const std::string& padding, const std::string& activation,
-                          float negative_slope) {
+                          float negative_slope, std::optional<float> max_value, float threshold) {
         require_padding(padding);
-        return g.add_conv(kernel_size, filters, padding == "same", parse_activation(activation), negative_slope);
+        return g.add_conv(kernel_size, filters, padding == "same", parse_activation(activation),
+                          activation_params(negative_slope, max_value, threshold));
       }, py::arg("kernel_size"), py::arg("filters"), py::arg("padding"), py::arg("activation"), py::arg("negative_slope") = 0.0f,
+         py::arg("max_value") = py::none(), py::arg("threshold") = 0.0f,
          "A 1x1 convolution, or a 3x3 one with 'valid' or 'same' padding; stride 1.")
       .def("add_pool2x2", [](Graph& g, const std::string& mode, const std::string& padding) {
         require_padding(padding);
         return g.add_pool2x2(parse_pool_mode(mode), padding == "same");
       }, py::arg("mode"), py::arg("padding"), "2x2 stride-2 pooling, 'avg' or 'max', Keras's 'valid' or 'same'.")
       .def("add_affine", &Graph::add_affine, py::arg("channels"), "x * scale + shift per channel (or feature).")
-      .def("add_activation", [](Graph& g, const std::string& activation, float negative_slope) {
-        return g.add_activation(parse_activation(activation), negative_slope);
-      }, py::arg("activation"), py::arg("negative_slope") = 0.0f,
-         "An activation on its own ('linear' is the identity); negative_slope is leaky_relu's.")
+      .def("add_activation", [](Graph& g, const std::string& activation, float negative_slope,
+                                std::optional<float> max_value, float threshold) {
+        return g.add_activation(parse_activation(activation), activation_params(negative_slope, max_value, threshold));
+      }, py::arg("activation"), py::arg("negative_slope") = 0.0f, py::arg("max_value") = py::none(),
+         py::arg("threshold") = 0.0f,
+         "An activation on its own ('linear' is the identity); negative_slope is leaky_relu's and clipped_relu's, "
+         "max_value (None: no cap) and threshold clipped_relu's.")
+      .def("add_prelu", &Graph::add_prelu, py::arg("channels"), py::arg("alpha_height") = 1, py::arg("alpha_width") = 1,
+           "Keras's PReLU, x < 0 ? alpha * x : x, with an alpha of alpha_height x alpha_width x channels: 1 x 1 (one "
+           "per channel, or per feature of flat rows), or the image's height or width (one per row or column).")
       .def("add_l2_normalize", &Graph::add_l2_normalize, py::arg("max_inverse_norm"),
            "Keras's UnitNormalization on flat rows: each row times min(1 / ||row||, max_inverse_norm).");
 
@@ -278,7 +331,20 @@ void register_ops(py::module_& m, py::module_& testing) {
         const float *sp = scale.data(), *tp = shift.data();
         py::gil_scoped_release release;
         e.set_affine(i, sp, tp);
-      }, py::arg("index"), py::arg("scale"), py::arg("shift"));
+      }, py::arg("index"), py::arg("scale"), py::arg("shift"))
+      .def("set_prelu", [](CpuExecutor& e, py::ssize_t index, const FloatArray& alpha) {
+        const int i = op_index(e.graph(), index);
+        const Op& op = e.graph().op(i);
+        if (op.kind != OpKind::PRelu) throw py::value_error("layer " + std::to_string(i) + " is not a prelu");
+        if (alpha.ndim() != 3 || alpha.shape(0) != op.alpha_height || alpha.shape(1) != op.alpha_width ||
+            alpha.shape(2) != op.out_channels)
+          throw py::value_error("layer " + std::to_string(i) + " needs an alpha of shape (" +
+                                std::to_string(op.alpha_height) + ", " + std::to_string(op.alpha_width) + ", " +
+                                std::to_string(op.out_channels) + ")");
+        const float* ap = alpha.data();
+        py::gil_scoped_release release;
+        e.set_prelu(i, ap);
+      }, py::arg("index"), py::arg("alpha"), "A prelu op's alpha, (alpha_height, alpha_width, channels).");
 
   testing.def("conv", &test_conv, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("padding"), py::arg("relu"),
               py::arg("isa"), py::arg("algorithm") = "direct",
@@ -288,10 +354,15 @@ void register_ops(py::module_& m, py::module_& testing) {
   testing.def("affine", &test_affine, py::arg("x"), py::arg("scale"), py::arg("shift"), py::arg("isa"),
               "x * scale + shift per channel, on rows (2-D) or NHWC images (4-D, blocked layout).");
   testing.def("activation", &test_activation, py::arg("x"), py::arg("name"), py::arg("isa"), py::arg("negative_slope") = 0.0f,
+              py::arg("max_value") = py::none(), py::arg("threshold") = 0.0f,
               "An element-wise activation on flat values, or on NHWC images (4-D, blocked layout); negative_slope "
-              "is leaky_relu's.");
+              "is leaky_relu's and clipped_relu's, max_value (None: no cap) and threshold clipped_relu's.");
+  testing.def("prelu", &test_prelu, py::arg("x"), py::arg("alpha"), py::arg("isa"),
+              "Keras's PReLU on rows (2-D) or NHWC images (4-D, blocked layout); alpha (1 or height, 1 or width, "
+              "channels).");
   testing.def("activation_blocked_buffer", &test_activation_blocked_buffer, py::arg("x"), py::arg("name"),
-              py::arg("isa"), py::arg("negative_slope") = 0.0f,
+              py::arg("isa"), py::arg("negative_slope") = 0.0f, py::arg("max_value") = py::none(),
+              py::arg("threshold") = 0.0f,
               "x[0]'s whole blocked buffer, border included, after an activation.");
 }
 

@@ -132,6 +132,11 @@ std::size_t conv_weight_count(const Op& op) {
 std::size_t pointwise_bytes(const Op& op) { return packed_dense_size(op.in_channels, op.out_channels) * sizeof(float); }
 // An affine map's scale, padded to whole blocks with zeros (so padding channels stay zero).
 std::size_t affine_bytes(const Op& op) { return std::size_t(round_up_to_block(op.out_channels)) * sizeof(float); }
+// A prelu's alpha, blocked as [blocks][alpha_height][alpha_width][16] with zero padding channels.
+std::size_t prelu_bytes(const Op& op) {
+  return std::size_t(round_up_to_block(op.out_channels)) * std::size_t(op.alpha_height) * std::size_t(op.alpha_width) *
+         sizeof(float);
+}
 
 // The element-wise kernels' name for an activation.
 Elementwise elementwise_of(Activation a) {
@@ -145,6 +150,13 @@ Elementwise elementwise_of(Activation a) {
     case Activation::Swish: return Elementwise::Swish;
     case Activation::Softplus: return Elementwise::Softplus;
     case Activation::LeakyRelu: return Elementwise::LeakyRelu;
+    case Activation::ClippedRelu: return Elementwise::ClippedRelu;
+    case Activation::Softsign: return Elementwise::Softsign;
+    case Activation::Exponential: return Elementwise::Exponential;
+    case Activation::Mish: return Elementwise::Mish;
+    case Activation::HardSigmoid: return Elementwise::HardSigmoid;
+    case Activation::HardSigmoidKeras2: return Elementwise::HardSigmoidKeras2;
+    case Activation::HardSilu: return Elementwise::HardSilu;
     default: return Elementwise::Linear;
   }
 }
@@ -163,7 +175,7 @@ void activate_rows(const OpsTable& ops, const Op& op, float* rows, int count, in
     l2_normalize_rows(rows, count, cols, stride, op.max_inverse_norm);
   } else if (op.activation != Activation::Linear) {
     for (int r = 0; r < count; ++r)
-      ops.activation_rows(rows + r * stride, std::size_t(cols), elementwise_of(op.activation), op.negative_slope);
+      ops.activation_rows(rows + r * stride, std::size_t(cols), elementwise_of(op.activation), op.activation_params());
   }
 }
 }  // namespace
@@ -239,6 +251,7 @@ const char* CpuExecutor::method_name(int op) const {
   if (o.is_convolution() && prepared(op).conv == ConvChoice::Pointwise) return "pointwise_f32";
   if (o.is_convolution()) return conv_method(*kernels_, prepared(op).conv).name;
   if (o.kind == OpKind::Affine) return op > 0 && prepared(op - 1).folded() ? "folded" : "affine_f32";
+  if (o.kind == OpKind::PRelu) return "prelu_f32";
   if (o.kind == OpKind::Dense) return kernels_->dense.name;
   return "";
 }
@@ -399,6 +412,21 @@ void CpuExecutor::set_affine(int op, const float* scale, const float* shift) {
   settle_if_outermost();
 }
 
+void CpuExecutor::set_prelu(int op, const float* alpha) {
+  UpdateScope scope(*this);
+  PreparedOp& p = prepared(op, OpKind::PRelu);
+  const Op& o = graph_.op(op);
+  if (p.packed.is_adopted() || p.packed.bytes() != prelu_bytes(o)) p.packed.allocate(prelu_bytes(o), /*zeroed=*/true);
+  auto* blocked = static_cast<float*>(p.packed.writable());
+  const int channels = o.out_channels;
+  for (int y = 0; y < o.alpha_height; ++y)
+    for (int x = 0; x < o.alpha_width; ++x)
+      for (int c = 0; c < channels; ++c)
+        blocked[((std::size_t(c / kChannelBlock) * o.alpha_height + y) * o.alpha_width + x) * kChannelBlock +
+                c % kChannelBlock] = alpha[(std::size_t(y) * o.alpha_width + x) * channels + c];
+  p.kernel_loaded = p.bias_loaded = true;  // the bias stays zero: PReLU has none
+}
+
 void CpuExecutor::set_dense_kernel_rows(int op, int first_row, int row_count, const float* rows) {
   UpdateScope scope(*this);
   PreparedOp& p = prepared(op, OpKind::Dense);
@@ -452,6 +480,15 @@ void CpuExecutor::get_weights(int op, float* kernel, float* bias) const {
   if (o.kind == OpKind::Affine) {
     const float* scale = static_cast<const float*>(p.packed.data());
     std::copy(scale, scale + o.out_channels, kernel);
+  } else if (o.kind == OpKind::PRelu) {
+    const auto* blocked = static_cast<const float*>(p.packed.data());
+    const int channels = o.out_channels;
+    for (int y = 0; y < o.alpha_height; ++y)
+      for (int x = 0; x < o.alpha_width; ++x)
+        for (int c = 0; c < channels; ++c)
+          kernel[(std::size_t(y) * o.alpha_width + x) * channels + c] =
+              blocked[((std::size_t(c / kChannelBlock) * o.alpha_height + y) * o.alpha_width + x) * kChannelBlock +
+                      c % kChannelBlock];
   } else {
     kernels_->dense.unpack(p.packed.data(), o.in_channels, o.out_channels, kernel, this->threads());
   }
@@ -573,6 +610,7 @@ void CpuExecutor::adopt_section(const std::string& name, const void* data, std::
     require_bytes(conv                              ? conv_method(*kernels_, p.conv).packed_bytes(o.in_channels, o.out_channels)
                   : p.conv == ConvChoice::Pointwise ? pointwise_bytes(o)
                   : o.kind == OpKind::Affine        ? affine_bytes(o)
+                  : o.kind == OpKind::PRelu         ? prelu_bytes(o)
                                                     : kernels_->dense.packed_bytes(o.in_channels, o.out_channels));
     p.packed.adopt(data, bytes, std::move(keepalive));
     p.clear_fold();  // until the fold's own sections follow
@@ -746,7 +784,7 @@ void CpuExecutor::finish_spatial_op(const SpatialRun& run, int i, const BlockedI
     if (op.activation == Activation::Relu) relu_in_place(next);
   }
   if (activation_pass(op.activation))
-    run.ops_table.activation_blocked(next, elementwise_of(op.activation), op.negative_slope, run.threads);
+    run.ops_table.activation_blocked(next, elementwise_of(op.activation), op.activation_params(), run.threads);
   if (float* dst = run.wanted[std::size_t(i)]) {
     run.kernels.blocked_to_nhwc(next, dst + n * elements);
     if (p.folded()) unfold_nhwc(dst + n * elements, elements, p.fold_scale, p.fold_shift);
@@ -764,11 +802,14 @@ bool CpuExecutor::run_spatial_op(const SpatialRun& run, int i, BlockedImage& cur
     if (float* dst = run.wanted[std::size_t(i)]) run.kernels.blocked_to_nhwc(current, dst + n * shape_elements(shapes[i]));
     return false;
   }
-  if (op.in_place()) {  // an affine map or an activation changes the image where it is
+  if (op.in_place()) {  // an affine map, a prelu or an activation changes the image where it is
     if (op.kind == OpKind::Affine)
       run.ops_table.affine_blocked(current, static_cast<const float*>(p.packed.data()), p.bias.data(), threads);
+    else if (op.kind == OpKind::PRelu)
+      run.ops_table.prelu_blocked(current, static_cast<const float*>(p.packed.data()), op.alpha_height, op.alpha_width,
+                                  threads);
     else if (op.activation != Activation::Linear)
-      run.ops_table.activation_blocked(current, elementwise_of(op.activation), op.negative_slope, threads);
+      run.ops_table.activation_blocked(current, elementwise_of(op.activation), op.activation_params(), threads);
     if (float* dst = run.wanted[std::size_t(i)]) run.kernels.blocked_to_nhwc(current, dst + n * shape_elements(shapes[i]));
     return false;
   }
@@ -991,6 +1032,8 @@ void CpuExecutor::run(const float* images, int count, int height, int width, con
         for (int r = 0; r < count; ++r)
           ops_table.affine_rows(flat_in + r * in_stride, 1, features, static_cast<const float*>(p.packed.data()),
                                 p.bias.data());
+      } else if (op.kind == OpKind::PRelu) {
+        ops_table.prelu_rows(flat_in, count, features, in_stride, static_cast<const float*>(p.packed.data()));
       } else {
         activate_rows(ops_table, op, flat_in, count, features, in_stride);
       }

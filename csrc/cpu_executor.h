@@ -67,6 +67,9 @@ class CpuExecutor final : public Executor {
   void set_conv_weights(int op, const float* kernel_hwio, const float* bias);
   // An affine op's per-channel scale and shift (get_weights returns them as kernel and bias).
   void set_affine(int op, const float* scale, const float* shift);
+  // A prelu op's alpha, alpha_height x alpha_width x channels (get_weights returns it as the
+  // kernel, and a zero bias).
+  void set_prelu(int op, const float* alpha);
   bool weights_loaded(int op) const override;
   void get_weights(int op, float* kernel, float* bias) const override;
   void forward(const float* images, int count, int height, int width,

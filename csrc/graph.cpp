@@ -30,10 +30,11 @@ const char* op_kind_name(OpKind kind) {
     case OpKind::Pool2x2: return "pool2x2";
     case OpKind::Affine: return "affine";
     case OpKind::Elementwise: return "activation";
+    case OpKind::PRelu: return "prelu";
   }
   return "?";
 }
-static_assert(kOpKindCount == 9, "op_kind_name and parse_op_kind list every OpKind");
+static_assert(kOpKindCount == 10, "op_kind_name and parse_op_kind list every OpKind");
 
 const char* activation_name(Activation activation) {
   switch (activation) {
@@ -49,10 +50,17 @@ const char* activation_name(Activation activation) {
     case Activation::Softplus: return "softplus";
     case Activation::LeakyRelu: return "leaky_relu";
     case Activation::L2Normalize: return "l2_normalize";
+    case Activation::ClippedRelu: return "clipped_relu";
+    case Activation::Softsign: return "softsign";
+    case Activation::Exponential: return "exponential";
+    case Activation::Mish: return "mish";
+    case Activation::HardSigmoid: return "hard_sigmoid";
+    case Activation::HardSigmoidKeras2: return "hard_sigmoid_keras2";
+    case Activation::HardSilu: return "hard_silu";
   }
   return "?";
 }
-static_assert(kActivationCount == 12, "activation_name and parse_activation list every Activation");
+static_assert(kActivationCount == 19, "activation_name and parse_activation list every Activation");
 
 const char* pool_mode_name(GlobalPoolMode mode) { return mode == GlobalPoolMode::Max ? "max" : "avg"; }
 
@@ -61,16 +69,18 @@ OpKind parse_op_kind(const std::string& name) {
     if (name == op_kind_name(OpKind(k))) return OpKind(k);
   throw std::invalid_argument("unknown op kind '" + name +
                               "'; expected 'conv3x3', 'max_pool2x2', 'flatten', 'global_pool', 'dense', 'conv', "
-                              "'pool2x2', 'affine' or 'activation'");
+                              "'pool2x2', 'affine', 'activation' or 'prelu'");
 }
 
 Activation parse_activation(const std::string& name) {
   for (int a = 0; a < kActivationCount; ++a)
     if (name == activation_name(Activation(a))) return Activation(a);
   if (name == "silu") return Activation::Swish;  // Keras 3's name for it
+  if (name == "hard_swish") return Activation::HardSilu;  // likewise
   throw std::invalid_argument("unknown activation '" + name +
                               "'; expected linear, relu, softmax, sigmoid, tanh, elu, selu, gelu, swish, softplus, "
-                              "leaky_relu or l2_normalize");
+                              "leaky_relu, l2_normalize, clipped_relu, softsign, exponential, mish, hard_sigmoid, "
+                              "hard_sigmoid_keras2 or hard_silu");
 }
 
 GlobalPoolMode parse_pool_mode(const std::string& name) {
@@ -108,12 +118,24 @@ int Graph::current_channels() const {
 }
 
 namespace {
-float checked_slope(Activation activation, float slope) {
-  if (!std::isfinite(slope)) throw std::invalid_argument("negative_slope must be a finite number");
-  if (slope != 0.0f && activation != Activation::LeakyRelu)
-    throw std::invalid_argument(std::string("negative_slope is leaky_relu's; activation ") + activation_name(activation) +
-                                " takes none");
-  return slope;
+// Sets op's activation and its numbers, after checking them (see Graph's comment).
+void set_activation(Op& op, Activation activation, const ActivationParams& params) {
+  if (!std::isfinite(params.negative_slope)) throw std::invalid_argument("negative_slope must be a finite number");
+  if (std::isnan(params.max_value) || params.max_value < 0.0f)
+    throw std::invalid_argument("max_value must be a number >= 0 (infinity: no cap)");
+  if (!std::isfinite(params.threshold)) throw std::invalid_argument("threshold must be a finite number");
+  const ActivationParams none;
+  const bool takes_slope = activation == Activation::LeakyRelu || activation == Activation::ClippedRelu;
+  if (params.negative_slope != 0.0f && !takes_slope)
+    throw std::invalid_argument(std::string("negative_slope is leaky_relu's and clipped_relu's; activation ") +
+                                activation_name(activation) + " takes none");
+  if ((params.max_value != none.max_value || params.threshold != none.threshold) && activation != Activation::ClippedRelu)
+    throw std::invalid_argument(std::string("max_value and threshold are clipped_relu's; activation ") +
+                                activation_name(activation) + " takes none");
+  op.activation = activation;
+  op.negative_slope = params.negative_slope;
+  op.max_value = params.max_value;
+  op.threshold = params.threshold;
 }
 }  // namespace
 
@@ -135,19 +157,23 @@ int Graph::append(Op op) {
   if (op.kind == OpKind::Affine && op.out_channels != (op.on_image ? current_channels() : op.out_channels))
     throw std::invalid_argument("an affine map of " + std::to_string(op.out_channels) + " channels cannot follow a layer of " +
                                 std::to_string(current_channels()) + " channels");
+  if (op.kind == OpKind::PRelu && op.on_image && op.out_channels != current_channels())
+    throw std::invalid_argument("a prelu of " + std::to_string(op.out_channels) + " channels cannot follow a layer of " +
+                                std::to_string(current_channels()) + " channels");
+  if (op.kind == OpKind::PRelu && !op.on_image && (op.alpha_height != 1 || op.alpha_width != 1))
+    throw std::invalid_argument("a prelu on flat rows has one alpha per feature: alpha_height and alpha_width must be 1");
   ops_.push_back(op);
   return int(ops_.size()) - 1;
 }
 
-int Graph::add_conv3x3(int filters, Activation activation, float negative_slope) {
+int Graph::add_conv3x3(int filters, Activation activation, const ActivationParams& params) {
   require(positive("filters", filters, kMaxChannels));
   Op op{OpKind::Conv3x3};
   // Pooling keeps the channel count, so the input is whatever the last convolution made.
   op.in_channels = current_channels();
   op.out_channels = filters;
   op.same_padding = true;
-  op.activation = activation;
-  op.negative_slope = checked_slope(activation, negative_slope);
+  set_activation(op, activation, params);
   return append(op);
 }
 
@@ -160,19 +186,18 @@ int Graph::add_global_pool(GlobalPoolMode mode) {
   return append(op);
 }
 
-int Graph::add_dense(int in_features, int units, Activation activation, float negative_slope) {
+int Graph::add_dense(int in_features, int units, Activation activation, const ActivationParams& params) {
   require(positive("in_features", in_features, kMaxFeatures));
   require(positive("units", units, kMaxChannels));
   Op op{OpKind::Dense};
   op.in_channels = in_features;
   op.out_channels = units;
-  op.activation = activation;
-  op.negative_slope = checked_slope(activation, negative_slope);
+  set_activation(op, activation, params);
   return append(op);
 }
 
 int Graph::add_conv(int kernel_size, int filters, bool same_padding, Activation activation,
-                    float negative_slope) {
+                    const ActivationParams& params) {
   if (kernel_size != 1 && kernel_size != 3)
     throw std::invalid_argument("kernel_size must be 1 or 3, got " + std::to_string(kernel_size));
   require(positive("filters", filters, kMaxChannels));
@@ -181,8 +206,7 @@ int Graph::add_conv(int kernel_size, int filters, bool same_padding, Activation 
   op.out_channels = filters;
   op.kernel_size = kernel_size;
   op.same_padding = kernel_size == 1 || same_padding;  // the two are the same for a 1x1 kernel
-  op.activation = activation;
-  op.negative_slope = checked_slope(activation, negative_slope);
+  set_activation(op, activation, params);
   return append(op);
 }
 
@@ -200,12 +224,22 @@ int Graph::add_affine(int channels) {
   return append(op);
 }
 
-int Graph::add_activation(Activation activation, float negative_slope) {
+int Graph::add_activation(Activation activation, const ActivationParams& params) {
   if (activation == Activation::L2Normalize)
     throw std::invalid_argument("l2_normalize needs its max_inverse_norm: use add_l2_normalize");
   Op op{OpKind::Elementwise};
-  op.activation = activation;
-  op.negative_slope = checked_slope(activation, negative_slope);
+  set_activation(op, activation, params);
+  return append(op);
+}
+
+int Graph::add_prelu(int channels, int alpha_height, int alpha_width) {
+  require(positive("channels", channels, kMaxFeatures));
+  require(positive("alpha_height", alpha_height, kMaxSide));
+  require(positive("alpha_width", alpha_width, kMaxSide));
+  Op op{OpKind::PRelu};
+  op.in_channels = op.out_channels = channels;
+  op.alpha_height = alpha_height;
+  op.alpha_width = alpha_width;
   return append(op);
 }
 
@@ -231,19 +265,20 @@ int Graph::add(const Op& op) {
     return index;
   };
   switch (op.kind) {
-    case OpKind::Conv3x3: return channels_agree(add_conv3x3(op.out_channels, op.activation, op.negative_slope));
+    case OpKind::Conv3x3: return channels_agree(add_conv3x3(op.out_channels, op.activation, op.activation_params()));
     case OpKind::MaxPool2x2: return add_max_pool2x2();
     case OpKind::Flatten: return add_flatten();
     case OpKind::GlobalPool: return add_global_pool(op.pool_mode);
-    case OpKind::Dense: return add_dense(op.in_channels, op.out_channels, op.activation, op.negative_slope);
+    case OpKind::Dense: return add_dense(op.in_channels, op.out_channels, op.activation, op.activation_params());
     case OpKind::Conv:
       return channels_agree(
-          add_conv(op.kernel_size, op.out_channels, op.same_padding, op.activation, op.negative_slope));
+          add_conv(op.kernel_size, op.out_channels, op.same_padding, op.activation, op.activation_params()));
     case OpKind::Pool2x2: return add_pool2x2(op.pool_mode, op.same_padding);
     case OpKind::Affine: return add_affine(op.out_channels);
+    case OpKind::PRelu: return add_prelu(op.out_channels, op.alpha_height, op.alpha_width);
     case OpKind::Elementwise:
       return op.activation == Activation::L2Normalize ? add_l2_normalize(op.max_inverse_norm)
-                                                       : add_activation(op.activation, op.negative_slope);
+                                                       : add_activation(op.activation, op.activation_params());
   }
   throw std::invalid_argument("unknown op kind");
 }
@@ -303,10 +338,20 @@ std::vector<OpShape> Graph::shapes(int height, int width) const {
         break;
       case OpKind::Affine:
       case OpKind::Elementwise:
-        if (op.kind == OpKind::Affine && (op.on_image ? c : features) != op.out_channels)
-          throw std::invalid_argument("affine layer " + std::to_string(i) + " has " + std::to_string(op.out_channels) +
-                                      " channels but an input of " + std::to_string(height) + "x" + std::to_string(width) +
-                                      " gives it " + std::to_string(op.on_image ? c : features));
+      case OpKind::PRelu:
+        if (op.kind != OpKind::Elementwise && (op.on_image ? c : features) != op.out_channels)
+          throw std::invalid_argument(std::string(op_kind_name(op.kind)) + " layer " + std::to_string(i) + " has " +
+                                      std::to_string(op.out_channels) + " channels but an input of " +
+                                      std::to_string(height) + "x" + std::to_string(width) + " gives it " +
+                                      std::to_string(op.on_image ? c : features));
+        // An alpha per row or column (Keras's PReLU without shared_axes) fits one image size only.
+        if (op.kind == OpKind::PRelu && op.on_image &&
+            ((op.alpha_height != 1 && op.alpha_height != h) || (op.alpha_width != 1 && op.alpha_width != w)))
+          throw std::invalid_argument("prelu layer " + std::to_string(i) + " has an alpha for " +
+                                      std::to_string(op.alpha_height) + "x" + std::to_string(op.alpha_width) +
+                                      " images, but an input of " + std::to_string(height) + "x" +
+                                      std::to_string(width) + " gives it " + std::to_string(h) + "x" +
+                                      std::to_string(w) + ": use the input size the model was built for");
         if (op.on_image)
           result.push_back({h, w, c});
         else

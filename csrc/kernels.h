@@ -10,6 +10,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "tensor.h"
@@ -18,6 +19,19 @@
 namespace fastvgg {
 
 enum class GlobalPoolMode { Average, Max };
+
+// ClippedRelu's cap when it has none. A constant, not a call: an unoptimised build would emit
+// std::numeric_limits<float>::infinity() as a weak function that a per-ISA object compiles with
+// its -m flags and shares by name (see per_isa.h and tests/test_isa_symbols.py).
+constexpr float kNoCap = std::numeric_limits<float>::infinity();
+
+// The numbers of the activations that take some: Keras's ReLU(negative_slope, max_value,
+// threshold), as graph.h's LeakyRelu and ClippedRelu. The other activations take none.
+struct ActivationParams {
+  float negative_slope = 0.0f;  // the slope below the threshold (LeakyRelu: below 0)
+  float max_value = kNoCap;     // ClippedRelu's cap; infinity: none
+  float threshold = 0.0f;       // ClippedRelu's: x passes above it
+};
 
 // One way of running a 3x3 'same' convolution (+ bias, optional fused ReLU), with its layout.
 struct Conv3x3Method {

@@ -1,9 +1,9 @@
 // The ops a fine-tuned model's layers need beyond VGG's own: 1x1 and 'valid' 3x3 convolution,
 // 2x2 average pooling and 'same' max pooling, per-channel affine maps (BatchNormalization,
-// Rescaling, Normalization) and element-wise activations.
+// Rescaling, Normalization), element-wise activations and PReLU.
 //
 // Like KernelTable, one OpsTable per instruction set, filled from the sources compiled per ISA
-// (conv_general.cpp, pool2x2.cpp, affine.cpp, activation.cpp); the plain reference twins work
+// (conv_general.cpp, pool2x2.cpp, affine.cpp, activation.cpp, prelu.cpp); the plain reference twins work
 // on NHWC arrays and share nothing with the fast ones.
 #pragma once
 
@@ -17,7 +17,10 @@ namespace fastvgg {
 
 // Keras's element-wise activations, with its formulas (see activation.cpp). Softmax is not
 // element-wise: it runs on flat rows through softmax_rows.
-enum class Elementwise { Linear, Relu, Sigmoid, Tanh, Elu, Selu, Gelu, Swish, Softplus, LeakyRelu };
+enum class Elementwise {
+  Linear, Relu, Sigmoid, Tanh, Elu, Selu, Gelu, Swish, Softplus, LeakyRelu, ClippedRelu,
+  Softsign, Exponential, Mish, HardSigmoid, HardSigmoidKeras2, HardSilu
+};
 
 // Throws std::invalid_argument naming the choices.
 Elementwise parse_elementwise(const std::string& name);
@@ -42,9 +45,15 @@ struct OpsTable {
   // In place on `rows` rows of `cols` floats, tightly packed.
   void (*affine_rows)(float* rows, int count, int cols, const float* scale, const float* shift);
   // In place on the image's pixels; the border and the padding channels stay zero whatever f(0) is.
-  // negative_slope is LeakyRelu's (the other functions ignore it).
-  void (*activation_blocked)(const BlockedImage& image, Elementwise f, float negative_slope, int threads);
-  void (*activation_rows)(float* values, std::size_t count, Elementwise f, float negative_slope);
+  // params are LeakyRelu's and ClippedRelu's (the other functions ignore them).
+  void (*activation_blocked)(const BlockedImage& image, Elementwise f, const ActivationParams& params, int threads);
+  void (*activation_rows)(float* values, std::size_t count, Elementwise f, const ActivationParams& params);
+  // Keras's PReLU in place on the image's pixels: alphas blocked as [blocks][alpha_height]
+  // [alpha_width][16], padded with zeros; an extent of 1 is shared by every row (column). The
+  // border is not touched.
+  void (*prelu_blocked)(const BlockedImage& image, const float* alphas, int alpha_height, int alpha_width, int threads);
+  // In place on `count` rows of `cols` floats, `stride` floats apart; one alpha per column.
+  void (*prelu_rows)(float* rows, int count, int cols, std::ptrdiff_t stride, const float* alphas);
 };
 
 #define FASTVGG_DECLARE_OPS(isa)                                                                         \
@@ -55,8 +64,12 @@ struct OpsTable {
   void pool2x2(const BlockedImage& in, GlobalPoolMode mode, const BlockedImage& out, int threads);       \
   void affine_blocked(const BlockedImage& image, const float* scale, const float* shift, int threads);   \
   void affine_rows(float* rows, int count, int cols, const float* scale, const float* shift);            \
-  void activation_blocked(const BlockedImage& image, Elementwise f, float negative_slope, int threads);  \
-  void activation_rows(float* values, std::size_t count, Elementwise f, float negative_slope);           \
+  void activation_blocked(const BlockedImage& image, Elementwise f, const ActivationParams& params,      \
+                          int threads);                                                                  \
+  void activation_rows(float* values, std::size_t count, Elementwise f, const ActivationParams& params); \
+  void prelu_blocked(const BlockedImage& image, const float* alphas, int alpha_height, int alpha_width,  \
+                     int threads);                                                                       \
+  void prelu_rows(float* rows, int count, int cols, std::ptrdiff_t stride, const float* alphas);         \
   extern const OpsTable ops_table;                                                                       \
   }
 
@@ -77,8 +90,12 @@ void pool2x2(const float* x, int images, int height, int width, int channels, Gl
              float* y);
 // y[p][c] = x[p][c] * scale[c] + shift[c] over `pixels` rows of `channels`.
 void affine(const float* x, std::size_t pixels, int channels, const float* scale, const float* shift, float* y);
+// Keras's PReLU on NHWC images (height x width pixels; 1 x 1 for flat rows of `channels`),
+// alpha of alpha_height x alpha_width x channels, an extent of 1 shared; in double, rounded once.
+void prelu(const float* x, int images, int height, int width, int channels, const float* alpha, int alpha_height,
+           int alpha_width, float* y);
 // Keras's formula, evaluated in double and rounded once.
-void activation(const float* x, std::size_t count, Elementwise f, float negative_slope, float* y);
+void activation(const float* x, std::size_t count, Elementwise f, const ActivationParams& params, float* y);
 }  // namespace reference
 
 }  // namespace fastvgg

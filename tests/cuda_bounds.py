@@ -23,7 +23,11 @@ U = UNIT_ROUNDOFF
 # Lipschitz constants: sup |f'| (selu: scale * alpha on the negative side; gelu and swish peak
 # a little above 1, at x = sqrt(2) and x = 2.4).
 LIPSCHITZ = {"linear": 1.0, "relu": 1.0, "sigmoid": 0.25, "tanh": 1.0, "elu": 1.0, "selu": 1.7581, "gelu": 1.13,
-             "swish": 1.1, "softplus": 1.0}
+             "swish": 1.1, "softplus": 1.0, "softsign": 1.0, "mish": 1.1, "hard_sigmoid": 1 / 6,
+             "hard_sigmoid_keras2": 0.2, "hard_silu": 1.5}
+# Added to |f(x)| in an activation's own rounding bound: tf.keras's hard sigmoid rounds 0.2 x
+# before adding 0.5, an absolute error where the sum cancels.
+FLOOR = {"hard_sigmoid_keras2": 1.0}
 
 
 def own_error(name, x, slack=0.0):
@@ -32,8 +36,8 @@ def own_error(name, x, slack=0.0):
     x = np.asarray(x, dtype=np.float64)
     if name in ("linear", "relu"):
         return np.zeros_like(x)
-    ulps = 2 * (np.abs(x) + slack) ** 2 + 16 if name == "gelu" else 8
-    return ulps * U * (np.abs(numpy_activation(x, name)) + slack) + 1e-37
+    ulps = 2 * (np.abs(x) + slack) ** 2 + 16 if name == "gelu" else 16 if name == "mish" else 8
+    return ulps * U * (np.abs(numpy_activation(x, name)) + slack + FLOOR.get(name, 0.0)) + 1e-37
 
 
 def activated_bound(name, pre, sum_bound):

@@ -150,6 +150,83 @@ def leaky_relu_head(keras):
     return keras.Model(base.input, out)
 
 
+def clipped_relu_head(keras):
+    """Keras's capped and shifted ReLUs, on images and on flat rows: ReLU(max_value=6) (Keras's
+    relu6), ReLU with a threshold and a slope, ReLU with all three numbers, and Keras 3's
+    activation="relu6" on a convolution and a dense layer (tf.keras has no such activation: a
+    ReLU(max_value=6) layer there); tf.keras's ThresholdedReLU, and the ELU layer. The Rescaling
+    brings the features to the range where the cap of 6 bites; the thresholds and caps sit inside
+    the ranges of the values they see."""
+    layers = keras.layers
+    keras3 = hasattr(keras.activations, "relu6")
+
+    def relu6_on(layer, x):
+        return layer(activation="relu6")(x) if keras3 else layers.ReLU(max_value=6.0)(layer()(x))
+
+    base = _base(keras)
+    x = base.get_layer("block2_pool").output  # 12x12x128
+    x = layers.Conv2D(32, (3, 3), padding="same")(x)
+    x = layers.Rescaling(25.0)(x)
+    x = layers.ReLU(max_value=6.0)(x)
+    x = relu6_on(lambda **kw: layers.Conv2D(24, (1, 1), **kw), x)
+    x = layers.ReLU(negative_slope=0.2, threshold=0.5)(x)
+    if not keras3:  # Keras 3 dropped it
+        x = layers.ThresholdedReLU(theta=0.3)(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    x = relu6_on(lambda **kw: layers.Dense(16, **kw), x)
+    x = layers.Dense(14)(x)
+    x = layers.ELU()(x)
+    x = layers.Dense(12)(x)
+    x = layers.ReLU(max_value=0.8, negative_slope=0.1, threshold=0.05)(x)
+    out = layers.Dense(5, activation="softmax")(x)
+    return keras.Model(base.input, out)
+
+
+def prelu_head(keras):
+    """PReLU as users swap it in for ReLU: one alpha per channel of an image (shared_axes=[1, 2]),
+    one per pixel and channel (Keras's default, which fixes the input size), one per row and
+    channel (shared_axes=[2]), one per pixel shared by the channels (shared_axes=[3]), and one
+    per feature of a dense layer. Alphas start at 0.25 (Keras's default of 0 would be a ReLU until
+    trained)."""
+    layers = keras.layers
+    alpha = keras.initializers.Constant(0.25)
+    base = _base(keras)
+    x = base.get_layer("block3_pool").output  # 6x6x256
+    x = layers.Conv2D(32, (3, 3), padding="same")(x)
+    x = layers.PReLU(alpha_initializer=alpha, shared_axes=[1, 2])(x)
+    x = layers.Conv2D(24, (1, 1))(x)
+    x = layers.PReLU(alpha_initializer=alpha)(x)
+    x = layers.Conv2D(16, (3, 3), padding="same")(x)
+    x = layers.PReLU(alpha_initializer=alpha, shared_axes=[2])(x)
+    x = layers.PReLU(alpha_initializer=alpha, shared_axes=[3])(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    x = layers.Dense(12)(x)
+    x = layers.PReLU(alpha_initializer=alpha)(x)
+    out = layers.Dense(5, activation="softmax")(x)
+    return keras.Model(base.input, out)
+
+
+def activations_head(keras):
+    """Activations by name beyond the ReLU family, on convolutions, on an image and on dense
+    layers: mish, softsign, the hard sigmoid (tf.keras's, clip(0.2 x + 0.5, 0, 1), is another
+    function than Keras 3's relu6(x + 3) / 6), Keras 3's hard_silu (tf.keras has none: its hard
+    sigmoid again) and exponential. The Rescaling spreads the softsign's (-1, 1) over both
+    clipped ends of the hard sigmoid."""
+    layers = keras.layers
+    keras3 = hasattr(keras.activations, "hard_silu")
+    base = _base(keras)
+    x = base.get_layer("block3_pool").output  # 6x6x256
+    x = layers.Conv2D(16, (3, 3), padding="same", activation="mish")(x)
+    x = layers.Conv2D(16, (1, 1), activation="softsign")(x)
+    x = layers.Rescaling(5.0)(x)
+    x = layers.Activation("hard_sigmoid")(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    x = layers.Dense(12, activation="hard_silu" if keras3 else "hard_sigmoid")(x)
+    x = layers.Dense(8, activation="exponential")(x)
+    out = layers.Dense(5, activation="softmax")(x)
+    return keras.Model(base.input, out)
+
+
 def dense_on_image(keras):
     """Dense layers on images (no Flatten before them: Keras applies them to every pixel), one on
     a 1x1 image, then Flatten and a softmax Dense, on a VGG16 base at 32x32."""
@@ -234,6 +311,9 @@ BUILDERS = {
     "vgg19_other_size": vgg19_other_size,
     "every_op": every_op,
     "leaky_relu_head": leaky_relu_head,
+    "clipped_relu_head": clipped_relu_head,
+    "prelu_head": prelu_head,
+    "activations_head": activations_head,
     "dense_on_image": dense_on_image,
     "preprocess_inside": preprocess_inside,
     "caffe_padded": caffe_padded,

@@ -19,13 +19,18 @@ SELU_ALPHA = 1.6732632423543772848170429916717
 SELU_SCALE = 1.0507009873554804934193349852946
 
 
-def activation(x, name, negative_slope=0.0):
+def activation(x, name, negative_slope=0.0, max_value=None, threshold=0.0):
     # exp overflows to inf for very negative inputs of sigmoid and swish; the result (0) is right.
     with np.errstate(over="ignore"):
-        return _activation(np.asarray(x, dtype=np.float64), name, negative_slope)
+        return _activation(np.asarray(x, dtype=np.float64), name, negative_slope, max_value, threshold)
 
 
-def _activation(x, name, negative_slope):
+def layer_activation(x, layer):
+    """A LayerSpec's activation with its numbers."""
+    return activation(x, layer.activation, layer.negative_slope, layer.max_value, layer.threshold)
+
+
+def _activation(x, name, negative_slope, max_value, threshold):
     if name == "linear":
         return x
     if name == "relu":
@@ -49,6 +54,25 @@ def _activation(x, name, negative_slope):
         return np.logaddexp(0.0, x)
     if name == "leaky_relu":  # tf.nn.leaky_relu: x > 0 ? x : slope * x
         return np.where(x > 0, x, negative_slope * x)
+    if name == "softsign":
+        return x / (1.0 + np.abs(x))
+    if name == "exponential":
+        return np.exp(x)
+    if name == "mish":
+        return x * np.tanh(np.logaddexp(0.0, x))
+    if name == "hard_sigmoid":  # Keras 3's relu6(x + 3) / 6
+        return np.clip((x + 3.0) / 6.0, 0.0, 1.0)
+    if name == "hard_sigmoid_keras2":  # tf.keras's, with its float32 constant 0.2
+        return np.clip(np.float64(np.float32(0.2)) * x + 0.5, 0.0, 1.0)
+    if name == "hard_silu":
+        return x * np.clip((x + 3.0) / 6.0, 0.0, 1.0)
+    if name == "relu6":
+        return np.clip(x, 0.0, 6.0)
+    if name == "clipped_relu":  # Keras's ReLU(negative_slope, max_value, threshold), as its docs state it
+        passed = np.where(x > threshold, x, 0.0)
+        if max_value is not None:
+            passed = np.clip(passed, 0.0, max_value)
+        return passed - negative_slope * np.maximum(threshold - x, 0.0) if negative_slope else passed
     raise ValueError(f"no numpy activation {name!r}")
 
 
@@ -94,7 +118,7 @@ def run_layer(layer, x):
         kernel = layer.weights[0]
         bias = layer.weights[1] if layer.use_bias else None
         pre = conv(x, kernel, bias, layer.padding == "same")
-        return activation(pre, layer.activation, layer.negative_slope), pre
+        return layer_activation(pre, layer), pre
     if kind in ("max_pool", "avg_pool"):
         y = pool2x2(x, "max" if kind == "max_pool" else "avg", layer.padding == "same")
         return y, y
@@ -110,9 +134,13 @@ def run_layer(layer, x):
         pre = x @ layer.weights[0].astype(np.float64)
         if layer.use_bias:
             pre = pre + layer.weights[1].astype(np.float64)
-        return activation(pre, layer.activation, layer.negative_slope), pre
+        return layer_activation(pre, layer), pre
     if kind == "activation":
-        return activation(x, layer.activation, layer.negative_slope), x
+        return layer_activation(x, layer), x
+    if kind == "prelu":  # Keras's relu(x) - alpha * relu(-x), alpha broadcast as Keras stores it
+        alpha = layer.weights[0].astype(np.float64)
+        y = np.maximum(x, 0.0) - alpha * np.maximum(-x, 0.0)
+        return y, y
     if kind == "l2_normalize":  # Keras's UnitNormalization, with the file's Keras's epsilon
         inverse = np.minimum(1.0 / np.sqrt((x * x).sum(axis=1, keepdims=True)), layer.max_inverse_norm)
         return x * inverse, x

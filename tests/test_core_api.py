@@ -121,7 +121,7 @@ def test_weights_for_the_wrong_kind_of_layer_are_refused():
         (lambda g: g.add_conv3x3(0, "relu"), "filters must be between"),
         (lambda g: g.add_conv3x3(2**20, "relu"), "filters must be between"),
         (lambda g: g.add_conv3x3(4, "softmax"), "only supported after a dense"),
-        (lambda g: g.add_conv3x3(4, "hard_sigmoid"), "unknown activation"),
+        (lambda g: g.add_conv3x3(4, "sparsemax"), "unknown activation"),
         (lambda g: g.add_global_pool("median"), "unknown pooling mode"),
         (lambda g: g.add_l2_normalize(1e12), "l2_normalize is an op of its own on flat rows"),
         (lambda g: (g.add_flatten(), g.add_dense(3, 4, "l2_normalize")), "not a layer's activation"),
@@ -150,6 +150,7 @@ def test_graph_limits_and_shapes():
     assert graph.describe()[1] == {
         "kind": "conv3x3", "in_channels": 16, "out_channels": 20, "activation": "relu", "pool_mode": "avg",
         "kernel_size": 3, "padding": "same", "on_image": False, "negative_slope": 0.0, "max_inverse_norm": 0.0,
+        "threshold": 0.0, "alpha_height": 1, "alpha_width": 1,
     }
 
 

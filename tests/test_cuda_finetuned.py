@@ -238,20 +238,92 @@ LEAKY = [
 ]
 
 
-def test_leaky_relu_slopes_against_the_cpu_executor(backend):
-    """Each op's own negative_slope reaches the CUDA kernels (describe() carries it): every layer
-    within 2e-5 of the CPU executor, and not the outputs the same graph gives with ReLU."""
-    graph = core_graph(LEAKY)
-    relu = core_graph([tuple("relu" if a == "leaky_relu" else a for a in op[:-1]) if "leaky_relu" in op else op for op in LEAKY])
-    weights = random_weights(graph, seed=8)
+CLIPPED = [
+    ("conv3x3", 12, "clipped_relu", 0.0, 1.0, 0.0),  # a cap only (relu6 with another cap)
+    ("conv", 1, 9, "same", "clipped_relu", 0.2, None, 0.3),  # a threshold and a slope
+    ("activation", "clipped_relu", 0.1, 0.5, 0.1),  # all three
+    ("global_pool", "avg"),
+    ("dense", 9, 7, "clipped_relu", 0.3, 0.8, 0.2),
+    ("dense", 7, 3, "softmax"),
+]
+
+
+def relu_twin(spec):
+    """The same graph with plain ReLU where spec has a ReLU with numbers (its name and numbers last)."""
+    def plain(op):
+        for name in ("leaky_relu", "clipped_relu"):
+            if name in op:
+                return op[: op.index(name)] + ("relu",)
+        return op
+
+    return [plain(op) for op in spec]
+
+
+@pytest.mark.parametrize("spec, seed", [(LEAKY, 8), (CLIPPED, 12)], ids=["leaky_relu", "clipped_relu"])
+def test_relu_numbers_against_the_cpu_executor(backend, spec, seed):
+    """Each op's own numbers (leaky_relu's slope; clipped_relu's cap, threshold and slope) reach
+    the CUDA kernels (describe() carries them): every layer within 2e-5 of the CPU executor, and
+    not the outputs the same graph gives with ReLU."""
+    graph, relu = core_graph(spec), core_graph(relu_twin(spec))
+    weights = random_weights(graph, seed=seed)
     gpu = load(backend.CudaExecutor(graph.describe(), 3), graph, weights)
     cpu = load(_core.CpuExecutor(graph, "highest"), graph, weights)
     gpu_relu = load(backend.CudaExecutor(relu.describe(), 3), relu, weights)
-    x = random_array(np.random.default_rng(9), (2, 9, 7, 3))
-    layers = list(range(len(LEAKY)))
+    x = random_array(np.random.default_rng(seed + 1), (2, 9, 7, 3))
+    layers = list(range(len(spec)))
     for index, g, c, r in zip(layers, gpu.forward(x, layers), cpu.forward(x, layers), gpu_relu.forward(x, layers)):
         assert np.linalg.norm(g - c) <= 2e-5 * np.linalg.norm(c) + 1e-30, f"op {index}: {np.abs(g - c).max()}"
-        assert np.abs(g - r).max() > 1e-3, f"op {index}: the slope made no difference"
+        assert np.abs(g - r).max() > 1e-3, f"op {index}: the numbers made no difference"
+
+
+PRELU = [
+    ("conv3x3", 12, "linear"),
+    ("prelu", 12),  # one alpha per channel
+    ("conv", 1, 9, "same", "linear"),
+    ("prelu", 9, 9, 7),  # one per pixel and channel (9x7 images)
+    ("prelu", 9, 1, 7),  # one per column and channel
+    ("global_pool", "avg"),
+    ("dense", 9, 7, "linear"),
+    ("prelu", 7),  # one per feature
+    ("dense", 7, 3, "softmax"),
+]
+
+
+def test_prelu_alphas_against_the_cpu_executor(backend):
+    """Each prelu's alpha reaches the CUDA kernels in its layout: every layer within 2e-5 of the
+    CPU executor (the prelus' own outputs: the same bits from the same inputs), and not what a
+    ReLU gives; get_weights returns the alphas."""
+    graph = core_graph(PRELU)
+    rng = np.random.default_rng(14)
+    weights = random_weights(graph, seed=14)
+    alphas = {i: rng.uniform(-1, 2, (op["alpha_height"], op["alpha_width"], op["out_channels"])).astype(np.float32)
+              for i, op in enumerate(graph.describe()) if op["kind"] == "prelu"}
+    gpu = load(backend.CudaExecutor(graph.describe(), 3), graph, weights)
+    cpu = load(_core.CpuExecutor(graph, "highest"), graph, weights)
+    for index, alpha in alphas.items():
+        gpu.set_prelu(index, alpha)
+        cpu.set_prelu(index, alpha)
+    x = random_array(np.random.default_rng(15), (2, 9, 7, 3))
+    layers = list(range(len(PRELU)))
+    got, on_cpu = gpu.forward(x, layers), cpu.forward(x, layers)
+    for index, g, c in zip(layers, got, on_cpu):
+        assert np.linalg.norm(g - c) <= 2e-5 * np.linalg.norm(c) + 1e-30, f"op {index}: {np.abs(g - c).max()}"
+    for index, alpha in alphas.items():
+        before = got[index - 1]
+        with np.errstate(invalid="ignore"):
+            expected = np.where(before < 0, (alpha.reshape(alpha.shape if before.ndim == 4 else -1).astype(np.float64)
+                                             * before).astype(np.float32), before)
+        np.testing.assert_array_equal(got[index], expected, err_msg=f"op {index}")
+        assert (got[index] != np.maximum(before, 0)).any(), f"op {index}: the alpha made no difference"
+        kernel, bias = gpu.get_weights(index)
+        np.testing.assert_array_equal(kernel, alpha)
+        assert not bias.any()
+    with pytest.raises(ValueError, match="alpha must have shape"):
+        gpu.set_prelu(3, np.ones((1, 1, 9), np.float32))
+    with pytest.raises(ValueError, match="is not a prelu"):
+        gpu.set_prelu(0, alphas[1])
+    with pytest.raises(ValueError, match="alpha for 9x7 images"):
+        gpu.forward(random_array(rng, (1, 8, 7, 3)), [3])
 
 
 UNIT_NORM = [
@@ -385,6 +457,27 @@ MODELS = {
         layer("ReLU", "relu_slope", negative_slope=0.1, max_value=None, threshold=0.0),
         layer("GlobalAveragePooling2D", "gap"), dense("dense", 16, "leaky_relu"), dense("dense_1", 12),
         layer("LeakyReLU", "leaky_1", alpha=0.05), dense("dense_2", 5, "softmax")])),
+    "clipped_relu_head": ((48, 48), sequential("clipped_relu_head", [
+        input_layer((48, 48, 3)), *vgg_base(cut="block2_pool"),  # 12x12
+        conv("conv_3x3", 16, activation="linear"), layer("ReLU", "relu_cap", max_value=0.5, negative_slope=0.0, threshold=0.0),
+        conv("conv_1x1", 12, size=1, activation="relu6"),
+        layer("ReLU", "relu_shift", negative_slope=0.2, max_value=None, threshold=0.1),
+        layer("ThresholdedReLU", "thresholded", theta=0.05),
+        layer("GlobalAveragePooling2D", "gap"), dense("dense", 8, "relu6"), dense("dense_1", 6), layer("ELU", "elu", alpha=1.0),
+        layer("ReLU", "relu_all", max_value=0.4, negative_slope=0.1, threshold=0.05), dense("dense_2", 4, "softmax")])),
+    "prelu_head": ((48, 48), sequential("prelu_head", [
+        input_layer((48, 48, 3)), *vgg_base(cut="block3_pool"),  # 6x6
+        conv("conv_3x3", 16, activation="linear"), layer("PReLU", "prelu_channels", shared_axes=[1, 2]),
+        conv("conv_1x1", 12, size=1, activation="linear"), layer("PReLU", "prelu_pixels", shared_axes=None),
+        layer("PReLU", "prelu_columns", shared_axes=[1]), layer("PReLU", "prelu_shared_channels", shared_axes=[3]),
+        layer("GlobalAveragePooling2D", "gap"), dense("dense", 8), layer("PReLU", "prelu_features"),
+        dense("dense_1", 4, "softmax")])),
+    "activations_head": ((48, 48), sequential("activations_head", [
+        input_layer((48, 48, 3)), *vgg_base(cut="block3_pool"),  # 6x6
+        conv("conv_mish", 16, activation="mish"), conv("conv_softsign", 16, size=1, activation="softsign"),
+        layer("Rescaling", "rescaling", scale=5.0, offset=0.0), layer("Activation", "hard", activation="hard_sigmoid"),
+        layer("GlobalAveragePooling2D", "gap"), dense("dense", 12, "hard_silu"), dense("dense_1", 8, "exponential"),
+        dense("dense_2", 5, "softmax")])),
     "dense_on_image": ((32, 32), sequential("dense_on_image", [
         input_layer((32, 32, 3)), *vgg_base(cut="block3_pool"),  # 4x4
         dense("dense", 32, "relu"), pool("pool"), dense("dense_1", 16), pool("pool_1"),  # per pixel, then on 1x1
@@ -540,7 +633,14 @@ def test_an_op_the_gpu_cannot_run_names_the_layer(cuda_device):
         ([{"kind": "pool2x2", "padding": "full"}], 3, "padding"),
         ([{"kind": "affine", "out_channels": 4}], 3, "4 channels cannot follow a layer of 3"),
         ([{"kind": "activation", "activation": "softmax"}], 3, "softmax on an image"),
-        ([{"kind": "activation", "activation": "hard_sigmoid"}], 3, "unknown activation"),
+        ([{"kind": "activation", "activation": "sparsemax"}], 3, "unknown activation"),
+        ([{"kind": "activation", "activation": "relu", "max_value": 6.0}], 3, "only for clipped_relu"),
+        ([{"kind": "activation", "activation": "clipped_relu", "max_value": -1.0}], 3, "max_value must be >= 0"),
+        ([{"kind": "activation", "activation": "clipped_relu", "threshold": float("inf")}], 3, "threshold finite"),
+        ([{"kind": "activation", "activation": "clipped_relu", "threshold": "low"}], 3, "threshold must be a number"),
+        ([{"kind": "prelu", "out_channels": 4}], 3, "a prelu of 4 channels cannot follow a layer of 3"),
+        ([{"kind": "flatten"}, {"kind": "prelu", "out_channels": 3, "alpha_height": 2}], 3, "1 on flat rows"),
+        ([{"kind": "prelu", "out_channels": 3, "alpha_width": 0}], 3, "alpha_height and alpha_width must be 1"),
         ([{"kind": "conv", "kernel_size": 1, "out_channels": 3, "activation": "softmax"}], 3, "softmax on a convolution"),
         ([{"kind": "flatten"}, {"kind": "pool2x2"}], 3, "pooling cannot follow a flat output"),
         ([{"kind": "flatten"}, {"kind": "conv", "kernel_size": 1, "out_channels": 2}], 3, "convolution cannot follow"),

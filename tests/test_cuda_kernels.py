@@ -207,7 +207,7 @@ def test_layout_transpose(backend, shape):
     [
         (lambda t: t.conv3x3(np.zeros((1, 4, 4, 3), np.float32), np.zeros((3, 3, 2, 4), np.float32), np.zeros(4, np.float32)), "kernel must have shape"),
         (lambda t: t.conv3x3(np.zeros((1, 2, 2, 3), np.float32), np.zeros((3, 3, 3, 4), np.float32), np.zeros(4, np.float32), "relu", "valid"), "empty"),
-        (lambda t: t.conv3x3(np.zeros((1, 4, 4, 3), np.float32), np.zeros((3, 3, 3, 4), np.float32), np.zeros(4, np.float32), "hard_sigmoid"), "unknown activation"),
+        (lambda t: t.conv3x3(np.zeros((1, 4, 4, 3), np.float32), np.zeros((3, 3, 3, 4), np.float32), np.zeros(4, np.float32), "sparsemax"), "unknown activation"),
         (lambda t: t.dense(np.zeros((5, 3), np.float32), np.zeros((3, 2), np.float32), np.zeros(2, np.float32), "linear", "gemv"), "at most 4 rows"),
         (lambda t: t.dense(np.zeros((1, 3), np.float32), np.zeros((4, 2), np.float32), np.zeros(2, np.float32)), "kernel must have shape"),
         (lambda t: t.global_pool(np.zeros((1, 2, 2, 3), np.float32), "min"), "mode"),

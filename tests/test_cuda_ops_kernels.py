@@ -30,7 +30,11 @@ from numpy_chain import pool2x2 as numpy_pool
 
 CPU_ISA = _core.active_isa()
 U = UNIT_ROUNDOFF
-ELEMENTWISE = ["linear", "relu", "sigmoid", "tanh", "elu", "selu", "gelu", "swish", "softplus"]
+ELEMENTWISE = ["linear", "relu", "sigmoid", "tanh", "elu", "selu", "gelu", "swish", "softplus", "softsign", "mish",
+               "hard_sigmoid", "hard_sigmoid_keras2", "hard_silu"]
+# Activations without a Lipschitz constant (exp): run as passes, not through the convolutions'
+# propagated bounds.
+UNBOUNDED = ["exponential"]
 
 
 def normalised_conv_weights(rng, size, cin, cout):
@@ -146,7 +150,7 @@ def test_affine(backend, shape, max_blocks):
         np.testing.assert_array_equal(y, cpu)
 
 
-@pytest.mark.parametrize("name", ELEMENTWISE)
+@pytest.mark.parametrize("name", ELEMENTWISE + UNBOUNDED)
 @pytest.mark.parametrize("shape, max_blocks", [((37,), 0), ((3, 21), 0), ((2, 5, 7, 3), 0), ((1, 9, 11, 19), 1),
                                                ((4, 300), 2)], ids=str)
 def test_activation(backend, name, shape, max_blocks):
@@ -159,15 +163,17 @@ def test_activation(backend, name, shape, max_blocks):
     assert_within(y, cpu.astype(np.float64), 2 * bound, f"{name} against the {CPU_ISA} kernel")
 
 
-@pytest.mark.parametrize("name", ELEMENTWISE)
+@pytest.mark.parametrize("name", ELEMENTWISE + UNBOUNDED)
 def test_activation_extremes_and_nan(backend, name):
     x = np.array([-1e30, -100.0, -20.0, -1e-30, 0.0, 1e-30, 20.0, 100.0, 3e38, np.nan], np.float32)
     exact = numpy_activation(x[:-1].astype(np.float64), name)
     got = backend.testing.activation(x, name)
     assert np.isnan(got[-1]), f"{name} of NaN must be NaN"
-    finite = np.isfinite(exact)
-    np.testing.assert_allclose(got[:-1][finite], exact[finite], rtol=8 * U, atol=1e-37)
-    assert np.array_equal(np.isinf(got[:-1]), np.isinf(exact))
+    with np.errstate(over="ignore"):  # exp(100) is beyond float32: inf, correctly rounded
+        exact32 = exact.astype(np.float32)
+    finite = np.isfinite(exact32)
+    np.testing.assert_allclose(got[:-1][finite], exact[finite], rtol=(16 if name == "mish" else 8) * U, atol=1e-37)
+    assert np.array_equal(np.isinf(got[:-1]), np.isinf(exact32))
 
 
 @pytest.mark.parametrize("slope", [0.3, 0.2, 1.5, -0.25])
@@ -181,6 +187,40 @@ def test_leaky_relu_is_the_cpu_kernels_rounded_product(backend, slope, shape, ma
     np.testing.assert_array_equal(y, _core.testing.activation(x, "leaky_relu", CPU_ISA, slope))
     s32 = np.float64(np.float32(slope))
     np.testing.assert_array_equal(y, np.where(x < 0, (s32 * x.astype(np.float64)).astype(np.float32), x))
+
+
+@pytest.mark.parametrize("numbers", [(0.0, 6.0, 0.0), (0.2, None, 1.0), (0.3, 2.5, 0.7), (1.7, 1.0, 0.1)], ids=str)
+@pytest.mark.parametrize("shape, max_blocks", [((37,), 0), ((2, 5, 7, 3), 0), ((4, 300), 2)], ids=str)
+def test_clipped_relu_is_the_cpu_kernels_bits(backend, numbers, shape, max_blocks):
+    """Keras's ReLU with a cap or threshold: two float32 roundings (threshold - x, the slope's
+    product) done in the same order as the CPU kernels, so the same bits, infinities and NaN too."""
+    slope, cap, threshold = numbers
+    rng = np.random.default_rng([len(shape), shape[-1], int(threshold * 10)])
+    x = (random_array(rng, shape) * 3).astype(np.float32)
+    x.reshape(-1)[:4] = [np.nan, -np.inf, np.inf, threshold]
+    y = backend.testing.activation(x, "clipped_relu", max_blocks, slope, cap, threshold)
+    np.testing.assert_array_equal(y, _core.testing.activation(x, "clipped_relu", CPU_ISA, slope, cap, threshold))
+    finite = np.isfinite(x)
+    cap32 = None if cap is None else np.float32(cap)
+    exact = numpy_activation(x[finite].astype(np.float64), "clipped_relu", np.float32(slope), cap32, np.float32(threshold))
+    assert_within(y[finite], exact, gamma(2) * np.abs(exact) + 1e-45, f"clipped_relu {numbers}")
+
+
+@pytest.mark.parametrize("shape, extent, max_blocks", [((2, 5, 7, 3), (1, 1), 0), ((1, 4, 3, 17), (4, 3), 1),
+                                                       ((2, 6, 5, 32), (6, 1), 2), ((1, 3, 9, 33), (1, 9), 0),
+                                                       ((4, 300), None, 2)], ids=str)
+def test_prelu_is_the_cpu_kernels_bits(backend, shape, extent, max_blocks):
+    """PReLU, alpha per channel, pixel, row or column (or feature): one float32 product, the CPU
+    kernel's bits and exact; infinities and NaN too."""
+    rng = np.random.default_rng([len(shape), shape[-1]])
+    x = (random_array(rng, shape) * 3).astype(np.float32)
+    x.reshape(-1)[:3] = [np.nan, -np.inf, -1e-45]
+    alpha = rng.uniform(-1.5, 1.5, (extent or (1, 1)) + (shape[-1],)).astype(np.float32)
+    y = backend.testing.prelu(x, alpha, max_blocks)
+    np.testing.assert_array_equal(y, _core.testing.prelu(x, alpha, CPU_ISA))
+    broadcast = alpha if len(shape) == 4 else alpha.reshape(-1)
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_array_equal(y, np.where(x < 0, (broadcast.astype(np.float64) * x).astype(np.float32), x))
 
 
 @pytest.mark.parametrize("activation", ["sigmoid", "gelu", "softplus", "tanh"])
@@ -208,7 +248,7 @@ def test_dense_with_pass_activations(backend, activation, rows, path):
         (lambda t: t.pool2x2(np.zeros((1, 4, 4, 3), np.float32), "max", "full"), "padding"),
         (lambda t: t.pool2x2(np.zeros((1, 1, 4, 3), np.float32), "avg", "valid"), "needs 2x2"),
         (lambda t: t.affine(np.zeros((2, 3), np.float32), np.zeros(2, np.float32), np.zeros(3, np.float32)), "scale must have shape"),
-        (lambda t: t.activation(np.zeros(3, np.float32), "hard_sigmoid"), "unknown activation"),
+        (lambda t: t.activation(np.zeros(3, np.float32), "sparsemax"), "unknown activation"),
         (lambda t: t.activation(np.zeros(3, np.float32), "softmax"), "not element-wise"),
     ],
 )  # fmt: skip

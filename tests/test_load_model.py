@@ -46,8 +46,8 @@ SAVED_MODEL = "savedmodel"  # the key of a SavedModel directory among a Saved's 
 KERAS3_CASES = [(name, ext) for name in kf.BUILDERS for ext in (".keras", ".h5")]
 TF_KERAS_CASES = [
     (name, ext)
-    for name in ("gap_head", "cut_block2", "rescaling_nested", "every_op", "leaky_relu_head", "dense_on_image",
-                 "caffe_padded")
+    for name in ("gap_head", "cut_block2", "rescaling_nested", "every_op", "leaky_relu_head", "clipped_relu_head",
+                 "prelu_head", "activations_head", "dense_on_image", "caffe_padded")
     for ext in (".h5", ".keras")
 ] + [("preprocess_inside", ".h5")]  # tf.keras cannot write its ops to .keras
 # tf.keras's model.save("dir"): a TensorFlow SavedModel directory (tf_saved_model.py).
@@ -161,7 +161,9 @@ def test_tf_keras_models_predict_as_keras(saved_models, name, ext):
 
 
 @pytest.mark.parametrize(
-    "name", ["every_op", "cut_block2", "surgery", "normalization_front", "leaky_relu_head", "dense_on_image", "preprocess_inside"]
+    "name",
+    ["every_op", "cut_block2", "surgery", "normalization_front", "leaky_relu_head", "clipped_relu_head", "prelu_head",
+     "activations_head", "dense_on_image", "preprocess_inside"],
 )
 @pytest.mark.parametrize("precision", ["highest", "fast"])
 def test_every_layer_matches_the_numpy_chain(saved_models, name, precision):
@@ -627,11 +629,12 @@ def test_unsupported_layer_and_options_are_named(tmp_path):
     with pytest.raises(UnsupportedModelError, match="'strided' .*strides"):
         fastvgg.load_model(_save_keras3(tmp_path, strided, "strided"))
 
-    def prelu(keras):
-        return keras.Sequential([keras.Input((4, 4, 3)), keras.layers.PReLU(name="learned_slope")])
+    def layer_norm(keras):
+        return keras.Sequential([keras.Input((4, 4, 3)), keras.layers.LayerNormalization(name="per_pixel_norm")])
 
-    with pytest.raises(UnsupportedModelError, match="'learned_slope' of class 'PReLU' is not supported.*Supported layers: InputLayer"):
-        fastvgg.load_model(_save_keras3(tmp_path, prelu, "prelu"))
+    with pytest.raises(UnsupportedModelError,
+                       match="'per_pixel_norm' of class 'LayerNormalization' is not supported.*Supported layers: InputLayer"):
+        fastvgg.load_model(_save_keras3(tmp_path, layer_norm, "layer_norm"))
 
     def pixel_softmax(keras):
         return keras.Sequential([keras.Input((4, 4, 3)), keras.layers.Dense(3, activation="softmax", name="per_pixel")])
@@ -639,19 +642,19 @@ def test_unsupported_layer_and_options_are_named(tmp_path):
     with pytest.raises(UnsupportedModelError, match="'per_pixel' \\(Dense\\) applies softmax to an image.*Flatten"):
         fastvgg.load_model(_save_keras3(tmp_path, pixel_softmax, "pixel_softmax"))
 
-    def clipped(keras):
-        return keras.Sequential([keras.Input((4, 4, 3)), keras.layers.ReLU(max_value=6.0, name="relu6")])
+    def elu_scaled(keras):
+        return keras.Sequential([keras.Input((4, 4, 3)), keras.layers.ELU(alpha=0.5, name="elu_half")])
 
-    with pytest.raises(UnsupportedModelError, match="'relu6' .*max_value or threshold"):
-        fastvgg.load_model(_save_keras3(tmp_path, clipped, "relu6"))
+    with pytest.raises(UnsupportedModelError, match="'elu_half' .*alpha=0.5.*default alpha of 1"):
+        fastvgg.load_model(_save_keras3(tmp_path, elu_scaled, "elu_half"))
 
-    def hard(keras):
+    def sparse(keras):
         return keras.Sequential(
-            [keras.Input((4, 4, 3)), keras.layers.Flatten(), keras.layers.Dense(3, activation="hard_sigmoid", name="hard")]
+            [keras.Input((4, 4, 3)), keras.layers.Flatten(), keras.layers.Dense(3, activation="sparsemax", name="sparse")]
         )
 
-    with pytest.raises(UnsupportedModelError, match="'hard' uses activation 'hard_sigmoid'"):
-        fastvgg.load_model(_save_keras3(tmp_path, hard, "hard"))
+    with pytest.raises(UnsupportedModelError, match="'sparse' uses activation 'sparsemax'"):
+        fastvgg.load_model(_save_keras3(tmp_path, sparse, "sparse"))
 
 
 @pytest.mark.parametrize("flavor", ["keras3", "tf_keras"])
@@ -934,7 +937,8 @@ def _config_paths(value, prefix=()):
 
 
 @pytest.mark.parametrize("flavor, name", [("keras3", "preprocess_inside"), ("tf_keras", "preprocess_inside"),
-                                          ("keras3", "leaky_relu_head"), ("tf_keras", "every_op")])
+                                          ("keras3", "leaky_relu_head"), ("tf_keras", "every_op"),
+                                          ("keras3", "clipped_relu_head"), ("tf_keras", "prelu_head")])
 def test_mutated_configs_give_value_errors_only(saved_models, flavor, name):
     """One to three entries anywhere in a real model's config replaced by garbage: the loader
     reads the result as a model or refuses it with a ValueError (UnsupportedModelError is one),
@@ -963,6 +967,20 @@ def test_mutated_configs_give_value_errors_only(saved_models, flavor, name):
             keras_model.model_from_config(mutated, "mutated")
         except ValueError:
             pass
+
+
+@pytest.mark.parametrize("shared_axes, message", [([4], "shares alpha along axes \\[4\\]"),
+                                                   (["1"], "shares alpha along axes"),
+                                                   ([0, 1], "they must be among 1..3")])
+def test_prelu_with_impossible_shared_axes_is_refused(saved_models, shared_axes, message):
+    import h5py
+
+    with h5py.File(saved_models("keras3", "prelu_head").paths[".h5"], "r") as handle:
+        config = json.loads(handle.attrs["model_config"])
+    prelus = [layer for layer in config["config"]["layers"] if layer["class_name"] == "PReLU"]
+    prelus[0]["config"]["shared_axes"] = shared_axes
+    with pytest.raises(UnsupportedModelError, match=message):
+        keras_model.model_from_config(config, "prelu_head")
 
 
 def test_files_that_are_not_models(saved_models, tmp_path):

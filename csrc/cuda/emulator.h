@@ -63,6 +63,12 @@ inline thread_local dim3 gridDim;
 
 inline float fmaf(float a, float b, float c) { return std::fma(a, b, c); }
 inline float __expf(float x) { return std::exp(x); }
+// A product rounded on its own, never fused with a following sum (the volatile store keeps the
+// host compiler from contracting it), as the GPU's __fmul_rn gives it.
+inline float __fmul_rn(float a, float b) {
+  volatile float product = a * b;
+  return product;
+}
 template <typename T>
 inline T __ldg(const T* p) { return *p; }
 

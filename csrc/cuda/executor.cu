@@ -13,6 +13,7 @@
 
 #include "kernels/activation.cuh"
 #include "kernels/affine.cuh"
+#include "kernels/prelu.cuh"
 #include "kernels/conv3x3.cuh"
 #include "kernels/dense.cuh"
 #include "kernels/layout.cuh"
@@ -184,6 +185,10 @@ void run_affine(const AffineProblem& p, device::Stream stream, long long max_blo
   if (affine_count(p) > 0) FASTVGG_LAUNCH(affine_kernel, affine_geometry(p, max_blocks), stream, p);
 }
 
+void run_prelu(const PReluProblem& p, device::Stream stream, long long max_blocks = 0) {
+  if (p.count > 0) FASTVGG_LAUNCH(prelu_kernel, prelu_geometry(p, max_blocks), stream, p);
+}
+
 void run_activation(const ActivationProblem& p, device::Stream stream, long long max_blocks = 0) {
   if (p.activation == kSoftmax || p.activation == kL2Normalize)
     throw std::logic_error("softmax and l2_normalize are not element-wise");
@@ -213,7 +218,7 @@ DenseProblem conv1x1_problem(const float* input, const float* kernel, const floa
 namespace {
 bool has_weights(OpSpec::Kind kind) {
   return kind == OpSpec::Kind::Conv3x3 || kind == OpSpec::Kind::Conv || kind == OpSpec::Kind::Dense ||
-         kind == OpSpec::Kind::Affine;
+         kind == OpSpec::Kind::Affine || kind == OpSpec::Kind::PRelu;
 }
 bool is_convolution(OpSpec::Kind kind) { return kind == OpSpec::Kind::Conv3x3 || kind == OpSpec::Kind::Conv; }
 }  // namespace
@@ -221,7 +226,7 @@ bool is_convolution(OpSpec::Kind kind) { return kind == OpSpec::Kind::Conv3x3 ||
 struct Executor::Impl {
   struct Layer {
     OpSpec spec;
-    DeviceBuffer kernel, bias;  // an affine map: scale and shift
+    DeviceBuffer kernel, bias;  // an affine map: scale and shift; a prelu: alpha, and a zero bias
     bool kernel_loaded = false, bias_loaded = false;
   };
   int input_channels = 0;
@@ -241,6 +246,7 @@ struct Executor::Impl {
       case OpSpec::Kind::Conv3x3: return std::size_t(9) * s.in_channels * s.out_channels;
       case OpSpec::Kind::Conv: return std::size_t(s.kernel_size) * s.kernel_size * s.in_channels * s.out_channels;
       case OpSpec::Kind::Affine: return std::size_t(s.out_channels);
+      case OpSpec::Kind::PRelu: return std::size_t(s.alpha_height) * s.alpha_width * s.out_channels;
       default: return std::size_t(s.in_channels) * s.out_channels;
     }
   }
@@ -276,8 +282,14 @@ std::vector<OpSpec> validated(int input_channels, std::vector<OpSpec> ops) {
     OpSpec& op = ops[i];
     const std::string where = "op " + std::to_string(i) + ": ";
     if (op.activation < 0 || op.activation >= kActivationCount) throw std::invalid_argument(where + "unknown activation");
-    if (!std::isfinite(op.negative_slope) || (op.negative_slope != 0.0f && op.activation != kLeakyRelu))
-      throw std::invalid_argument(where + "negative_slope must be finite, and 0 unless the activation is leaky_relu");
+    if (!std::isfinite(op.negative_slope) ||
+        (op.negative_slope != 0.0f && op.activation != kLeakyRelu && op.activation != kClippedRelu))
+      throw std::invalid_argument(where + "negative_slope must be finite, and 0 unless the activation is leaky_relu or "
+                                          "clipped_relu");
+    if (std::isnan(op.max_value) || op.max_value < 0.0f || !std::isfinite(op.threshold) ||
+        (op.activation != kClippedRelu && (op.max_value != INFINITY || op.threshold != 0.0f)))
+      throw std::invalid_argument(where + "max_value must be >= 0 (infinity: no cap) and threshold finite, both only "
+                                          "for clipped_relu");
     if (op.activation == kL2Normalize ? !(std::isfinite(op.max_inverse_norm) && op.max_inverse_norm > 0.0f)
                                       : op.max_inverse_norm != 0.0f)
       throw std::invalid_argument(where + "max_inverse_norm must be finite and above 0 for l2_normalize, 0 otherwise");
@@ -325,6 +337,19 @@ std::vector<OpSpec> validated(int input_channels, std::vector<OpSpec> ops) {
           throw std::invalid_argument(where + "an affine map of " + std::to_string(op.out_channels) +
                                       " channels cannot follow a layer of " + std::to_string(channels) + " channels");
         if (op.activation != kLinear) throw std::invalid_argument(where + "an affine map has no activation");
+        op.in_channels = op.out_channels;
+        break;
+      case OpSpec::Kind::PRelu:
+        op.on_image = !flat;
+        if (op.out_channels < 1 || op.out_channels > kMaxFeatures) throw std::invalid_argument(where + "channels out of range");
+        if (op.on_image && op.out_channels != channels)
+          throw std::invalid_argument(where + "a prelu of " + std::to_string(op.out_channels) +
+                                      " channels cannot follow a layer of " + std::to_string(channels) + " channels");
+        if (op.alpha_height < 1 || op.alpha_width < 1 || op.alpha_height > (1 << 15) || op.alpha_width > (1 << 15) ||
+            (!op.on_image && (op.alpha_height != 1 || op.alpha_width != 1)))
+          throw std::invalid_argument(where + "a prelu's alpha_height and alpha_width must be 1 or the image's (1 on "
+                                              "flat rows)");
+        if (op.activation != kLinear) throw std::invalid_argument(where + "a prelu has no activation");
         op.in_channels = op.out_channels;
         break;
       case OpSpec::Kind::Elementwise:
@@ -415,12 +440,19 @@ std::vector<std::vector<int>> Executor::output_shapes(int height, int width) con
         break;
       case OpSpec::Kind::Affine:
       case OpSpec::Kind::Elementwise:
+      case OpSpec::Kind::PRelu:
         if (op.on_image) {
+          if (op.kind == OpSpec::Kind::PRelu &&
+              ((op.alpha_height != 1 && op.alpha_height != h) || (op.alpha_width != 1 && op.alpha_width != w)))
+            throw std::invalid_argument(where + "the prelu has an alpha for " + std::to_string(op.alpha_height) + "x" +
+                                        std::to_string(op.alpha_width) + " images, but this input size gives " +
+                                        std::to_string(h) + "x" + std::to_string(w));
           shapes.push_back({h, w, c});
           break;
         }
-        if (op.kind == OpSpec::Kind::Affine && features != op.out_channels)
-          throw std::invalid_argument(where + "the affine map has " + std::to_string(op.out_channels) +
+        if (op.kind != OpSpec::Kind::Elementwise && features != op.out_channels)
+          throw std::invalid_argument(where + (op.kind == OpSpec::Kind::Affine ? "the affine map" : "the prelu") +
+                                      " has " + std::to_string(op.out_channels) +
                                       " features, but this input size gives " + std::to_string(features));
         shapes.push_back({int(features)});
         break;
@@ -450,6 +482,17 @@ void Executor::set_affine(int index, const float* scale, const float* shift) {
   device::use_device(impl_->device_id);
   device::to_device(layer.kernel.data(), scale, std::size_t(layer.spec.out_channels), impl_->stream);
   device::to_device(layer.bias.data(), shift, std::size_t(layer.spec.out_channels), impl_->stream);
+  device::synchronize(impl_->stream);
+  layer.kernel_loaded = layer.bias_loaded = true;
+}
+
+void Executor::set_prelu(int index, const float* alpha) {
+  Impl::Layer& layer = impl_->weighted(index, OpSpec::Kind::PRelu, "prelu");
+  std::lock_guard<std::recursive_mutex> lock(impl_->run_mutex);
+  device::use_device(impl_->device_id);
+  const std::vector<float> zeros(std::size_t(layer.spec.out_channels), 0.0f);  // PReLU has no bias
+  device::to_device(layer.kernel.data(), alpha, impl_->kernel_count(layer.spec), impl_->stream);
+  device::to_device(layer.bias.data(), zeros.data(), zeros.size(), impl_->stream);
   device::synchronize(impl_->stream);
   layer.kernel_loaded = layer.bias_loaded = true;
 }
@@ -588,7 +631,9 @@ void Executor::forward(const float* images, int count, int height, int width, co
     else if (op.activation == kL2Normalize)
       run_l2_normalize(L2NormalizeProblem{values, int(rows), cols, op.max_inverse_norm}, stream);
     else
-      run_activation(ActivationProblem{values, values, rows * cols, op.activation, op.negative_slope}, stream);
+      run_activation(ActivationProblem{values, values, rows * cols, op.activation,
+                                       ActivationNumbers{op.negative_slope, op.max_value, op.threshold}},
+                     stream);
   };
 
   const float* current = impl_->input.data();
@@ -670,6 +715,15 @@ void Executor::forward(const float* images, int count, int height, int width, co
         out = const_cast<float*>(current);  // in place: the buffer is the executor's own
         const long long rows = op.on_image ? static_cast<long long>(count) * h * w : count;
         run_affine(AffineProblem{out, layer.kernel.data(), layer.bias.data(), rows, op.out_channels}, stream);
+        break;
+      }
+      case OpSpec::Kind::PRelu: {
+        out = const_cast<float*>(current);  // in place: the buffer is the executor's own
+        const std::vector<int>& shape = shapes[std::size_t(i)];
+        const int ph = op.on_image ? shape[0] : 1, pw = op.on_image ? shape[1] : 1;
+        run_prelu(PReluProblem{out, layer.kernel.data(), static_cast<long long>(count) * ph * pw * op.out_channels, ph, pw,
+                               op.out_channels, op.alpha_height, op.alpha_width},
+                  stream);
         break;
       }
       case OpSpec::Kind::Elementwise: {
@@ -801,10 +855,22 @@ void affine(float* values, long long rows, int channels, const float* scale, con
   s.download(values, p.values, count);
 }
 
-void activation(const float* x, long long count, int activation, float* y, int max_blocks, float negative_slope) {
+void prelu(float* values, long long count, int height, int width, int channels, const float* alpha, int alpha_height,
+           int alpha_width, int max_blocks) {
+  Scratch s;
+  const std::size_t alphas = std::size_t(alpha_height) * alpha_width * channels;
+  PReluProblem p{s.upload(values, std::size_t(count)), s.upload(alpha, alphas), count, height, width, channels,
+                 alpha_height, alpha_width};
+  run_prelu(p, s.stream, max_blocks);
+  s.download(values, p.values, std::size_t(count));
+}
+
+void activation(const float* x, long long count, int activation, float* y, int max_blocks, float negative_slope,
+                float max_value, float threshold) {
   Scratch s;
   float* values = s.upload(x, std::size_t(count));
-  run_activation(ActivationProblem{values, values, count, activation, negative_slope}, s.stream, max_blocks);
+  run_activation(ActivationProblem{values, values, count, activation, ActivationNumbers{negative_slope, max_value, threshold}},
+                 s.stream, max_blocks);
   s.download(y, values, std::size_t(count));
 }
 

@@ -9,6 +9,7 @@
 // same executor, kernel for kernel, without a GPU.
 #pragma once
 
+#include <cmath>
 #include <cstddef>
 #include <memory>
 #include <string>
@@ -23,17 +24,23 @@ struct OpSpec {
   // Conv3x3: VGG's 3x3 convolution ('same', or 'valid'); Conv: a 1x1 convolution, or a 3x3 one;
   // Pool2x2: 2x2 average pooling, or max pooling with 'same' padding; Affine: per-channel
   // x * scale + shift; Elementwise: an activation on its own. The last two work in place.
-  enum class Kind { Conv3x3, MaxPool2x2, Flatten, GlobalPool, Dense, Conv, Pool2x2, Affine, Elementwise } kind;
+  enum class Kind { Conv3x3, MaxPool2x2, Flatten, GlobalPool, Dense, Conv, Pool2x2, Affine, Elementwise, PRelu } kind;
   int in_channels = 0;   // conv: input channels; dense: input features; affine: = out_channels
   int out_channels = 0;  // conv: filters; dense: units; affine: channels (on an image) or features
   int activation = 0;    // graph.h's Activation: 0 linear, 1 relu, 2 softmax, 3 sigmoid, 4 tanh,
-                         // 5 elu, 6 selu, 7 gelu, 8 swish, 9 softplus, 10 leaky_relu, 11 l2_normalize
+                         // 5 elu, 6 selu, 7 gelu, 8 swish, 9 softplus, 10 leaky_relu, 11 l2_normalize,
+                         // 12 clipped_relu, 13 softsign, 14 exponential, 15 mish, 16 hard_sigmoid,
+                         // 17 hard_sigmoid_keras2, 18 hard_silu
   int pool_mode = 0;     // global pool, Pool2x2: 0 average, 1 max
   int padding = 1;       // convolutions, Pool2x2: 1 'same', 0 'valid'
   int kernel_size = 3;   // Conv: 1 or 3
   bool on_image = false; // Affine, Elementwise: set by the executor, true before the chain turns flat
-  float negative_slope = 0.0f;  // leaky_relu's slope for x < 0, finite; 0 for the other activations
+  float negative_slope = 0.0f;  // leaky_relu's and clipped_relu's slope, finite; 0 for the other activations
   float max_inverse_norm = 0.0f;  // l2_normalize's cap on 1 / ||row||, finite and > 0; 0 for the others
+  float max_value = INFINITY;  // clipped_relu's cap, >= 0 (infinity: none); infinity for the others
+  float threshold = 0.0f;  // clipped_relu's, finite; 0 for the others
+  int alpha_height = 1;  // PRelu's alpha: 1 (shared) or the image's height; 1 on flat rows
+  int alpha_width = 1;   // likewise the width
 };
 
 struct OutputRequest {
@@ -66,6 +73,8 @@ class Executor {
   void set_conv_weights(int index, const float* kernel_hwio, const float* bias);
   // An affine op's per-channel scale and shift (get_weights returns them as kernel and bias).
   void set_affine(int index, const float* scale, const float* shift);
+  // A PRelu op's alpha, [alpha_height][alpha_width][channels] (get_weights: the kernel, and a zero bias).
+  void set_prelu(int index, const float* alpha);
   void set_dense_kernel_rows(int index, int first_row, int row_count, const float* rows);
   void set_dense_bias(int index, const float* bias);
   void get_weights(int index, float* kernel, float* bias) const;
@@ -100,8 +109,13 @@ void pool2x2(const float* x, int images, int height, int width, int channels, in
 // values[r][c] = values[r][c] * scale[c] + shift[c], in place. max_blocks > 0 caps the grid, so
 // that small tensors run the kernels' grid-stride loops too.
 void affine(float* values, long long rows, int channels, const float* scale, const float* shift, int max_blocks = 0);
-// y = activation(x) element-wise (any activation but softmax); negative_slope is leaky_relu's.
-void activation(const float* x, long long count, int activation, float* y, int max_blocks = 0, float negative_slope = 0.0f);
+// PReLU in place on `count` values of NHWC images (height x width x channels; 1 x 1 for flat rows).
+void prelu(float* values, long long count, int height, int width, int channels, const float* alpha, int alpha_height,
+           int alpha_width, int max_blocks = 0);
+// y = activation(x) element-wise (any activation but softmax); negative_slope is leaky_relu's and
+// clipped_relu's, max_value (infinity: no cap) and threshold clipped_relu's.
+void activation(const float* x, long long count, int activation, float* y, int max_blocks = 0, float negative_slope = 0.0f,
+                float max_value = INFINITY, float threshold = 0.0f);
 void max_pool2x2(const float* x, int images, int height, int width, int channels, float* y);
 void global_pool(const float* x, int images, int height, int width, int channels, int mode, float* y);
 // path: 0 chooses as the executor does, 1 forces the batched GEMM, 2 the bandwidth-bound path.

@@ -11,6 +11,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -48,16 +50,21 @@ void require_shape(const py::array& a, const std::vector<py::ssize_t>& shape, co
 }
 
 // csrc/graph.h's Activation, in its order (OpSpec::activation).
-const char* const kActivationNames[] = {"linear", "relu",  "softmax", "sigmoid",    "tanh",        "elu",
-                                         "selu",   "gelu",  "swish",   "softplus",   "leaky_relu",  "l2_normalize"};
+const char* const kActivationNames[] = {"linear",       "relu",         "softmax",      "sigmoid",
+                                         "tanh",         "elu",          "selu",         "gelu",
+                                         "swish",        "softplus",     "leaky_relu",   "l2_normalize",
+                                         "clipped_relu", "softsign",     "exponential",  "mish",
+                                         "hard_sigmoid", "hard_sigmoid_keras2", "hard_silu"};
 
 int parse_activation(const std::string& name) {
   for (int i = 0; i < int(sizeof(kActivationNames) / sizeof(kActivationNames[0])); ++i)
     if (name == kActivationNames[i]) return i;
-  if (name == "silu") return 8;  // Keras 3's name for swish
+  if (name == "silu") return 8;         // Keras 3's name for swish
+  if (name == "hard_swish") return 18;  // and for hard_silu
   throw py::value_error("unknown activation '" + name +
                         "'; expected linear, relu, softmax, sigmoid, tanh, elu, selu, gelu, swish (silu), softplus, "
-                        "leaky_relu or l2_normalize");
+                        "leaky_relu, l2_normalize, clipped_relu, softsign, exponential, mish, hard_sigmoid, "
+                        "hard_sigmoid_keras2 or hard_silu (hard_swish)");
 }
 
 bool is_convolution(const OpSpec& op) { return op.kind == OpSpec::Kind::Conv3x3 || op.kind == OpSpec::Kind::Conv; }
@@ -120,10 +127,15 @@ OpSpec parse_op(const py::dict& d, std::size_t index) {
   } else if (kind == "activation") {
     op.kind = OpSpec::Kind::Elementwise;
     op.activation = activation();
+  } else if (kind == "prelu") {
+    op.kind = OpSpec::Kind::PRelu;
+    op.out_channels = get_int("out_channels");
+    op.alpha_height = d.contains("alpha_height") ? get_int("alpha_height") : 1;
+    op.alpha_width = d.contains("alpha_width") ? get_int("alpha_width") : 1;
   } else {
     throw py::value_error(where + "unsupported kind '" + kind +
-                          "'; expected conv3x3, max_pool2x2, flatten, global_pool, dense, conv, pool2x2, affine or "
-                          "activation");
+                          "'; expected conv3x3, max_pool2x2, flatten, global_pool, dense, conv, pool2x2, affine, "
+                          "activation or prelu");
   }
   // leaky_relu's slope (describe() lists it for every op: 0 for the others); executor.cu checks it.
   if (d.contains("negative_slope")) {
@@ -131,6 +143,22 @@ OpSpec parse_op(const py::dict& d, std::size_t index) {
       op.negative_slope = py::cast<float>(d["negative_slope"]);
     } catch (const py::cast_error&) {
       throw py::value_error(where + "negative_slope must be a number");
+    }
+  }
+  // clipped_relu's numbers (describe() lists the threshold for every op, the cap where there is
+  // one); executor.cu checks them.
+  if (d.contains("max_value")) {
+    try {
+      op.max_value = py::cast<float>(d["max_value"]);
+    } catch (const py::cast_error&) {
+      throw py::value_error(where + "max_value must be a number");
+    }
+  }
+  if (d.contains("threshold")) {
+    try {
+      op.threshold = py::cast<float>(d["threshold"]);
+    } catch (const py::cast_error&) {
+      throw py::value_error(where + "threshold must be a number");
     }
   }
   // l2_normalize's cap (describe() lists it for every op: 0 for the others); executor.cu checks it.
@@ -309,6 +337,26 @@ FloatArray test_pool2x2(const FloatArray& x, const std::string& mode, const std:
 }
 
 // x * scale + shift along the last axis (rows of features, or NHWC pixels).
+// PReLU on NHWC images (4-D) or rows (2-D); alpha (1 or height, 1 or width, channels).
+FloatArray test_prelu(const FloatArray& x, const FloatArray& alpha, int max_blocks) {
+  const bool image = x.ndim() == 4;
+  if (!image && x.ndim() != 2) throw py::value_error("x must be 2-D rows or a 4-D NHWC array");
+  const int h = image ? checked_int(x.shape(1), "height") : 1, w = image ? checked_int(x.shape(2), "width") : 1;
+  const int channels = checked_int(x.shape(x.ndim() - 1), "channels");
+  if (alpha.ndim() != 3 || alpha.shape(2) != channels || (alpha.shape(0) != 1 && alpha.shape(0) != h) ||
+      (alpha.shape(1) != 1 && alpha.shape(1) != w))
+    throw py::value_error("alpha must have shape (1 or height, 1 or width, channels)");
+  FloatArray y(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
+  std::copy(x.data(), x.data() + x.size(), y.mutable_data());
+  float* yp = y.mutable_data();
+  const float* ap = alpha.data();
+  const int ah = int(alpha.shape(0)), aw = int(alpha.shape(1));
+  const long long count = static_cast<long long>(x.size());
+  py::gil_scoped_release release;
+  if (count > 0) fastvgg::cuda::testing::prelu(yp, count, h, w, channels, ap, ah, aw, max_blocks);
+  return y;
+}
+
 FloatArray test_affine(const FloatArray& x, const FloatArray& scale, const FloatArray& shift, int max_blocks) {
   if (x.ndim() < 1 || x.size() == 0) throw py::value_error("x must be a non-empty array");
   const int channels = checked_int(x.shape(x.ndim() - 1), "channels");
@@ -324,7 +372,8 @@ FloatArray test_affine(const FloatArray& x, const FloatArray& scale, const Float
   return y;
 }
 
-FloatArray test_activation(const FloatArray& x, const std::string& name, int max_blocks, float negative_slope) {
+FloatArray test_activation(const FloatArray& x, const std::string& name, int max_blocks, float negative_slope,
+                           std::optional<float> max_value, float threshold) {
   const int act = parse_activation(name);
   if (act == 2 || act == 11) throw py::value_error("softmax and l2_normalize are not element-wise");
   FloatArray y(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
@@ -332,7 +381,8 @@ FloatArray test_activation(const FloatArray& x, const std::string& name, int max
   float* yp = y.mutable_data();
   const long long count = static_cast<long long>(x.size());
   py::gil_scoped_release release;
-  if (count > 0) fastvgg::cuda::testing::activation(xp, count, act, yp, max_blocks, negative_slope);
+  const float cap = max_value ? *max_value : INFINITY;
+  if (count > 0) fastvgg::cuda::testing::activation(xp, count, act, yp, max_blocks, negative_slope, cap, threshold);
   return y;
 }
 
@@ -389,6 +439,15 @@ PYBIND11_MODULE(FASTVGG_CUDA_MODULE_NAME, m) {
              py::gil_scoped_release release;
              e.set_affine(index, sp, tp);
            }, py::arg("index"), py::arg("scale"), py::arg("shift"), "An affine map's per-channel scale and shift.")
+      .def("set_prelu",
+           [](Executor& e, int index, const FloatArray& alpha) {
+             const OpSpec& op = e.op(index);
+             if (op.kind != OpSpec::Kind::PRelu) throw py::value_error("layer " + std::to_string(index) + " is not a prelu");
+             require_shape(alpha, {op.alpha_height, op.alpha_width, op.out_channels}, "alpha");
+             const float* ap = alpha.data();
+             py::gil_scoped_release release;
+             e.set_prelu(index, ap);
+           }, py::arg("index"), py::arg("alpha"), "A prelu's alpha, (alpha_height, alpha_width, channels).")
       .def("set_dense_kernel_rows",
            [](Executor& e, int index, int first_row, const FloatArray& rows) {
              const OpSpec& op = e.op(index);
@@ -417,6 +476,7 @@ PYBIND11_MODULE(FASTVGG_CUDA_MODULE_NAME, m) {
              if (is_convolution(op)) shape = {op.kernel_size, op.kernel_size, op.in_channels, op.out_channels};
              else if (op.kind == OpSpec::Kind::Dense) shape = {op.in_channels, op.out_channels};
              else if (op.kind == OpSpec::Kind::Affine) shape = {op.out_channels};  // the scale; the shift as bias
+             else if (op.kind == OpSpec::Kind::PRelu) shape = {op.alpha_height, op.alpha_width, op.out_channels};
              else throw py::value_error("layer " + std::to_string(index) + " has no weights");
              FloatArray kernel(shape), bias(std::vector<py::ssize_t>{op.out_channels});
              float *k = kernel.mutable_data(), *b = bias.mutable_data();
@@ -445,11 +505,14 @@ PYBIND11_MODULE(FASTVGG_CUDA_MODULE_NAME, m) {
         "preactivation=True, (output, output before the activation).");
   t.def("pool2x2", &test_pool2x2, py::arg("x"), py::arg("mode"), py::arg("padding"),
         "2x2 stride-2 pooling, 'avg' or 'max', Keras's 'valid' or 'same'.");
+  t.def("prelu", &test_prelu, py::arg("x"), py::arg("alpha"), py::arg("max_blocks") = 0,
+        "PReLU on NHWC images (4-D) or rows (2-D); alpha (1 or height, 1 or width, channels); max_blocks as for affine().");
   t.def("affine", &test_affine, py::arg("x"), py::arg("scale"), py::arg("shift"), py::arg("max_blocks") = 0,
         "x * scale + shift along the last axis; max_blocks > 0 caps the grid (the grid-stride loop then runs).");
   t.def("activation", &test_activation, py::arg("x"), py::arg("name"), py::arg("max_blocks") = 0,
-        py::arg("negative_slope") = 0.0f,
-        "An element-wise activation (not softmax); max_blocks as for affine(); negative_slope is leaky_relu's.");
+        py::arg("negative_slope") = 0.0f, py::arg("max_value") = py::none(), py::arg("threshold") = 0.0f,
+        "An element-wise activation (not softmax); max_blocks as for affine(); negative_slope is leaky_relu's and "
+        "clipped_relu's, max_value (None: no cap) and threshold clipped_relu's.");
   t.def("max_pool2x2", [](const FloatArray& x) {
     if (x.ndim() != 4) throw py::value_error("x must be NHWC");
     const int n = checked_int(x.shape(0), "batch"), h = checked_int(x.shape(1), "height"),

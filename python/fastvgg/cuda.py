@@ -115,7 +115,7 @@ def _unsupported_on_gpu(message: str, layer_names: Optional[Sequence[str]]) -> s
 class CudaExecutor:
     """The CUDA executor behind the CPU executor's interface, for a model's ``_executor``:
     built from a ``_core.Graph`` (kept as ``.graph``, as the CPU executor has it), every
-    other attribute (set_conv3x3_weights, set_conv_weights, set_affine, set_dense_kernel_rows,
+    other attribute (set_conv3x3_weights, set_conv_weights, set_affine, set_prelu, set_dense_kernel_rows,
     set_dense_bias, get_weights, weights_loaded, updating, forward, forward_into,
     weights_nbytes, device) is the compiled executor's. Both precisions run the same fp32
     kernels (no Winograd on the GPU).
@@ -172,15 +172,18 @@ def executor_for_model(model):
     source = model._executor
     for index, layer in enumerate(layers):
         kind = ops[index]["kind"]
-        if kind not in ("conv3x3", "conv", "dense", "affine"):
+        if kind not in ("conv3x3", "conv", "dense", "affine", "prelu"):
             continue
         # The executor's own arrays: a convolution's kernel and bias (a zero bias where Keras has
-        # none), an affine map's scale and shift (what BatchNormalization and friends reduce to).
+        # none), an affine map's scale and shift (what BatchNormalization and friends reduce to),
+        # a prelu's alpha (and its zero bias).
         kernel, bias = (np.ascontiguousarray(w, dtype=np.float32) for w in source.get_weights(layer._index))
         if kind in ("conv3x3", "conv"):
             executor.set_conv_weights(index, kernel, bias)
         elif kind == "affine":
             executor.set_affine(index, kernel, bias)
+        elif kind == "prelu":
+            executor.set_prelu(index, kernel)
         else:
             executor.set_dense_kernel_rows(index, 0, kernel)
             executor.set_dense_bias(index, bias)

@@ -89,6 +89,9 @@ SUPPORTED_LAYERS = (
     "Activation",
     "ReLU",
     "LeakyReLU",
+    "PReLU",
+    "ELU",
+    "ThresholdedReLU",
     "Softmax",
     "ZeroPadding2D",
     "Reshape",
@@ -115,10 +118,11 @@ _CLASS_ALIASES = {
     "GlobalMaxPool2D": "GlobalMaxPooling2D",
 }
 # Element-wise activations the kernels have; "silu" is Keras 3's name for swish.
-ACTIVATIONS = ("linear", "relu", "sigmoid", "tanh", "softmax", "elu", "selu", "gelu", "swish", "softplus", "leaky_relu")
+ACTIVATIONS = ("linear", "relu", "sigmoid", "tanh", "softmax", "elu", "selu", "gelu", "swish", "softplus", "leaky_relu",
+               "relu6", "softsign", "exponential", "mish", "hard_sigmoid", "hard_silu")
 # Keras 3's keras.activations.leaky_relu(x, negative_slope=0.2): the slope of activation="leaky_relu".
 _LEAKY_RELU_ACTIVATION_SLOPE = 0.2
-_ACTIVATION_ALIASES = {None: "linear", "silu": "swish"}
+_ACTIVATION_ALIASES = {None: "linear", "silu": "swish", "hard_swish": "hard_silu"}
 
 # Keras nests a base model a level or two deep; deeper means a hostile or broken file.
 MAX_NESTING = 16
@@ -152,7 +156,7 @@ class LayerSpec:
     ``kind`` is one of: "input", "conv", "max_pool", "avg_pool", "flatten", "global_pool",
     "dense", "affine" (per-channel scale and shift: BatchNormalization, Rescaling,
     Normalization; also preprocess_input's means and other arithmetic with constants),
-    "activation", "identity",
+    "activation", "prelu" (Keras's PReLU, its alpha in ``weights``), "identity",
     "reverse_channels" (preprocess_input's x[..., ::-1], on the model's input only),
     "zero_pad" (ZeroPadding2D; only as the border of the 'valid' 3x3 convolution after it,
     where _fold_zero_padding turns the pair into one 'same' convolution),
@@ -172,7 +176,10 @@ class LayerSpec:
     padding: str = "valid"  # conv and pooling
     use_bias: bool = True
     activation: str = "linear"  # conv / dense / activation
-    negative_slope: float = 0.0  # leaky_relu's slope for x < 0, a float32 value (what TensorFlow multiplies by)
+    negative_slope: float = 0.0  # leaky_relu's and clipped_relu's slope, a float32 value (what TensorFlow multiplies by)
+    # clipped_relu's (Keras's ReLU with a cap or threshold, and "relu6"), float32 values: None is no cap.
+    max_value: Optional[float] = None
+    threshold: float = 0.0
     reverses_input: bool = False  # a Lambda(preprocess_input): the input's channels reversed, then this affine map
     pool_mode: str = "avg"  # global_pool
     keepdims: bool = False
@@ -290,12 +297,21 @@ def _read_model(path: str, custom_objects, read_kernels: bool = True) -> ModelSp
             )
         spec = model_from_config(config, path, custom_objects)
         if _written_by_keras_2(root, config, archive=archive_config is not None):
-            for layer in spec.layers:
-                if layer.class_name == "UnitNormalization":
-                    layer.max_inverse_norm = KERAS2_L2_MAX_INVERSE_NORM
+            _as_keras_2_computes(spec)
         stored = _stored_layers(root, config, _NoFallbackNames(), path)
         _attach_weights(spec, stored, path, source, read_kernels)
     return spec
+
+
+def _as_keras_2_computes(spec: ModelSpec) -> None:
+    """What a file Keras 2 (tf.keras) wrote means where Keras 3 computes another function under
+    the same name: UnitNormalization's cap on 1 / ||row|| (tf.math.l2_normalize's), and the
+    hard sigmoid, clip(0.2 x + 0.5, 0, 1) there and relu6(x + 3) / 6 in Keras 3."""
+    for layer in spec.layers:
+        if layer.class_name == "UnitNormalization":
+            layer.max_inverse_norm = KERAS2_L2_MAX_INVERSE_NORM
+        if layer.activation == "hard_sigmoid":
+            layer.activation = "hard_sigmoid_keras2"
 
 
 def _read_saved_model(path: str, custom_objects, read_kernels: bool) -> ModelSpec:
@@ -307,9 +323,7 @@ def _read_saved_model(path: str, custom_objects, read_kernels: bool) -> ModelSpe
 
     contents = read_saved_model(path)
     spec = model_from_config(contents.config, path, custom_objects)
-    for layer in spec.layers:  # only tf.keras (Keras 2) writes SavedModels with a Keras config
-        if layer.class_name == "UnitNormalization":
-            layer.max_inverse_norm = KERAS2_L2_MAX_INVERSE_NORM
+    _as_keras_2_computes(spec)  # only tf.keras (Keras 2) writes SavedModels with a Keras config
     stored = {}
     for layer in spec.layers:
         saved = contents.layer_weights.get(layer.name)
@@ -868,16 +882,46 @@ def _activation(name, value, path: str) -> str:
 
 def _set_activation(spec: LayerSpec, activation: str, negative_slope: Optional[float] = None) -> None:
     """Sets spec's activation and, for leaky_relu, its slope rounded to float32 (TensorFlow
-    multiplies by a float32 slope; the kernels and the numpy yardstick use that value)."""
+    multiplies by a float32 slope; the kernels and the numpy yardstick use that value).
+    Keras 3's "relu6" is min(max(x, 0), 6): the core runs it as clipped_relu with a cap of 6."""
     spec.activation = activation
+    spec.max_value, spec.threshold = None, 0.0
+    if activation == "relu6":
+        spec.max_value, spec.negative_slope = 6.0, 0.0
+        return
     if activation != "leaky_relu":
         spec.negative_slope = 0.0
         return
     slope = _LEAKY_RELU_ACTIVATION_SLOPE if negative_slope is None else negative_slope
+    spec.negative_slope = _float32(spec, "negative slope", slope)
+
+
+def _float32(spec: LayerSpec, what: str, value) -> float:
+    """A number of the config as the float32 TensorFlow computes with; refused beyond its range."""
     with np.errstate(over="ignore"):
-        spec.negative_slope = float(np.float32(slope))
-    if not math.isfinite(spec.negative_slope):
-        raise UnsupportedModelError(f"layer {spec.name!r} has a negative slope {slope!r} beyond float32's range.")
+        rounded = float(np.float32(value))
+    if not math.isfinite(rounded):
+        raise UnsupportedModelError(f"layer {spec.name!r} has a {what} {value!r} beyond float32's range.")
+    return rounded
+
+
+def _set_relu(spec: LayerSpec, negative_slope: float, max_value: Optional[float], threshold: float, refuse) -> None:
+    """Keras's ReLU layer (and activations.relu): without a cap or threshold it is relu, or
+    tf.nn.leaky_relu(x, negative_slope) as Keras calls it then; else the core's clipped_relu,
+    which follows Keras's steps (x above the threshold, clipped to [0, max_value]; below it
+    -(negative_slope * (threshold - x))). Keras itself refuses negative numbers here."""
+    if negative_slope < 0 or (max_value is not None and max_value < 0):
+        refuse(f"has negative_slope {negative_slope!r} or max_value {max_value!r} below 0, which Keras refuses.")
+    spec.kind = "activation"
+    if max_value is None and not threshold:
+        _set_activation(spec, "leaky_relu", negative_slope)
+        if spec.negative_slope == 0.0:
+            spec.activation = "relu"
+        return
+    spec.activation = "clipped_relu"
+    spec.negative_slope = _float32(spec, "negative slope", negative_slope)
+    spec.max_value = None if max_value is None else _float32(spec, "max_value", max_value)
+    spec.threshold = _float32(spec, "threshold", threshold)
 
 
 def _scalar(value, refuse) -> Optional[float]:
@@ -1220,19 +1264,37 @@ def _spec(layer: dict, shape: Shape, path: str) -> LayerSpec:
             spec.weight_names = ["mean", "variance", "count"]
             spec.weight_shapes = [(channels,), (channels,), ()]
         return spec
+    if class_name == "PReLU":
+        # alpha has the input's shape with each of shared_axes (1-based, as Keras counts them
+        # after the batch axis) set to 1.
+        shared = config.get("shared_axes")
+        shared = [] if shared is None else list(shared) if isinstance(shared, (list, tuple)) else [shared]
+        if any(not isinstance(a, int) or isinstance(a, bool) or not 1 <= a <= len(shape) for a in shared):
+            refuse(f"shares alpha along axes {config.get('shared_axes')!r}; they must be among 1..{len(shape)}.")
+        alpha_shape = tuple(1 if axis in shared else size for axis, size in enumerate(shape, start=1))
+        if None in alpha_shape:
+            refuse("has an alpha along an axis of unknown size; give the model a fixed input size or share alpha "
+                   "along that axis (shared_axes).")
+        spec.kind = "prelu"
+        spec.weight_names, spec.weight_shapes = ["alpha"], [alpha_shape]
+        return spec
     if class_name == "Activation":
         spec.kind = "activation"
         _set_activation(spec, _activation(name, config.get("activation"), path))
     elif class_name == "ReLU":
-        # Keras (3 and tf.keras) runs ReLU(negative_slope=a) without max_value or threshold as
-        # tf.nn.leaky_relu(x, a); a clipped or shifted ReLU is another function.
         max_value, threshold = _scalar(config.get("max_value"), refuse), _scalar(config.get("threshold", 0.0), refuse)
-        if max_value is not None or threshold:
-            refuse("has max_value or threshold set; supported are the plain ReLU and ReLU(negative_slope=...).")
+        _set_relu(spec, _scalar(config.get("negative_slope", 0.0), refuse) or 0.0, max_value, threshold or 0.0, refuse)
+    elif class_name == "ELU":
+        # Keras computes alpha * elu(x) below 0 when alpha is not 1: another rounding the
+        # kernels do not make.
+        if _scalar(config.get("alpha", 1.0), refuse) != 1.0:
+            refuse(f"has alpha={config.get('alpha')!r}; fastvgg runs the ELU layer with Keras's default alpha of 1.")
         spec.kind = "activation"
-        _set_activation(spec, "leaky_relu", _scalar(config.get("negative_slope", 0.0), refuse) or 0.0)
-        if spec.negative_slope == 0.0:
-            spec.activation = "relu"
+        _set_activation(spec, "elu")
+    elif class_name == "ThresholdedReLU":
+        # tf.keras's x * (x > theta): x above theta, else 0 (a ReLU with a threshold and no slope).
+        theta = _scalar(config.get("theta", 1.0), refuse)
+        _set_relu(spec, 0.0, None, 1.0 if theta is None else theta, refuse)
     elif class_name == "LeakyReLU":
         # Keras 3 names the slope negative_slope, tf.keras alpha; both default to 0.3.
         slope = config.get("negative_slope", config.get("alpha", 0.3))
@@ -1445,6 +1507,22 @@ def _attach_weights(spec: ModelSpec, stored, path: str, source, read_kernels: bo
         if layer.kind == "affine":
             layer.scale = np.asarray(layer.scale, dtype=np.float32)
             layer.shift = np.asarray(layer.shift, dtype=np.float32)
+
+
+def prelu_alpha(layer: LayerSpec) -> np.ndarray:
+    """A PReLU's alpha as the core takes it, (alpha_height, alpha_width, channels) float32: a
+    shared channel axis repeated, a flat layer's (features,) as (1, 1, features)."""
+    alpha = np.asarray(layer.weights[0], dtype=np.float32)
+    channels = int(layer.output_shape[-1])
+    if len(layer.output_shape) != 3:
+        return np.ascontiguousarray(np.broadcast_to(alpha.reshape(1, 1, -1), (1, 1, channels)))
+    return np.ascontiguousarray(np.broadcast_to(alpha, alpha.shape[:2] + (channels,)))
+
+
+def prelu_alpha_extent(layer: LayerSpec) -> Tuple[int, int]:
+    """(alpha_height, alpha_width) of a PReLU, from its config: 1 where alpha is shared."""
+    shape = layer.weight_shapes[0]
+    return (int(shape[0]), int(shape[1])) if len(layer.output_shape) == 3 else (1, 1)
 
 
 def _set_batch_norm(layer: LayerSpec) -> None:

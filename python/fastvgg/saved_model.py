@@ -447,12 +447,21 @@ def _reverse_channels_on_input(layers: List[Layer], spec: LayerSpec) -> None:
         layer.echoes_input = True
 
 
+def _core_activation(spec: LayerSpec) -> dict:
+    """A spec's activation as the core's add_* functions take it: its name and numbers (Keras
+    3's "relu6" is the core's clipped_relu with a cap of 6)."""
+    if spec.activation in ("clipped_relu", "relu6"):
+        return dict(activation="clipped_relu", negative_slope=spec.negative_slope, max_value=spec.max_value,
+                    threshold=spec.threshold)
+    return dict(activation=spec.activation, negative_slope=spec.negative_slope)
+
+
 def _add_op(graph, spec: LayerSpec, flat: bool) -> int:
     kind = spec.kind
     if kind == "conv":
         if spec.kernel_size == 3 and spec.padding == "same":
-            return graph.add_conv3x3(spec.units, spec.activation, spec.negative_slope)
-        return graph.add_conv(spec.kernel_size, spec.units, spec.padding, spec.activation, spec.negative_slope)
+            return graph.add_conv3x3(spec.units, **_core_activation(spec))
+        return graph.add_conv(spec.kernel_size, spec.units, spec.padding, **_core_activation(spec))
     if kind == "max_pool" and spec.padding == "valid":
         return graph.add_max_pool2x2()
     if kind in ("max_pool", "avg_pool"):
@@ -465,7 +474,7 @@ def _add_op(graph, spec: LayerSpec, flat: bool) -> int:
         return graph.add_global_pool(spec.pool_mode)
     if kind == "dense":
         if flat:
-            return graph.add_dense(int(spec.input_shape[-1]), spec.units, spec.activation, spec.negative_slope)
+            return graph.add_dense(int(spec.input_shape[-1]), spec.units, **_core_activation(spec))
         # Keras's Dense on an image (no Flatten or global pooling before it): the same matrix on
         # every pixel, which is a 1x1 convolution; its kernel is stored as (1, 1, in, units).
         if spec.activation == "softmax":
@@ -475,11 +484,15 @@ def _add_op(graph, spec: LayerSpec, flat: bool) -> int:
                 f"layer {spec.name!r} (Dense) applies softmax to an image of shape {spec.input_shape}; fastvgg applies "
                 "softmax to flat (batch, features) rows only: put a Flatten or global pooling before it."
             )
-        return graph.add_conv(1, spec.units, "same", spec.activation, spec.negative_slope)
+        return graph.add_conv(1, spec.units, "same", **_core_activation(spec))
     if kind == "affine":
         return graph.add_affine(int(spec.output_shape[-1]))
+    if kind == "prelu":
+        from .keras_model import prelu_alpha_extent
+
+        return graph.add_prelu(int(spec.output_shape[-1]), *prelu_alpha_extent(spec))
     if kind == "activation":
-        return graph.add_activation(spec.activation, spec.negative_slope)
+        return graph.add_activation(**_core_activation(spec))
     if kind == "l2_normalize":
         return graph.add_l2_normalize(spec.max_inverse_norm)
     if kind == "reverse_channels":  # done to the input before the core runs (_reverse_channels_on_input)
@@ -535,8 +548,8 @@ class _SpecLayer:
 
 
 class LoadedLayer(_SpecLayer, Layer):
-    """A layer without kernel: pooling, flatten, activation, identity, or a per-channel affine
-    map (BatchNormalization, Rescaling, Normalization) whose Keras weights it keeps."""
+    """A layer without kernel: pooling, flatten, activation, identity, a per-channel affine map
+    (BatchNormalization, Rescaling, Normalization) or a PReLU, whose Keras weights it keeps."""
 
     def __init__(self, spec: LayerSpec) -> None:
         self._init_from_spec(spec)
@@ -544,6 +557,8 @@ class LoadedLayer(_SpecLayer, Layer):
             self.activation = spec.activation
             if spec.activation == "leaky_relu":
                 self.negative_slope = spec.negative_slope  # Keras 3's name (tf.keras: alpha)
+            if spec.activation == "clipped_relu":  # a ReLU layer's numbers, by Keras's names
+                self.negative_slope, self.max_value, self.threshold = spec.negative_slope, spec.max_value, spec.threshold
 
     def get_weights(self) -> List[np.ndarray]:
         return [np.array(w, dtype=np.float32) for w in self._spec.weights]
@@ -551,15 +566,25 @@ class LoadedLayer(_SpecLayer, Layer):
     def _load_from_spec(self) -> None:
         if self._spec.kind == "affine":
             self._set_affine()
+        elif self._spec.kind == "prelu":
+            self._set_prelu()
 
     def _set_affine(self) -> None:
         self._executor.set_affine(self._index, self._spec.scale, self._spec.shift)
+
+    def _set_prelu(self) -> None:
+        from .keras_model import prelu_alpha
+
+        self._executor.set_prelu(self._index, prelu_alpha(self._spec))
 
     def _assign(self, *arrays) -> None:
         from .keras_model import _set_batch_norm, _set_normalization
 
         spec = self._spec
         spec.weights = [_float32(a[()], self.name).reshape(s) for a, s in zip(arrays, spec.weight_shapes)]
+        if spec.kind == "prelu":
+            self._set_prelu()
+            return
         if spec.class_name == "BatchNormalization":
             _set_batch_norm(spec)
         elif spec.class_name == "Normalization":

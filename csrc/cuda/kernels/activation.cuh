@@ -1,5 +1,6 @@
 // Keras's element-wise activations (sigmoid, tanh, elu, selu, gelu, swish, softplus, leaky
-// relu, and relu on its own) as one pass over a tensor: an `Activation` layer, or a convolution's or dense
+// relu, clipped relu, softsign, exponential, mish, the hard sigmoids and hard silu, and relu on
+// its own) as one pass over a tensor: an `Activation` layer, or a convolution's or dense
 // layer's activation that its GEMM epilogue does not apply.
 //
 // Why a pass of its own rather than the epilogue: these activations occur in fine-tuned heads,
@@ -18,6 +19,8 @@
 // here is compiled with fast-math. NaN stays NaN.
 #pragma once
 
+#include <cmath>  // INFINITY
+
 #include "common.cuh"
 
 namespace fastvgg::cuda {
@@ -27,8 +30,41 @@ constexpr float kSeluScale = float(1.0507009873554804934193349852946);
 constexpr float kSeluScaleAlpha = float(1.0507009873554804934193349852946 * 1.6732632423543772848170429916717);
 constexpr float kSqrtHalf = float(0.70710678118654752440084436210485);
 
-// negative_slope: kLeakyRelu's; the other activations ignore it.
-__device__ __forceinline__ float keras_activation(float x, int activation, float negative_slope) {
+// The numbers of the activations that take some (csrc/kernels.h's ActivationParams).
+struct ActivationNumbers {
+  float negative_slope = 0.0f;  // kLeakyRelu's and kClippedRelu's
+  float max_value = INFINITY;   // kClippedRelu's cap; infinity: none
+  float threshold = 0.0f;       // kClippedRelu's
+};
+
+// Keras's ReLU(negative_slope, max_value, threshold), step by step as csrc/activation.cpp's
+// clipped_relu: x above the threshold (clipped to [0, max_value] if capped), at or below it
+// 0 - negative_slope * (threshold - x), the product rounded once.
+__device__ __forceinline__ float clipped_relu(float x, const ActivationNumbers& p) {
+  if (x != x) return x;  // NaN stays NaN
+  float passed = x > p.threshold ? x : 0.0f;
+  if (p.max_value < INFINITY) passed = passed < 0.0f ? 0.0f : (passed > p.max_value ? p.max_value : passed);
+  if (p.negative_slope == 0.0f || x > p.threshold) return passed;
+  return passed - p.negative_slope * (p.threshold - x);
+}
+
+__device__ __forceinline__ float softplus(float x) { return (x < 0.0f ? 0.0f : x) + log1pf(expf(-fabsf(x))); }
+
+// Keras 3's relu6(x + 3) / 6 in its float32 steps (NaN stays NaN).
+__device__ __forceinline__ float hard_sigmoid(float x) {
+  const float shifted = x + 3.0f;
+  return (shifted < 0.0f ? 0.0f : shifted > 6.0f ? 6.0f : shifted) / 6.0f;
+}
+
+// tf.keras's clip(x * 0.2 + 0.5, 0, 1): __fmul_rn keeps the product from being fused with the
+// sum (nvcc contracts a * b + c into one fma by default; TensorFlow rounds twice).
+__device__ __forceinline__ float hard_sigmoid_keras2(float x) {
+  const float y = __fmul_rn(x, 0.2f) + 0.5f;
+  return y < 0.0f ? 0.0f : y > 1.0f ? 1.0f : y;
+}
+
+// numbers: kLeakyRelu's and kClippedRelu's; the other activations ignore them.
+__device__ __forceinline__ float keras_activation(float x, int activation, const ActivationNumbers& numbers) {
   switch (activation) {
     case kRelu: return x < 0.0f ? 0.0f : x;  // keeps NaN
     case kSigmoid: return 1.0f / (1.0f + expf(-x));
@@ -37,8 +73,15 @@ __device__ __forceinline__ float keras_activation(float x, int activation, float
     case kSelu: return x > 0.0f ? kSeluScale * x : kSeluScaleAlpha * expm1f(x);
     case kGelu: return 0.5f * x * erfcf(-x * kSqrtHalf);
     case kSwish: return x / (1.0f + expf(-x));
-    case kSoftplus: return (x < 0.0f ? 0.0f : x) + log1pf(expf(-fabsf(x)));
-    case kLeakyRelu: return x < 0.0f ? negative_slope * x : x;  // one rounded product; keeps NaN
+    case kSoftplus: return softplus(x);
+    case kLeakyRelu: return x < 0.0f ? numbers.negative_slope * x : x;  // one rounded product; keeps NaN
+    case kClippedRelu: return clipped_relu(x, numbers);
+    case kSoftsign: return x / (1.0f + fabsf(x));
+    case kExponential: return expf(x);
+    case kMish: return x * tanhf(softplus(x));
+    case kHardSigmoid: return hard_sigmoid(x);
+    case kHardSigmoidKeras2: return hard_sigmoid_keras2(x);
+    case kHardSilu: return x * hard_sigmoid(x);
     default: return x;  // kLinear; softmax is not element-wise (softmax.cuh)
   }
 }
@@ -60,14 +103,14 @@ struct ActivationProblem {
   float* output;       // [count]
   long long count;
   int activation;      // ActivationCode other than kSoftmax
-  float negative_slope = 0.0f;  // kLeakyRelu's
+  ActivationNumbers numbers = {};  // kLeakyRelu's and kClippedRelu's
 };
 
 // Consecutive threads take consecutive elements (coalesced).
 __global__ void __launch_bounds__(kElementwiseThreads) activation_kernel(ActivationProblem p) {
   const long long stride = static_cast<long long>(gridDim.x) * kElementwiseThreads;
   for (long long i = static_cast<long long>(blockIdx.x) * kElementwiseThreads + threadIdx.x; i < p.count; i += stride)
-    p.output[i] = keras_activation(p.input[i], p.activation, p.negative_slope);
+    p.output[i] = keras_activation(p.input[i], p.activation, p.numbers);
 }
 
 inline LaunchGeometry activation_geometry(const ActivationProblem& p, long long max_blocks = kMaxElementwiseBlocks) {

@@ -32,8 +32,15 @@ enum ActivationCode : int {
   kSoftplus = 9,
   kLeakyRelu = 10,  // x < 0 ? negative_slope * x : x, the op's slope (activation.cuh)
   kL2Normalize = 11,  // UnitNormalization: row * min(1 / ||row||, the op's max_inverse_norm) (softmax.cuh)
+  kClippedRelu = 12,  // Keras's ReLU with a max_value or threshold, the op's numbers (activation.cuh)
+  kSoftsign = 13,
+  kExponential = 14,
+  kMish = 15,
+  kHardSigmoid = 16,        // Keras 3's relu6(x + 3) / 6
+  kHardSigmoidKeras2 = 17,  // tf.keras's clip(0.2 x + 0.5, 0, 1)
+  kHardSilu = 18,           // Keras 3's x * hard_sigmoid(x)
 };
-constexpr int kActivationCount = 12;
+constexpr int kActivationCount = 19;
 
 // The epilogues' activation: ReLU that keeps NaN (x < 0 is false for NaN), as the CPU kernels
 // do, or the identity.
