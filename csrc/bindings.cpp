@@ -376,6 +376,8 @@ py::dict describe_op(const Op& op) {
   d["threshold"] = op.threshold;
   d["alpha_height"] = op.alpha_height;
   d["alpha_width"] = op.alpha_width;
+  d["size_height"] = op.size_height;
+  d["size_width"] = op.size_width;
   return d;
 }
 
@@ -487,8 +489,8 @@ PYBIND11_MODULE(_core, m) {
         for (const Op& op : g.ops()) ops.append(describe_op(op));
         return ops;
       }, "One dict per op: kind, in_channels, out_channels, activation, pool_mode, kernel_size, padding, on_image, "
-         "negative_slope, max_inverse_norm, threshold, alpha_height, alpha_width, and max_value where clipped_relu has "
-         "a cap.");
+         "negative_slope, max_inverse_norm, threshold, alpha_height, alpha_width, size_height, size_width, and "
+         "max_value where clipped_relu has a cap.");
 
   py::class_<WeightsUpdate>(m, "WeightsUpdate", "Context manager from CpuExecutor.updating().")
       .def("__enter__", [](WeightsUpdate& u) { u.enter(); return &u; }, py::return_value_policy::reference)

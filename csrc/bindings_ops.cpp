@@ -70,6 +70,25 @@ FloatArray per_image(const KernelTable& k, const FloatArray& x, const Nhwc& s, i
   return y;
 }
 
+// A shape-changing op that keeps the channels: its reference twin on NHWC arrays (isa
+// "reference"), or `fast` on every image in the blocked layout of that ISA; NHWC out_h x out_w.
+template <typename Reference, typename Fast>
+FloatArray reference_or_blocked(const FloatArray& x, const Nhwc& s, int out_h, int out_w, const std::string& isa,
+                                Reference reference, Fast fast) {
+  const KernelTable* k = table_or_null(isa);
+  if (!k) {
+    FloatArray y(std::vector<py::ssize_t>{s.n, out_h, out_w, s.c});
+    const float* xp = x.data();
+    float* yp = y.mutable_data();
+    py::gil_scoped_release release;
+    reference(xp, yp);
+    return y;
+  }
+  const OpsTable& ops = ops_for(*k);
+  return per_image(*k, x, s, out_h, out_w, s.c,
+                   [&](const BlockedImage& in, const BlockedImage& out) { fast(ops, in, out); });
+}
+
 FloatArray test_conv(const FloatArray& x, const FloatArray& kernel, std::optional<FloatArray> bias,
                      const std::string& padding, bool relu, const std::string& isa, const std::string& algorithm) {
   const Nhwc s = nhwc_of(x);
@@ -132,18 +151,9 @@ FloatArray test_pool2x2(const FloatArray& x, const std::string& mode, const std:
   const int out_h = same ? (s.h + 1) / 2 : s.h / 2, out_w = same ? (s.w + 1) / 2 : s.w / 2;
   if (out_h < 1 || out_w < 1) throw py::value_error("'valid' 2x2 pooling needs at least 2x2 pixels");
   const GlobalPoolMode m = mode == "avg" ? GlobalPoolMode::Average : GlobalPoolMode::Max;
-  const KernelTable* k = table_or_null(isa);
-  if (!k) {
-    FloatArray y(std::vector<py::ssize_t>{s.n, out_h, out_w, s.c});
-    const float* xp = x.data();
-    float* yp = y.mutable_data();
-    py::gil_scoped_release release;
-    reference::pool2x2(xp, s.n, s.h, s.w, s.c, m, same, yp);
-    return y;
-  }
-  const OpsTable& ops = ops_for(*k);
-  return per_image(*k, x, s, out_h, out_w, s.c,
-                   [&](const BlockedImage& in, const BlockedImage& out) { ops.pool2x2(in, m, out, threads()); });
+  return reference_or_blocked(
+      x, s, out_h, out_w, isa, [&](const float* xp, float* yp) { reference::pool2x2(xp, s.n, s.h, s.w, s.c, m, same, yp); },
+      [&](const OpsTable& ops, const BlockedImage& in, const BlockedImage& out) { ops.pool2x2(in, m, out, threads()); });
 }
 
 FloatArray test_affine(const FloatArray& x, const FloatArray& scale, const FloatArray& shift, const std::string& isa) {
@@ -215,6 +225,18 @@ FloatArray test_prelu(const FloatArray& x, const FloatArray& alpha, const std::s
     std::copy(in.data, in.data + in.size(), out.data);
     ops.prelu_blocked(out, blocked.data(), ah, aw, threads());
   });
+}
+
+FloatArray test_upsample(const FloatArray& x, int size_height, int size_width, const std::string& isa) {
+  const Nhwc s = nhwc_of(x);
+  if (size_height < 1 || size_width < 1 || size_height > (1 << 10) || size_width > (1 << 10))
+    throw py::value_error("size_height and size_width must be in [1, 1024]");
+  return reference_or_blocked(
+      x, s, s.h * size_height, s.w * size_width, isa,
+      [&](const float* xp, float* yp) { reference::upsample_nearest(xp, s.n, s.h, s.w, s.c, size_height, size_width, yp); },
+      [&](const OpsTable& ops, const BlockedImage& in, const BlockedImage& out) {
+        ops.upsample_nearest(in, size_height, size_width, out, threads());
+      });
 }
 
 FloatArray test_activation(const FloatArray& x, const std::string& name, const std::string& isa, float negative_slope,
@@ -303,6 +325,8 @@ void register_ops(py::module_& m, py::module_& testing) {
       .def("add_prelu", &Graph::add_prelu, py::arg("channels"), py::arg("alpha_height") = 1, py::arg("alpha_width") = 1,
            "Keras's PReLU, x < 0 ? alpha * x : x, with an alpha of alpha_height x alpha_width x channels: 1 x 1 (one "
            "per channel, or per feature of flat rows), or the image's height or width (one per row or column).")
+      .def("add_upsample", &Graph::add_upsample, py::arg("size_height"), py::arg("size_width"),
+           "Keras's UpSampling2D with interpolation='nearest': each pixel repeated size_height x size_width times.")
       .def("add_l2_normalize", &Graph::add_l2_normalize, py::arg("max_inverse_norm"),
            "Keras's UnitNormalization on flat rows: each row times min(1 / ||row||, max_inverse_norm).");
 
@@ -357,6 +381,8 @@ void register_ops(py::module_& m, py::module_& testing) {
               py::arg("max_value") = py::none(), py::arg("threshold") = 0.0f,
               "An element-wise activation on flat values, or on NHWC images (4-D, blocked layout); negative_slope "
               "is leaky_relu's and clipped_relu's, max_value (None: no cap) and threshold clipped_relu's.");
+  testing.def("upsample", &test_upsample, py::arg("x"), py::arg("size_height"), py::arg("size_width"), py::arg("isa"),
+              "Keras's nearest-neighbour UpSampling2D of NHWC images (blocked layout; 'reference' for the twin).");
   testing.def("prelu", &test_prelu, py::arg("x"), py::arg("alpha"), py::arg("isa"),
               "Keras's PReLU on rows (2-D) or NHWC images (4-D, blocked layout); alpha (1 or height, 1 or width, "
               "channels).");

@@ -838,6 +838,8 @@ bool CpuExecutor::run_spatial_op(const SpatialRun& run, int i, BlockedImage& cur
     run.ops_table.crop_border(uncropped, next, threads);
   } else if (op.kind == OpKind::Pool2x2) {
     run.ops_table.pool2x2(current, op.pool_mode, next, threads);
+  } else if (op.kind == OpKind::Upsample) {
+    run.ops_table.upsample_nearest(current, op.size_height, op.size_width, next, threads);
   } else {
     run.kernels.max_pool2x2(current, next, threads);
   }

@@ -31,10 +31,11 @@ const char* op_kind_name(OpKind kind) {
     case OpKind::Affine: return "affine";
     case OpKind::Elementwise: return "activation";
     case OpKind::PRelu: return "prelu";
+    case OpKind::Upsample: return "upsample";
   }
   return "?";
 }
-static_assert(kOpKindCount == 10, "op_kind_name and parse_op_kind list every OpKind");
+static_assert(kOpKindCount == 11, "op_kind_name and parse_op_kind list every OpKind");
 
 const char* activation_name(Activation activation) {
   switch (activation) {
@@ -69,7 +70,7 @@ OpKind parse_op_kind(const std::string& name) {
     if (name == op_kind_name(OpKind(k))) return OpKind(k);
   throw std::invalid_argument("unknown op kind '" + name +
                               "'; expected 'conv3x3', 'max_pool2x2', 'flatten', 'global_pool', 'dense', 'conv', "
-                              "'pool2x2', 'affine', 'activation' or 'prelu'");
+                              "'pool2x2', 'affine', 'activation', 'prelu' or 'upsample'");
 }
 
 Activation parse_activation(const std::string& name) {
@@ -143,7 +144,8 @@ int Graph::append(Op op) {
   const bool flat_so_far = flat();
   if (op.in_place()) op.on_image = !flat_so_far;
   if (op.is_spatial() && flat_so_far)
-    throw std::invalid_argument("a convolution or pooling layer cannot follow a flatten, global pooling or dense layer");
+    throw std::invalid_argument("a convolution, pooling or upsampling layer cannot follow a flatten, global pooling or dense "
+                                "layer");
   if ((op.kind == OpKind::Flatten || op.kind == OpKind::GlobalPool) && flat_so_far)
     throw std::invalid_argument("the network is already flat");
   if (op.kind == OpKind::Dense && !flat_so_far)
@@ -243,6 +245,15 @@ int Graph::add_prelu(int channels, int alpha_height, int alpha_width) {
   return append(op);
 }
 
+int Graph::add_upsample(int size_height, int size_width) {
+  require(positive("size_height", size_height, kMaxSide));
+  require(positive("size_width", size_width, kMaxSide));
+  Op op{OpKind::Upsample};
+  op.size_height = size_height;
+  op.size_width = size_width;
+  return append(op);
+}
+
 int Graph::add_l2_normalize(float max_inverse_norm) {
   if (!std::isfinite(max_inverse_norm) || !(max_inverse_norm > 0.0f))
     throw std::invalid_argument("max_inverse_norm must be a finite number above 0");
@@ -276,6 +287,7 @@ int Graph::add(const Op& op) {
     case OpKind::Pool2x2: return add_pool2x2(op.pool_mode, op.same_padding);
     case OpKind::Affine: return add_affine(op.out_channels);
     case OpKind::PRelu: return add_prelu(op.out_channels, op.alpha_height, op.alpha_width);
+    case OpKind::Upsample: return add_upsample(op.size_height, op.size_width);
     case OpKind::Elementwise:
       return op.activation == Activation::L2Normalize ? add_l2_normalize(op.max_inverse_norm)
                                                        : add_activation(op.activation, op.activation_params());
@@ -326,6 +338,16 @@ std::vector<OpShape> Graph::shapes(int height, int width) const {
                                         " is too small: layer " + std::to_string(i) +
                                         " ('valid' 3x3 convolution) would leave nothing");
         }
+        result.push_back({h, w, c});
+        break;
+      case OpKind::Upsample:
+        // In 64 bits: the product must not wrap around to pass the check.
+        if (static_cast<long long>(h) * op.size_height > kMaxSide || static_cast<long long>(w) * op.size_width > kMaxSide)
+          throw std::invalid_argument("input " + std::to_string(height) + "x" + std::to_string(width) +
+                                      " is too large: upsampling layer " + std::to_string(i) +
+                                      " would make its sides more than " + std::to_string(kMaxSide));
+        h *= op.size_height;
+        w *= op.size_width;
         result.push_back({h, w, c});
         break;
       case OpKind::Pool2x2:

@@ -19,10 +19,11 @@ namespace fastvgg {
 // pooling, or max pooling with 'same' padding; Affine: per-channel x * scale + shift
 // (BatchNormalization, Rescaling, Normalization); Elementwise: an activation on its own; PRelu:
 // Keras's PReLU, x < 0 ? alpha * x : x with a learned alpha per channel, or per pixel and
-// channel (prelu.cpp). The last three work in place, on images or on flat rows, wherever they
-// stand in the chain.
-enum class OpKind { Conv3x3, MaxPool2x2, Flatten, GlobalPool, Dense, Conv, Pool2x2, Affine, Elementwise, PRelu };
-constexpr int kOpKindCount = 10;
+// channel (prelu.cpp); Upsample: Keras's UpSampling2D, nearest, each pixel repeated
+// size_height x size_width times (upsample.cpp). Affine, Elementwise and PRelu work in place,
+// on images or on flat rows, wherever they stand in the chain.
+enum class OpKind { Conv3x3, MaxPool2x2, Flatten, GlobalPool, Dense, Conv, Pool2x2, Affine, Elementwise, PRelu, Upsample };
+constexpr int kOpKindCount = 11;
 // Keras's activations; softmax only on flat rows. LeakyRelu is x < 0 ? negative_slope * x : x
 // with the op's negative_slope (Keras's LeakyReLU layer, ReLU(negative_slope=...) and the
 // "leaky_relu" activation). L2Normalize is Keras's UnitNormalization layer, on flat rows only
@@ -57,6 +58,9 @@ struct Op {
   // Keras's shared_axes makes it) or the image's own, which the graph then requires; 1 on flat rows.
   int alpha_height = 1;
   int alpha_width = 1;
+  // Upsample's factors: each pixel becomes size_height x size_width pixels; 1 for the others.
+  int size_height = 1;
+  int size_width = 1;
 
   ActivationParams activation_params() const { return {negative_slope, max_value, threshold}; }
 
@@ -67,7 +71,7 @@ struct Op {
   bool is_convolution() const { return kind == OpKind::Conv3x3 || kind == OpKind::Conv; }
   bool is_spatial() const {
     return kind == OpKind::Conv3x3 || kind == OpKind::MaxPool2x2 || kind == OpKind::Conv || kind == OpKind::Pool2x2 ||
-           (in_place() && on_image);
+           kind == OpKind::Upsample || (in_place() && on_image);
   }
   // Affine, Elementwise and PRelu overwrite their input instead of writing a new buffer.
   bool in_place() const { return kind == OpKind::Affine || kind == OpKind::Elementwise || kind == OpKind::PRelu; }
@@ -112,6 +116,8 @@ class Graph {
   // Keras's PReLU over `channels` channels (an image's) or features (a flat row's), with an
   // alpha of alpha_height x alpha_width x channels (see Op; both 1 on flat rows).
   int add_prelu(int channels, int alpha_height = 1, int alpha_width = 1);
+  // Keras's UpSampling2D with interpolation="nearest".
+  int add_upsample(int size_height, int size_width);
   // Keras's UnitNormalization on the flat rows (see Activation::L2Normalize).
   int add_l2_normalize(float max_inverse_norm);
   // Appends an op described by its fields (what describe() gives, what other executors rebuild from).

@@ -1,10 +1,10 @@
 // The ops a fine-tuned model's layers need beyond VGG's own: 1x1 and 'valid' 3x3 convolution,
 // 2x2 average pooling and 'same' max pooling, per-channel affine maps (BatchNormalization,
-// Rescaling, Normalization), element-wise activations and PReLU.
+// Rescaling, Normalization), element-wise activations, PReLU and nearest-neighbour upsampling.
 //
 // Like KernelTable, one OpsTable per instruction set, filled from the sources compiled per ISA
-// (conv_general.cpp, pool2x2.cpp, affine.cpp, activation.cpp, prelu.cpp); the plain reference twins work
-// on NHWC arrays and share nothing with the fast ones.
+// (conv_general.cpp, pool2x2.cpp, affine.cpp, activation.cpp, prelu.cpp, upsample.cpp); the plain
+// reference twins work on NHWC arrays and share nothing with the fast ones.
 #pragma once
 
 #include <cstddef>
@@ -54,6 +54,9 @@ struct OpsTable {
   void (*prelu_blocked)(const BlockedImage& image, const float* alphas, int alpha_height, int alpha_width, int threads);
   // In place on `count` rows of `cols` floats, `stride` floats apart; one alpha per column.
   void (*prelu_rows)(float* rows, int count, int cols, std::ptrdiff_t stride, const float* alphas);
+  // Keras's nearest-neighbour UpSampling2D: out is size_height x size_width times in's size.
+  void (*upsample_nearest)(const BlockedImage& in, int size_height, int size_width, const BlockedImage& out,
+                           int threads);
 };
 
 #define FASTVGG_DECLARE_OPS(isa)                                                                         \
@@ -70,6 +73,8 @@ struct OpsTable {
   void prelu_blocked(const BlockedImage& image, const float* alphas, int alpha_height, int alpha_width,  \
                      int threads);                                                                       \
   void prelu_rows(float* rows, int count, int cols, std::ptrdiff_t stride, const float* alphas);         \
+  void upsample_nearest(const BlockedImage& in, int size_height, int size_width, const BlockedImage& out,\
+                        int threads);                                                                    \
   extern const OpsTable ops_table;                                                                       \
   }
 
@@ -94,6 +99,9 @@ void affine(const float* x, std::size_t pixels, int channels, const float* scale
 // alpha of alpha_height x alpha_width x channels, an extent of 1 shared; in double, rounded once.
 void prelu(const float* x, int images, int height, int width, int channels, const float* alpha, int alpha_height,
            int alpha_width, float* y);
+// Keras's nearest-neighbour UpSampling2D on NHWC images.
+void upsample_nearest(const float* x, int images, int height, int width, int channels, int size_height, int size_width,
+                      float* y);
 // Keras's formula, evaluated in double and rounded once.
 void activation(const float* x, std::size_t count, Elementwise f, const ActivationParams& params, float* y);
 }  // namespace reference

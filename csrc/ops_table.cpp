@@ -9,7 +9,7 @@ namespace FASTVGG_ISA {
 
 const OpsTable ops_table = {
     FASTVGG_OPS_STRINGIFY(FASTVGG_ISA), conv1x1, crop_border, pool2x2, affine_blocked, affine_rows, activation_blocked,
-    activation_rows, prelu_blocked, prelu_rows,
+    activation_rows, prelu_blocked, prelu_rows, upsample_nearest,
 };
 
 }  // namespace FASTVGG_ISA

@@ -336,10 +336,8 @@ def _leaf_layers(model):
             yield layer
 
 
-def perturb_and_train(keras, model, seed, low=-2.0, high=2.0):
-    """Every weight off its initial value, then two training steps (which move the
-    BatchNormalization statistics and give the file an optimizer state)."""
-    rng = np.random.default_rng(seed)
+def perturb_weights(model, rng):
+    """Every weight moved off its initial value by a few percent of its layer's scale."""
     for layer in _leaf_layers(model):
         # Keras 3's Normalization computes from its adapted statistics once (finalize_state) and
         # ignores later set_weights until the model is reloaded: leave it as adapted.
@@ -350,6 +348,13 @@ def perturb_and_train(keras, model, seed, low=-2.0, high=2.0):
             scale = 0.05 * (np.abs(w).mean() + 0.1) if w.ndim > 0 else 0.0
             moved.append((w + rng.normal(0, 1, w.shape) * scale).astype(w.dtype))
         layer.set_weights(moved)
+
+
+def perturb_and_train(keras, model, seed, low=-2.0, high=2.0):
+    """Every weight off its initial value, then two training steps (which move the
+    BatchNormalization statistics and give the file an optimizer state)."""
+    rng = np.random.default_rng(seed)
+    perturb_weights(model, rng)
     shape = (4,) + tuple(model.input_shape[1:])
     x = rng.uniform(low, high, shape).astype("float32")
     y = model.predict(x, verbose=0)

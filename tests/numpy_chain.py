@@ -137,6 +137,9 @@ def run_layer(layer, x):
         return layer_activation(pre, layer), pre
     if kind == "activation":
         return layer_activation(x, layer), x
+    if kind == "upsample":  # nearest: each pixel repeated
+        y = np.repeat(np.repeat(x, layer.size[0], axis=1), layer.size[1], axis=2)
+        return y, y
     if kind == "prelu":  # Keras's relu(x) - alpha * relu(-x), alpha broadcast as Keras stores it
         alpha = layer.weights[0].astype(np.float64)
         y = np.maximum(x, 0.0) - alpha * np.maximum(-x, 0.0)

@@ -150,7 +150,7 @@ def test_graph_limits_and_shapes():
     assert graph.describe()[1] == {
         "kind": "conv3x3", "in_channels": 16, "out_channels": 20, "activation": "relu", "pool_mode": "avg",
         "kernel_size": 3, "padding": "same", "on_image": False, "negative_slope": 0.0, "max_inverse_norm": 0.0,
-        "threshold": 0.0, "alpha_height": 1, "alpha_width": 1,
+        "threshold": 0.0, "alpha_height": 1, "alpha_width": 1, "size_height": 1, "size_width": 1,
     }
 
 

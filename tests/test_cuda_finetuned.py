@@ -326,6 +326,36 @@ def test_prelu_alphas_against_the_cpu_executor(backend):
         gpu.forward(random_array(rng, (1, 8, 7, 3)), [3])
 
 
+UPSAMPLED = [
+    ("conv3x3", 6, "relu"),
+    ("upsample", 2, 3),
+    ("conv", 3, 5, "valid", "linear"),
+    ("max_pool2x2",),
+    ("upsample", 1, 2),
+    ("global_pool", "max"),
+    ("dense", 5, 3, "softmax"),
+]
+
+
+def test_upsample_against_the_cpu_executor(backend):
+    """Nearest-neighbour upsampling inside a chain, the next layers reading the larger images:
+    each layer's shape as the CPU graph gives it, and within 2e-5 of the CPU executor (the
+    upsamplings themselves: the same bits from the same input)."""
+    graph = core_graph(UPSAMPLED)
+    weights = random_weights(graph, seed=16)
+    gpu = load(backend.CudaExecutor(graph.describe(), 3), graph, weights)
+    cpu = load(_core.CpuExecutor(graph, "highest"), graph, weights)
+    x = random_array(np.random.default_rng(17), (2, 5, 4, 3))
+    layers = list(range(len(UPSAMPLED)))
+    got, on_cpu = gpu.forward(x, layers), cpu.forward(x, layers)
+    assert [g.shape[1:] for g in got] == graph.output_shapes(5, 4)
+    for index, g, c in zip(layers, got, on_cpu):
+        assert np.linalg.norm(g - c) <= 2e-5 * np.linalg.norm(c) + 1e-30, f"op {index}: {np.abs(g - c).max()}"
+    for index in (1, 4):
+        size = UPSAMPLED[index][1:]
+        np.testing.assert_array_equal(got[index], np.repeat(np.repeat(got[index - 1], size[0], axis=1), size[1], axis=2))
+
+
 UNIT_NORM = [
     ("conv3x3", 6, "relu"),
     ("global_pool", "avg"),
@@ -641,6 +671,9 @@ def test_an_op_the_gpu_cannot_run_names_the_layer(cuda_device):
         ([{"kind": "prelu", "out_channels": 4}], 3, "a prelu of 4 channels cannot follow a layer of 3"),
         ([{"kind": "flatten"}, {"kind": "prelu", "out_channels": 3, "alpha_height": 2}], 3, "1 on flat rows"),
         ([{"kind": "prelu", "out_channels": 3, "alpha_width": 0}], 3, "alpha_height and alpha_width must be 1"),
+        ([{"kind": "upsample", "size_height": 0, "size_width": 2}], 3, "size_height and size_width must be in"),
+        ([{"kind": "flatten"}, {"kind": "upsample", "size_height": 2, "size_width": 2}], 3, "upsampling cannot follow"),
+        ([{"kind": "upsample", "size_height": 2}], 3, "missing 'size_width'"),
         ([{"kind": "conv", "kernel_size": 1, "out_channels": 3, "activation": "softmax"}], 3, "softmax on a convolution"),
         ([{"kind": "flatten"}, {"kind": "pool2x2"}], 3, "pooling cannot follow a flat output"),
         ([{"kind": "flatten"}, {"kind": "conv", "kernel_size": 1, "out_channels": 2}], 3, "convolution cannot follow"),

@@ -206,6 +206,17 @@ def test_clipped_relu_is_the_cpu_kernels_bits(backend, numbers, shape, max_block
     assert_within(y[finite], exact, gamma(2) * np.abs(exact) + 1e-45, f"clipped_relu {numbers}")
 
 
+@pytest.mark.parametrize("shape, size, max_blocks", [((2, 5, 7, 3), (2, 2), 0), ((1, 3, 4, 17), (3, 1), 1),
+                                                     ((1, 1, 1, 33), (1, 4), 2)], ids=str)
+def test_upsample_is_the_cpu_kernels_copy(backend, shape, size, max_blocks):
+    rng = np.random.default_rng([shape[-1], *size])
+    x = random_array(rng, shape)
+    x.reshape(-1)[:2] = [np.nan, -np.inf]
+    y = backend.testing.upsample(x, *size, max_blocks)
+    np.testing.assert_array_equal(y, np.repeat(np.repeat(x, size[0], axis=1), size[1], axis=2))
+    np.testing.assert_array_equal(y, _core.testing.upsample(x, *size, CPU_ISA))
+
+
 @pytest.mark.parametrize("shape, extent, max_blocks", [((2, 5, 7, 3), (1, 1), 0), ((1, 4, 3, 17), (4, 3), 1),
                                                        ((2, 6, 5, 32), (6, 1), 2), ((1, 3, 9, 33), (1, 9), 0),
                                                        ((4, 300), None, 2)], ids=str)

@@ -622,6 +622,46 @@ def test_several_outputs_along_the_chain_load(tmp_path, flavor):
             fastvgg.load_model(_saved(outer, str(tmp_path / "nested_two.keras")))
 
 
+def _unet(keras):
+    """A U-Net-style decoder on a VGG16 encoder: the deepest features upsampled (UpSampling2D,
+    nearest) and concatenated with the encoder's skip connections twice, then a per-pixel
+    sigmoid mask of the input's size."""
+    layers = keras.layers
+    base = keras.applications.VGG16(weights=None, include_top=False, input_shape=(32, 40, 3))
+    x = layers.UpSampling2D()(base.get_layer("block3_conv3").output)  # 8x10 -> 16x20
+    x = layers.Concatenate()([base.get_layer("block2_conv2").output, x])
+    x = layers.Conv2D(16, (3, 3), padding="same", activation="relu")(x)
+    x = layers.UpSampling2D(size=(2, 2))(x)  # 32x40
+    x = layers.Concatenate()([base.get_layer("block1_conv2").output, x])
+    x = layers.Conv2D(8, (3, 3), padding="same", activation="relu")(x)
+    return keras.Model(base.input, layers.Conv2D(1, (1, 1), activation="sigmoid")(x))
+
+
+@pytest.mark.parametrize("flavor, ext", [("keras3", ".keras"), ("keras3", ".h5"), ("tf_keras", ".h5"), ("tf_keras", SAVED_MODEL)])
+def test_unet_decoder_with_upsampling_predicts_as_keras(tmp_path, flavor, ext):
+    keras = _keras(flavor)
+    keras.utils.set_random_seed(3)
+    model = _unet(keras)
+    kf.perturb_weights(model, np.random.default_rng(3))
+    path = str(tmp_path / ("unet" if ext == SAVED_MODEL else "unet" + ext))
+    _saved(model, path, **({"save_format": "tf"} if ext == SAVED_MODEL else {}))
+    x = np.random.default_rng(4).uniform(-2, 2, (2, 32, 40, 3)).astype(np.float32)
+    expected = np.asarray(model.predict(x, verbose=0))
+    loaded = fastvgg.load_model(path)
+    got = loaded.predict(x)
+    assert got.shape == expected.shape == (2, 32, 40, 1)
+    assert np.abs(got - expected).max() <= 1e-5
+    assert expected.std() > 1e-3  # the mask varies: the comparison is not of constants
+    names = [layer.name for layer in loaded.layers if layer.class_name in ("UpSampling2D", "Concatenate", "Conv2D")][-6:]
+    spec = keras_model.read_model(path)
+    outputs = loaded.extract(x, names)
+    reference = numpy_chain.run_chain(spec, x, names)
+    for name in names:
+        assert rel_l2(outputs[name], reference[name]) <= NUMPY_REL_L2["fast"], name
+    up = loaded.get_layer([n for n in names if n.startswith("up_sampling2d")][0])
+    assert up.size == (2, 2) and up.output_shape[1:3] in ((16, 20), (32, 40))
+
+
 def test_unsupported_layer_and_options_are_named(tmp_path):
     def strided(keras):
         return keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3, strides=2, name="strided")])
@@ -647,6 +687,12 @@ def test_unsupported_layer_and_options_are_named(tmp_path):
 
     with pytest.raises(UnsupportedModelError, match="'elu_half' .*alpha=0.5.*default alpha of 1"):
         fastvgg.load_model(_save_keras3(tmp_path, elu_scaled, "elu_half"))
+
+    def bilinear(keras):
+        return keras.Sequential([keras.Input((4, 4, 3)), keras.layers.UpSampling2D(interpolation="bilinear", name="smooth")])
+
+    with pytest.raises(UnsupportedModelError, match="'smooth' \\(UpSampling2D\\) interpolates 'bilinear'.*'nearest' only"):
+        fastvgg.load_model(_save_keras3(tmp_path, bilinear, "bilinear"))
 
     def sparse(keras):
         return keras.Sequential(

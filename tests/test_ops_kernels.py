@@ -417,6 +417,37 @@ def test_libm_activations_are_within_ulps_of_keras(name, flavor):
     assert_within(got, expected, 2 * activation_bound(name, expected), f"{name} against {flavor}")
 
 
+@pytest.mark.parametrize("isa", ISAS + ["reference"])
+@pytest.mark.parametrize("shape, size", [((2, 5, 7, 3), (2, 2)), ((1, 3, 4, 17), (3, 1)), ((1, 1, 1, 33), (1, 4)),
+                                         ((2, 6, 5, 32), (1, 1))], ids=str)
+def test_upsample_repeats_each_pixel(isa, shape, size):
+    """Nearest-neighbour UpSampling2D copies: Keras 3's repeat along rows then columns, bit for
+    bit, NaN and infinities included; the border and padding channels of the blocked output stay
+    zero (the blocked round trip would carry anything else into the next layer's padding)."""
+    rng = np.random.default_rng([shape[-1], *size])
+    x = random_array(rng, shape)
+    x.reshape(-1)[:3] = [np.nan, np.inf, -0.0]
+    got = _core.testing.upsample(x, *size, isa)
+    np.testing.assert_array_equal(got, np.repeat(np.repeat(x, size[0], axis=1), size[1], axis=2))
+
+
+def test_graph_upsample_shapes_and_checks():
+    graph = _core.Graph(3)
+    graph.add_conv(3, 4, "same", "relu")
+    graph.add_upsample(2, 3)
+    graph.add_max_pool2x2()
+    assert graph.output_shapes(5, 4) == [(5, 4, 4), (10, 12, 4), (5, 6, 4)]
+    assert graph.describe()[1]["size_height"] == 2 and graph.describe()[1]["size_width"] == 3
+    with pytest.raises(ValueError, match="too large: upsampling layer 1"):
+        graph.output_shapes(20000, 4)
+    with pytest.raises(ValueError, match="size_width"):
+        graph.add_upsample(2, 0)
+    graph.add_flatten()
+    with pytest.raises(ValueError, match="upsampling layer cannot follow a flatten"):
+        graph.add_upsample(2, 2)
+    assert graph.layer_count == 4
+
+
 def test_graph_takes_clipped_relu_numbers():
     graph = _core.Graph(3)
     graph.add_conv(3, 4, "same", "clipped_relu", max_value=6.0)

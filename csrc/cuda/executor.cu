@@ -14,6 +14,7 @@
 #include "kernels/activation.cuh"
 #include "kernels/affine.cuh"
 #include "kernels/prelu.cuh"
+#include "kernels/upsample.cuh"
 #include "kernels/conv3x3.cuh"
 #include "kernels/dense.cuh"
 #include "kernels/layout.cuh"
@@ -185,6 +186,10 @@ void run_affine(const AffineProblem& p, device::Stream stream, long long max_blo
   if (affine_count(p) > 0) FASTVGG_LAUNCH(affine_kernel, affine_geometry(p, max_blocks), stream, p);
 }
 
+void run_upsample(const UpsampleProblem& p, device::Stream stream, long long max_blocks = 0) {
+  if (upsample_outputs(p) > 0) FASTVGG_LAUNCH(upsample_kernel, upsample_geometry(p, max_blocks), stream, p);
+}
+
 void run_prelu(const PReluProblem& p, device::Stream stream, long long max_blocks = 0) {
   if (p.count > 0) FASTVGG_LAUNCH(prelu_kernel, prelu_geometry(p, max_blocks), stream, p);
 }
@@ -308,6 +313,13 @@ std::vector<OpSpec> validated(int input_channels, std::vector<OpSpec> ops) {
         op.in_channels = channels;
         channels = op.out_channels;
         break;
+      case OpSpec::Kind::Upsample:
+        if (flat) throw std::invalid_argument(where + "an upsampling cannot follow a flat output");
+        if (op.size_height < 1 || op.size_width < 1 || op.size_height > (1 << 15) || op.size_width > (1 << 15))
+          throw std::invalid_argument(where + "size_height and size_width must be in [1, 32768]");
+        if (op.activation != kLinear) throw std::invalid_argument(where + "an upsampling has no activation");
+        op.in_channels = op.out_channels = channels;
+        break;
       case OpSpec::Kind::MaxPool2x2:
       case OpSpec::Kind::Pool2x2:
         if (flat) throw std::invalid_argument(where + "a pooling cannot follow a flat output");
@@ -411,6 +423,13 @@ std::vector<std::vector<int>> Executor::output_shapes(int height, int width) con
           if (h < 1 || w < 1) throw std::invalid_argument(where + "the image is too small for a 'valid' 3x3 convolution");
         }
         c = op.out_channels;
+        shapes.push_back({h, w, c});
+        break;
+      case OpSpec::Kind::Upsample:
+        if (static_cast<long long>(h) * op.size_height > (1 << 15) || static_cast<long long>(w) * op.size_width > (1 << 15))
+          throw std::invalid_argument(where + "the upsampled image would be larger than 32768 pixels a side");
+        h *= op.size_height;
+        w *= op.size_width;
         shapes.push_back({h, w, c});
         break;
       case OpSpec::Kind::MaxPool2x2:
@@ -689,6 +708,10 @@ void Executor::forward(const float* images, int count, int height, int width, co
         run_max_pool2x2(MaxPool2x2Problem{current, out, count, h, w, c}, stream);
         break;
       }
+      case OpSpec::Kind::Upsample: {
+        run_upsample(UpsampleProblem{current, out, count, h, w, c, op.size_height, op.size_width}, stream);
+        break;
+      }
       case OpSpec::Kind::Pool2x2: {
         const std::vector<int>& shape = shapes[std::size_t(i)];
         run_window_pool(Pool2x2Problem{current, out, count, h, w, c, shape[0], shape[1],
@@ -853,6 +876,17 @@ void affine(float* values, long long rows, int channels, const float* scale, con
                   rows, channels};
   run_affine(p, s.stream, max_blocks);
   s.download(values, p.values, count);
+}
+
+void upsample(const float* x, int images, int height, int width, int channels, int size_height, int size_width,
+              float* y, int max_blocks) {
+  Scratch s;
+  UpsampleProblem p{s.upload(x, std::size_t(images) * height * width * channels), nullptr, images, height, width,
+                    channels, size_height, size_width};
+  const std::size_t outputs = std::size_t(upsample_outputs(p));
+  p.output = s.empty(outputs);
+  run_upsample(p, s.stream, max_blocks);
+  s.download(y, p.output, outputs);
 }
 
 void prelu(float* values, long long count, int height, int width, int channels, const float* alpha, int alpha_height,

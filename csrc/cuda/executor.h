@@ -24,7 +24,9 @@ struct OpSpec {
   // Conv3x3: VGG's 3x3 convolution ('same', or 'valid'); Conv: a 1x1 convolution, or a 3x3 one;
   // Pool2x2: 2x2 average pooling, or max pooling with 'same' padding; Affine: per-channel
   // x * scale + shift; Elementwise: an activation on its own. The last two work in place.
-  enum class Kind { Conv3x3, MaxPool2x2, Flatten, GlobalPool, Dense, Conv, Pool2x2, Affine, Elementwise, PRelu } kind;
+  enum class Kind {
+    Conv3x3, MaxPool2x2, Flatten, GlobalPool, Dense, Conv, Pool2x2, Affine, Elementwise, PRelu, Upsample
+  } kind;
   int in_channels = 0;   // conv: input channels; dense: input features; affine: = out_channels
   int out_channels = 0;  // conv: filters; dense: units; affine: channels (on an image) or features
   int activation = 0;    // graph.h's Activation: 0 linear, 1 relu, 2 softmax, 3 sigmoid, 4 tanh,
@@ -41,6 +43,8 @@ struct OpSpec {
   float threshold = 0.0f;  // clipped_relu's, finite; 0 for the others
   int alpha_height = 1;  // PRelu's alpha: 1 (shared) or the image's height; 1 on flat rows
   int alpha_width = 1;   // likewise the width
+  int size_height = 1;   // Upsample's factors (nearest neighbour); 1 for the others
+  int size_width = 1;
 };
 
 struct OutputRequest {
@@ -109,6 +113,9 @@ void pool2x2(const float* x, int images, int height, int width, int channels, in
 // values[r][c] = values[r][c] * scale[c] + shift[c], in place. max_blocks > 0 caps the grid, so
 // that small tensors run the kernels' grid-stride loops too.
 void affine(float* values, long long rows, int channels, const float* scale, const float* shift, int max_blocks = 0);
+// Nearest-neighbour upsampling of NHWC images by size_height x size_width into y.
+void upsample(const float* x, int images, int height, int width, int channels, int size_height, int size_width,
+              float* y, int max_blocks = 0);
 // PReLU in place on `count` values of NHWC images (height x width x channels; 1 x 1 for flat rows).
 void prelu(float* values, long long count, int height, int width, int channels, const float* alpha, int alpha_height,
            int alpha_width, int max_blocks = 0);

@@ -127,6 +127,10 @@ OpSpec parse_op(const py::dict& d, std::size_t index) {
   } else if (kind == "activation") {
     op.kind = OpSpec::Kind::Elementwise;
     op.activation = activation();
+  } else if (kind == "upsample") {
+    op.kind = OpSpec::Kind::Upsample;
+    op.size_height = get_int("size_height");
+    op.size_width = get_int("size_width");
   } else if (kind == "prelu") {
     op.kind = OpSpec::Kind::PRelu;
     op.out_channels = get_int("out_channels");
@@ -135,7 +139,7 @@ OpSpec parse_op(const py::dict& d, std::size_t index) {
   } else {
     throw py::value_error(where + "unsupported kind '" + kind +
                           "'; expected conv3x3, max_pool2x2, flatten, global_pool, dense, conv, pool2x2, affine, "
-                          "activation or prelu");
+                          "activation, prelu or upsample");
   }
   // leaky_relu's slope (describe() lists it for every op: 0 for the others); executor.cu checks it.
   if (d.contains("negative_slope")) {
@@ -337,6 +341,20 @@ FloatArray test_pool2x2(const FloatArray& x, const std::string& mode, const std:
 }
 
 // x * scale + shift along the last axis (rows of features, or NHWC pixels).
+FloatArray test_upsample(const FloatArray& x, int size_height, int size_width, int max_blocks) {
+  if (x.ndim() != 4) throw py::value_error("x must be NHWC");
+  if (size_height < 1 || size_width < 1 || size_height > 1024 || size_width > 1024)
+    throw py::value_error("size_height and size_width must be in [1, 1024]");
+  const int n = checked_int(x.shape(0), "batch"), h = checked_int(x.shape(1), "height"),
+            w = checked_int(x.shape(2), "width"), c = checked_int(x.shape(3), "channels");
+  FloatArray y({py::ssize_t(n), py::ssize_t(h) * size_height, py::ssize_t(w) * size_width, py::ssize_t(c)});
+  const float* xp = x.data();
+  float* yp = y.mutable_data();
+  py::gil_scoped_release release;
+  if (y.size() > 0) fastvgg::cuda::testing::upsample(xp, n, h, w, c, size_height, size_width, yp, max_blocks);
+  return y;
+}
+
 // PReLU on NHWC images (4-D) or rows (2-D); alpha (1 or height, 1 or width, channels).
 FloatArray test_prelu(const FloatArray& x, const FloatArray& alpha, int max_blocks) {
   const bool image = x.ndim() == 4;
@@ -505,6 +523,8 @@ PYBIND11_MODULE(FASTVGG_CUDA_MODULE_NAME, m) {
         "preactivation=True, (output, output before the activation).");
   t.def("pool2x2", &test_pool2x2, py::arg("x"), py::arg("mode"), py::arg("padding"),
         "2x2 stride-2 pooling, 'avg' or 'max', Keras's 'valid' or 'same'.");
+  t.def("upsample", &test_upsample, py::arg("x"), py::arg("size_height"), py::arg("size_width"),
+        py::arg("max_blocks") = 0, "Nearest-neighbour upsampling of NHWC images; max_blocks as for affine().");
   t.def("prelu", &test_prelu, py::arg("x"), py::arg("alpha"), py::arg("max_blocks") = 0,
         "PReLU on NHWC images (4-D) or rows (2-D); alpha (1 or height, 1 or width, channels); max_blocks as for affine().");
   t.def("affine", &test_affine, py::arg("x"), py::arg("scale"), py::arg("shift"), py::arg("max_blocks") = 0,

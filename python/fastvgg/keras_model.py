@@ -92,6 +92,7 @@ SUPPORTED_LAYERS = (
     "PReLU",
     "ELU",
     "ThresholdedReLU",
+    "UpSampling2D",
     "Softmax",
     "ZeroPadding2D",
     "Reshape",
@@ -156,7 +157,8 @@ class LayerSpec:
     ``kind`` is one of: "input", "conv", "max_pool", "avg_pool", "flatten", "global_pool",
     "dense", "affine" (per-channel scale and shift: BatchNormalization, Rescaling,
     Normalization; also preprocess_input's means and other arithmetic with constants),
-    "activation", "prelu" (Keras's PReLU, its alpha in ``weights``), "identity",
+    "activation", "prelu" (Keras's PReLU, its alpha in ``weights``), "upsample" (UpSampling2D,
+    nearest), "identity",
     "reverse_channels" (preprocess_input's x[..., ::-1], on the model's input only),
     "zero_pad" (ZeroPadding2D; only as the border of the 'valid' 3x3 convolution after it,
     where _fold_zero_padding turns the pair into one 'same' convolution),
@@ -183,6 +185,7 @@ class LayerSpec:
     reverses_input: bool = False  # a Lambda(preprocess_input): the input's channels reversed, then this affine map
     pool_mode: str = "avg"  # global_pool
     keepdims: bool = False
+    size: Tuple[int, int] = (1, 1)  # upsample: UpSampling2D's factors (rows, columns)
     pad: Tuple[int, int, int, int] = (0, 0, 0, 0)  # zero_pad: top, bottom, left, right
     # A ZeroPadding2D folded into the convolution named here: fastvgg never computes its output.
     folded_into: str = ""
@@ -1174,6 +1177,18 @@ def _spec(layer: dict, shape: Shape, path: str) -> LayerSpec:
         spec.output_shape = (_pooled(h, padding), _pooled(w, padding), c)
         if 0 in spec.output_shape[:2]:
             refuse(f"pools a {h}x{w} input to nothing.")
+        return spec
+    if class_name == "UpSampling2D":
+        need_spatial()
+        size = _pair(config.get("size", 2), name, "size", path)
+        if not all(1 <= factor <= 4096 for factor in size):
+            refuse(f"has size {size}; expected factors from 1 to 4096.")
+        interpolation = config.get("interpolation", "nearest")
+        if interpolation != "nearest":
+            refuse(f"interpolates {interpolation!r}; fastvgg upsamples with interpolation='nearest' only.")
+        spec.kind, spec.size = "upsample", size
+        h, w, c = shape
+        spec.output_shape = (None if h is None else h * size[0], None if w is None else w * size[1], c)
         return spec
     if class_name == "UnitNormalization":
         axis = config.get("axis", -1)

@@ -487,6 +487,8 @@ def _add_op(graph, spec: LayerSpec, flat: bool) -> int:
         return graph.add_conv(1, spec.units, "same", **_core_activation(spec))
     if kind == "affine":
         return graph.add_affine(int(spec.output_shape[-1]))
+    if kind == "upsample":
+        return graph.add_upsample(*spec.size)
     if kind == "prelu":
         from .keras_model import prelu_alpha_extent
 
@@ -559,6 +561,8 @@ class LoadedLayer(_SpecLayer, Layer):
                 self.negative_slope = spec.negative_slope  # Keras 3's name (tf.keras: alpha)
             if spec.activation == "clipped_relu":  # a ReLU layer's numbers, by Keras's names
                 self.negative_slope, self.max_value, self.threshold = spec.negative_slope, spec.max_value, spec.threshold
+        if spec.kind == "upsample":  # UpSampling2D's, by Keras's names
+            self.size, self.interpolation = tuple(spec.size), "nearest"
 
     def get_weights(self) -> List[np.ndarray]:
         return [np.array(w, dtype=np.float32) for w in self._spec.weights]
