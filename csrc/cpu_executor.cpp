@@ -161,8 +161,8 @@ Elementwise elementwise_of(Activation a) {
   }
 }
 
-// Whether an op's activation runs as a pass of its own (the kernels fuse only ReLU; softmax
-// and l2_normalize run on the flat rows).
+// Whether an op's activation runs as an element-wise pass of its own (the kernels fuse only
+// ReLU; softmax runs over rows or pixels, l2_normalize over rows).
 bool activation_pass(Activation a) {
   return a != Activation::Linear && a != Activation::Relu && a != Activation::Softmax && a != Activation::L2Normalize;
 }
@@ -785,6 +785,8 @@ void CpuExecutor::finish_spatial_op(const SpatialRun& run, int i, const BlockedI
   }
   if (activation_pass(op.activation))
     run.ops_table.activation_blocked(next, elementwise_of(op.activation), op.activation_params(), run.threads);
+  else if (op.activation == Activation::Softmax)
+    softmax_pixels(next, run.threads);
   if (float* dst = run.wanted[std::size_t(i)]) {
     run.kernels.blocked_to_nhwc(next, dst + n * elements);
     if (p.folded()) unfold_nhwc(dst + n * elements, elements, p.fold_scale, p.fold_shift);
@@ -808,6 +810,8 @@ bool CpuExecutor::run_spatial_op(const SpatialRun& run, int i, BlockedImage& cur
     else if (op.kind == OpKind::PRelu)
       run.ops_table.prelu_blocked(current, static_cast<const float*>(p.packed.data()), op.alpha_height, op.alpha_width,
                                   threads);
+    else if (op.activation == Activation::Softmax)
+      softmax_pixels(current, threads);
     else if (op.activation != Activation::Linear)
       run.ops_table.activation_blocked(current, elementwise_of(op.activation), op.activation_params(), threads);
     if (float* dst = run.wanted[std::size_t(i)]) run.kernels.blocked_to_nhwc(current, dst + n * shape_elements(shapes[i]));

@@ -6,6 +6,7 @@
 // the depth is cut into blocks that stay in L2 while every row of x passes over them.
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "gemm_microkernel.h"
 #include "kernels.h"
@@ -117,6 +118,23 @@ void softmax_rows(float* y, int rows, int cols, std::ptrdiff_t row_stride) {
     }
     const float scale = float(1.0 / total);
     for (int c = 0; c < cols; ++c) row[c] *= scale;
+  }
+}
+
+void softmax_pixels(const BlockedImage& image, int threads) {
+  const int channels = image.channels;
+#pragma omp parallel num_threads(threads)
+  {
+    // One pixel's channels, gathered from their blocks: a segmentation head's classes, a few
+    // dozen floats, so the copy costs little next to the exponentials.
+    std::vector<float> row(static_cast<std::size_t>(channels));
+#pragma omp for schedule(static)
+    for (int y = 0; y < image.height; ++y)
+      for (int x = 0; x < image.width; ++x) {
+        for (int c = 0; c < channels; ++c) row[std::size_t(c)] = image.at(c / kChannelBlock, y, x)[c % kChannelBlock];
+        softmax_rows(row.data(), 1, channels, channels);
+        for (int c = 0; c < channels; ++c) image.at(c / kChannelBlock, y, x)[c % kChannelBlock] = row[std::size_t(c)];
+      }
   }
 }
 #endif

@@ -150,9 +150,6 @@ int Graph::append(Op op) {
     throw std::invalid_argument("the network is already flat");
   if (op.kind == OpKind::Dense && !flat_so_far)
     throw std::invalid_argument("a dense layer needs a flatten or global pooling layer before it");
-  if (op.activation == Activation::Softmax && !(op.kind == OpKind::Dense || (op.kind == OpKind::Elementwise && !op.on_image)))
-    throw std::invalid_argument("softmax is only supported after a dense layer or on other flat rows (after a flatten or "
-                                "global pooling layer)");
   if (op.activation == Activation::L2Normalize && !(op.kind == OpKind::Elementwise && !op.on_image))
     throw std::invalid_argument("l2_normalize is an op of its own on flat rows (after a flatten or global pooling layer), "
                                 "not a layer's activation or an image's");

@@ -24,7 +24,7 @@ namespace fastvgg {
 // on images or on flat rows, wherever they stand in the chain.
 enum class OpKind { Conv3x3, MaxPool2x2, Flatten, GlobalPool, Dense, Conv, Pool2x2, Affine, Elementwise, PRelu, Upsample };
 constexpr int kOpKindCount = 11;
-// Keras's activations; softmax only on flat rows. LeakyRelu is x < 0 ? negative_slope * x : x
+// Keras's activations; softmax over the last axis (an image's channels, a row's features). LeakyRelu is x < 0 ? negative_slope * x : x
 // with the op's negative_slope (Keras's LeakyReLU layer, ReLU(negative_slope=...) and the
 // "leaky_relu" activation). L2Normalize is Keras's UnitNormalization layer, on flat rows only
 // and only as an op of its own (add_l2_normalize): each row times min(1 / ||row||_2,

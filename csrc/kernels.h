@@ -125,6 +125,10 @@ void dense(const float* x, int rows, int depth, const float* kernel, const float
 
 // Row-wise softmax, max-subtracted so large logits do not overflow.
 void softmax_rows(float* y, int rows, int cols, std::ptrdiff_t row_stride);
+// Softmax over the channels of every pixel of a blocked image, in place (Keras's softmax on an
+// image: its last axis), each pixel as softmax_rows computes a row. The border and padding
+// channels are not touched.
+void softmax_pixels(const BlockedImage& image, int threads);
 // Row-wise L2 normalization (Keras's UnitNormalization): row * min(1 / ||row||, max_inverse_norm).
 void l2_normalize_rows(float* y, int rows, int cols, std::ptrdiff_t row_stride, float max_inverse_norm);
 

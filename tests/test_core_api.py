@@ -120,7 +120,7 @@ def test_weights_for_the_wrong_kind_of_layer_are_refused():
         (lambda g: (g.add_flatten(), g.add_flatten()), "already flat"),
         (lambda g: g.add_conv3x3(0, "relu"), "filters must be between"),
         (lambda g: g.add_conv3x3(2**20, "relu"), "filters must be between"),
-        (lambda g: g.add_conv3x3(4, "softmax"), "only supported after a dense"),
+        (lambda g: g.add_conv3x3(4, "l2_normalize"), "l2_normalize is an op of its own"),
         (lambda g: g.add_conv3x3(4, "sparsemax"), "unknown activation"),
         (lambda g: g.add_global_pool("median"), "unknown pooling mode"),
         (lambda g: g.add_l2_normalize(1e12), "l2_normalize is an op of its own on flat rows"),

@@ -243,7 +243,8 @@ def test_threads_share_one_executor(backend):
     [
         ([{"kind": "conv5x5", "out_channels": 3}], 3, ValueError, "unsupported kind"),
         ([{"kind": "dense", "in_channels": 3, "out_channels": 2}], 3, ValueError, "flat input"),
-        ([{"kind": "conv3x3", "out_channels": 3, "activation": "softmax"}], 3, ValueError, "softmax"),
+        ([{"kind": "conv3x3", "out_channels": 3, "activation": "l2_normalize", "max_inverse_norm": 1.0}], 3, ValueError,
+         "l2_normalize is an op of its own"),
         ([{"kind": "conv3x3", "out_channels": 3, "padding": "causal"}], 3, ValueError, "padding"),
         ([{"kind": "conv3x3"}], 3, ValueError, "missing 'out_channels'"),
         ([{"kind": "flatten"}, {"kind": "flatten"}], 3, ValueError, "already flat"),

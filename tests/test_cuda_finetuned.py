@@ -337,23 +337,54 @@ UPSAMPLED = [
 ]
 
 
+def against_the_cpu_executor(backend, spec, seed, image_shape):
+    """Runs a graph of `spec` with random weights (seed) on a random batch (seed + 1) on the CUDA
+    backend and on the CPU executor, checks every layer within 2e-5 of the CPU's, and returns
+    (graph, CPU executor, batch, the CUDA outputs, the CPU outputs)."""
+    graph = core_graph(spec)
+    weights = random_weights(graph, seed=seed)
+    gpu = load(backend.CudaExecutor(graph.describe(), 3), graph, weights)
+    cpu = load(_core.CpuExecutor(graph, "highest"), graph, weights)
+    x = random_array(np.random.default_rng(seed + 1), image_shape)
+    layers = list(range(len(spec)))
+    got, on_cpu = gpu.forward(x, layers), cpu.forward(x, layers)
+    for index, g, c in zip(layers, got, on_cpu):
+        assert np.linalg.norm(g - c) <= 2e-5 * np.linalg.norm(c) + 1e-30, f"op {index}: {np.abs(g - c).max()}"
+    return graph, cpu, x, got, on_cpu
+
+
 def test_upsample_against_the_cpu_executor(backend):
     """Nearest-neighbour upsampling inside a chain, the next layers reading the larger images:
     each layer's shape as the CPU graph gives it, and within 2e-5 of the CPU executor (the
     upsamplings themselves: the same bits from the same input)."""
-    graph = core_graph(UPSAMPLED)
-    weights = random_weights(graph, seed=16)
-    gpu = load(backend.CudaExecutor(graph.describe(), 3), graph, weights)
-    cpu = load(_core.CpuExecutor(graph, "highest"), graph, weights)
-    x = random_array(np.random.default_rng(17), (2, 5, 4, 3))
-    layers = list(range(len(UPSAMPLED)))
-    got, on_cpu = gpu.forward(x, layers), cpu.forward(x, layers)
+    graph, _, _, got, _ = against_the_cpu_executor(backend, UPSAMPLED, 16, (2, 5, 4, 3))
     assert [g.shape[1:] for g in got] == graph.output_shapes(5, 4)
-    for index, g, c in zip(layers, got, on_cpu):
-        assert np.linalg.norm(g - c) <= 2e-5 * np.linalg.norm(c) + 1e-30, f"op {index}: {np.abs(g - c).max()}"
     for index in (1, 4):
         size = UPSAMPLED[index][1:]
         np.testing.assert_array_equal(got[index], np.repeat(np.repeat(got[index - 1], size[0], axis=1), size[1], axis=2))
+
+
+PIXEL_SOFTMAX = [
+    ("conv3x3", 6, "relu"),
+    ("conv", 1, 5, "same", "softmax"),  # a segmentation head's class probabilities per pixel
+    ("conv3x3", 20, "linear"),
+    ("activation", "softmax"),  # over 20 channels: two blocks of the CPU's layout
+    ("global_pool", "avg"),
+    ("dense", 20, 3, "softmax"),
+]
+
+
+def test_softmax_over_each_pixel_against_the_cpu_executor_and_float64(backend):
+    """Softmax on an image, over each pixel's channels (a convolution's activation, an
+    activation of its own): within 2e-5 of the CPU executor, each pixel's probabilities within a
+    few roundings of the float64 softmax of its inputs, and summing to 1."""
+    _, cpu, x, got, on_cpu = against_the_cpu_executor(backend, PIXEL_SOFTMAX, 18, (2, 7, 6, 3))
+    (pre_conv,) = cpu.forward(x, [1], [True])
+    for outputs in (got, on_cpu):
+        for index, before in ((1, pre_conv), (3, outputs[2])):
+            exact = numpy_chain.activation(before.astype(np.float64), "softmax")
+            np.testing.assert_allclose(outputs[index], exact, rtol=64 * U, atol=1e-30)
+            np.testing.assert_allclose(outputs[index].sum(axis=-1), 1.0, rtol=1e-6)
 
 
 UNIT_NORM = [
@@ -662,7 +693,6 @@ def test_an_op_the_gpu_cannot_run_names_the_layer(cuda_device):
         ([{"kind": "pool2x2", "pool_mode": "min"}], 3, "pool_mode"),
         ([{"kind": "pool2x2", "padding": "full"}], 3, "padding"),
         ([{"kind": "affine", "out_channels": 4}], 3, "4 channels cannot follow a layer of 3"),
-        ([{"kind": "activation", "activation": "softmax"}], 3, "softmax on an image"),
         ([{"kind": "activation", "activation": "sparsemax"}], 3, "unknown activation"),
         ([{"kind": "activation", "activation": "relu", "max_value": 6.0}], 3, "only for clipped_relu"),
         ([{"kind": "activation", "activation": "clipped_relu", "max_value": -1.0}], 3, "max_value must be >= 0"),
@@ -674,7 +704,6 @@ def test_an_op_the_gpu_cannot_run_names_the_layer(cuda_device):
         ([{"kind": "upsample", "size_height": 0, "size_width": 2}], 3, "size_height and size_width must be in"),
         ([{"kind": "flatten"}, {"kind": "upsample", "size_height": 2, "size_width": 2}], 3, "upsampling cannot follow"),
         ([{"kind": "upsample", "size_height": 2}], 3, "missing 'size_width'"),
-        ([{"kind": "conv", "kernel_size": 1, "out_channels": 3, "activation": "softmax"}], 3, "softmax on a convolution"),
         ([{"kind": "flatten"}, {"kind": "pool2x2"}], 3, "pooling cannot follow a flat output"),
         ([{"kind": "flatten"}, {"kind": "conv", "kernel_size": 1, "out_channels": 2}], 3, "convolution cannot follow"),
         ([{"kind": "activation", "activation": "l2_normalize", "max_inverse_norm": 1e12}], 3, "l2_normalize on an image"),

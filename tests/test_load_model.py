@@ -622,10 +622,12 @@ def test_several_outputs_along_the_chain_load(tmp_path, flavor):
             fastvgg.load_model(_saved(outer, str(tmp_path / "nested_two.keras")))
 
 
-def _unet(keras):
+def _unet(keras, head="sigmoid"):
     """A U-Net-style decoder on a VGG16 encoder: the deepest features upsampled (UpSampling2D,
-    nearest) and concatenated with the encoder's skip connections twice, then a per-pixel
-    sigmoid mask of the input's size."""
+    nearest) and concatenated with the encoder's skip connections twice, then a per-pixel head
+    at the input's size: a sigmoid mask, or class probabilities from a softmax over each
+    pixel's channels (on a 1x1 convolution, on a Dense layer applied per pixel, or as a Softmax
+    layer after a 1x1 convolution with a leaky ReLU)."""
     layers = keras.layers
     base = keras.applications.VGG16(weights=None, include_top=False, input_shape=(32, 40, 3))
     x = layers.UpSampling2D()(base.get_layer("block3_conv3").output)  # 8x10 -> 16x20
@@ -634,14 +636,25 @@ def _unet(keras):
     x = layers.UpSampling2D(size=(2, 2))(x)  # 32x40
     x = layers.Concatenate()([base.get_layer("block1_conv2").output, x])
     x = layers.Conv2D(8, (3, 3), padding="same", activation="relu")(x)
-    return keras.Model(base.input, layers.Conv2D(1, (1, 1), activation="sigmoid")(x))
+    if head == "sigmoid":
+        return keras.Model(base.input, layers.Conv2D(1, (1, 1), activation="sigmoid")(x))
+    if head == "conv_softmax":
+        return keras.Model(base.input, layers.Conv2D(3, (1, 1), activation="softmax")(x))
+    if head == "dense_softmax":
+        return keras.Model(base.input, layers.Dense(4, activation="softmax")(x))
+    x = layers.LeakyReLU()(layers.Conv2D(5, (1, 1))(x))
+    return keras.Model(base.input, layers.Softmax()(x))
 
 
-@pytest.mark.parametrize("flavor, ext", [("keras3", ".keras"), ("keras3", ".h5"), ("tf_keras", ".h5"), ("tf_keras", SAVED_MODEL)])
-def test_unet_decoder_with_upsampling_predicts_as_keras(tmp_path, flavor, ext):
+@pytest.mark.parametrize("flavor, ext, head", [("keras3", ".keras", "sigmoid"), ("keras3", ".h5", "sigmoid"),
+                                               ("tf_keras", ".h5", "sigmoid"), ("tf_keras", SAVED_MODEL, "sigmoid"),
+                                               ("keras3", ".keras", "conv_softmax"), ("tf_keras", ".h5", "conv_softmax"),
+                                               ("keras3", ".h5", "dense_softmax"), ("tf_keras", SAVED_MODEL, "dense_softmax"),
+                                               ("keras3", ".keras", "softmax_layer"), ("tf_keras", ".keras", "softmax_layer")])
+def test_unet_decoder_with_upsampling_predicts_as_keras(tmp_path, flavor, ext, head):
     keras = _keras(flavor)
     keras.utils.set_random_seed(3)
-    model = _unet(keras)
+    model = _unet(keras, head)
     kf.perturb_weights(model, np.random.default_rng(3))
     path = str(tmp_path / ("unet" if ext == SAVED_MODEL else "unet" + ext))
     _saved(model, path, **({"save_format": "tf"} if ext == SAVED_MODEL else {}))
@@ -649,10 +662,13 @@ def test_unet_decoder_with_upsampling_predicts_as_keras(tmp_path, flavor, ext):
     expected = np.asarray(model.predict(x, verbose=0))
     loaded = fastvgg.load_model(path)
     got = loaded.predict(x)
-    assert got.shape == expected.shape == (2, 32, 40, 1)
+    assert got.shape == expected.shape and expected.shape[:3] == (2, 32, 40)
     assert np.abs(got - expected).max() <= 1e-5
     assert expected.std() > 1e-3  # the mask varies: the comparison is not of constants
-    names = [layer.name for layer in loaded.layers if layer.class_name in ("UpSampling2D", "Concatenate", "Conv2D")][-6:]
+    if head != "sigmoid":  # probabilities over each pixel's classes
+        np.testing.assert_allclose(got.sum(axis=-1), 1.0, rtol=1e-6)
+    names = [layer.name for layer in loaded.layers
+             if layer.class_name in ("UpSampling2D", "Concatenate", "Conv2D", "Dense", "LeakyReLU", "Softmax")][-7:]
     spec = keras_model.read_model(path)
     outputs = loaded.extract(x, names)
     reference = numpy_chain.run_chain(spec, x, names)
@@ -676,11 +692,11 @@ def test_unsupported_layer_and_options_are_named(tmp_path):
                        match="'per_pixel_norm' of class 'LayerNormalization' is not supported.*Supported layers: InputLayer"):
         fastvgg.load_model(_save_keras3(tmp_path, layer_norm, "layer_norm"))
 
-    def pixel_softmax(keras):
-        return keras.Sequential([keras.Input((4, 4, 3)), keras.layers.Dense(3, activation="softmax", name="per_pixel")])
+    def channel_softmax(keras):
+        return keras.Sequential([keras.Input((4, 4, 3)), keras.layers.Softmax(axis=1, name="over_rows")])
 
-    with pytest.raises(UnsupportedModelError, match="'per_pixel' \\(Dense\\) applies softmax to an image.*Flatten"):
-        fastvgg.load_model(_save_keras3(tmp_path, pixel_softmax, "pixel_softmax"))
+    with pytest.raises(UnsupportedModelError, match="'over_rows' .*softmax over axis 1; only the last axis"):
+        fastvgg.load_model(_save_keras3(tmp_path, channel_softmax, "over_rows"))
 
     def elu_scaled(keras):
         return keras.Sequential([keras.Input((4, 4, 3)), keras.layers.ELU(alpha=0.5, name="elu_half")])

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -305,7 +306,6 @@ std::vector<OpSpec> validated(int input_channels, std::vector<OpSpec> ops) {
       case OpSpec::Kind::Conv:
         if (flat) throw std::invalid_argument(where + "a convolution cannot follow a flat output");
         if (op.out_channels < 1 || op.out_channels > (1 << 16)) throw std::invalid_argument(where + "filters out of range");
-        if (op.activation == kSoftmax) throw std::invalid_argument(where + "softmax on a convolution is not supported");
         if (op.padding != 0 && op.padding != 1) throw std::invalid_argument(where + "padding must be 'same' or 'valid'");
         if (op.kind == OpSpec::Kind::Conv3x3) op.kernel_size = 3;
         if (op.kernel_size != 1 && op.kernel_size != 3) throw std::invalid_argument(where + "kernel_size must be 1 or 3");
@@ -366,9 +366,8 @@ std::vector<OpSpec> validated(int input_channels, std::vector<OpSpec> ops) {
         break;
       case OpSpec::Kind::Elementwise:
         op.on_image = !flat;
-        if (op.on_image && (op.activation == kSoftmax || op.activation == kL2Normalize))
-          throw std::invalid_argument(where + (op.activation == kSoftmax ? "softmax" : "l2_normalize") +
-                                      " on an image is not supported: it applies to flat rows");
+        if (op.on_image && op.activation == kL2Normalize)
+          throw std::invalid_argument(where + "l2_normalize on an image is not supported: it applies to flat rows");
         op.in_channels = op.out_channels = op.on_image ? channels : 0;
         break;
       default:
@@ -645,8 +644,12 @@ void Executor::forward(const float* images, int count, int height, int width, co
   auto activation_pass = [&](int i, const OpSpec& op, float* values, long long rows, int cols) {
     if (op.activation == kLinear) return;
     if (requested(i, true)) deliver(i, true, values);
-    if (op.activation == kSoftmax)
+    if (op.activation == kSoftmax) {
+      // One block a row: a pixel's channels on an image (Keras's softmax over the last axis).
+      if (rows > std::numeric_limits<int>::max())
+        throw std::invalid_argument("softmax over more than 2^31 - 1 rows (pixels of the batch); use smaller batches");
       run_softmax(SoftmaxProblem{values, int(rows), cols}, stream);
+    }
     else if (op.activation == kL2Normalize)
       run_l2_normalize(L2NormalizeProblem{values, int(rows), cols, op.max_inverse_norm}, stream);
     else

@@ -1150,8 +1150,6 @@ def _spec(layer: dict, shape: Shape, path: str) -> LayerSpec:
         spec.padding = "same" if kh == 1 else padding
         spec.use_bias = bool(config.get("use_bias", True))
         _set_activation(spec, _activation(name, config.get("activation"), path))
-        if spec.activation == "softmax":
-            refuse("applies softmax over an image's channels; fastvgg applies softmax to flat (batch, features) outputs only.")
         h, w, c = shape
         if spec.padding == "valid" and kh == 3:
             h, w = (None if h is None else h - 2), (None if w is None else w - 2)
@@ -1322,8 +1320,8 @@ def _spec(layer: dict, shape: Shape, path: str) -> LayerSpec:
         spec.kind, spec.activation = "activation", "softmax"
     else:  # pragma: no cover - every supported class is handled above
         refuse("is not supported.")
-    if spec.activation == "softmax" and len(shape) != 1:
-        refuse(f"applies softmax to an input of shape {shape}; fastvgg applies softmax to flat inputs only.")
+    if spec.activation == "softmax" and len(shape) not in (1, 3):
+        refuse(f"applies softmax to an input of shape {shape}; fastvgg applies it to images and flat rows.")
     return spec
 
 

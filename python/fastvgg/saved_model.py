@@ -477,13 +477,6 @@ def _add_op(graph, spec: LayerSpec, flat: bool) -> int:
             return graph.add_dense(int(spec.input_shape[-1]), spec.units, **_core_activation(spec))
         # Keras's Dense on an image (no Flatten or global pooling before it): the same matrix on
         # every pixel, which is a 1x1 convolution; its kernel is stored as (1, 1, in, units).
-        if spec.activation == "softmax":
-            from .keras_model import UnsupportedModelError
-
-            raise UnsupportedModelError(
-                f"layer {spec.name!r} (Dense) applies softmax to an image of shape {spec.input_shape}; fastvgg applies "
-                "softmax to flat (batch, features) rows only: put a Flatten or global pooling before it."
-            )
         return graph.add_conv(1, spec.units, "same", **_core_activation(spec))
     if kind == "affine":
         return graph.add_affine(int(spec.output_shape[-1]))
