@@ -212,13 +212,9 @@ FloatArray test_prelu(const FloatArray& x, const FloatArray& alpha, const std::s
     }
     return y;
   }
-  // The blocked alpha, as CpuExecutor::set_prelu packs it.
-  std::vector<float> blocked(std::size_t(channel_blocks(c)) * ah * aw * kChannelBlock, 0.0f);
-  for (int i = 0; i < ah; ++i)
-    for (int j = 0; j < aw; ++j)
-      for (int ch = 0; ch < c; ++ch)
-        blocked[((std::size_t(ch / kChannelBlock) * ah + i) * aw + j) * kChannelBlock + ch % kChannelBlock] =
-            alpha.at(i, j, ch);
+  // The alpha packed as the executor packs it.
+  std::vector<float> blocked(prelu_packed_floats(ah, aw, c));
+  pack_prelu_alpha(alpha.data(), ah, aw, c, blocked.data());
   const Nhwc s = nhwc_of(x);
   const OpsTable& ops = ops_for(*k);
   return per_image(*k, x, s, s.h, s.w, s.c, [&](const BlockedImage& in, const BlockedImage& out) {

@@ -134,8 +134,7 @@ std::size_t pointwise_bytes(const Op& op) { return packed_dense_size(op.in_chann
 std::size_t affine_bytes(const Op& op) { return std::size_t(round_up_to_block(op.out_channels)) * sizeof(float); }
 // A prelu's alpha, blocked as [blocks][alpha_height][alpha_width][16] with zero padding channels.
 std::size_t prelu_bytes(const Op& op) {
-  return std::size_t(round_up_to_block(op.out_channels)) * std::size_t(op.alpha_height) * std::size_t(op.alpha_width) *
-         sizeof(float);
+  return prelu_packed_floats(op.alpha_height, op.alpha_width, op.out_channels) * sizeof(float);
 }
 
 // The element-wise kernels' name for an activation.
@@ -417,13 +416,7 @@ void CpuExecutor::set_prelu(int op, const float* alpha) {
   PreparedOp& p = prepared(op, OpKind::PRelu);
   const Op& o = graph_.op(op);
   if (p.packed.is_adopted() || p.packed.bytes() != prelu_bytes(o)) p.packed.allocate(prelu_bytes(o), /*zeroed=*/true);
-  auto* blocked = static_cast<float*>(p.packed.writable());
-  const int channels = o.out_channels;
-  for (int y = 0; y < o.alpha_height; ++y)
-    for (int x = 0; x < o.alpha_width; ++x)
-      for (int c = 0; c < channels; ++c)
-        blocked[((std::size_t(c / kChannelBlock) * o.alpha_height + y) * o.alpha_width + x) * kChannelBlock +
-                c % kChannelBlock] = alpha[(std::size_t(y) * o.alpha_width + x) * channels + c];
+  pack_prelu_alpha(alpha, o.alpha_height, o.alpha_width, o.out_channels, static_cast<float*>(p.packed.writable()));
   p.kernel_loaded = p.bias_loaded = true;  // the bias stays zero: PReLU has none
 }
 
@@ -481,14 +474,7 @@ void CpuExecutor::get_weights(int op, float* kernel, float* bias) const {
     const float* scale = static_cast<const float*>(p.packed.data());
     std::copy(scale, scale + o.out_channels, kernel);
   } else if (o.kind == OpKind::PRelu) {
-    const auto* blocked = static_cast<const float*>(p.packed.data());
-    const int channels = o.out_channels;
-    for (int y = 0; y < o.alpha_height; ++y)
-      for (int x = 0; x < o.alpha_width; ++x)
-        for (int c = 0; c < channels; ++c)
-          kernel[(std::size_t(y) * o.alpha_width + x) * channels + c] =
-              blocked[((std::size_t(c / kChannelBlock) * o.alpha_height + y) * o.alpha_width + x) * kChannelBlock +
-                      c % kChannelBlock];
+    unpack_prelu_alpha(static_cast<const float*>(p.packed.data()), o.alpha_height, o.alpha_width, o.out_channels, kernel);
   } else {
     kernels_->dense.unpack(p.packed.data(), o.in_channels, o.out_channels, kernel, this->threads());
   }

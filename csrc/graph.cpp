@@ -153,11 +153,10 @@ int Graph::append(Op op) {
   if (op.activation == Activation::L2Normalize && !(op.kind == OpKind::Elementwise && !op.on_image))
     throw std::invalid_argument("l2_normalize is an op of its own on flat rows (after a flatten or global pooling layer), "
                                 "not a layer's activation or an image's");
-  if (op.kind == OpKind::Affine && op.out_channels != (op.on_image ? current_channels() : op.out_channels))
-    throw std::invalid_argument("an affine map of " + std::to_string(op.out_channels) + " channels cannot follow a layer of " +
-                                std::to_string(current_channels()) + " channels");
-  if (op.kind == OpKind::PRelu && op.on_image && op.out_channels != current_channels())
-    throw std::invalid_argument("a prelu of " + std::to_string(op.out_channels) + " channels cannot follow a layer of " +
+  // A per-channel op on an image has the image's channels (on flat rows, shapes() checks them).
+  if ((op.kind == OpKind::Affine || op.kind == OpKind::PRelu) && op.on_image && op.out_channels != current_channels())
+    throw std::invalid_argument(std::string(op.kind == OpKind::Affine ? "an affine map" : "a prelu") + " of " +
+                                std::to_string(op.out_channels) + " channels cannot follow a layer of " +
                                 std::to_string(current_channels()) + " channels");
   if (op.kind == OpKind::PRelu && !op.on_image && (op.alpha_height != 1 || op.alpha_width != 1))
     throw std::invalid_argument("a prelu on flat rows has one alpha per feature: alpha_height and alpha_width must be 1");

@@ -82,6 +82,13 @@ FASTVGG_DECLARE_OPS(generic)
 FASTVGG_DECLARE_OPS(avx2)
 FASTVGG_DECLARE_OPS(avx512)
 
+// PReLU's alpha, (alpha_height, alpha_width, channels), to and from the layout prelu_blocked
+// reads: [blocks][alpha_height][alpha_width][16]. pack writes every float of the layout, the
+// padding channels as zeros (so they stay zero), prelu_packed_floats of them.
+std::size_t prelu_packed_floats(int alpha_height, int alpha_width, int channels);
+void pack_prelu_alpha(const float* alpha, int alpha_height, int alpha_width, int channels, float* packed);
+void unpack_prelu_alpha(const float* packed, int alpha_height, int alpha_width, int channels, float* alpha);
+
 // The table of the instruction set a KernelTable was built for (same name).
 const OpsTable& ops_for(const KernelTable& kernels);
 

@@ -46,6 +46,32 @@ void prelu_rows(float* rows, int count, int cols, std::ptrdiff_t stride, const f
 }  // namespace FASTVGG_ISA
 
 #if FASTVGG_ISA_IS_GENERIC
+std::size_t prelu_packed_floats(int alpha_height, int alpha_width, int channels) {
+  return std::size_t(round_up_to_block(channels)) * std::size_t(alpha_height) * std::size_t(alpha_width);
+}
+
+namespace {
+// Where alpha (y, x, c) lives in the packed layout.
+std::size_t packed_index(int y, int x, int c, int alpha_height, int alpha_width) {
+  return ((std::size_t(c / kChannelBlock) * alpha_height + y) * alpha_width + x) * kChannelBlock + c % kChannelBlock;
+}
+}  // namespace
+
+void pack_prelu_alpha(const float* alpha, int alpha_height, int alpha_width, int channels, float* packed) {
+  std::fill(packed, packed + prelu_packed_floats(alpha_height, alpha_width, channels), 0.0f);
+  for (int y = 0; y < alpha_height; ++y)
+    for (int x = 0; x < alpha_width; ++x)
+      for (int c = 0; c < channels; ++c)
+        packed[packed_index(y, x, c, alpha_height, alpha_width)] = alpha[(std::size_t(y) * alpha_width + x) * channels + c];
+}
+
+void unpack_prelu_alpha(const float* packed, int alpha_height, int alpha_width, int channels, float* alpha) {
+  for (int y = 0; y < alpha_height; ++y)
+    for (int x = 0; x < alpha_width; ++x)
+      for (int c = 0; c < channels; ++c)
+        alpha[(std::size_t(y) * alpha_width + x) * channels + c] = packed[packed_index(y, x, c, alpha_height, alpha_width)];
+}
+
 namespace reference {
 
 void prelu(const float* x, int images, int height, int width, int channels, const float* alpha, int alpha_height,

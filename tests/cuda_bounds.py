@@ -28,6 +28,9 @@ LIPSCHITZ = {"linear": 1.0, "relu": 1.0, "sigmoid": 0.25, "tanh": 1.0, "elu": 1.
 # Added to |f(x)| in an activation's own rounding bound: tf.keras's hard sigmoid rounds 0.2 x
 # before adding 0.5, an absolute error where the sum cancels.
 FLOOR = {"hard_sigmoid_keras2": 1.0}
+# An activation's own relative rounding, in units of U (gelu's grows with x, see own_error):
+# a few libm calls each within an ulp or two; mish composes four.
+ULPS = {"mish": 16}
 
 
 def own_error(name, x, slack=0.0):
@@ -36,7 +39,7 @@ def own_error(name, x, slack=0.0):
     x = np.asarray(x, dtype=np.float64)
     if name in ("linear", "relu"):
         return np.zeros_like(x)
-    ulps = 2 * (np.abs(x) + slack) ** 2 + 16 if name == "gelu" else 16 if name == "mish" else 8
+    ulps = 2 * (np.abs(x) + slack) ** 2 + 16 if name == "gelu" else ULPS.get(name, 8)
     return ulps * U * (np.abs(numpy_activation(x, name)) + slack + FLOOR.get(name, 0.0)) + 1e-37
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from cuda_backends import backend  # noqa: F401 (a fixture)
-from cuda_bounds import activated_bound, conv_exact_and_bound, own_error
+from cuda_bounds import ULPS, activated_bound, conv_exact_and_bound, own_error
 from fastvgg import _core
 from kernel_checks import UNIT_ROUNDOFF, assert_within, gamma, random_array
 from numpy_chain import activation as numpy_activation
@@ -172,7 +172,7 @@ def test_activation_extremes_and_nan(backend, name):
     with np.errstate(over="ignore"):  # exp(100) is beyond float32: inf, correctly rounded
         exact32 = exact.astype(np.float32)
     finite = np.isfinite(exact32)
-    np.testing.assert_allclose(got[:-1][finite], exact[finite], rtol=(16 if name == "mish" else 8) * U, atol=1e-37)
+    np.testing.assert_allclose(got[:-1][finite], exact[finite], rtol=ULPS.get(name, 8) * U, atol=1e-37)
     assert np.array_equal(np.isinf(got[:-1]), np.isinf(exact32))
 
 

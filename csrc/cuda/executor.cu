@@ -342,28 +342,23 @@ std::vector<OpSpec> validated(int input_channels, std::vector<OpSpec> ops) {
           throw std::invalid_argument(where + "dense sizes out of range");
         break;
       case OpSpec::Kind::Affine:
+      case OpSpec::Kind::PRelu: {  // per-channel maps, in place
+        const std::string what = op.kind == OpSpec::Kind::Affine ? "an affine map" : "a prelu";
         // The features of flat rows depend on the input size: output_shapes checks them.
         op.on_image = !flat;
         if (op.out_channels < 1 || op.out_channels > kMaxFeatures) throw std::invalid_argument(where + "channels out of range");
         if (op.on_image && op.out_channels != channels)
-          throw std::invalid_argument(where + "an affine map of " + std::to_string(op.out_channels) +
+          throw std::invalid_argument(where + what + " of " + std::to_string(op.out_channels) +
                                       " channels cannot follow a layer of " + std::to_string(channels) + " channels");
-        if (op.activation != kLinear) throw std::invalid_argument(where + "an affine map has no activation");
-        op.in_channels = op.out_channels;
-        break;
-      case OpSpec::Kind::PRelu:
-        op.on_image = !flat;
-        if (op.out_channels < 1 || op.out_channels > kMaxFeatures) throw std::invalid_argument(where + "channels out of range");
-        if (op.on_image && op.out_channels != channels)
-          throw std::invalid_argument(where + "a prelu of " + std::to_string(op.out_channels) +
-                                      " channels cannot follow a layer of " + std::to_string(channels) + " channels");
-        if (op.alpha_height < 1 || op.alpha_width < 1 || op.alpha_height > (1 << 15) || op.alpha_width > (1 << 15) ||
-            (!op.on_image && (op.alpha_height != 1 || op.alpha_width != 1)))
+        if (op.kind == OpSpec::Kind::PRelu &&
+            (op.alpha_height < 1 || op.alpha_width < 1 || op.alpha_height > (1 << 15) || op.alpha_width > (1 << 15) ||
+             (!op.on_image && (op.alpha_height != 1 || op.alpha_width != 1))))
           throw std::invalid_argument(where + "a prelu's alpha_height and alpha_width must be 1 or the image's (1 on "
                                               "flat rows)");
-        if (op.activation != kLinear) throw std::invalid_argument(where + "a prelu has no activation");
+        if (op.activation != kLinear) throw std::invalid_argument(where + what + " has no activation");
         op.in_channels = op.out_channels;
         break;
+      }
       case OpSpec::Kind::Elementwise:
         op.on_image = !flat;
         if (op.on_image && op.activation == kL2Normalize)
