@@ -98,11 +98,14 @@ enum class ConvChoice { None, Direct, Winograd, Pointwise };
 // Winograd's GEMM depth is the input channel count: with 3 channels (block1_conv1) the
 // transforms cost more than they save (bench/conv_layers.py: 1.7-2.1 ms direct against
 // 2.7-4.6 ms Winograd on that layer); from one full channel block on it wins 2-2.8x.
-ConvChoice choose_conv(const Op& op, Precision precision) {
+// bf16: the AVX512_BF16 set's Winograd is F(4x4) with int14 products, chosen from the same depth
+// on; the AMX set has none (its Winograd slot's run is nullptr) and runs every layer directly.
+ConvChoice choose_conv(const Op& op, Precision precision, const KernelTable& kernels) {
   if (!op.is_convolution()) return ConvChoice::None;
   if (op.kernel_size == 1) return ConvChoice::Pointwise;
-  // bf16: the kernel set's Winograd is F(4x4) with int14 products, chosen from the same depth on.
-  return precision != Precision::Highest && op.in_channels >= kChannelBlock ? ConvChoice::Winograd : ConvChoice::Direct;
+  const bool winograd = precision != Precision::Highest && op.in_channels >= kChannelBlock &&
+                        kernels.conv3x3_winograd.run != nullptr;
+  return winograd ? ConvChoice::Winograd : ConvChoice::Direct;
 }
 
 const Conv3x3Method& conv_method(const KernelTable& kernels, ConvChoice choice) {
@@ -237,7 +240,7 @@ CpuExecutor::CpuExecutor(Graph graph, Precision precision, const KernelTable& ke
     : graph_(std::move(graph)), precision_(precision), kernels_(&kernels) {
   for (const Op& op : graph_.ops()) {
     auto p = std::make_unique<PreparedOp>();
-    p->conv = choose_conv(op, precision_);
+    p->conv = choose_conv(op, precision_, kernels);
     if (op.has_weights()) p->bias.resize(std::size_t(round_up_to_block(op.out_channels)));
     prepared_.push_back(std::move(p));
   }
@@ -748,13 +751,13 @@ void unfold_nhwc(float* values, std::size_t count, const std::vector<float>& sca
 }  // namespace
 
 // Layers with weights this large run layer by layer over a chunk of images instead of image by
-// image. Block4/block5's Winograd U (19-38 MB) come from memory on every read; block3's (4.7-9.4
+// image, where their method has a batch form (the Winograd ones, the AMX direct one). Block4/block5's Winograd U (19-38 MB) come from memory on every read; block3's (4.7-9.4
 // MB) fit the L3 but not beside every other layer's, so image by image each image read them from
 // memory once more: run over 8 images at a time, block3_conv2/conv3 took 0.2-0.3 ms less per
 // image (VGG16 fp32, batch 32, 2 threads; 2026-11-29) than with block3 image by image.
 bool CpuExecutor::runs_batched(const Op& op, const PreparedOp& p, const KernelTable& kernels) const {
   constexpr std::size_t kBatchedWeightBytes = std::size_t(4) << 20;
-  return op.is_convolution() && op.same_padding && p.conv == ConvChoice::Winograd &&
+  return op.is_convolution() && op.same_padding && p.conv != ConvChoice::Pointwise &&
          conv_method(kernels, p.conv).run_batch != nullptr && p.packed.bytes() >= kBatchedWeightBytes;
 }
 
@@ -920,14 +923,15 @@ void CpuExecutor::run(const float* images, int count, int height, int width, con
       absorbed[std::size_t(i) + 2] = 1;
     }
   }
-  // A 2x2 max pool right after a Winograd convolution (and what it absorbed) runs inside the
-  // convolution's output transform when no output in between is asked for: the full-size
-  // output never goes through memory (block1_conv2's is 12.8 MB).
+  // A 2x2 max pool right after a convolution whose method pools (the Winograd ones in their
+  // output transform, the AMX one in its epilogue), and what the convolution absorbed, runs
+  // inside it when no output in between is asked for: the full-size output never goes through
+  // memory (block1_conv2's is 12.8 MB).
   std::vector<int> pooled_by(std::size_t(last) + 1, -1);
   for (int i = 0; i < spatial_end; ++i) {
     const Op& op = ops[std::size_t(i)];
     const PreparedOp& p = *prepared_[std::size_t(i)];
-    if (!op.is_convolution() || !op.same_padding || p.conv != ConvChoice::Winograd ||
+    if (!op.is_convolution() || !op.same_padding || p.conv == ConvChoice::Pointwise ||
         conv_method(kernels, p.conv).run_batch_max_pool == nullptr ||
         (op.activation != Activation::Linear && op.activation != Activation::Relu))
       continue;

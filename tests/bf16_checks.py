@@ -8,6 +8,8 @@ from fastvgg import _core
 
 BF16_UNAVAILABLE = _core.testing.bf16_unavailable_reason()
 requires_bf16 = pytest.mark.skipif(bool(BF16_UNAVAILABLE), reason=f"bf16 kernels skipped: {BF16_UNAVAILABLE}")
+AMX_UNAVAILABLE = _core.testing.amx_unavailable_reason()
+requires_amx = pytest.mark.skipif(bool(AMX_UNAVAILABLE), reason=f"AMX kernels skipped: {AMX_UNAVAILABLE}")
 
 
 def bf16_round(a):

@@ -10,14 +10,17 @@ the kernels of _core.testing, layer by layer: fp32 as fastvgg runs it (Winograd 
 convolutions, fp32 dense) against three plans of the bf16 kernel set, every dense layer in bf16:
 "all" (every convolution bf16 direct, the worst case), "late" (block4 and block5 bf16 direct,
 block1-3 fp32 Winograd: bf16 direct weights are 8x smaller than Winograd's U) and "int14"
-(every convolution after the first by Winograd F(4x4) with int14 products, the fastest). Contract, on every image: block5_pool features within 1e-2 relative L2 of fp32, top-1
-identical, top-5 sharing at least 4 classes. The measured figures are printed (pytest -s).
+(every convolution after the first by Winograd F(4x4) with int14 products, the AVX512_BF16
+set's plan) and "amx" (every convolution on AMX tiles, the AMX set's plan: bf16 weights against
+activations carried as two bf16 values, hi + lo; skipped without AMX). Contract, on every image:
+block5_pool features within 1e-2 relative L2 of fp32, top-1 identical, top-5 sharing at least 4
+classes. The measured figures are printed (pytest -s).
 """
 
 import numpy as np
 import pytest
 
-from bf16_checks import requires_bf16
+from bf16_checks import AMX_UNAVAILABLE, requires_bf16
 from fastvgg import _core
 
 pytestmark = requires_bf16
@@ -83,11 +86,13 @@ def softmax(logits):
     return z / z.sum(axis=1, keepdims=True)
 
 
-PLANS = ["fp32", "all", "late", "int14"]
+PLANS = ["fp32", "all", "late", "int14", "amx"]
 
 
 def conv_kernel(plan, block_number, layer_number):
     """Which kernel runs a convolution under a plan."""
+    if plan == "amx":
+        return "bf16 amx"
     if plan == "all" or (plan == "late" and block_number >= 4):
         return "bf16 direct"
     if plan == "int14" and layer_number > 1:
@@ -106,6 +111,8 @@ def forward(x, convs, dense, plan):
             choice = conv_kernel(plan, block_number, layer_number)
             if choice == "bf16 direct":
                 x = testing.conv3x3_bf16(x, kernel, bias, True)
+            elif choice == "bf16 amx":
+                x = testing.conv3x3_bf16_amx(x, kernel, bias, True)
             elif choice == "int14 winograd":
                 x = testing.conv3x3_winograd_int14(x, kernel, bias, True)
             else:
@@ -139,6 +146,8 @@ def fp32_run(network_and_images):
 
 @pytest.fixture(scope="module", params=PLANS[1:])
 def runs(request, network_and_images, fp32_run):
+    if request.param == "amx" and AMX_UNAVAILABLE:
+        pytest.skip(f"AMX kernels skipped: {AMX_UNAVAILABLE}")
     return fp32_run, forward(*network_and_images, request.param), request.param
 
 

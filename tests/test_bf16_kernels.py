@@ -1,4 +1,5 @@
-"""The bf16 kernel set (vdpbf16ps) against its plain twins, on VGG shapes and awkward ones.
+"""The bf16 kernel sets (vdpbf16ps; AMX tiles) against their plain twins, on VGG shapes and
+awkward ones.
 
 The twins round every input and weight to bf16 by the same rule as the hardware and sum the
 products in double. A product of two bf16 values (8-bit significands) is exact in float32, so
@@ -10,13 +11,20 @@ patterns, and against an independent numpy model of it. A kernel that skipped th
 (fp32 products) would be off by ~1e-3 of the magnitude, and each conv test also checks that
 the kernel lies over ten times closer to its bf16 twin than to the unrounded result.
 
-Skipped, with the reason printed, where the CPU lacks AVX512_BF16.
+The AMX convolution (TDPBF16PS) carries each activation as two bf16 values (hi = bf16(x), lo =
+bf16(x - hi)) against bf16 weights: twice the exact products, held to its own twin
+(conv3x3_bf16_split_reference) by the bound for twice the terms. It flushes denormal results to
+zero, which the bound's absolute term (1e-30) covers for these O(1) values. Its batch form and
+its fused 2x2 max pool are bit-identical to image-by-image calls (and a separate pool).
+
+Skipped, with the reason printed, where the CPU lacks AVX512_BF16 (the AMX tests: AMX-BF16 and
+Linux's permission for the tile state).
 """
 
 import numpy as np
 import pytest
 
-from bf16_checks import bf16_round, requires_bf16
+from bf16_checks import bf16_round, requires_amx, requires_bf16
 from fastvgg import _core
 from kernel_checks import UNIT_ROUNDOFF, VGG_CHANNEL_PAIRS, assert_within, conv3x3_float64, gamma, random_array
 
@@ -64,28 +72,43 @@ def test_rounding_odd_lengths_use_the_masked_tail():
     assert np.array_equal(testing.round_to_bf16(values, "hardware"), bf16_round(values))
 
 
-def check_conv(rng, n, h, w, cin, cout, relu):
+def split_bf16(x):
+    """x as the AMX kernel carries it: hi = bf16(x) plus lo = bf16(x - hi), in float64."""
+    hi = bf16_round(x)
+    with np.errstate(invalid="ignore"):
+        lo = np.where(np.isfinite(hi), bf16_round((x - hi).astype(np.float32)), 0.0)
+    return hi.astype(np.float64) + lo
+
+
+def check_conv(rng, n, h, w, cin, cout, relu, conv=None, split=False):
     x = random_array(rng, (n, h, w, cin))
     kernel = random_array(rng, (3, 3, cin, cout))
     bias = random_array(rng, (cout,))
-    xr, kr = bf16_round(x), bf16_round(kernel)
+    xr, kr = (split_bf16(x) if split else bf16_round(x)), bf16_round(kernel)
     exact = conv3x3_float64(xr, kr, bias)
     if relu:
         exact = np.maximum(exact, 0.0)
     magnitude = conv3x3_float64(np.abs(xr), np.abs(kr), np.abs(bias))
-    # 9 taps x channels rounded up to whole pairs, + the bias, each one float32 addition.
-    bound = gamma(9 * (cin + 1) + 2) * magnitude
-    fast = testing.conv3x3_bf16(x, kernel, bias, relu)
-    reference = testing.conv3x3_bf16_reference(x, kernel, bias, relu)
+    # 9 taps x channels rounded up to whole pairs (twice as many terms split), + the bias, each
+    # one float32 addition.
+    bound = gamma((2 if split else 1) * 9 * (cin + 1) + 2) * magnitude
+    fast = (conv or testing.conv3x3_bf16)(x, kernel, bias, relu)
+    twin = testing.conv3x3_bf16_split_reference if split else testing.conv3x3_bf16_reference
+    reference = twin(x, kernel, bias, relu)
     assert fast.shape == (n, h, w, cout) and fast.dtype == np.float32
     assert_within(reference, exact, UNIT_ROUNDOFF * np.abs(exact) + 1e-30, "bf16 reference conv3x3 vs float64")
     assert_within(fast, reference.astype(np.float64), 2 * bound, "bf16 conv3x3 vs its reference")
     # The rounding really happens: the kernel is far closer to the bf16 twin than to float32 products.
-    if cin * cout >= 16:
+    if cin * cout >= 16 and not split:
         unrounded = conv3x3_float64(x, kernel, bias)
         if relu:
             unrounded = np.maximum(unrounded, 0.0)
         assert np.abs(fast - unrounded).max() > 10 * np.abs(fast - reference).max()
+    # Split, the activations keep 16 bits: far closer to the split twin than to bf16 activations.
+    if cin * cout >= 16 and split:
+        single = testing.conv3x3_bf16_reference(x, kernel, bias, relu)
+        assert np.abs(fast - single).max() > 10 * np.abs(fast - reference).max()
+    return x, kernel, bias, fast
 
 
 # The register tile is 14 pixels x 2 blocks of 16 output channels; pairs of input channels.
@@ -130,6 +153,98 @@ def test_conv3x3_bf16_keeps_nan():
     kernel = np.ones((3, 3, 3, 4), np.float32)
     y = testing.conv3x3_bf16(x, kernel, np.zeros(4, np.float32), True)
     assert np.isnan(y[0, 1:4, 1:4]).all() and not np.isnan(y[0, 0]).any()
+
+
+# The AMX tiles: 16 output positions along the padded rows (width + 2) x 16 output channels, 32
+# input channels deep, two of each a step. Widths whose padded rows make the positions end
+# inside a tile pair or on its edge (1, 14, 30), a single pixel, channels around 32 (1, 31, 33,
+# 65: zero padding in the last block of 32), output blocks that leave a lone block (16, 48, 17).
+@pytest.mark.parametrize(
+    "n, h, w, cin, cout",
+    [
+        (1, 7, 13, 3, 5),
+        (3, 13, 7, 17, 33),
+        (2, 1, 1, 32, 16),
+        (1, 2, 14, 31, 48),
+        (1, 6, 30, 33, 64),
+        (1, 5, 28, 1, 1),
+        (2, 4, 16, 64, 17),
+        (1, 3, 43, 65, 96),
+        (1, 14, 14, 96, 32),
+    ],
+)
+@pytest.mark.parametrize("relu", [True, False])
+@requires_amx
+def test_conv3x3_amx_awkward_shapes(n, h, w, cin, cout, relu):
+    rng = np.random.default_rng([n, h, w, cin, cout, 7])
+    x, kernel, bias, fast = check_conv(rng, n, h, w, cin, cout, relu, testing.conv3x3_bf16_amx, split=True)
+    # The batch form (every image with one group's weights before the next group) and the fused
+    # pool compute the same sums in the same order.
+    np.testing.assert_array_equal(testing.conv3x3_bf16_amx(x, kernel, bias, relu, "batch"), fast)
+    if h >= 2 and w >= 2:
+        pooled = testing.conv3x3_bf16_amx(x, kernel, bias, relu, "max_pool")
+        np.testing.assert_array_equal(pooled, testing.max_pool2x2(fast, _core.available_isas()[0]))
+
+
+@pytest.mark.parametrize("cin, cout", VGG_CHANNEL_PAIRS)
+@requires_amx
+def test_conv3x3_amx_vgg_layer_shapes(cin, cout):
+    check_conv(np.random.default_rng([cin, cout, 17]), 1, 7, 15, cin, cout, True, testing.conv3x3_bf16_amx, split=True)
+
+
+@requires_amx
+def test_conv3x3_amx_random_shapes():
+    rng = np.random.default_rng(2027)
+    for _ in range(10):
+        n, h, w = rng.integers(1, 3), rng.integers(1, 18), rng.integers(1, 40)
+        cin, cout = rng.integers(1, 70), rng.integers(1, 70)
+        check_conv(rng, n, h, w, cin, cout, bool(rng.integers(2)), testing.conv3x3_bf16_amx, split=True)
+
+
+@requires_amx
+def test_conv3x3_amx_keeps_nan_infinity_and_the_border():
+    x = np.ones((1, 4, 5, 3), np.float32)
+    x[0, 2, 2, 1] = np.nan
+    x[0, 0, 4, 0] = np.inf
+    kernel = np.ones((3, 3, 3, 4), np.float32)
+    y = testing.conv3x3_bf16_amx(x, kernel, np.zeros(4, np.float32), True)
+    assert np.isnan(y[0, 1:4, 1:4]).all() and not np.isnan(y[0, 0]).any()
+    # An infinite input gives infinite outputs (its lo part is 0, not inf - inf).
+    assert np.isposinf(y[0, 0, 3:5]).all() and np.isposinf(y[0, 1, 4]).all()
+    # The positions on the padded rows' border columns are computed and dropped: a corner output
+    # sums exactly its 4 in-image taps x 3 channels.
+    assert (y[0, 0, 0] == 12.0).all() and (y[0, 3, 4] == 12.0).all()
+    pooled = testing.conv3x3_bf16_amx(x, kernel, np.zeros(4, np.float32), True, "max_pool")
+    assert pooled.shape == (1, 2, 2, 4) and np.isnan(pooled[0, 0, 1]).all() and np.isnan(pooled[0, 1, 1]).all()
+    # The positions on the padded rows' border columns are computed and dropped: a corner output
+    # sums exactly its 4 in-image taps x 3 channels.
+    assert y[0, 0, 0, 0] == 12.0 and y[0, 3, 4, 3] == 12.0
+
+
+@requires_amx
+def test_conv3x3_amx_vgg_batch_with_pool():
+    # block4_conv3's shape at 28x28, 3 images: the batch form runs every image with one
+    # group's weights, the pool the slab of two rows at a time.
+    rng = np.random.default_rng(28)
+    x = random_array(rng, (3, 28, 28, 64))
+    kernel, bias = random_array(rng, (3, 3, 64, 48)), random_array(rng, (48,))
+    image_by_image = testing.conv3x3_bf16_amx(x, kernel, bias, True)
+    np.testing.assert_array_equal(testing.conv3x3_bf16_amx(x, kernel, bias, True, "batch"), image_by_image)
+    np.testing.assert_array_equal(testing.conv3x3_bf16_amx(x, kernel, bias, True, "max_pool"),
+                                  testing.max_pool2x2(image_by_image, _core.available_isas()[0]))
+
+
+@requires_amx
+def test_conv3x3_amx_refuses_an_unknown_form():
+    with pytest.raises(ValueError, match="max_pool"):
+        testing.conv3x3_bf16_amx(np.zeros((1, 4, 4, 3), np.float32), np.zeros((3, 3, 3, 4), np.float32),
+                                 np.zeros(4, np.float32), True, "winograd")
+
+
+@requires_amx
+def test_amx_unpack_returns_the_rounded_weights():
+    kernel = random_array(np.random.default_rng(8), (3, 3, 33, 17))
+    assert np.array_equal(testing.bf16_unpack_roundtrip(kernel, "direct_bf16_amx"), bf16_round(kernel))
 
 
 def check_dense(rng, rows, depth, cols, relu):

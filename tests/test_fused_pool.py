@@ -1,4 +1,5 @@
-"""A 2x2 max pool run inside the Winograd convolution before it.
+"""A 2x2 max pool run inside the convolution before it (the Winograd kernels' output transform,
+the AMX kernel's epilogue).
 
 When nobody asks for the convolution's own output, the executor runs conv + pool as one
 kernel (the output transform pools each tile and writes only the pooled image). Its result
@@ -70,13 +71,20 @@ def test_fused_pool_is_bit_identical_to_conv_then_pool(height, width, activation
     assert np.all(error <= pool_float64(bound)), error.max()
 
 
+BF16_SETS = _core.testing.bf16_kernel_sets() if hasattr(_core.testing, "bf16_kernel_sets") else []
+BF16_CONV = {"avx512_bf16": "winograd_f4x4_int14", "amx_bf16": "direct_bf16_amx"}
+
+
 @requires_bf16
+@pytest.mark.parametrize("kernel_set", BF16_SETS)
 @pytest.mark.parametrize("height, width", SIZES)
-def test_bf16_fused_pool_is_bit_identical_to_conv_then_pool(height, width):
-    # The int14 Winograd kernel of precision="bf16" pools in its output transform too.
+def test_bf16_fused_pool_is_bit_identical_to_conv_then_pool(height, width, kernel_set, monkeypatch):
+    # The int14 Winograd kernel of precision="bf16" pools in its output transform too, the AMX
+    # kernel in its epilogue.
+    monkeypatch.setenv("FASTVGG_BF16_KERNELS", kernel_set)
     graph, conv, pool = conv_pool(24, 40)
     executor, _, _ = loaded(graph, conv, 24, 40, precision="bf16")
-    assert executor.method(conv) == "winograd_f4x4_int14"
+    assert executor.method(conv) == BF16_CONV[kernel_set]
     x = np.random.default_rng(7).standard_normal((2, height, width, 24)).astype(np.float32)
     x[1, 0, 0, 3] = np.nan
     pooled, got_conv = fused_equals_unfused(executor, x, conv, pool)
@@ -112,10 +120,14 @@ def test_the_pool_after_a_folded_normalization_and_relu_fuses_too():
     np.testing.assert_array_equal(pooled, pool_float64(got_relu.astype(np.float64)).astype(np.float32))
 
 
-def test_batched_layers_pool_inside_the_kernel_too():
-    # 512 -> 512 channels: Winograd weights large enough to run batched over the images.
+@pytest.mark.parametrize("precision", ["fast"] + [f"bf16 {name}" for name in BF16_SETS])
+def test_batched_layers_pool_inside_the_kernel_too(precision, monkeypatch):
+    # 512 -> 512 channels: weights large enough to run batched over the images (fp32 and int14
+    # Winograd U, the AMX kernel's 4.7 MB of bf16).
+    if precision != "fast":
+        monkeypatch.setenv("FASTVGG_BF16_KERNELS", precision.split()[1])
     graph, conv, pool = conv_pool(512, 512)
-    executor, _, _ = loaded(graph, conv, 512, 512, seed=4)
+    executor, _, _ = loaded(graph, conv, 512, 512, seed=4, precision=precision.split()[0])
     x = np.random.default_rng(5).standard_normal((3, 7, 9, 512)).astype(np.float32)
     fused, _ = fused_equals_unfused(executor, x, conv, pool)
     for n in range(3):

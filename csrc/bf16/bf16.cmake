@@ -17,5 +17,20 @@ if(FASTVGG_COMPILER_HAS_AVX512BF16)
   target_sources(_core PRIVATE $<TARGET_OBJECTS:kernels_avx512bf16>)
   target_compile_definitions(_core PRIVATE FASTVGG_HAVE_AVX512BF16=1)
 endif()
+# The AMX-BF16 convolution: one more object, with -mamx-tile -mamx-bf16, run only where the CPU
+# reports AMX-TILE and AMX-BF16 and Linux grants the process the tile data state.
+if(FASTVGG_COMPILER_HAS_AVX512BF16)
+  check_cxx_compiler_flag("-mamx-tile -mamx-bf16" FASTVGG_COMPILER_HAS_AMXBF16)
+endif()
+if(FASTVGG_COMPILER_HAS_AMXBF16)
+  add_library(kernels_amxbf16 OBJECT csrc/bf16/conv3x3_amx.cpp)
+  target_compile_options(kernels_amxbf16 PRIVATE ${FASTVGG_OPT} ${FASTVGG_FLAGS_avx512} -mavx512bf16 -mavx512vnni
+                                                 -mamx-tile -mamx-bf16)
+  target_compile_definitions(kernels_amxbf16 PRIVATE FASTVGG_ISA=amxbf16)
+  target_link_libraries(kernels_amxbf16 PRIVATE OpenMP::OpenMP_CXX)
+  target_include_directories(kernels_amxbf16 PRIVATE csrc)
+  target_sources(_core PRIVATE $<TARGET_OBJECTS:kernels_amxbf16>)
+  target_compile_definitions(_core PRIVATE FASTVGG_HAVE_AMXBF16=1)
+endif()
 target_sources(_core PRIVATE csrc/bf16/pack_bf16.cpp csrc/bf16/reference_bf16.cpp csrc/bf16/kernel_set_bf16.cpp
                              csrc/bf16/dot_peak_bf16.cpp csrc/bf16/bindings_bf16.cpp)

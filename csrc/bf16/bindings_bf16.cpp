@@ -63,19 +63,38 @@ ConvShape check_conv(const FloatArray& x, const FloatArray& kernel, const FloatA
   return s;
 }
 
-enum class Bf16Conv { Direct, WinogradInt14 };
+// A convolution algorithm of the testing API names one method of one of the runnable sets.
+struct Bf16ConvAlgorithm {
+  const char* algorithm;  // the testing API's name
+  const char* method;     // the method's (and layout's) name in its set
+};
+constexpr Bf16ConvAlgorithm kConvAlgorithms[] = {
+    {"direct", "direct_bf16"}, {"winograd_int14", "winograd_f4x4_int14"}, {"amx", "direct_bf16_amx"}};
 
-Bf16Conv parse_algorithm(const std::string& name) {
-  if (name == "direct") return Bf16Conv::Direct;
-  if (name == "winograd_int14") return Bf16Conv::WinogradInt14;
-  throw py::value_error("unknown algorithm '" + name + "'; expected 'direct' (bf16) or 'winograd_int14'");
+// The runnable set's method of that name, or nullptr.
+const Conv3x3Method* find_conv_method(const std::string& method_name) {
+  for (const Bf16KernelSet* set : bf16_kernel_sets())
+    for (const Conv3x3Method* method : {&set->conv3x3_direct, &set->conv3x3_winograd})
+      if (method->run != nullptr && method_name == method->name) return method;
+  return nullptr;
 }
 
-// The packed weights and block-padded bias of one conv layer for one of the set's algorithms.
+const Conv3x3Method& conv_method_for(const std::string& algorithm) {
+  for (const Bf16ConvAlgorithm& a : kConvAlgorithms) {
+    if (algorithm != a.algorithm) continue;
+    require_bf16();
+    if (const Conv3x3Method* method = find_conv_method(a.method)) return *method;
+    throw std::runtime_error(std::string("the bf16 convolution '") + algorithm + "' cannot run here: " +
+                             (algorithm == "amx" ? amx_unavailable_reason() : bf16_unavailable_reason()));
+  }
+  throw py::value_error("unknown algorithm '" + algorithm +
+                        "'; expected 'direct' (bf16), 'winograd_int14' or 'amx' (bf16 on AMX tiles)");
+}
+
+// The packed weights and block-padded bias of one conv layer for one method.
 struct PackedConv {
-  PackedConv(const Bf16KernelSet& set, Bf16Conv algorithm, const float* kernel, const float* bias, int in_c, int out_c,
-             int threads)
-      : method(algorithm == Bf16Conv::Direct ? set.conv3x3_direct : set.conv3x3_winograd),
+  PackedConv(const Conv3x3Method& conv_method, const float* kernel, const float* bias, int in_c, int out_c, int threads)
+      : method(conv_method),
         weights((method.packed_bytes(in_c, out_c) + sizeof(float) - 1) / sizeof(float), /*zeroed=*/false),
         padded_bias(std::size_t(round_up_to_block(out_c)), 0.0f) {
     method.pack(kernel, in_c, out_c, weights.data(), threads);
@@ -84,23 +103,23 @@ struct PackedConv {
   void operator()(const BlockedImage& in, bool relu, const BlockedImage& out, int threads) const {
     method.run(in, weights.data(), padded_bias.data(), relu, out, threads, scratch);
   }
-  Conv3x3Method method;
+  const Conv3x3Method& method;
   AlignedBuffer weights;
   std::vector<float> padded_bias;
   mutable KernelScratch scratch;
 };
 
 FloatArray run_conv(const FloatArray& x, const FloatArray& kernel, const FloatArray& bias, bool relu,
-                    Bf16Conv algorithm, int (*thread_count)()) {
+                    const std::string& algorithm, int (*thread_count)()) {
   const ConvShape s = check_conv(x, kernel, bias);
-  const Bf16KernelSet& set = require_bf16();
+  const Conv3x3Method& method = conv_method_for(algorithm);
   FloatArray y({s.n, s.h, s.w, s.f});
   const float *xp = x.data(), *kp = kernel.data(), *bp = bias.data();
   float* yp = y.mutable_data();
   const int threads = thread_count();
   py::gil_scoped_release release;
   const KernelTable& layout = *supported_kernel_tables().front();
-  const PackedConv conv(set, algorithm, kp, bp, s.c, s.f, threads);
+  const PackedConv conv(method, kp, bp, s.c, s.f, threads);
   AlignedBuffer in_buf(blocked_image_size(s.c, s.h, s.w)), out_buf(blocked_image_size(s.f, s.h, s.w));
   const BlockedImage in{in_buf.data(), s.c, s.h, s.w}, out{out_buf.data(), s.f, s.h, s.w};
   for (int n = 0; n < s.n; ++n) {
@@ -108,6 +127,37 @@ FloatArray run_conv(const FloatArray& x, const FloatArray& kernel, const FloatAr
     conv(in, relu, out, threads);
     layout.blocked_to_nhwc(out, yp + std::size_t(n) * s.h * s.w * s.f);
   }
+  return y;
+}
+
+// The whole batch in one call of the method's batch form, or of its max-pool form (then the
+// result is floor(h/2) x floor(w/2)).
+FloatArray run_conv_batch(const FloatArray& x, const FloatArray& kernel, const FloatArray& bias, bool relu,
+                          const std::string& algorithm, bool pool, int (*thread_count)()) {
+  const ConvShape s = check_conv(x, kernel, bias);
+  const Conv3x3Method& method = conv_method_for(algorithm);
+  if (!(pool ? method.run_batch_max_pool : method.run_batch))
+    throw py::value_error("the bf16 convolution '" + algorithm + "' has no " + (pool ? "max-pool" : "batch") + " form");
+  const int out_h = pool ? s.h / 2 : s.h, out_w = pool ? s.w / 2 : s.w;
+  FloatArray y({s.n, out_h, out_w, s.f});
+  const float *xp = x.data(), *kp = kernel.data(), *bp = bias.data();
+  float* yp = y.mutable_data();
+  const int threads = thread_count();
+  py::gil_scoped_release release;
+  const KernelTable& layout = *supported_kernel_tables().front();
+  const PackedConv conv(method, kp, bp, s.c, s.f, threads);
+  const std::size_t in_size = blocked_image_size(s.c, s.h, s.w), out_size = blocked_image_size(s.f, out_h, out_w);
+  AlignedBuffer in_buf(in_size * std::size_t(s.n)), out_buf(out_size * std::size_t(s.n));
+  std::vector<BlockedImage> ins, outs;
+  for (int n = 0; n < s.n; ++n) {
+    ins.push_back({in_buf.data() + in_size * std::size_t(n), s.c, s.h, s.w});
+    outs.push_back({out_buf.data() + out_size * std::size_t(n), s.f, out_h, out_w});
+    layout.nhwc_to_blocked(xp + std::size_t(n) * s.h * s.w * s.c, ins.back());
+  }
+  (pool ? method.run_batch_max_pool : method.run_batch)(ins.data(), conv.weights.data(), conv.padded_bias.data(), relu,
+                                                        outs.data(), s.n, threads, conv.scratch);
+  for (int n = 0; n < s.n; ++n)
+    layout.blocked_to_nhwc(outs[std::size_t(n)], yp + std::size_t(n) * out_h * out_w * s.f);
   return y;
 }
 
@@ -128,12 +178,11 @@ double time_conv(const FloatArray& x, const FloatArray& kernel, const FloatArray
                  int repeats, int (*thread_count)()) {
   const ConvShape s = check_conv(x, kernel, bias);
   if (repeats < 1) throw py::value_error("repeats must be at least 1");
-  const Bf16Conv a = parse_algorithm(algorithm);
-  const Bf16KernelSet& set = require_bf16();
+  const Conv3x3Method& method = conv_method_for(algorithm);
   const float *xp = x.data(), *kp = kernel.data(), *bp = bias.data();
   const int threads = thread_count();
   py::gil_scoped_release release;
-  const PackedConv conv(set, a, kp, bp, s.c, s.f, threads);
+  const PackedConv conv(method, kp, bp, s.c, s.f, threads);
   AlignedBuffer in_buf(blocked_image_size(s.c, s.h, s.w)), out_buf(blocked_image_size(s.f, s.h, s.w));
   const BlockedImage in{in_buf.data(), s.c, s.h, s.w}, out{out_buf.data(), s.f, s.h, s.w};
   supported_kernel_tables().front()->nhwc_to_blocked(xp, in);
@@ -248,11 +297,15 @@ FloatArray unpack_roundtrip(const FloatArray& kernel, const std::string& method_
     set.dense.unpack(packed.data(), depth, cols, rp, threads);
     return result;
   }
-  const Conv3x3Method* method = method_name == "direct_bf16"           ? &set.conv3x3_direct
-                                : method_name == "winograd_f4x4_int14" ? &set.conv3x3_winograd
-                                                                       : nullptr;
+  bool known = false;
+  for (const Bf16ConvAlgorithm& a : kConvAlgorithms) known = known || method_name == a.method;
+  if (!known)
+    throw py::value_error("unknown method '" + method_name +
+                          "'; expected 'direct_bf16', 'winograd_f4x4_int14', 'direct_bf16_amx' or 'dense_bf16'");
+  const Conv3x3Method* method = find_conv_method(method_name);
   if (!method)
-    throw py::value_error("unknown method '" + method_name + "'; expected 'direct_bf16', 'winograd_f4x4_int14' or 'dense_bf16'");
+    throw std::runtime_error("the bf16 method '" + method_name + "' cannot run here: " +
+                             (method_name == "direct_bf16_amx" ? amx_unavailable_reason() : bf16_unavailable_reason()));
   require_shape(kernel, {3, 3, -1, -1}, "kernel (HWIO)");
   const int in_c = positive_int(kernel.shape(2), "channels"), out_c = positive_int(kernel.shape(3), "filters");
   FloatArray result({3, 3, in_c, out_c});
@@ -268,19 +321,38 @@ FloatArray unpack_roundtrip(const FloatArray& kernel, const std::string& method_
 }  // namespace
 
 void register_bf16_testing(py::module_& testing, int (*thread_count)()) {
-  testing.def("bf16_unavailable_reason", []() { return std::string(bf16_unavailable_reason()); },
+  testing.def("bf16_unavailable_reason", []() { return bf16_unavailable_reason(); },
               "Why the bf16 kernels cannot run here, or '' when they can.");
   testing.def("conv3x3_bf16", [thread_count](const FloatArray& x, const FloatArray& k, const FloatArray& b, bool relu) {
-    return run_conv(x, k, b, relu, Bf16Conv::Direct, thread_count);
+    return run_conv(x, k, b, relu, "direct", thread_count);
   }, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("relu"),
      "The bf16 3x3 convolution (vdpbf16ps) on an NHWC batch; raises RuntimeError where the CPU lacks AVX512_BF16.");
+  testing.def("conv3x3_bf16_amx", [thread_count](const FloatArray& x, const FloatArray& k, const FloatArray& b, bool relu,
+                                                 const std::string& form) {
+    if (form == "image") return run_conv(x, k, b, relu, "amx", thread_count);
+    if (form == "batch" || form == "max_pool") return run_conv_batch(x, k, b, relu, "amx", form == "max_pool", thread_count);
+    throw py::value_error("unknown form '" + form + "'; expected 'image', 'batch' or 'max_pool'");
+  }, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("relu"), py::arg("form") = "image",
+     "The bf16 3x3 convolution on AMX tiles (TDPBF16PS) on an NHWC batch, image by image ('image'), in one batch call "
+     "('batch') or with the fused 2x2 max pool ('max_pool'); raises RuntimeError without AMX-BF16.");
+  testing.def("conv3x3_bf16_split_reference", [](const FloatArray& x, const FloatArray& k, const FloatArray& b, bool relu) {
+    return run_reference_conv(x, k, b, relu, &reference::conv3x3_bf16_split);
+  }, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("relu"),
+     "Plain twin of the AMX convolution: weights rounded to bf16, inputs as bf16 hi + lo, products summed in double.");
+  testing.def("amx_unavailable_reason", []() { return amx_unavailable_reason(); },
+              "Why the AMX kernels cannot run here, or '' when they can.");
+  testing.def("bf16_kernel_sets", []() {
+    std::vector<std::string> names;
+    for (const Bf16KernelSet* set : bf16_kernel_sets()) names.push_back(set->name);
+    return names;
+  }, "Names of the bf16 kernel sets this build and CPU run, the default first.");
   testing.def("conv3x3_bf16_reference", [](const FloatArray& x, const FloatArray& k, const FloatArray& b, bool relu) {
     return run_reference_conv(x, k, b, relu, &reference::conv3x3_bf16);
   }, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("relu"),
      "Plain twin: inputs and weights rounded to bf16, products summed in double.");
   testing.def("conv3x3_winograd_int14", [thread_count](const FloatArray& x, const FloatArray& k, const FloatArray& b,
                                                        bool relu) {
-    return run_conv(x, k, b, relu, Bf16Conv::WinogradInt14, thread_count);
+    return run_conv(x, k, b, relu, "winograd_int14", thread_count);
   }, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("relu"),
      "Winograd F(4x4, 3x3) with int14 products (vpdpwssd) on an NHWC batch.");
   testing.def("conv3x3_winograd_int14_reference", [](const FloatArray& x, const FloatArray& k, const FloatArray& b,
@@ -299,7 +371,7 @@ void register_bf16_testing(py::module_& testing, int (*thread_count)()) {
                                                   const std::string& algorithm) {
     return time_conv(x, k, b, algorithm, repeats, thread_count);
   }, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("repeats"), py::arg("algorithm") = "direct",
-     "Median seconds of one call of the set's 'direct' (bf16) or 'winograd_int14' convolution on x[0], packing and "
+     "Median seconds of one call of the bf16 convolution 'direct', 'winograd_int14' or 'amx' on x[0], packing and "
      "layout excluded (for bench/).");
   testing.def("time_dense_bf16", [thread_count](const FloatArray& x, const FloatArray& k, const FloatArray& b, int repeats) {
     return time_dense_bf16(x, k, b, repeats, thread_count);
@@ -308,7 +380,8 @@ void register_bf16_testing(py::module_& testing, int (*thread_count)()) {
   testing.def("bf16_unpack_roundtrip", [thread_count](const FloatArray& kernel, const std::string& method) {
     return unpack_roundtrip(kernel, method, thread_count());
   }, py::arg("kernel"), py::arg("method"),
-     "A kernel packed and unpacked by one of the bf16 set's methods ('direct_bf16', 'winograd_f4x4_int14', 'dense_bf16').");
+     "A kernel packed and unpacked by a bf16 method ('direct_bf16', 'winograd_f4x4_int14', 'direct_bf16_amx', "
+     "'dense_bf16').");
   testing.def("bf16_dot_peak_gflops", [](int threads, long iterations) {
     py::gil_scoped_release release;
     return bf16_dot_peak_gflops(threads, iterations);

@@ -1,14 +1,22 @@
 // The bf16 kernel set's methods (packers beside run functions, as kernels.h's), and its choice
 // from what this build has and what the CPU reports.
+#include <cstdlib>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
 #include "bf16/kernels_bf16.h"
 #include "cpu_features.h"
+
+#if defined(__linux__) && (defined(__x86_64__) || defined(_M_X64))
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace fastvgg {
 
@@ -39,6 +47,16 @@ void dense_unpack(const void* packed, int depth, int cols, float* kernel, int th
   unpack_dense_bf16(static_cast<const std::uint16_t*>(packed), depth, cols, kernel, threads);
 }
 
+std::size_t amx_direct_bytes(int in_c, int out_c) {
+  return packed_conv3x3_amx_size(in_c, out_c) * sizeof(std::uint16_t);
+}
+void amx_direct_pack(const float* kernel, int in_c, int out_c, void* packed, int threads) {
+  pack_conv3x3_amx(kernel, in_c, out_c, static_cast<std::uint16_t*>(packed), threads);
+}
+void amx_direct_unpack(const void* packed, int in_c, int out_c, float* kernel, int threads) {
+  unpack_conv3x3_amx(static_cast<const std::uint16_t*>(packed), in_c, out_c, kernel, threads);
+}
+
 #if FASTVGG_HAVE_AVX512BF16
 const Bf16KernelSet kAvx512Bf16Set = {
     "avx512_bf16",
@@ -48,6 +66,21 @@ const Bf16KernelSet kAvx512Bf16Set = {
     {"dense_bf16", dense_bytes, dense_pack_rows, dense_unpack, avx512bf16::dense},
     avx512bf16::round_floats,
 };
+
+#if FASTVGG_HAVE_AMXBF16
+// No Winograd: at AMX's rate the direct products cost less than Winograd's transforms, and
+// bf16 products inside Winograd lose an order of magnitude of accuracy (kernels_bf16.h). Its
+// convolution runs batches (block4/block5's 2.4-4.7 MB of weights once per chunk of images)
+// and fuses a following 2x2 max pool, as the fp32 Winograd one does.
+const Bf16KernelSet kAmxBf16Set = {
+    "amx_bf16",
+    {"direct_bf16_amx", amx_direct_bytes, amx_direct_pack, amx_direct_unpack, false, amxbf16::conv3x3,
+     amxbf16::conv3x3_batch, amxbf16::conv3x3_batch_max_pool},
+    {"none", nullptr, nullptr, nullptr, false, nullptr},
+    {"dense_bf16", dense_bytes, dense_pack_rows, dense_unpack, avx512bf16::dense},
+    avx512bf16::round_floats,
+};
+#endif
 
 // Every CPU with AVX512_BF16 so far (Cooper Lake, Sapphire Rapids, Zen 4) also has AVX512_VNNI,
 // which the int14 Winograd kernel uses; both are required rather than assumed.
@@ -60,18 +93,84 @@ bool cpu_runs_set() {
 }
 #endif
 
+// AMX needs three things: the CPU's AMX-TILE and AMX-BF16 (CPUID leaf 7, EDX bits 24 and 22),
+// the OS saving the tile state (XCR0 bits 17 and 18), and on Linux a per-process permission
+// for the tile data, asked once (without it the first tile instruction raises SIGILL).
+// Returns "" or why not; computed once.
+std::string find_amx_unavailable_reason() {
+#if FASTVGG_HAVE_AMXBF16 && defined(__linux__) && (defined(__x86_64__) || defined(_M_X64))
+  if (!cpu_runs_set()) return "the AVX512_BF16 kernels it builds on cannot run on this CPU";
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !(edx & (1u << 24)) || !(edx & (1u << 22)))
+    return "this CPU does not report AMX-TILE and AMX-BF16";
+  unsigned xcr0_low = 0, xcr0_high = 0;
+  __asm__ volatile("xgetbv" : "=a"(xcr0_low), "=d"(xcr0_high) : "c"(0));
+  if ((xcr0_low & (3u << 17)) != (3u << 17)) return "the operating system does not enable the AMX tile state (XCR0)";
+  constexpr long kArchRequestXcompPermission = 0x1023;  // ARCH_REQ_XCOMP_PERM
+  constexpr long kXfeatureTileData = 18;                // XFEATURE_XTILEDATA
+  if (syscall(SYS_arch_prctl, kArchRequestXcompPermission, kXfeatureTileData) != 0)
+    return "Linux refused this process the AMX tile data permission (arch_prctl ARCH_REQ_XCOMP_PERM)";
+  return "";
+#elif FASTVGG_HAVE_AMXBF16
+  return "AMX is only enabled on Linux";
+#else
+  return "this build of fastvgg has no AMX kernels (the compiler lacked -mamx-tile -mamx-bf16, or the target is not "
+         "x86-64)";
+#endif
+}
+
+const std::string& amx_reason() {
+  static const std::string reason = find_amx_unavailable_reason();
+  return reason;
+}
+
+// FASTVGG_BF16_KERNELS, or "" when unset.
+std::string requested_set_name() {
+  const char* name = std::getenv("FASTVGG_BF16_KERNELS");
+  return name ? std::string(name) : std::string();
+}
+
 }  // namespace
 
-const Bf16KernelSet* bf16_kernel_set() {
-#if FASTVGG_HAVE_AVX512BF16
-  if (cpu_runs_set()) return &kAvx512Bf16Set;
+std::vector<const Bf16KernelSet*> bf16_kernel_sets() {
+  std::vector<const Bf16KernelSet*> sets;
+#if FASTVGG_HAVE_AMXBF16
+  if (amx_reason().empty()) sets.push_back(&kAmxBf16Set);
 #endif
+#if FASTVGG_HAVE_AVX512BF16
+  if (cpu_runs_set()) sets.push_back(&kAvx512Bf16Set);
+#endif
+  return sets;
+}
+
+const Bf16KernelSet& bf16_kernel_set_named(const std::string& name) {
+  std::string choices;
+  for (const Bf16KernelSet* set : bf16_kernel_sets()) {
+    if (name == set->name) return *set;
+    choices += (choices.empty() ? "" : ", ") + std::string(set->name);
+  }
+  throw std::invalid_argument("unknown or unavailable bf16 kernel set '" + name + "'; here: " +
+                              (choices.empty() ? std::string("none") : choices));
+}
+
+const Bf16KernelSet* bf16_kernel_set() {
+  const std::vector<const Bf16KernelSet*> sets = bf16_kernel_sets();
+  const std::string requested = requested_set_name();
+  if (requested.empty()) return sets.empty() ? nullptr : sets.front();
+  for (const Bf16KernelSet* set : sets)
+    if (requested == set->name) return set;
   return nullptr;
 }
 
-const char* bf16_unavailable_reason() {
+std::string amx_unavailable_reason() { return amx_reason(); }
+
+std::string bf16_unavailable_reason() {
+  if (bf16_kernel_set()) return "";
 #if FASTVGG_HAVE_AVX512BF16
-  if (cpu_runs_set()) return "";
+  if (cpu_runs_set())
+    return "FASTVGG_BF16_KERNELS='" + requested_set_name() +
+           "' names no bf16 kernel set that runs here (expected 'amx_bf16' or 'avx512_bf16'; amx_bf16: " +
+           (amx_reason().empty() ? std::string("available") : amx_reason()) + ")";
   return "this CPU does not report AVX512_BF16 and AVX512_VNNI (with AVX-512F/BW/DQ/VL and OS support), which the "
          "bf16 kernel set needs";
 #else
@@ -82,19 +181,23 @@ const char* bf16_unavailable_reason() {
 const KernelTable& bf16_kernel_table(const KernelTable& fp32) {
   const Bf16KernelSet* set = bf16_kernel_set();
   if (!set) throw std::runtime_error(std::string("bf16 kernels unavailable: ") + bf16_unavailable_reason());
-  // One table per fp32 table (there are at most three), never freed: executors point at them.
+  return bf16_kernel_table(fp32, *set);
+}
+
+const KernelTable& bf16_kernel_table(const KernelTable& fp32, const Bf16KernelSet& set) {
+  // One table per (fp32 table, set) pair (at most six), never freed: executors point at them.
   static std::mutex mutex;
-  static std::vector<std::pair<const KernelTable*, std::unique_ptr<KernelTable>>> tables;
+  static std::vector<std::tuple<const KernelTable*, const Bf16KernelSet*, std::unique_ptr<KernelTable>>> tables;
   const std::lock_guard<std::mutex> lock(mutex);
   for (const auto& entry : tables)
-    if (entry.first == &fp32) return *entry.second;
+    if (std::get<0>(entry) == &fp32 && std::get<1>(entry) == &set) return *std::get<2>(entry);
   auto table = std::make_unique<KernelTable>(fp32);
-  table->isa_name = set->name;
-  table->conv3x3_direct = set->conv3x3_direct;
-  table->conv3x3_winograd = set->conv3x3_winograd;
-  table->dense = set->dense;
-  tables.emplace_back(&fp32, std::move(table));
-  return *tables.back().second;
+  table->isa_name = set.name;
+  table->conv3x3_direct = set.conv3x3_direct;
+  table->conv3x3_winograd = set.conv3x3_winograd;
+  table->dense = set.dense;
+  tables.emplace_back(&fp32, &set, std::move(table));
+  return *std::get<2>(tables.back());
 }
 
 }  // namespace fastvgg

@@ -15,6 +15,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <string>
+#include <vector>
 
 #include "kernels.h"
 #include "tensor.h"
@@ -55,6 +57,11 @@ constexpr int kWinogradInt14Max = 8191;
 //   dense             "dense_bf16": bf16 weights and inputs, fp32 sums.
 //                     Layout: column panels [cols/16][ceil(depth/2) row pairs][16 cols][2] bf16.
 // None of the three unpacks exactly (rounded or quantised weights): unpack_is_exact is false.
+//
+// The AMX set ("amx_bf16", CPUs with AMX-BF16: Sapphire Rapids on) runs every 3x3 convolution
+// directly on AMX tiles (its Winograd slot is empty: run == nullptr, and the executor then
+// picks direct for every layer), bf16 weights against activations carried by two bf16 values:
+//   conv3x3_direct    "direct_bf16_amx": TDPBF16PS. Layout: [out/16][3][3][in/32][16 pairs][16 out][2].
 struct Bf16KernelSet {
   const char* name;
   Conv3x3Method conv3x3_direct;
@@ -64,16 +71,27 @@ struct Bf16KernelSet {
   void (*round_to_bf16)(const float* values, std::size_t count, std::uint16_t* rounded);
 };
 
-// The set this CPU can run, or nullptr: this build has no AVX512_BF16 kernels, or the CPU (or
-// the OS, for the AVX-512 register state) does not offer AVX512_BF16 and AVX512_VNNI.
+// The set precision="bf16" runs here, or nullptr: this build has no AVX512_BF16 kernels, or the
+// CPU (or the OS, for the AVX-512 register state) does not offer AVX512_BF16 and AVX512_VNNI.
+// The AMX set where it runs, else the AVX512_BF16 one; FASTVGG_BF16_KERNELS=avx512_bf16 (or
+// amx_bf16) names one instead, and nullptr follows when the named one cannot run here.
 const Bf16KernelSet* bf16_kernel_set();
+// Every set this build and CPU can run, the default first (for tests and bench/).
+std::vector<const Bf16KernelSet*> bf16_kernel_sets();
+// The runnable set of that name; std::invalid_argument naming the runnable ones otherwise.
+const Bf16KernelSet& bf16_kernel_set_named(const std::string& name);
 // Why bf16_kernel_set() is nullptr here, in words for an error message ("" when it is not).
-const char* bf16_unavailable_reason();
+std::string bf16_unavailable_reason();
+// Why the AMX set cannot run here ("" when it can): no AMX in this build or CPU, or Linux
+// refused the tile data permission (arch_prctl ARCH_REQ_XCOMP_PERM).
+std::string amx_unavailable_reason();
 // A whole kernel table for an executor: `fp32`'s pooling and layout functions with the bf16
 // set's convolution and dense methods; built once per fp32 table and kept for the process (an
 // executor holds a pointer to its table). Throws std::runtime_error (with the reason) where
 // the set is unavailable.
 const KernelTable& bf16_kernel_table(const KernelTable& fp32);
+// The same with a named set's methods.
+const KernelTable& bf16_kernel_table(const KernelTable& fp32, const Bf16KernelSet& set);
 
 // Packers (pack_bf16.cpp): plain C++, shared by every CPU that runs the set. Sizes count
 // uint16 elements.
@@ -82,6 +100,11 @@ void pack_conv3x3_bf16(const float* kernel_hwio, int in_channels, int out_channe
                        int threads);
 void unpack_conv3x3_bf16(const std::uint16_t* packed, int in_channels, int out_channels, float* kernel_hwio,
                          int threads);
+std::size_t packed_conv3x3_amx_size(int in_channels, int out_channels);
+void pack_conv3x3_amx(const float* kernel_hwio, int in_channels, int out_channels, std::uint16_t* packed,
+                      int threads);
+void unpack_conv3x3_amx(const std::uint16_t* packed, int in_channels, int out_channels, float* kernel_hwio,
+                        int threads);
 std::size_t packed_dense_bf16_size(int depth, int cols);
 // Rows [first_row, first_row + row_count); the buffer must start zeroed (padding columns and the
 // odd row of an odd depth stay 0), rows may come in any number of pieces.
@@ -112,11 +135,29 @@ void dense(const float* x, int rows, int depth, std::ptrdiff_t x_stride, const v
 void round_floats(const float* values, std::size_t count, std::uint16_t* rounded);
 }  // namespace avx512bf16
 
+// The AMX-BF16 kernel (conv3x3_amx.cpp). The caller has made sure the CPU has AMX and the
+// process holds the tile data permission (bf16_kernel_set does both).
+// Activations carried as two bf16 values (hi + lo), weights rounded once: conv3x3_bf16_split's
+// products. The batch form walks every image with one group's weights before the next group;
+// the max-pool form writes only the pooled images, bit-identical to conv3x3 then max_pool2x2.
+namespace amxbf16 {
+void conv3x3(const BlockedImage& in, const void* packed_weights, const float* bias, bool relu, const BlockedImage& out,
+             int threads, KernelScratch& scratch);
+void conv3x3_batch(const BlockedImage* in, const void* packed_weights, const float* bias, bool relu,
+                   const BlockedImage* out, int images, int threads, KernelScratch& scratch);
+void conv3x3_batch_max_pool(const BlockedImage* in, const void* packed_weights, const float* bias, bool relu,
+                            const BlockedImage* pooled, int images, int threads, KernelScratch& scratch);
+}  // namespace amxbf16
+
 // Plain twins on NHWC arrays and Keras layouts: inputs and weights rounded by round_to_bf16,
 // products summed in double, the sum rounded to float once.
 namespace reference {
 void conv3x3_bf16(const float* x, int images, int height, int width, int in_channels, const float* kernel_hwio,
                   const float* bias, int out_channels, bool relu, float* y);
+// The AMX kernel's twin: weights rounded to bf16, each input x replaced by hi + lo with
+// hi = bf16(x), lo = bf16(x - hi) (lo = 0 where x is infinite or NaN), products in double.
+void conv3x3_bf16_split(const float* x, int images, int height, int width, int in_channels,
+                        const float* kernel_hwio, const float* bias, int out_channels, bool relu, float* y);
 void dense_bf16(const float* x, int rows, int depth, const float* kernel, const float* bias, int cols, bool relu,
                 float* y);
 // Winograd F(4x4) with the int14 quantisation of the kernel, all in double: U = G g G^T and

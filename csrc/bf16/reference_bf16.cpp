@@ -18,14 +18,23 @@ std::vector<float> rounded_copy(const float* values, std::size_t count) {
   for (std::size_t i = 0; i < count; ++i) out[i] = bf16_to_float(round_to_bf16(values[i]));
   return out;
 }
-}  // namespace
 
-void conv3x3_bf16(const float* x, int images, int height, int width, int in_channels, const float* kernel_hwio,
-                  const float* bias, int out_channels, bool relu, float* y) {
-  const std::vector<float> xr = rounded_copy(x, std::size_t(images) * height * width * in_channels);
-  const std::vector<float> kr = rounded_copy(kernel_hwio, std::size_t(9) * in_channels * out_channels);
+// x as hi + lo (two bf16 values), summed in double: exact.
+std::vector<double> split_copy(const float* values, std::size_t count) {
+  std::vector<double> out(count);
+  for (std::size_t i = 0; i < count; ++i) {
+    const float hi = bf16_to_float(round_to_bf16(values[i]));
+    const float lo = std::isfinite(hi) ? bf16_to_float(round_to_bf16(values[i] - hi)) : 0.0f;
+    out[i] = double(hi) + double(lo);
+  }
+  return out;
+}
+
+template <typename Input>
+void conv3x3_rounded(const std::vector<Input>& xr, int images, int height, int width, int in_channels,
+                     const std::vector<float>& kr, const float* bias, int out_channels, bool relu, float* y) {
   for (int n = 0; n < images; ++n) {
-    const float* image = xr.data() + std::ptrdiff_t(n) * height * width * in_channels;
+    const Input* image = xr.data() + std::ptrdiff_t(n) * height * width * in_channels;
     float* result = y + std::ptrdiff_t(n) * height * width * out_channels;
     for (int oy = 0; oy < height; ++oy)
       for (int ox = 0; ox < width; ++ox)
@@ -37,7 +46,7 @@ void conv3x3_bf16(const float* x, int images, int height, int width, int in_chan
             for (int kw = 0; kw < 3; ++kw) {
               const int ix = ox + kw - 1;
               if (ix < 0 || ix >= width) continue;
-              const float* src = image + (std::ptrdiff_t(iy) * width + ix) * in_channels;
+              const Input* src = image + (std::ptrdiff_t(iy) * width + ix) * in_channels;
               const float* w = kr.data() + (std::ptrdiff_t(kh * 3 + kw) * in_channels) * out_channels + oc;
               for (int ic = 0; ic < in_channels; ++ic) sum += double(src[ic]) * double(w[std::ptrdiff_t(ic) * out_channels]);
             }
@@ -46,6 +55,21 @@ void conv3x3_bf16(const float* x, int images, int height, int width, int in_chan
           result[(std::ptrdiff_t(oy) * width + ox) * out_channels + oc] = relu ? std::max(value, 0.0f) : value;
         }
   }
+}
+}  // namespace
+
+void conv3x3_bf16(const float* x, int images, int height, int width, int in_channels, const float* kernel_hwio,
+                  const float* bias, int out_channels, bool relu, float* y) {
+  conv3x3_rounded(rounded_copy(x, std::size_t(images) * height * width * in_channels), images, height, width,
+                  in_channels, rounded_copy(kernel_hwio, std::size_t(9) * in_channels * out_channels), bias,
+                  out_channels, relu, y);
+}
+
+void conv3x3_bf16_split(const float* x, int images, int height, int width, int in_channels,
+                        const float* kernel_hwio, const float* bias, int out_channels, bool relu, float* y) {
+  conv3x3_rounded(split_copy(x, std::size_t(images) * height * width * in_channels), images, height, width,
+                  in_channels, rounded_copy(kernel_hwio, std::size_t(9) * in_channels * out_channels), bias,
+                  out_channels, relu, y);
 }
 
 void dense_bf16(const float* x, int rows, int depth, const float* kernel, const float* bias, int cols, bool relu,

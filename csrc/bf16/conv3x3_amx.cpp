@@ -1,0 +1,311 @@
+// 3x3 convolution with bf16 products on AMX tiles (TDPBF16PS), stride 1, 'same' zero padding,
+// bias, optional fused ReLU, optional fused 2x2 max pool; fp32 blocked images in and out
+// (tensor.h).
+//
+// One TDPBF16PS multiplies a 16 x 32 bf16 tile A by a 32 x 16 tile B (stored as 16 rows of 16
+// column pairs) into a 16 x 16 fp32 tile C: 8192 multiply-adds, ~16x the fp32 FMA rate of a
+// Sapphire Rapids core, where AVX512_BF16's vdpbf16ps is slower than fp32 FMA.
+//
+// Precision: the weights are rounded to bf16 once, as in the AVX512_BF16 direct kernel, but each
+// activation x is carried by two bf16 values, hi = bf16(x) and lo = bf16(x - hi), whose sum
+// holds 16 significant bits of x; every product is made twice (hi * w and lo * w, both exact in
+// fp32) and summed in fp32. Rounding the activations to bf16 as well (one product) ran VGG16's
+// convolutions ~1.4x faster but flipped the top-1 class of a He-scaled VGG16 on an image
+// whose fp32 top two were 0.57 against 0.43 (tests/test_bf16_executor.py): activation
+// rounding, not weight rounding, moved it (block5_pool 4.4e-3 relative L2 from rounding the
+// activations alone, 4.6e-3 from the weights alone, 6.1e-3 from both). The twin is
+// reference::conv3x3_bf16_split.
+//
+// The GEMM: rows (M) are output pixels, columns (N) output channels, depth (K) the 32 input
+// channels of one bf16 block, repeated over the 9 taps and the input blocks. Each image is
+// first converted to bf16 blocks of 32 channels in the same padded plane as the fp32 blocked
+// layout: [hi, lo][in/32][H+2][W+2][32]. Counting output pixels along that padded plane's rows
+// ("virtual" positions q = y * (W+2) + x, 0 <= x < W+2), the input pixel that tap (dy, dx)
+// reads for q is at padded position q + dy * (W+2) + dx: 16 consecutive virtual positions read
+// 16 consecutive 64-byte rows, one plain tile load, for every width. The virtual positions on
+// the border columns (x = W, W+1) are computed and dropped: 2/(W+2) of the work.
+//
+// Register use: 4 accumulator tiles (2 M tiles x 2 N tiles: 32 positions x 32 output channels),
+// 2 A and 2 B tiles; each B tile serves the hi and the lo parts of both M tiles.
+//
+// Fused 2x2 max pool: a work item is then two output rows (one pooled row) of one group of
+// output channels; its tile pairs cover positions [2y (W+2), (2y+2)(W+2)) (up to 31 more, whose
+// results are dropped), land in a per-thread bounce buffer and are pooled from there: only the
+// pooled image is written, bit-identical to the unfused kernel followed by max_pool2x2.
+//
+// Packed weights (pack_bf16.cpp): [out/16][3][3][in/32][16 pairs][16 out][2] bf16, one 1 KB B
+// tile per (output block, tap, input block of 32).
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "bf16/kernels_bf16.h"
+
+namespace fastvgg {
+namespace amxbf16 {
+namespace {
+
+constexpr int kTileRows = 16;                          // M: output positions per tile
+constexpr int kPairBlock = 32;                         // K: input channels per tile (bf16)
+constexpr int kTileElements = kTileRows * kPairBlock;  // bf16 values of one A or B tile
+constexpr int kTileFloats = kTileRows * kChannelBlock;  // fp32 values of one C tile
+constexpr int kPairPositions = 2 * kTileRows;           // positions of one pair of M tiles
+
+// Palette 1, every tile 16 rows of 64 bytes.
+struct alignas(64) TileConfig {
+  std::uint8_t palette = 1;
+  std::uint8_t start_row = 0;
+  std::uint8_t reserved[14] = {};
+  std::uint16_t bytes_per_row[16] = {};
+  std::uint8_t rows[16] = {};
+};
+static_assert(sizeof(TileConfig) == 64, "the tile configuration is 64 bytes");
+
+TileConfig all_tiles_16x64() {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) {
+    config.bytes_per_row[t] = 64;
+    config.rows[t] = kTileRows;
+  }
+  return config;
+}
+
+// The shape of one call: every image has the same.
+struct Geometry {
+  int height, width, padded_width, pair_blocks, out_blocks;
+  std::ptrdiff_t plane;            // positions of one padded plane
+  std::ptrdiff_t positions;        // virtual positions up to the last real output pixel + 1
+  std::ptrdiff_t lo_offset;        // bf16 elements from an image's hi planes to its lo planes
+  std::ptrdiff_t image_elements;   // bf16 elements of one converted image, slack included
+  std::ptrdiff_t weights_per_out_block;
+
+  Geometry(const BlockedImage& in, int out_channels) {
+    height = in.height;
+    width = in.width;
+    padded_width = in.width + 2;
+    pair_blocks = (in.channels + kPairBlock - 1) / kPairBlock;
+    out_blocks = channel_blocks(out_channels);
+    plane = std::ptrdiff_t(height + 2) * padded_width;
+    positions = std::ptrdiff_t(height - 1) * padded_width + width;
+    lo_offset = std::ptrdiff_t(pair_blocks) * plane * kPairBlock;
+    // The last pair of M tiles reads up to 32 positions past the last virtual output (past a
+    // high plane that is the low planes; past the low planes, this slack), and the 2 rows + 2
+    // positions of the taps beyond: all dropped. Rounded to whole cache lines.
+    image_elements = (2 * lo_offset + (kPairPositions + 2) * kPairBlock + 31) / 32 * 32;
+    weights_per_out_block = std::ptrdiff_t(9) * pair_blocks * kTileElements;
+  }
+};
+
+inline __m512 widen(__m256bh rounded) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)rounded), 16));
+}
+
+// x - hi, exact in fp32; 0 where hi is infinite or NaN (hi carries those).
+inline __m512 low_part(__m512 x, __m512 hi) {
+  const __mmask16 special = _mm512_fpclass_ps_mask(hi, 0x01 | 0x08 | 0x10 | 0x80);  // NaN, +-inf
+  return _mm512_maskz_sub_ps(__mmask16(~special), x, hi);
+}
+
+// Input blocks 2c and 2c+1 of `in` (fp32, 16 channels each) into bf16 block c of 32 channels,
+// positions [first, last) of the padded plane, hi and lo parts; channels past the image's are
+// zero.
+void convert_positions(const BlockedImage& in, const Geometry& g, int pair_block, std::ptrdiff_t first,
+                       std::ptrdiff_t last, std::uint16_t* converted) {
+  const float* block_lo = in.data + std::ptrdiff_t(2 * pair_block) * g.plane * kChannelBlock;
+  const bool has_high = 2 * pair_block + 1 < in.blocks();
+  const float* block_hi = block_lo + g.plane * kChannelBlock;
+  std::uint16_t* dst = converted + std::ptrdiff_t(pair_block) * g.plane * kPairBlock;
+  const __m512 zero = _mm512_setzero_ps();
+  for (std::ptrdiff_t p = first; p < last; ++p) {
+    const __m512 a = _mm512_loadu_ps(block_lo + p * kChannelBlock);
+    const __m512 b = has_high ? _mm512_loadu_ps(block_hi + p * kChannelBlock) : zero;
+    const __m256bh a_hi = _mm512_cvtneps_pbh(a), b_hi = _mm512_cvtneps_pbh(b);
+    const __m256bh a_lo = _mm512_cvtneps_pbh(low_part(a, widen(a_hi)));
+    const __m256bh b_lo = _mm512_cvtneps_pbh(low_part(b, widen(b_hi)));
+    // Channels 0-15 of the pair block in the low 32 bytes of the row, 16-31 in the high.
+    _mm512_storeu_si512(dst + p * kPairBlock,
+                        _mm512_inserti64x4(_mm512_castsi256_si512((__m256i)a_hi), (__m256i)b_hi, 1));
+    _mm512_storeu_si512(dst + g.lo_offset + p * kPairBlock,
+                        _mm512_inserti64x4(_mm512_castsi256_si512((__m256i)a_lo), (__m256i)b_lo, 1));
+  }
+}
+
+// Every image into its converted copy, on the calling team's threads (inside a parallel region;
+// ends with the implied barrier of its omp for, so all copies are complete on return).
+void convert_images(const BlockedImage* in, int images, const Geometry& g, std::uint16_t* converted) {
+  constexpr int kParts = 8;
+#pragma omp for schedule(static) collapse(3)
+  for (int n = 0; n < images; ++n)
+    for (int c = 0; c < g.pair_blocks; ++c)
+      for (int part = 0; part < kParts; ++part) {
+        std::uint16_t* image = converted + std::ptrdiff_t(n) * g.image_elements;
+        convert_positions(in[n], g, c, g.plane * part / kParts, g.plane * (part + 1) / kParts, image);
+        // The slack: read by the last tiles, dropped, but kept finite and defined.
+        if (c == 0 && part == 0)
+          std::memset(image + 2 * g.lo_offset, 0, std::size_t(g.image_elements - 2 * g.lo_offset) * sizeof(std::uint16_t));
+      }
+}
+
+// C for positions [q0, q0 + 32) x output blocks (w0, w1) of one converted image: 4 tiles into
+// `bounce` as [block j][M tile m][16 positions][16 channels].
+inline void tile_pair(const std::uint16_t* image, const Geometry& g, std::ptrdiff_t q0, const std::uint16_t* w0,
+                      const std::uint16_t* w1, float* bounce) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int c = 0; c < g.pair_blocks; ++c) {
+    for (int tap = 0; tap < 9; ++tap) {
+      const std::ptrdiff_t shift = std::ptrdiff_t(tap / 3) * g.padded_width + tap % 3;
+      const std::uint16_t* a = image + (std::ptrdiff_t(c) * g.plane + q0 + shift) * kPairBlock;
+      const std::ptrdiff_t b_offset = (std::ptrdiff_t(tap) * g.pair_blocks + c) * kTileElements;
+      // hi parts, then lo parts, against the same two weight tiles.
+      _tile_loadd(6, w0 + b_offset, 64);
+      _tile_loadd(7, w1 + b_offset, 64);
+      _tile_loadd(4, a, 64);
+      _tile_loadd(5, a + kTileElements, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(2, 4, 7);
+      _tile_loadd(4, a + g.lo_offset, 64);
+      _tile_dpbf16ps(1, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+      _tile_loadd(5, a + g.lo_offset + kTileElements, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(2, 4, 7);
+      _tile_dpbf16ps(1, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, bounce, 64);
+  _tile_stored(1, bounce + kTileFloats, 64);
+  _tile_stored(2, bounce + 2 * kTileFloats, 64);
+  _tile_stored(3, bounce + 3 * kTileFloats, 64);
+}
+
+inline __m512 bias_relu(__m512 sum, __m512 bias, bool relu) {
+  const __m512 v = _mm512_add_ps(sum, bias);
+  // Zero first: max returns its second operand when either is NaN, so NaN stays NaN.
+  return relu ? _mm512_max_ps(_mm512_setzero_ps(), v) : v;
+}
+
+// max_keep_nan of simd.h: NaN when either operand is.
+inline __m512 max_keep_nan(__m512 a, __m512 b) {
+  const __mmask16 a_is_nan = _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+  return _mm512_mask_mov_ps(_mm512_max_ps(a, b), a_is_nan, a);
+}
+
+// The output blocks (w0, w1) of group `group`: w1 repeats w0 when the group has one block.
+struct GroupWeights {
+  const std::uint16_t* w0;
+  const std::uint16_t* w1;
+  int blocks;
+};
+inline GroupWeights group_weights(const std::uint16_t* weights, const Geometry& g, int group) {
+  const int ob0 = 2 * group;
+  const std::uint16_t* w0 = weights + ob0 * g.weights_per_out_block;
+  const bool two = ob0 + 1 < g.out_blocks;
+  return {w0, two ? w0 + g.weights_per_out_block : w0, two ? 2 : 1};
+}
+
+void run_images(const BlockedImage* in, const void* packed, const float* bias, bool relu, const BlockedImage* out,
+                int images, bool pool, int threads, KernelScratch& scratch) {
+  if (images < 1) return;
+  const auto* weights = static_cast<const std::uint16_t*>(packed);
+  const Geometry g(in[0], out[0].channels);
+  const int groups = (g.out_blocks + 1) / 2;
+  const std::ptrdiff_t tile_pairs = (g.positions + kPairPositions - 1) / kPairPositions;
+  // Pooled: one item per pooled row, its tile pairs covering the two rows.
+  const int pooled_rows = g.height / 2, pooled_width = g.width / 2;
+  const std::ptrdiff_t slab_pairs = (2 * std::ptrdiff_t(g.padded_width) + kPairPositions - 1) / kPairPositions;
+  const std::ptrdiff_t per_image = pool ? pooled_rows : tile_pairs;
+
+  // The converted images and each thread's bounce buffer live in the caller's scratch.
+  const std::size_t converted_floats = std::size_t(images) * std::size_t(g.image_elements) / 2;
+  const std::size_t bounce_floats = std::size_t(pool ? slab_pairs : 1) * 4 * kTileFloats;
+  scratch.products.ensure_capacity(converted_floats + bounce_floats * std::size_t(threads));
+  auto* converted = reinterpret_cast<std::uint16_t*>(scratch.products.data());
+  float* bounces = scratch.products.data() + converted_floats;
+  const TileConfig config = all_tiles_16x64();
+
+#pragma omp parallel num_threads(threads)
+  {
+    convert_images(in, images, g, converted);
+    // The tile registers are per thread: each thread configures its own and releases them.
+    _tile_loadconfig(&config);
+    float* bounce = bounces + bounce_floats * std::size_t(omp_get_thread_num());
+    // Group-major: a thread walks down the images with one group's weights (Cin * 576 bytes for
+    // two output blocks) in its L2, so a batch reads them once per thread.
+#pragma omp for schedule(static)
+    for (std::ptrdiff_t item = 0; item < groups * images * per_image; ++item) {
+      const int group = int(item / (images * per_image));
+      const int n = int(item / per_image % images);
+      const std::ptrdiff_t part = item % per_image;
+      const GroupWeights w = group_weights(weights, g, group);
+      const std::uint16_t* image = converted + std::ptrdiff_t(n) * g.image_elements;
+      if (!pool) {
+        const std::ptrdiff_t q0 = part * kPairPositions;
+        tile_pair(image, g, q0, w.w0, w.w1, bounce);
+        for (int j = 0; j < w.blocks; ++j) {
+          const int ob = 2 * group + j;
+          const __m512 b = _mm512_loadu_ps(bias + ob * kChannelBlock);
+          float* origin = out[n].data + std::ptrdiff_t(ob) * out[n].block_stride();
+          for (int r = 0; r < kPairPositions; ++r) {
+            const std::ptrdiff_t q = q0 + r;
+            if (q >= g.positions) break;
+            if (q % g.padded_width >= g.width) continue;
+            const float* sum = bounce + (2 * j + r / kTileRows) * kTileFloats + (r % kTileRows) * kChannelBlock;
+            _mm512_storeu_ps(origin + (q + g.padded_width + 1) * kChannelBlock, bias_relu(_mm512_load_ps(sum), b, relu));
+          }
+        }
+        continue;
+      }
+      // Pooled row `part`: conv rows 2 part and 2 part + 1.
+      const std::ptrdiff_t slab = 2 * part * g.padded_width;
+      for (std::ptrdiff_t s = 0; s < slab_pairs; ++s)
+        tile_pair(image, g, slab + s * kPairPositions, w.w0, w.w1, bounce + s * 4 * kTileFloats);
+      // Position r of the slab for block j, as the unfused kernel writes it (bias, ReLU).
+      auto value = [&](int j, std::ptrdiff_t r, __m512 b) {
+        const std::ptrdiff_t pair = r / kPairPositions, in_pair = r % kPairPositions;
+        const float* sum = bounce + (pair * 4 + 2 * j + in_pair / kTileRows) * kTileFloats +
+                           (in_pair % kTileRows) * kChannelBlock;
+        return bias_relu(_mm512_load_ps(sum), b, relu);
+      };
+      for (int j = 0; j < w.blocks; ++j) {
+        const int ob = 2 * group + j;
+        const __m512 b = _mm512_loadu_ps(bias + ob * kChannelBlock);
+        float* dst = out[n].at(ob, int(part), 0);
+        for (int x = 0; x < pooled_width; ++x) {
+          const std::ptrdiff_t top = 2 * x, bottom = g.padded_width + 2 * x;
+          // max_pool2x2's order: (top pair), (bottom pair), then the two.
+          const __m512 m = max_keep_nan(max_keep_nan(value(j, top, b), value(j, top + 1, b)),
+                                        max_keep_nan(value(j, bottom, b), value(j, bottom + 1, b)));
+          _mm512_storeu_ps(dst + x * kChannelBlock, m);
+        }
+      }
+    }
+    _tile_release();
+  }
+}
+
+}  // namespace
+
+void conv3x3(const BlockedImage& in, const void* packed, const float* bias, bool relu, const BlockedImage& out,
+             int threads, KernelScratch& scratch) {
+  run_images(&in, packed, bias, relu, &out, 1, /*pool=*/false, threads, scratch);
+}
+
+void conv3x3_batch(const BlockedImage* in, const void* packed, const float* bias, bool relu, const BlockedImage* out,
+                   int images, int threads, KernelScratch& scratch) {
+  run_images(in, packed, bias, relu, out, images, /*pool=*/false, threads, scratch);
+}
+
+void conv3x3_batch_max_pool(const BlockedImage* in, const void* packed, const float* bias, bool relu,
+                            const BlockedImage* pooled, int images, int threads, KernelScratch& scratch) {
+  run_images(in, packed, bias, relu, pooled, images, /*pool=*/true, threads, scratch);
+}
+
+}  // namespace amxbf16
+}  // namespace fastvgg
