@@ -51,42 +51,54 @@ void unpack_conv3x3_bf16(const std::uint16_t* packed, int in_channels, int out_c
 namespace {
 constexpr int kAmxPairBlock = 32;  // input channels of one AMX B tile (16 rows of pairs)
 
-// Index of weight (kh, kw, ic, oc) in [out/16][3][3][in/32][16 pairs][16 out][2].
-std::size_t packed_conv3x3_amx_index(int in_pair_blocks, int kh, int kw, int ic, int oc) {
-  const int ob = oc / kChannelBlock, cb = ic / kAmxPairBlock, lane_in = ic % kAmxPairBlock;
-  const std::size_t tile = (std::size_t(ob) * 9 + std::size_t(kh) * 3 + kw) * in_pair_blocks + cb;
-  return ((tile * (kAmxPairBlock / 2) + lane_in / 2) * kChannelBlock + oc % kChannelBlock) * 2 + lane_in % 2;
+// Up to this many input channels the AMX kernel runs im2col: 9 taps x channels in one K of 32.
+constexpr int kAmxIm2colMaxChannels = kAmxPairBlock / 9;
+
+// Index of weight (kh, kw, ic, oc) in [out/16][3][3][in/32][16 pairs][16 out][2], or with
+// im2col in [out/16][16 pairs][16 out][2] at k = tap * in_channels + ic.
+std::size_t packed_conv3x3_amx_index(int in_channels, int kh, int kw, int ic, int oc) {
+  const int ob = oc / kChannelBlock, tap = kh * 3 + kw;
+  std::size_t tile;
+  int k;
+  if (in_channels <= kAmxIm2colMaxChannels) {
+    tile = std::size_t(ob);
+    k = tap * in_channels + ic;
+  } else {
+    const int pair_blocks = (in_channels + kAmxPairBlock - 1) / kAmxPairBlock;
+    tile = (std::size_t(ob) * 9 + tap) * pair_blocks + ic / kAmxPairBlock;
+    k = ic % kAmxPairBlock;
+  }
+  return ((tile * (kAmxPairBlock / 2) + k / 2) * kChannelBlock + oc % kChannelBlock) * 2 + k % 2;
 }
-int amx_pair_blocks(int in_channels) { return (in_channels + kAmxPairBlock - 1) / kAmxPairBlock; }
 }  // namespace
 
 std::size_t packed_conv3x3_amx_size(int in_channels, int out_channels) {
-  return std::size_t(channel_blocks(out_channels)) * 9 * amx_pair_blocks(in_channels) * kAmxPairBlock * kChannelBlock;
+  const std::size_t tiles_per_out_block =
+      in_channels <= kAmxIm2colMaxChannels ? 1 : 9 * std::size_t((in_channels + kAmxPairBlock - 1) / kAmxPairBlock);
+  return std::size_t(channel_blocks(out_channels)) * tiles_per_out_block * kAmxPairBlock * kChannelBlock;
 }
 
 void pack_conv3x3_amx(const float* kernel_hwio, int in_channels, int out_channels, std::uint16_t* packed,
                       int threads) {
   std::fill(packed, packed + packed_conv3x3_amx_size(in_channels, out_channels), std::uint16_t(0));
-  const int pair_blocks = amx_pair_blocks(in_channels);
 #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
   for (int kh = 0; kh < 3; ++kh)
     for (int kw = 0; kw < 3; ++kw)
       for (int ic = 0; ic < in_channels; ++ic)
         for (int oc = 0; oc < out_channels; ++oc)
-          packed[packed_conv3x3_amx_index(pair_blocks, kh, kw, ic, oc)] =
+          packed[packed_conv3x3_amx_index(in_channels, kh, kw, ic, oc)] =
               round_to_bf16(kernel_hwio[((std::size_t(kh) * 3 + kw) * in_channels + ic) * out_channels + oc]);
 }
 
 void unpack_conv3x3_amx(const std::uint16_t* packed, int in_channels, int out_channels, float* kernel_hwio,
                         int threads) {
-  const int pair_blocks = amx_pair_blocks(in_channels);
 #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
   for (int kh = 0; kh < 3; ++kh)
     for (int kw = 0; kw < 3; ++kw)
       for (int ic = 0; ic < in_channels; ++ic)
         for (int oc = 0; oc < out_channels; ++oc)
           kernel_hwio[((std::size_t(kh) * 3 + kw) * in_channels + ic) * out_channels + oc] =
-              bf16_to_float(packed[packed_conv3x3_amx_index(pair_blocks, kh, kw, ic, oc)]);
+              bf16_to_float(packed[packed_conv3x3_amx_index(in_channels, kh, kw, ic, oc)]);
 }
 
 std::size_t packed_dense_bf16_size(int depth, int cols) {
