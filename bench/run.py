@@ -196,7 +196,7 @@ def onnxruntime_runner(onnx_path: str, threads: int):
     return lambda x: session.run(["output"], {"input": x})[0]
 
 
-PEERS = ["fastvgg", "fastvgg bf16", "keras predict", "keras tf.function", "onnxruntime", "openvino f32", "openvino default", "torch"]
+PEERS = ["fastvgg", "fastvgg bf16", "fastvgg bf16 int14", "keras predict", "keras tf.function", "onnxruntime", "openvino f32", "openvino default", "torch"]
 PEER_MODULES = {"onnxruntime": ("onnx", "onnxruntime"), "openvino f32": ("onnx", "openvino"),
                 "openvino default": ("onnx", "openvino"), "torch": ("torch",)}
 
@@ -213,17 +213,32 @@ def bf16_unavailable():
     return _core.testing.bf16_unavailable_reason() or None
 
 
+def bf16_sets():
+    """The bf16 kernel sets this build and CPU run, the default (precision='bf16') first."""
+    from fastvgg import _core
+
+    return _core.testing.bf16_kernel_sets() if hasattr(_core.testing, "bf16_kernel_sets") else []
+
+
 def installed(name: str) -> bool:
     import importlib.util
 
     if name == "fastvgg bf16":
         return bf16_unavailable() is None
+    if name == "fastvgg bf16 int14":
+        # The AVX512_BF16 set (int14 Winograd) as a contender of its own where it is not the
+        # default, i.e. where the AMX set runs precision='bf16'.
+        return bf16_unavailable() is None and bf16_sets()[:1] != ["avx512_bf16"] and "avx512_bf16" in bf16_sets()
     return all(importlib.util.find_spec(m) is not None for m in PEER_MODULES.get(name, ()))
 
 
 def skip_reason(name: str) -> str:
     """A contender left out of the run, and why: fastvgg bf16 needs CPU features, a peer its package."""
-    return f"{name} ({bf16_unavailable()})" if name == "fastvgg bf16" else f"{name} (not installed)"
+    if name == "fastvgg bf16":
+        return f"{name} ({bf16_unavailable()})"
+    if name == "fastvgg bf16 int14":
+        return f"{name} ({bf16_unavailable() or 'it is what fastvgg bf16 runs here'})"
+    return f"{name} (not installed)"
 
 
 def failure_reason(error: BaseException) -> str:
@@ -257,8 +272,20 @@ def _make_runner(name, build, layers, keras_model, h5_path, onnx_path, include_t
     import tensorflow as tf
 
     if name.startswith("fastvgg"):
-        precision = "bf16" if name == "fastvgg bf16" else "fast"
-        ours = build(h5_path, include_top=include_top, input_shape=input_shape, precision=precision, packed_cache=False)
+        precision = "bf16" if name.startswith("fastvgg bf16") else "fast"
+        # FASTVGG_BF16_KERNELS is read when the model's executor is made.
+        previous = os.environ.get("FASTVGG_BF16_KERNELS")
+        if name == "fastvgg bf16 int14":
+            os.environ["FASTVGG_BF16_KERNELS"] = "avx512_bf16"
+        try:
+            ours = build(h5_path, include_top=include_top, input_shape=input_shape, precision=precision,
+                         packed_cache=False)
+        finally:
+            if name == "fastvgg bf16 int14":
+                if previous is None:
+                    del os.environ["FASTVGG_BF16_KERNELS"]
+                else:
+                    os.environ["FASTVGG_BF16_KERNELS"] = previous
         return lambda x, m=ours: m.predict(x, batch_size=len(x))
     if name == "keras predict":
         return lambda x: keras_model.predict(x, batch_size=len(x), verbose=0)
@@ -414,6 +441,14 @@ def bf16_dot_peak(core, threads: int, quick: bool):
     return max(core.testing.bf16_dot_peak_gflops(threads, iterations) for _ in range(3))
 
 
+def amx_peak(core, threads: int, quick: bool):
+    """Measured TDPBF16PS GFLOP/s, or None where the CPU or the build has no AMX kernels."""
+    if not hasattr(core.testing, "amx_bf16_peak_gflops") or core.testing.amx_unavailable_reason():
+        return None
+    iterations = 300_000 if quick else 2_000_000
+    return max(core.testing.amx_bf16_peak_gflops(threads, iterations) for _ in range(3))
+
+
 def stream_read_gbps(threads: int) -> tuple:
     """A streaming read measured two ways: numpy sum (one thread) and BLAS sgemv over an
     fc1-sized matrix (`threads` threads, the dense layer's own access pattern)."""
@@ -446,6 +481,10 @@ def per_layer(threads: int, quick: bool, lines):
     repeats = 3 if quick else 11
     peaks = {t: fma_peak(_core, t, quick) for t in sorted({1, threads})}
     bf16_peak = bf16_dot_peak(_core, threads, quick)
+    tile_peak = amx_peak(_core, threads, quick)
+    amx_missing = None if tile_peak else (_core.testing.amx_unavailable_reason()
+                                          if hasattr(_core.testing, "amx_unavailable_reason")
+                                          else "not in this build of the extension")
     bf16_missing = None if bf16_peak else (_core.testing.bf16_unavailable_reason()
                                            if hasattr(_core.testing, "bf16_unavailable_reason")
                                            else "not in this build of the extension")
@@ -456,16 +495,21 @@ def per_layer(threads: int, quick: bool, lines):
                  if peaks[threads] else "not in this build of the extension (rebuild fastvgg)") + ".",
               f"Measured bf16 dot-product peak (vdpbf16ps, csrc/bf16/dot_peak_bf16.cpp): "
               + (f"{bf16_peak:.0f} GFLOP/s on {threads} thread{'s' * (threads > 1)}." if bf16_peak
-                 else f"n/a ({bf16_missing})."), "",
+                 else f"n/a ({bf16_missing})."),
+              f"Measured AMX bf16 peak (TDPBF16PS, csrc/bf16/dot_peak_bf16.cpp): "
+              + (f"{tile_peak:.0f} GFLOP/s on {threads} thread{'s' * (threads > 1)}." if tile_peak
+                 else f"n/a ({amx_missing})."), "",
               "Effective GFLOP/s count direct-convolution FLOPs (2·H·W·Cin·Cout·9) whatever the algorithm, "
               "so Winograd layers can pass the peak. The bf16 columns time the bf16 kernel set's direct "
               "convolution (vdpbf16ps) on the same layer, % of the bf16 peak; int14: its Winograd F(4x4) with "
-              "int14 products (vpdpwssd, the same peak).", "",
+              "int14 products (vpdpwssd, the same peak). AMX: the AMX set's direct convolution (TDPBF16PS, "
+              "activations as bf16 hi + lo, so twice the products: % of the AMX peak counts them both).", "",
               f"| layer | algorithm | ms ({threads}T) | GFLOP/s | % of peak | ms (1T) | {threads}T/1T speedup "
-              f"| bf16 direct ms ({threads}T) | bf16 GFLOP/s | % of bf16 peak | int14 winograd ms ({threads}T) | int14 GFLOP/s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              f"| bf16 direct ms ({threads}T) | bf16 GFLOP/s | % of bf16 peak | int14 winograd ms ({threads}T) | int14 GFLOP/s "
+              f"| AMX ms ({threads}T) | AMX GFLOP/s | % of AMX peak |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     total = {1: 0.0, threads: 0.0}
-    bf16_total = int14_total = 0.0
+    bf16_total = int14_total = amx_total = 0.0
     for name, (size, cin, cout) in zip(CONV_NAMES, VGG16_CONVS):
         x = np.maximum(rng.standard_normal((1, size, size, cin)), 0).astype(np.float32)
         kernel = (rng.standard_normal((3, 3, cin, cout)) * np.sqrt(2.0 / (9 * (cin + cout)))).astype(np.float32)
@@ -488,11 +532,17 @@ def per_layer(threads: int, quick: bool, lines):
             bf16_gflops = flop / bf16_s / 1e9
             bf16_cells = (f"{bf16_s * 1e3:.2f} | {bf16_gflops:.0f} | {100 * bf16_gflops / bf16_peak:.0f}% "
                           f"| {int14_s * 1e3:.2f} | {flop / int14_s / 1e9:.0f}")
+        amx_cells = "n/a | n/a | n/a"
+        if tile_peak:
+            amx_s = _core.testing.time_conv3x3_bf16(x, kernel, bias, repeats, "amx")
+            amx_total += amx_s
+            amx_cells = f"{amx_s * 1e3:.2f} | {flop / amx_s / 1e9:.0f} | {100 * 2 * flop / amx_s / 1e9 / tile_peak:.0f}%"
         lines.append(f"| {name} | {algorithm} | {ms[threads] * 1e3:.2f} | {gflops:.0f} | {pct} | {ms[1] * 1e3:.2f} "
-                     f"| {ms[1] / ms[threads]:.2f} | {bf16_cells} |")
+                     f"| {ms[1] / ms[threads]:.2f} | {bf16_cells} | {amx_cells} |")
     bf16_sum = f"{bf16_total * 1e3:.1f} | | | {int14_total * 1e3:.1f} |" if bf16_peak else "n/a | | | n/a |"
+    amx_sum = f"{amx_total * 1e3:.1f} | |" if tile_peak else "n/a | |"
     lines.append(f"| all convs | | {total[threads] * 1e3:.1f} | | | {total[1] * 1e3:.1f} | {total[1] / total[threads]:.2f} "
-                 f"| {bf16_sum} |")
+                 f"| {bf16_sum} | {amx_sum} |")
     _core.set_num_threads(threads)
 
     sum_gbps, gemv_gbps = stream_read_gbps(threads)

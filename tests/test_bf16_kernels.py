@@ -327,3 +327,13 @@ def test_unpack_winograd_int14_is_close():
 def test_unpack_rejects_unknown_methods():
     with pytest.raises(ValueError, match="direct_bf16"):
         testing.bf16_unpack_roundtrip(np.zeros((3, 3, 2, 2), np.float32), "winograd_bf16")
+
+
+@requires_amx
+def test_amx_peak_is_measured_and_checks_its_arguments():
+    # bench/ divides the AMX kernel's rate by this peak: it must be a real, positive rate.
+    assert testing.amx_bf16_peak_gflops(1, 20_000) > 0
+    with pytest.raises(ValueError, match="threads"):
+        testing.amx_bf16_peak_gflops(0)
+    with pytest.raises(ValueError, match="iterations"):
+        testing.amx_bf16_peak_gflops(1, 0)

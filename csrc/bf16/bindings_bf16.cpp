@@ -22,6 +22,7 @@ namespace py = pybind11;
 
 namespace fastvgg {
 double bf16_dot_peak_gflops(int threads, long iterations);  // dot_peak_bf16.cpp
+double amx_bf16_peak_gflops(int threads, long iterations);  // dot_peak_bf16.cpp
 
 namespace {
 
@@ -382,6 +383,11 @@ void register_bf16_testing(py::module_& testing, int (*thread_count)()) {
   }, py::arg("kernel"), py::arg("method"),
      "A kernel packed and unpacked by a bf16 method ('direct_bf16', 'winograd_f4x4_int14', 'direct_bf16_amx', "
      "'dense_bf16').");
+  testing.def("amx_bf16_peak_gflops", [](int threads, long iterations) {
+    py::gil_scoped_release release;
+    return amx_bf16_peak_gflops(threads, iterations);
+  }, py::arg("threads"), py::arg("iterations") = 2000000L,
+     "Measured TDPBF16PS GFLOP/s of `threads` threads (csrc/bf16/dot_peak_bf16.cpp), for bench/; ValueError without AMX.");
   testing.def("bf16_dot_peak_gflops", [](int threads, long iterations) {
     py::gil_scoped_release release;
     return bf16_dot_peak_gflops(threads, iterations);
