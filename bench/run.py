@@ -591,9 +591,10 @@ def child(name: str, model_dir: str, threads: int) -> None:
         import torch
     imported = time.perf_counter()
     if name.startswith("fastvgg"):
-        # "fastvgg" and "fastvgg bf16" unpack the .h5 file; "fastvgg cached" maps the packed
-        # cache that an earlier process wrote (FASTVGG_PACKED_CACHE, set by the parent).
-        precision = "bf16" if name == "fastvgg bf16" else "fast"
+        # "fastvgg" and the bf16 ones unpack the .h5 file; "fastvgg cached" maps the packed
+        # cache that an earlier process wrote (FASTVGG_PACKED_CACHE, set by the parent);
+        # "fastvgg bf16 int14" runs the AVX512_BF16 set (FASTVGG_BF16_KERNELS, set by the parent).
+        precision = "bf16" if name.startswith("fastvgg bf16") else "fast"
         cache = os.environ["FASTVGG_PACKED_CACHE"] if name == "fastvgg cached" else False
         run = lambda x, m=fastvgg.VGG16(h5, precision=precision, packed_cache=cache): m.predict(x, batch_size=1)
     elif name.startswith("keras"):
@@ -637,6 +638,8 @@ def load_and_memory(names, model_dir, threads, lines):
         if name == "keras tf.function":
             continue  # same process footprint as keras predict
         env = os.environ.copy()
+        if name == "fastvgg bf16 int14":
+            env["FASTVGG_BF16_KERNELS"] = "avx512_bf16"
         if name == "fastvgg cached":
             env["FASTVGG_PACKED_CACHE"] = cache_dir
             # The first process writes the cache file; the timed ones map it.

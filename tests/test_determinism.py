@@ -12,10 +12,15 @@ import numpy as np
 import pytest
 
 import fastvgg
+from bf16_checks import BF16_UNAVAILABLE
 from helpers import noise_images
 
+# bf16 runs this CPU's bf16 set (the AMX one where it has AMX), skipped without AVX512_BF16.
+PRECISIONS = ["fast", "highest", pytest.param("bf16", marks=pytest.mark.skipif(
+    bool(BF16_UNAVAILABLE), reason=f"bf16 kernels skipped: {BF16_UNAVAILABLE}"))]
 
-@pytest.fixture(scope="module", params=["fast", "highest"])
+
+@pytest.fixture(scope="module", params=PRECISIONS)
 def model(request):
     # The top over a 64x64 input: convolutions, pools, flatten and all three dense layers
     # (fc1 sees a 2x2x512 grid).
@@ -56,7 +61,7 @@ def test_an_image_gives_the_same_bits_alone_and_in_a_batch(model, restore_thread
             assert np.array_equal(model.predict(x[i : i + 1]), together[i : i + 1]), (threads, i)
 
 
-@pytest.mark.parametrize("precision", ["fast", "highest"])
+@pytest.mark.parametrize("precision", PRECISIONS)
 def test_features_without_the_top_for_any_thread_count(restore_threads, precision):
     # A size whose tiles, rows and channel groups split unevenly between 1, 2 and 3 threads.
     model = fastvgg.VGG16(None, include_top=False, pooling="avg", seed=4, precision=precision)

@@ -45,8 +45,18 @@ def layers_out(model):
     return model.extract(images(), ["block2_conv2:preact", "block5_pool", "fc1", "predictions"])
 
 
-@pytest.mark.parametrize("precision", ["fast", "highest"])
-def test_a_cached_model_predicts_and_returns_weights_bit_for_bit(weights_file, tmp_path, precision):
+from bf16_checks import BF16_UNAVAILABLE  # noqa: E402
+
+BF16_SETS = [] if BF16_UNAVAILABLE else fastvgg._core.testing.bf16_kernel_sets()
+# Each bf16 set packs its own layout: a precision of "bf16 <set>" runs that set.
+PRECISIONS = ["fast", "highest"] + [f"bf16 {name}" for name in BF16_SETS]
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_a_cached_model_predicts_and_returns_weights_bit_for_bit(weights_file, tmp_path, precision, monkeypatch):
+    if precision.startswith("bf16"):
+        monkeypatch.setenv("FASTVGG_BF16_KERNELS", precision.split()[1])
+        precision = "bf16"
     plain = build(weights_file, False, precision)
     assert plain._packed_cache_status == "off"
     first = build(weights_file, tmp_path, precision)
@@ -59,11 +69,27 @@ def test_a_cached_model_predicts_and_returns_weights_bit_for_bit(weights_file, t
             np.testing.assert_array_equal(value, expected[name], err_msg=name)
         for a, b in zip(model.get_weights(), plain.get_weights()):
             np.testing.assert_array_equal(a, b)
-    # Weights set after a mapped load replace the mapped ones (never written through).
+    # Weights set after a mapped load replace the mapped ones (never written through): they read
+    # back as from a model that never saw the cache (exactly kernel * 2 where the layout keeps
+    # it; the int14 Winograd layout keeps a quantised transform, not the kernel).
     kernel, bias = again.get_layer("block3_conv1").get_weights()
     again.get_layer("block3_conv1").set_weights([kernel * 2, bias])
-    np.testing.assert_array_equal(again.get_layer("block3_conv1").get_weights()[0], kernel * 2)
+    plain.get_layer("block3_conv1").set_weights([kernel * 2, bias])
+    np.testing.assert_array_equal(again.get_layer("block3_conv1").get_weights()[0],
+                                  plain.get_layer("block3_conv1").get_weights()[0])
+    if plain._executor.kernel_set != "avx512_bf16":  # its block3_conv1 is an int14 Winograd layer
+        np.testing.assert_array_equal(again.get_layer("block3_conv1").get_weights()[0], kernel * 2)
     assert build(weights_file, tmp_path, precision)._packed_cache_status == "hit"
+
+
+@pytest.mark.skipif(len(BF16_SETS) < 2, reason="one bf16 kernel set or none here: nothing to tell apart")
+def test_each_bf16_kernel_set_gets_its_own_cache_file(weights_file, tmp_path, monkeypatch):
+    statuses = []
+    for name in BF16_SETS + BF16_SETS:
+        monkeypatch.setenv("FASTVGG_BF16_KERNELS", name)
+        statuses.append(build(weights_file, tmp_path, "bf16")._packed_cache_status)
+    assert statuses == ["built"] * len(BF16_SETS) + ["hit"] * len(BF16_SETS)
+    assert len([n for n in os.listdir(tmp_path) if n.endswith(pc.SUFFIX)]) == len(BF16_SETS)
 
 
 def test_damaged_cache_file_is_rebuilt_and_other_content_gets_its_own(weights_file, tmp_path):
