@@ -90,8 +90,6 @@ struct Geometry {
   int taps;     // K steps per pair block: 9 taps, or 1 with im2col
   std::ptrdiff_t plane;            // positions of one padded plane
   std::ptrdiff_t positions;        // virtual positions up to the last real output pixel + 1
-  std::ptrdiff_t lo_offset;        // bf16 elements from an image's hi planes to its lo planes
-  std::ptrdiff_t image_elements;   // bf16 elements of one converted image, slack included
   std::ptrdiff_t weights_per_out_block;
 
   Geometry(const BlockedImage& in, int out_channels) {
@@ -105,11 +103,6 @@ struct Geometry {
     out_blocks = channel_blocks(out_channels);
     plane = std::ptrdiff_t(height + 2) * padded_width;
     positions = std::ptrdiff_t(height - 1) * padded_width + width;
-    lo_offset = std::ptrdiff_t(pair_blocks) * plane * kPairBlock;
-    // The last pair of M tiles reads up to 32 positions past the last virtual output (past a
-    // high plane that is the low planes; past the low planes, this slack), and the 2 rows + 2
-    // positions of the taps beyond: all dropped. Rounded to whole cache lines.
-    image_elements = (2 * lo_offset + (kPairPositions + 2) * kPairBlock + 31) / 32 * 32;
     weights_per_out_block = std::ptrdiff_t(taps) * pair_blocks * kTileElements;
   }
 };
@@ -134,12 +127,24 @@ inline void store_split(__m512 a, __m512 b, std::uint16_t* hi_row, std::uint16_t
   _mm512_storeu_si512(lo_row, _mm512_inserti64x4(_mm512_castsi256_si512((__m256i)a_lo), (__m256i)b_lo, 1));
 }
 
+// One thread's converted copy of the positions a band of work reads: [hi, lo][pair block]
+// [span][32] bf16, position p of the padded plane at row p - first (positions past the plane
+// are 0: the last tiles read up to 32 of them, whose results are dropped).
+struct Band {
+  std::uint16_t* data = nullptr;
+  std::ptrdiff_t first = 0, span = 0;  // positions [first, first + span)
+  std::ptrdiff_t block_stride = 0;     // elements from one pair block to the next
+  std::ptrdiff_t lo_offset = 0;        // elements from the hi parts to the lo parts
+  const std::uint16_t* at(int pair_block, std::ptrdiff_t position) const {
+    return data + pair_block * block_stride + (position - first) * kPairBlock;
+  }
+};
+
 // im2col: row q holds, at k = tap * channels + c, channel c of padded position q + tap's shift
-// (0 past the plane), for rows [first, last); the rest of the row is 0. The row is assembled in
+// (0 past the plane), for the band's rows; the rest of the row is 0. The row is assembled in
 // two registers by masked permutes (a masked store to a stack row and a reload cost a store-
 // forwarding stall per tap: the layer took 2.9 ms instead of ~1).
-void convert_im2col(const BlockedImage& in, const Geometry& g, std::ptrdiff_t first, std::ptrdiff_t last,
-                    std::uint16_t* converted) {
+void convert_im2col(const BlockedImage& in, const Geometry& g, const Band& band) {
   __m512i index[9][2];
   __mmask16 lanes[9][2];
   for (int tap = 0; tap < 9; ++tap)
@@ -154,7 +159,7 @@ void convert_im2col(const BlockedImage& in, const Geometry& g, std::ptrdiff_t fi
       index[tap][half] = _mm512_load_si512(idx);
       lanes[tap][half] = __mmask16(mask);
     }
-  for (std::ptrdiff_t q = first; q < last; ++q) {
+  for (std::ptrdiff_t q = band.first; q < band.first + band.span; ++q) {
     __m512 low = _mm512_setzero_ps(), high = _mm512_setzero_ps();
     for (int tap = 0; tap < 9; ++tap) {
       const std::ptrdiff_t p = q + std::ptrdiff_t(tap / 3) * g.padded_width + tap % 3;
@@ -163,50 +168,45 @@ void convert_im2col(const BlockedImage& in, const Geometry& g, std::ptrdiff_t fi
       low = _mm512_mask_permutexvar_ps(low, lanes[tap][0], index[tap][0], pixel);
       high = _mm512_mask_permutexvar_ps(high, lanes[tap][1], index[tap][1], pixel);
     }
-    store_split(low, high, converted + q * kPairBlock, converted + g.lo_offset + q * kPairBlock);
+    std::uint16_t* row = band.data + (q - band.first) * kPairBlock;
+    store_split(low, high, row, row + band.lo_offset);
   }
 }
 
-// Input blocks 2c and 2c+1 of `in` (fp32, 16 channels each) into bf16 block c of 32 channels,
-// positions [first, last) of the padded plane, hi and lo parts; channels past the image's are
-// zero.
-void convert_positions(const BlockedImage& in, const Geometry& g, int pair_block, std::ptrdiff_t first,
-                       std::ptrdiff_t last, std::uint16_t* converted) {
+// Input blocks 2c and 2c+1 of `in` (fp32, 16 channels each) into bf16 block c of 32 channels of
+// the band, hi and lo parts; channels past the image's are zero.
+void convert_positions(const BlockedImage& in, const Geometry& g, int pair_block, const Band& band) {
   const float* block_lo = in.data + std::ptrdiff_t(2 * pair_block) * g.plane * kChannelBlock;
   const bool has_high = 2 * pair_block + 1 < in.blocks();
   const float* block_hi = block_lo + g.plane * kChannelBlock;
-  std::uint16_t* dst = converted + std::ptrdiff_t(pair_block) * g.plane * kPairBlock;
+  std::uint16_t* dst = band.data + pair_block * band.block_stride;
   const __m512 zero = _mm512_setzero_ps();
-  for (std::ptrdiff_t p = first; p < last; ++p) {
+  const std::ptrdiff_t inside = std::min(band.first + band.span, g.plane);
+  for (std::ptrdiff_t p = band.first; p < inside; ++p) {
     const __m512 a = _mm512_loadu_ps(block_lo + p * kChannelBlock);
     const __m512 b = has_high ? _mm512_loadu_ps(block_hi + p * kChannelBlock) : zero;
-    store_split(a, b, dst + p * kPairBlock, dst + g.lo_offset + p * kPairBlock);
+    std::uint16_t* row = dst + (p - band.first) * kPairBlock;
+    store_split(a, b, row, row + band.lo_offset);
+  }
+  for (std::ptrdiff_t p = std::max(inside, band.first); p < band.first + band.span; ++p) {
+    std::uint16_t* row = dst + (p - band.first) * kPairBlock;
+    std::memset(row, 0, kPairBlock * sizeof(std::uint16_t));
+    std::memset(row + band.lo_offset, 0, kPairBlock * sizeof(std::uint16_t));
   }
 }
 
-// Every image into its converted copy, on the calling team's threads (inside a parallel region;
-// ends with the implied barrier of its omp for, so all copies are complete on return).
-void convert_images(const BlockedImage* in, int images, const Geometry& g, std::uint16_t* converted) {
-  constexpr int kParts = 8;
-#pragma omp for schedule(static) collapse(3)
-  for (int n = 0; n < images; ++n)
-    for (int c = 0; c < g.pair_blocks; ++c)
-      for (int part = 0; part < kParts; ++part) {
-        std::uint16_t* image = converted + std::ptrdiff_t(n) * g.image_elements;
-        const std::ptrdiff_t first = g.plane * part / kParts, last = g.plane * (part + 1) / kParts;
-        if (g.im2col)
-          convert_im2col(in[n], g, first, last, image);
-        else
-          convert_positions(in[n], g, c, first, last, image);
-        // The slack: read by the last tiles, dropped, but kept finite and defined.
-        if (c == 0 && part == 0)
-          std::memset(image + 2 * g.lo_offset, 0, std::size_t(g.image_elements - 2 * g.lo_offset) * sizeof(std::uint16_t));
-      }
+// The band's positions of image `in`, every pair block.
+void convert_band(const BlockedImage& in, const Geometry& g, const Band& band) {
+  if (g.im2col) {
+    convert_im2col(in, g, band);
+    return;
+  }
+  for (int c = 0; c < g.pair_blocks; ++c) convert_positions(in, g, c, band);
 }
 
-// C for positions [q0, q0 + 32) x output blocks (w0, w1) of one converted image: 4 tiles into
+// C for positions [q0, q0 + 32) x output blocks (w0, w1) of a converted band: 4 tiles into
 // `bounce` as [block j][M tile m][16 positions][16 channels].
-inline void tile_pair(const std::uint16_t* image, const Geometry& g, std::ptrdiff_t q0, const std::uint16_t* w0,
+inline void tile_pair(const Band& band, const Geometry& g, std::ptrdiff_t q0, const std::uint16_t* w0,
                       const std::uint16_t* w1, float* bounce) {
   _tile_zero(0);
   _tile_zero(1);
@@ -216,7 +216,7 @@ inline void tile_pair(const std::uint16_t* image, const Geometry& g, std::ptrdif
     for (int tap = 0; tap < g.taps; ++tap) {
       // With im2col the taps are inside K: one step, no shift.
       const std::ptrdiff_t shift = std::ptrdiff_t(tap / 3) * g.padded_width + tap % 3;
-      const std::uint16_t* a = image + (std::ptrdiff_t(c) * g.plane + q0 + shift) * kPairBlock;
+      const std::uint16_t* a = band.at(c, q0 + shift);
       const std::ptrdiff_t b_offset = (std::ptrdiff_t(tap) * g.pair_blocks + c) * kTileElements;
       // hi parts, then lo parts, against the same two weight tiles.
       _tile_loadd(6, w0 + b_offset, 64);
@@ -225,10 +225,10 @@ inline void tile_pair(const std::uint16_t* image, const Geometry& g, std::ptrdif
       _tile_loadd(5, a + kTileElements, 64);
       _tile_dpbf16ps(0, 4, 6);
       _tile_dpbf16ps(2, 4, 7);
-      _tile_loadd(4, a + g.lo_offset, 64);
+      _tile_loadd(4, a + band.lo_offset, 64);
       _tile_dpbf16ps(1, 5, 6);
       _tile_dpbf16ps(3, 5, 7);
-      _tile_loadd(5, a + g.lo_offset + kTileElements, 64);
+      _tile_loadd(5, a + band.lo_offset + kTileElements, 64);
       _tile_dpbf16ps(0, 4, 6);
       _tile_dpbf16ps(2, 4, 7);
       _tile_dpbf16ps(1, 5, 6);
@@ -287,20 +287,36 @@ void run_images(const BlockedImage* in, const void* packed, const float* bias, b
   const std::ptrdiff_t band_parts = std::max<std::ptrdiff_t>(
       1, std::min(per_image, (kBandBytes / position_bytes - 2 * g.padded_width) / part_positions));
 
-  // The converted images and each thread's bounce buffer live in the caller's scratch.
-  const std::size_t converted_floats = std::size_t(images) * std::size_t(g.image_elements) / 2;
+  // The positions a band of parts [p0, p1) reads: its tile pairs (or slabs' tile pairs) and the
+  // taps' 2 rows + 2 positions beyond them.
+  const std::ptrdiff_t reach = 2 * std::ptrdiff_t(g.padded_width) + 2;
+  auto band_range = [&](std::ptrdiff_t p0, std::ptrdiff_t p1) {
+    if (!pool) return std::make_pair(p0 * kPairPositions, (p1 - p0) * kPairPositions + reach);
+    const std::ptrdiff_t first = 2 * p0 * g.padded_width;
+    return std::make_pair(first, 2 * (p1 - 1) * g.padded_width + slab_pairs * kPairPositions + reach - first);
+  };
+  const std::ptrdiff_t span_max = band_range(0, band_parts).second;
+
+  // Each thread's converted band and bounce buffer live in the caller's scratch: each thread
+  // converts the bands it works on just before, so they come from its L2, not from memory.
+  const std::ptrdiff_t band_elements = 2 * std::ptrdiff_t(g.pair_blocks) * span_max * kPairBlock;
+  const std::size_t band_floats = std::size_t(band_elements / 2 + 15) / 16 * 16;
   const std::size_t bounce_floats = std::size_t(pool ? slab_pairs : 1) * 4 * kTileFloats;
-  scratch.products.ensure_capacity(converted_floats + bounce_floats * std::size_t(threads));
-  auto* converted = reinterpret_cast<std::uint16_t*>(scratch.products.data());
-  float* bounces = scratch.products.data() + converted_floats;
+  scratch.products.ensure_capacity((band_floats + bounce_floats) * std::size_t(threads));
   const TileConfig config = all_tiles_16x64();
 
 #pragma omp parallel num_threads(threads)
   {
-    convert_images(in, images, g, converted);
     // The tile registers are per thread: each thread configures its own and releases them.
     _tile_loadconfig(&config);
-    float* bounce = bounces + bounce_floats * std::size_t(omp_get_thread_num());
+    float* own = scratch.products.data() + (band_floats + bounce_floats) * std::size_t(omp_get_thread_num());
+    float* bounce = own + band_floats;
+    Band converted;
+    converted.data = reinterpret_cast<std::uint16_t*>(own);
+    converted.block_stride = span_max * kPairBlock;
+    converted.lo_offset = std::ptrdiff_t(g.pair_blocks) * converted.block_stride;
+    std::ptrdiff_t converted_band = -1;  // image * bands + band held in `converted`
+    const std::ptrdiff_t bands = (per_image + band_parts - 1) / band_parts;
     // Image, band, group, then the band's parts: a band's converted input (about kBandBytes)
     // stays in the L2 while every group's weights pass over it.
 #pragma omp for schedule(static)
@@ -313,10 +329,16 @@ void run_images(const BlockedImage* in, const void* packed, const float* bias, b
       const int group = int(in_band / parts_here);
       const std::ptrdiff_t part = band * band_parts + in_band % parts_here;
       const GroupWeights w = group_weights(weights, g, group);
-      const std::uint16_t* image = converted + std::ptrdiff_t(n) * g.image_elements;
+      if (n * bands + band != converted_band) {
+        const auto range = band_range(band * band_parts, band * band_parts + parts_here);
+        converted.first = range.first;
+        converted.span = range.second;
+        convert_band(in[n], g, converted);
+        converted_band = n * bands + band;
+      }
       if (!pool) {
         const std::ptrdiff_t q0 = part * kPairPositions;
-        tile_pair(image, g, q0, w.w0, w.w1, bounce);
+        tile_pair(converted, g, q0, w.w0, w.w1, bounce);
         for (int j = 0; j < w.blocks; ++j) {
           const int ob = 2 * group + j;
           const __m512 b = _mm512_loadu_ps(bias + ob * kChannelBlock);
@@ -336,7 +358,7 @@ void run_images(const BlockedImage* in, const void* packed, const float* bias, b
       // Pooled row `part`: conv rows 2 part and 2 part + 1.
       const std::ptrdiff_t slab = 2 * part * g.padded_width;
       for (std::ptrdiff_t s = 0; s < slab_pairs; ++s)
-        tile_pair(image, g, slab + s * kPairPositions, w.w0, w.w1, bounce + s * 4 * kTileFloats);
+        tile_pair(converted, g, slab + s * kPairPositions, w.w0, w.w1, bounce + s * 4 * kTileFloats);
       // Position r of the slab for block j, as the unfused kernel writes it (bias, ReLU).
       auto value = [&](int j, std::ptrdiff_t r, __m512 b) {
         const std::ptrdiff_t pair = r / kPairPositions, in_pair = r % kPairPositions;
