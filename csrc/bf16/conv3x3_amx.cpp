@@ -212,28 +212,38 @@ inline void tile_pair(const Band& band, const Geometry& g, std::ptrdiff_t q0, co
   _tile_zero(1);
   _tile_zero(2);
   _tile_zero(3);
-  for (int c = 0; c < g.pair_blocks; ++c) {
-    for (int tap = 0; tap < g.taps; ++tap) {
-      // With im2col the taps are inside K: one step, no shift.
-      const std::ptrdiff_t shift = std::ptrdiff_t(tap / 3) * g.padded_width + tap % 3;
-      const std::uint16_t* a = band.at(c, q0 + shift);
-      const std::ptrdiff_t b_offset = (std::ptrdiff_t(tap) * g.pair_blocks + c) * kTileElements;
-      // hi parts, then lo parts, against the same two weight tiles.
-      _tile_loadd(6, w0 + b_offset, 64);
-      _tile_loadd(7, w1 + b_offset, 64);
-      _tile_loadd(4, a, 64);
-      _tile_loadd(5, a + kTileElements, 64);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(2, 4, 7);
-      _tile_loadd(4, a + band.lo_offset, 64);
-      _tile_dpbf16ps(1, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
-      _tile_loadd(5, a + band.lo_offset + kTileElements, 64);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(2, 4, 7);
-      _tile_dpbf16ps(1, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
-    }
+  // Steps (input block c, tap) in order c-major, so one block's rows serve its 9 taps from the
+  // L1. The weight tiles of step s + 1 are loaded while step s's last products run: tiles have
+  // no renaming, so a load into a tile waits for the products reading it, and loading both
+  // weight tiles at the top of each step left the tile unit idle for an L2 round trip per step.
+  const int steps = g.pair_blocks * g.taps;
+  auto b_offset = [&](int step) {
+    const int c = step / g.taps, tap = step % g.taps;
+    return (std::ptrdiff_t(tap) * g.pair_blocks + c) * kTileElements;
+  };
+  _tile_loadd(6, w0 + b_offset(0), 64);
+  _tile_loadd(7, w1 + b_offset(0), 64);
+  for (int step = 0; step < steps; ++step) {
+    const int c = step / g.taps, tap = step % g.taps;
+    // With im2col the taps are inside K: one step per block, no shift.
+    const std::ptrdiff_t shift = std::ptrdiff_t(tap / 3) * g.padded_width + tap % 3;
+    const std::uint16_t* a = band.at(c, q0 + shift);
+    const std::ptrdiff_t next = b_offset(step + 1 < steps ? step + 1 : step);
+    // hi parts, then lo parts, against the same two weight tiles.
+    _tile_loadd(4, a, 64);
+    _tile_loadd(5, a + kTileElements, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 5, 6);
+    _tile_dpbf16ps(2, 4, 7);
+    _tile_dpbf16ps(3, 5, 7);
+    _tile_loadd(4, a + band.lo_offset, 64);
+    _tile_loadd(5, a + band.lo_offset + kTileElements, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 5, 6);
+    if (step + 1 < steps) _tile_loadd(6, w0 + next, 64);
+    _tile_dpbf16ps(2, 4, 7);
+    _tile_dpbf16ps(3, 5, 7);
+    if (step + 1 < steps) _tile_loadd(7, w1 + next, 64);
   }
   _tile_stored(0, bounce, 64);
   _tile_stored(1, bounce + kTileFloats, 64);
