@@ -642,9 +642,11 @@ def VGG16(
         precision: "fast" runs the 3x3 convolutions by Winograd F(4x4, 3x3) where that pays
             (about 3e-6 relative error per layer, well inside parity with Keras); "highest"
             runs plain direct convolution everywhere; "bf16" (CPUs with AVX512_BF16 and
-            AVX512_VNNI) runs bf16 products and Winograd with 14-bit integer products, about
-            2e-3 relative error on block5_pool, and its get_weights returns the rounded weights
-            the kernels use.
+            AVX512_VNNI) halves the weights and its get_weights returns the rounded weights the
+            kernels use: with AMX, every convolution on AMX tiles with bf16 weights and
+            activations carried as two bf16 values (about 5-7e-3 relative error on
+            block5_pool); without, bf16 products and Winograd with 14-bit integer products
+            (about 2e-3). ``FASTVGG_BF16_KERNELS=avx512_bf16`` (or ``amx_bf16``) picks one.
         device: "cpu" (default), "cuda" (an NVIDIA GPU; a clear error with the reason when none
             is usable, see fastvgg.cuda_status()) or "auto" (the GPU when usable, else the CPU).
         packed_cache: where the weights packed for the kernels are cached, to be mapped
