@@ -47,6 +47,7 @@ void dense_unpack(const void* packed, int depth, int cols, float* kernel, int th
   unpack_dense_bf16(static_cast<const std::uint16_t*>(packed), depth, cols, kernel, threads);
 }
 
+#if FASTVGG_HAVE_AMXBF16
 std::size_t amx_direct_bytes(int in_c, int out_c) {
   return packed_conv3x3_amx_size(in_c, out_c) * sizeof(std::uint16_t);
 }
@@ -56,6 +57,7 @@ void amx_direct_pack(const float* kernel, int in_c, int out_c, void* packed, int
 void amx_direct_unpack(const void* packed, int in_c, int out_c, float* kernel, int threads) {
   unpack_conv3x3_amx(static_cast<const std::uint16_t*>(packed), in_c, out_c, kernel, threads);
 }
+#endif
 
 #if FASTVGG_HAVE_AVX512BF16
 const Bf16KernelSet kAvx512Bf16Set = {
@@ -141,16 +143,6 @@ std::vector<const Bf16KernelSet*> bf16_kernel_sets() {
   if (cpu_runs_set()) sets.push_back(&kAvx512Bf16Set);
 #endif
   return sets;
-}
-
-const Bf16KernelSet& bf16_kernel_set_named(const std::string& name) {
-  std::string choices;
-  for (const Bf16KernelSet* set : bf16_kernel_sets()) {
-    if (name == set->name) return *set;
-    choices += (choices.empty() ? "" : ", ") + std::string(set->name);
-  }
-  throw std::invalid_argument("unknown or unavailable bf16 kernel set '" + name + "'; here: " +
-                              (choices.empty() ? std::string("none") : choices));
 }
 
 const Bf16KernelSet* bf16_kernel_set() {

@@ -78,8 +78,6 @@ struct Bf16KernelSet {
 const Bf16KernelSet* bf16_kernel_set();
 // Every set this build and CPU can run, the default first (for tests and bench/).
 std::vector<const Bf16KernelSet*> bf16_kernel_sets();
-// The runnable set of that name; std::invalid_argument naming the runnable ones otherwise.
-const Bf16KernelSet& bf16_kernel_set_named(const std::string& name);
 // Why bf16_kernel_set() is nullptr here, in words for an error message ("" when it is not).
 std::string bf16_unavailable_reason();
 // Why the AMX set cannot run here ("" when it can): no AMX in this build or CPU, or Linux
