@@ -3,8 +3,9 @@
 // (tensor.h).
 //
 // One TDPBF16PS multiplies a 16 x 32 bf16 tile A by a 32 x 16 tile B (stored as 16 rows of 16
-// column pairs) into a 16 x 16 fp32 tile C: 8192 multiply-adds, ~16x the fp32 FMA rate of a
-// Sapphire Rapids core, where AVX512_BF16's vdpbf16ps is slower than fp32 FMA.
+// column pairs) into a 16 x 16 fp32 tile C: 8192 multiply-adds. On the Xeon of bench/results-
+// xeon-amx.md that peaks at 13.5x the fp32 FMA rate, where AVX512_BF16's vdpbf16ps runs at half
+// of it.
 //
 // Precision: the weights are rounded to bf16 once, as in the AVX512_BF16 direct kernel, but each
 // activation x is carried by two bf16 values, hi = bf16(x) and lo = bf16(x - hi), whose sum
@@ -17,9 +18,10 @@
 // reference::conv3x3_bf16_split.
 //
 // The GEMM: rows (M) are output pixels, columns (N) output channels, depth (K) the 32 input
-// channels of one bf16 block, repeated over the 9 taps and the input blocks. Each image is
-// first converted to bf16 blocks of 32 channels in the same padded plane as the fp32 blocked
-// layout: [hi, lo][in/32][H+2][W+2][32]. Counting output pixels along that padded plane's rows
+// channels of one bf16 block, repeated over the 9 taps and the input blocks. Each thread first
+// converts the positions its band of work reads to bf16 blocks of 32 channels, in the order of
+// the fp32 blocked layout's padded plane: [hi, lo][in/32][band's positions][32]. Counting
+// output pixels along that padded plane's rows
 // ("virtual" positions q = y * (W+2) + x, 0 <= x < W+2), the input pixel that tap (dy, dx)
 // reads for q is at padded position q + dy * (W+2) + dx: 16 consecutive virtual positions read
 // 16 consecutive 64-byte rows, one plain tile load, for every width. The virtual positions on
