@@ -235,6 +235,25 @@ def test_conv3x3_amx_vgg_batch_with_pool():
 
 
 @requires_amx
+@pytest.mark.parametrize("h, w, cin", [(40, 30, 512), (41, 9, 40), (9, 100, 3)])
+def test_conv3x3_amx_parts_and_bands_cover_the_image(h, w, cin):
+    # Several bands (512 channels: 2 KB of converted input a position, so a band holds few tile
+    # pairs), pooled parts of several pooled rows with a short last one (40 rows, 30 wide: 16
+    # pooled rows a part, then 4), odd sizes, and the im2col first layer: every form against the
+    # image-by-image kernel, and that against its twin.
+    rng = np.random.default_rng([h, w, cin])
+    x = random_array(rng, (2, h, w, cin))
+    kernel, bias = random_array(rng, (3, 3, cin, 48)), random_array(rng, (48,))
+    image_by_image = testing.conv3x3_bf16_amx(x, kernel, bias, True)
+    reference = testing.conv3x3_bf16_split_reference(x, kernel, bias, True).astype(np.float64)
+    bound = gamma(2 * 9 * (cin + 1) + 2) * conv3x3_float64(np.abs(split_bf16(x)), np.abs(bf16_round(kernel)), np.abs(bias))
+    assert_within(image_by_image, reference, 2 * bound, "AMX conv3x3 vs its twin")
+    np.testing.assert_array_equal(testing.conv3x3_bf16_amx(x, kernel, bias, True, "batch"), image_by_image)
+    np.testing.assert_array_equal(testing.conv3x3_bf16_amx(x, kernel, bias, True, "max_pool"),
+                                  testing.max_pool2x2(image_by_image, _core.available_isas()[0]))
+
+
+@requires_amx
 def test_conv3x3_amx_refuses_an_unknown_form():
     with pytest.raises(ValueError, match="max_pool"):
         testing.conv3x3_bf16_amx(np.zeros((1, 4, 4, 3), np.float32), np.zeros((3, 3, 3, 4), np.float32),
