@@ -32,6 +32,12 @@ from fastvgg.keras_model import UnsupportedModelError
 
 # The bounds. Do not loosen them to make a failure pass.
 KERAS_ATOL = 1e-4
+# The float64 chain against Keras's own float32 predictions (the yardstick checked, not fastvgg):
+# under 1e-5 on AMD Zen 3/4, but 1.1e-5 (tf_keras) and 1.6e-5 (Keras 3) on an Intel Xeon with
+# AVX-512 and AMX (2026-12-07: TensorFlow's oneDNN kernels there sum in other orders) for
+# preprocess_inside, whose convolutions see 0-255 pixels with the mean subtracted inside the
+# model. A quarter of the bound fastvgg is held to.
+YARDSTICK_ATOL = KERAS_ATOL / 4
 # fastvgg against the float64 chain, relative L2 per layer: "highest" is plain float32 sums
 # (~1e-6 after a dozen layers); "fast" adds Winograd's ~3e-6 a layer.
 NUMPY_REL_L2 = {"highest": 1e-5, "fast": 1e-4}
@@ -145,7 +151,7 @@ def test_chain_read_from_the_file_computes_what_keras_does(saved_models, flavor,
     # yardstick checked against Keras together, independently of the compiled core.
     saved = saved_models(flavor, name)
     spec = keras_model.read_model(saved.paths[ext])
-    assert np.abs(numpy_chain.run_chain(spec, saved.x) - saved.expected).max() <= KERAS_ATOL / 10
+    assert np.abs(numpy_chain.run_chain(spec, saved.x) - saved.expected).max() <= YARDSTICK_ATOL
 
 
 @pytest.mark.parametrize("name, ext", KERAS3_CASES)
@@ -181,7 +187,7 @@ def test_every_layer_matches_the_numpy_chain(saved_models, name, precision):
         assert got[key].shape == expected[key].shape, key
         assert rel_l2(got[key], expected[key]) <= NUMPY_REL_L2[precision], f"{name} {key} ({precision})"
     # The yardstick itself is Keras's model.
-    assert np.abs(numpy_chain.run_chain(spec, saved.x) - saved.expected).max() <= KERAS_ATOL / 10
+    assert np.abs(numpy_chain.run_chain(spec, saved.x) - saved.expected).max() <= YARDSTICK_ATOL
 
 
 @pytest.mark.parametrize("precision", ["fast", "highest"])
