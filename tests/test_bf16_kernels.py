@@ -238,9 +238,8 @@ def test_conv3x3_amx_vgg_batch_with_pool():
 @pytest.mark.parametrize("h, w, cin", [(40, 30, 512), (41, 9, 40), (9, 100, 3)])
 def test_conv3x3_amx_parts_and_bands_cover_the_image(h, w, cin):
     # Several bands (512 channels: 2 KB of converted input a position, so a band holds few tile
-    # pairs), pooled parts of several pooled rows with a short last one (40 rows, 30 wide: 16
-    # pooled rows a part, then 4), odd sizes, and the im2col first layer: every form against the
-    # image-by-image kernel, and that against its twin.
+    # pairs or pooled rows, and the last band is short), odd sizes, and the im2col first layer:
+    # every form against the image-by-image kernel, and that against its twin.
     rng = np.random.default_rng([h, w, cin])
     x = random_array(rng, (2, h, w, cin))
     kernel, bias = random_array(rng, (3, 3, cin, 48)), random_array(rng, (48,))

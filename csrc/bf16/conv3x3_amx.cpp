@@ -30,11 +30,10 @@
 // Register use: 4 accumulator tiles (2 M tiles x 2 N tiles: 32 positions x 32 output channels),
 // 2 A and 2 B tiles; each B tile serves the hi and the lo parts of both M tiles.
 //
-// Fused 2x2 max pool: a work item is then a few pooled rows (about 32 tile pairs' worth) of one
-// group of output channels; its tile pairs cover positions [2 y0 (W+2), 2 y1 (W+2)) (up to 31
-// more, whose results are dropped), land in a per-thread bounce buffer and are pooled from
-// there: only the pooled image is written, bit-identical to the unfused kernel followed by
-// max_pool2x2.
+// Fused 2x2 max pool: a work item is then two output rows (one pooled row) of one group of
+// output channels; its tile pairs cover positions [2y (W+2), (2y+2)(W+2)) (up to 31 more, whose
+// results are dropped), land in a per-thread bounce buffer and are pooled from there: only the
+// pooled image is written, bit-identical to the unfused kernel followed by max_pool2x2.
 //
 // Up to 3 input channels (the first layer's RGB), the 9 taps x channels go into one 32-deep K
 // instead (im2col: row q of the converted image holds the 27 values its taps read), one tile
@@ -286,34 +285,27 @@ void run_images(const BlockedImage* in, const void* packed, const float* bias, b
   const Geometry g(in[0], out[0].channels);
   const int groups = (g.out_blocks + 1) / 2;
   const std::ptrdiff_t tile_pairs = (g.positions + kPairPositions - 1) / kPairPositions;
-  // Pooled: one item per `rows_per_part` pooled rows, its tile pairs running on over the 2 conv
-  // rows of each, so only the last pair of a part computes positions past it: with one pooled
-  // row a part, up to 31 positions of every 2 (W+2) were dropped (6-12% of block1-block4's
-  // pooled layers).
+  // Pooled: one item per pooled row, its tile pairs covering the two rows.
   const int pooled_rows = g.height / 2, pooled_width = g.width / 2;
-  const std::ptrdiff_t pooled_row_positions = 2 * std::ptrdiff_t(g.padded_width);
-  const int rows_per_part = int(std::max<std::ptrdiff_t>(1, 32 * kPairPositions / pooled_row_positions));
-  const std::ptrdiff_t part_pairs_max =
-      (rows_per_part * pooled_row_positions + kPairPositions - 1) / kPairPositions;
-  const std::ptrdiff_t per_image = pool ? (pooled_rows + rows_per_part - 1) / rows_per_part : tile_pairs;
+  const std::ptrdiff_t slab_pairs = (2 * std::ptrdiff_t(g.padded_width) + kPairPositions - 1) / kPairPositions;
+  const std::ptrdiff_t per_image = pool ? pooled_rows : tile_pairs;
   // Parts per band: a band reads about kBandBytes of converted input (hi and lo, the taps' rows
   // beyond it included), half a Sapphire Rapids L2. Measured on VGG16's layers (2 threads, min
   // of 3): 20.1 ms for the 13 convolutions with 1 MB bands, 21.1 with 384 KB, 22.2-23.0 with
   // whole images group by group (block1-block3 read their converted input once per group).
   constexpr std::ptrdiff_t kBandBytes = std::ptrdiff_t(1) << 20;
-  const std::ptrdiff_t part_positions = pool ? rows_per_part * pooled_row_positions : kPairPositions;
+  const std::ptrdiff_t part_positions = pool ? 2 * std::ptrdiff_t(g.padded_width) : kPairPositions;
   const std::ptrdiff_t position_bytes = std::ptrdiff_t(g.pair_blocks) * 2 * kPairBlock * 2;
   const std::ptrdiff_t band_parts = std::max<std::ptrdiff_t>(
       1, std::min(per_image, (kBandBytes / position_bytes - 2 * g.padded_width) / part_positions));
 
-  // The positions a band of parts [p0, p1) reads: its tile pairs (a pooled part's last pair runs
-  // up to 31 positions past its rows) and the taps' 2 rows + 2 positions beyond them.
+  // The positions a band of parts [p0, p1) reads: its tile pairs (or slabs' tile pairs) and the
+  // taps' 2 rows + 2 positions beyond them.
   const std::ptrdiff_t reach = 2 * std::ptrdiff_t(g.padded_width) + 2;
   auto band_range = [&](std::ptrdiff_t p0, std::ptrdiff_t p1) {
     if (!pool) return std::make_pair(p0 * kPairPositions, (p1 - p0) * kPairPositions + reach);
-    const std::ptrdiff_t first = p0 * rows_per_part * pooled_row_positions;
-    const std::ptrdiff_t end = std::min<std::ptrdiff_t>(p1 * rows_per_part, pooled_rows) * pooled_row_positions;
-    return std::make_pair(first, end - first + kPairPositions + reach);
+    const std::ptrdiff_t first = 2 * p0 * g.padded_width;
+    return std::make_pair(first, 2 * (p1 - 1) * g.padded_width + slab_pairs * kPairPositions + reach - first);
   };
   const std::ptrdiff_t span_max = band_range(0, band_parts).second;
 
@@ -321,7 +313,7 @@ void run_images(const BlockedImage* in, const void* packed, const float* bias, b
   // converts the bands it works on just before, so they come from its L2, not from memory.
   const std::ptrdiff_t band_elements = 2 * std::ptrdiff_t(g.pair_blocks) * span_max * kPairBlock;
   const std::size_t band_floats = std::size_t(band_elements / 2 + 15) / 16 * 16;
-  const std::size_t bounce_floats = std::size_t(pool ? part_pairs_max : 1) * 4 * kTileFloats;
+  const std::size_t bounce_floats = std::size_t(pool ? slab_pairs : 1) * 4 * kTileFloats;
   scratch.products.ensure_capacity((band_floats + bounce_floats) * std::size_t(threads));
   const TileConfig config = all_tiles_16x64();
 
@@ -375,13 +367,11 @@ void run_images(const BlockedImage* in, const void* packed, const float* bias, b
         }
         continue;
       }
-      // Pooled rows [row0, row1): conv rows 2 row0 to 2 row1 - 1, positions from `start` on.
-      const int row0 = int(part) * rows_per_part, row1 = std::min(row0 + rows_per_part, pooled_rows);
-      const std::ptrdiff_t start = row0 * pooled_row_positions;
-      const std::ptrdiff_t pairs = ((row1 - row0) * pooled_row_positions + kPairPositions - 1) / kPairPositions;
-      for (std::ptrdiff_t s = 0; s < pairs; ++s)
-        tile_pair(converted, g, start + s * kPairPositions, w.w0, w.w1, bounce + s * 4 * kTileFloats);
-      // Position r (from `start`) for block j, as the unfused kernel writes it (bias, ReLU).
+      // Pooled row `part`: conv rows 2 part and 2 part + 1.
+      const std::ptrdiff_t slab = 2 * part * g.padded_width;
+      for (std::ptrdiff_t s = 0; s < slab_pairs; ++s)
+        tile_pair(converted, g, slab + s * kPairPositions, w.w0, w.w1, bounce + s * 4 * kTileFloats);
+      // Position r of the slab for block j, as the unfused kernel writes it (bias, ReLU).
       auto value = [&](int j, std::ptrdiff_t r, __m512 b) {
         const std::ptrdiff_t pair = r / kPairPositions, in_pair = r % kPairPositions;
         const float* sum = bounce + (pair * 4 + 2 * j + in_pair / kTileRows) * kTileFloats +
@@ -391,16 +381,13 @@ void run_images(const BlockedImage* in, const void* packed, const float* bias, b
       for (int j = 0; j < w.blocks; ++j) {
         const int ob = 2 * group + j;
         const __m512 b = _mm512_loadu_ps(bias + ob * kChannelBlock);
-        for (int row = row0; row < row1; ++row) {
-          float* dst = out[n].at(ob, row, 0);
-          const std::ptrdiff_t top_row = (row - row0) * pooled_row_positions;
-          for (int x = 0; x < pooled_width; ++x) {
-            const std::ptrdiff_t top = top_row + 2 * x, bottom = top + g.padded_width;
-            // max_pool2x2's order: (top pair), (bottom pair), then the two.
-            const __m512 m = max_keep_nan(max_keep_nan(value(j, top, b), value(j, top + 1, b)),
-                                          max_keep_nan(value(j, bottom, b), value(j, bottom + 1, b)));
-            _mm512_storeu_ps(dst + x * kChannelBlock, m);
-          }
+        float* dst = out[n].at(ob, int(part), 0);
+        for (int x = 0; x < pooled_width; ++x) {
+          const std::ptrdiff_t top = 2 * x, bottom = g.padded_width + 2 * x;
+          // max_pool2x2's order: (top pair), (bottom pair), then the two.
+          const __m512 m = max_keep_nan(max_keep_nan(value(j, top, b), value(j, top + 1, b)),
+                                        max_keep_nan(value(j, bottom, b), value(j, bottom + 1, b)));
+          _mm512_storeu_ps(dst + x * kChannelBlock, m);
         }
       }
     }
