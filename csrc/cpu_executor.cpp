@@ -751,7 +751,8 @@ void unfold_nhwc(float* values, std::size_t count, const std::vector<float>& sca
 }  // namespace
 
 // Layers with weights this large run layer by layer over a chunk of images instead of image by
-// image, where their method has a batch form (the Winograd ones, the AMX direct one). Block4/block5's Winograd U (19-38 MB) come from memory on every read; block3's (4.7-9.4
+// image, where their method has a batch form (the Winograd ones, the AMX direct one).
+// Block4/block5's Winograd U (19-38 MB) come from memory on every read; block3's (4.7-9.4
 // MB) fit the L3 but not beside every other layer's, so image by image each image read them from
 // memory once more: run over 8 images at a time, block3_conv2/conv3 took 0.2-0.3 ms less per
 // image (VGG16 fp32, batch 32, 2 threads; 2026-11-29) than with block3 image by image.

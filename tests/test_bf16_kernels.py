@@ -178,8 +178,8 @@ def test_conv3x3_bf16_keeps_nan():
 def test_conv3x3_amx_awkward_shapes(n, h, w, cin, cout, relu):
     rng = np.random.default_rng([n, h, w, cin, cout, 7])
     x, kernel, bias, fast = check_conv(rng, n, h, w, cin, cout, relu, testing.conv3x3_bf16_amx, split=True)
-    # The batch form (every image with one group's weights before the next group) and the fused
-    # pool compute the same sums in the same order.
+    # The batch form (the images one after another in one call) and the fused pool compute the
+    # same sums in the same order.
     np.testing.assert_array_equal(testing.conv3x3_bf16_amx(x, kernel, bias, relu, "batch"), fast)
     if h >= 2 and w >= 2:
         pooled = testing.conv3x3_bf16_amx(x, kernel, bias, relu, "max_pool")
@@ -223,8 +223,8 @@ def test_conv3x3_amx_keeps_nan_infinity_and_the_border():
 
 @requires_amx
 def test_conv3x3_amx_vgg_batch_with_pool():
-    # block4_conv3's shape at 28x28, 3 images: the batch form runs every image with one
-    # group's weights, the pool the slab of two rows at a time.
+    # block4_conv3's size at 28x28, 3 images in one call: the batch form and the pool (two conv
+    # rows an item) against image by image.
     rng = np.random.default_rng(28)
     x = random_array(rng, (3, 28, 28, 64))
     kernel, bias = random_array(rng, (3, 3, 64, 48)), random_array(rng, (48,))

@@ -72,8 +72,8 @@ const Bf16KernelSet kAvx512Bf16Set = {
 #if FASTVGG_HAVE_AMXBF16
 // No Winograd: at AMX's rate the direct products cost less than Winograd's transforms, and
 // bf16 products inside Winograd lose an order of magnitude of accuracy (kernels_bf16.h). Its
-// convolution runs batches (block4/block5's 2.4-4.7 MB of weights once per chunk of images)
-// and fuses a following 2x2 max pool, as the fp32 Winograd one does.
+// convolution takes a chunk of images in one call (one parallel region, image after image) and
+// fuses a following 2x2 max pool, as the fp32 Winograd one does.
 const Bf16KernelSet kAmxBf16Set = {
     "amx_bf16",
     {"direct_bf16_amx", amx_direct_bytes, amx_direct_pack, amx_direct_unpack, false, amxbf16::conv3x3,

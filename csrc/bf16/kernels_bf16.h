@@ -136,8 +136,9 @@ void round_floats(const float* values, std::size_t count, std::uint16_t* rounded
 // The AMX-BF16 kernel (conv3x3_amx.cpp). The caller has made sure the CPU has AMX and the
 // process holds the tile data permission (bf16_kernel_set does both).
 // Activations carried as two bf16 values (hi + lo), weights rounded once: conv3x3_bf16_split's
-// products. The batch form walks every image with one group's weights before the next group;
-// the max-pool form writes only the pooled images, bit-identical to conv3x3 then max_pool2x2.
+// products. The batch form runs the images one after another in one parallel region (the same
+// sums as conv3x3 on each); the max-pool form writes only the pooled images, bit-identical to
+// conv3x3 then max_pool2x2.
 namespace amxbf16 {
 void conv3x3(const BlockedImage& in, const void* packed_weights, const float* bias, bool relu, const BlockedImage& out,
              int threads, KernelScratch& scratch);
