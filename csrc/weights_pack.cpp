@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "hwio_weights.h"
 #include "kernels.h"
 
 namespace fastvgg {
@@ -26,25 +27,16 @@ std::size_t packed_conv3x3_index(int in_blocks, int kh, int kw, int ic, int oc) 
 void pack_conv3x3(const float* kernel_hwio, int in_channels, int out_channels, float* packed, int threads) {
   std::fill(packed, packed + packed_conv3x3_size(in_channels, out_channels), 0.0f);
   const int in_blocks = channel_blocks(in_channels);
-  // Every (tap, channel pair) has its own slot, so the taps can be packed in parallel.
-#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
-  for (int kh = 0; kh < 3; ++kh)
-    for (int kw = 0; kw < 3; ++kw)
-      for (int ic = 0; ic < in_channels; ++ic)
-        for (int oc = 0; oc < out_channels; ++oc)
-          packed[packed_conv3x3_index(in_blocks, kh, kw, ic, oc)] =
-              kernel_hwio[((std::size_t(kh) * 3 + kw) * in_channels + ic) * out_channels + oc];
+  for_each_hwio_weight(in_channels, out_channels, threads, [&](std::size_t i, int kh, int kw, int ic, int oc) {
+    packed[packed_conv3x3_index(in_blocks, kh, kw, ic, oc)] = kernel_hwio[i];
+  });
 }
 
 void unpack_conv3x3(const float* packed, int in_channels, int out_channels, float* kernel_hwio, int threads) {
   const int in_blocks = channel_blocks(in_channels);
-#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
-  for (int kh = 0; kh < 3; ++kh)
-    for (int kw = 0; kw < 3; ++kw)
-      for (int ic = 0; ic < in_channels; ++ic)
-        for (int oc = 0; oc < out_channels; ++oc)
-          kernel_hwio[((std::size_t(kh) * 3 + kw) * in_channels + ic) * out_channels + oc] =
-              packed[packed_conv3x3_index(in_blocks, kh, kw, ic, oc)];
+  for_each_hwio_weight(in_channels, out_channels, threads, [&](std::size_t i, int kh, int kw, int ic, int oc) {
+    kernel_hwio[i] = packed[packed_conv3x3_index(in_blocks, kh, kw, ic, oc)];
+  });
 }
 
 std::size_t packed_dense_size(int depth, int cols) {

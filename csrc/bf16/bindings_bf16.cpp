@@ -110,34 +110,18 @@ struct PackedConv {
   mutable KernelScratch scratch;
 };
 
-FloatArray run_conv(const FloatArray& x, const FloatArray& kernel, const FloatArray& bias, bool relu,
-                    const std::string& algorithm, int (*thread_count)()) {
-  const ConvShape s = check_conv(x, kernel, bias);
-  const Conv3x3Method& method = conv_method_for(algorithm);
-  FloatArray y({s.n, s.h, s.w, s.f});
-  const float *xp = x.data(), *kp = kernel.data(), *bp = bias.data();
-  float* yp = y.mutable_data();
-  const int threads = thread_count();
-  py::gil_scoped_release release;
-  const KernelTable& layout = *supported_kernel_tables().front();
-  const PackedConv conv(method, kp, bp, s.c, s.f, threads);
-  AlignedBuffer in_buf(blocked_image_size(s.c, s.h, s.w)), out_buf(blocked_image_size(s.f, s.h, s.w));
-  const BlockedImage in{in_buf.data(), s.c, s.h, s.w}, out{out_buf.data(), s.f, s.h, s.w};
-  for (int n = 0; n < s.n; ++n) {
-    layout.nhwc_to_blocked(xp + std::size_t(n) * s.h * s.w * s.c, in);
-    conv(in, relu, out, threads);
-    layout.blocked_to_nhwc(out, yp + std::size_t(n) * s.h * s.w * s.f);
-  }
-  return y;
-}
+// How the testing binding calls a method: image by image (run), the whole batch in one call
+// (run_batch), or that with the 2x2 max pool (run_batch_max_pool; the result is then
+// floor(h/2) x floor(w/2)).
+enum class ConvForm { Image, Batch, MaxPool };
 
-// The whole batch in one call of the method's batch form, or of its max-pool form (then the
-// result is floor(h/2) x floor(w/2)).
-FloatArray run_conv_batch(const FloatArray& x, const FloatArray& kernel, const FloatArray& bias, bool relu,
-                          const std::string& algorithm, bool pool, int (*thread_count)()) {
+FloatArray run_conv(const FloatArray& x, const FloatArray& kernel, const FloatArray& bias, bool relu,
+                    const std::string& algorithm, ConvForm form, int (*thread_count)()) {
   const ConvShape s = check_conv(x, kernel, bias);
   const Conv3x3Method& method = conv_method_for(algorithm);
-  if (!(pool ? method.run_batch_max_pool : method.run_batch))
+  const bool pool = form == ConvForm::MaxPool;
+  const auto batch_run = pool ? method.run_batch_max_pool : method.run_batch;
+  if (form != ConvForm::Image && !batch_run)
     throw py::value_error("the bf16 convolution '" + algorithm + "' has no " + (pool ? "max-pool" : "batch") + " form");
   const int out_h = pool ? s.h / 2 : s.h, out_w = pool ? s.w / 2 : s.w;
   FloatArray y({s.n, out_h, out_w, s.f});
@@ -155,8 +139,11 @@ FloatArray run_conv_batch(const FloatArray& x, const FloatArray& kernel, const F
     outs.push_back({out_buf.data() + out_size * std::size_t(n), s.f, out_h, out_w});
     layout.nhwc_to_blocked(xp + std::size_t(n) * s.h * s.w * s.c, ins.back());
   }
-  (pool ? method.run_batch_max_pool : method.run_batch)(ins.data(), conv.weights.data(), conv.padded_bias.data(), relu,
-                                                        outs.data(), s.n, threads, conv.scratch);
+  if (form == ConvForm::Image) {
+    for (int n = 0; n < s.n; ++n) conv(ins[std::size_t(n)], relu, outs[std::size_t(n)], threads);
+  } else {
+    batch_run(ins.data(), conv.weights.data(), conv.padded_bias.data(), relu, outs.data(), s.n, threads, conv.scratch);
+  }
   for (int n = 0; n < s.n; ++n)
     layout.blocked_to_nhwc(outs[std::size_t(n)], yp + std::size_t(n) * out_h * out_w * s.f);
   return y;
@@ -325,14 +312,15 @@ void register_bf16_testing(py::module_& testing, int (*thread_count)()) {
   testing.def("bf16_unavailable_reason", []() { return bf16_unavailable_reason(); },
               "Why the bf16 kernels cannot run here, or '' when they can.");
   testing.def("conv3x3_bf16", [thread_count](const FloatArray& x, const FloatArray& k, const FloatArray& b, bool relu) {
-    return run_conv(x, k, b, relu, "direct", thread_count);
+    return run_conv(x, k, b, relu, "direct", ConvForm::Image, thread_count);
   }, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("relu"),
      "The bf16 3x3 convolution (vdpbf16ps) on an NHWC batch; raises RuntimeError where the CPU lacks AVX512_BF16.");
   testing.def("conv3x3_bf16_amx", [thread_count](const FloatArray& x, const FloatArray& k, const FloatArray& b, bool relu,
                                                  const std::string& form) {
-    if (form == "image") return run_conv(x, k, b, relu, "amx", thread_count);
-    if (form == "batch" || form == "max_pool") return run_conv_batch(x, k, b, relu, "amx", form == "max_pool", thread_count);
-    throw py::value_error("unknown form '" + form + "'; expected 'image', 'batch' or 'max_pool'");
+    if (form != "image" && form != "batch" && form != "max_pool")
+      throw py::value_error("unknown form '" + form + "'; expected 'image', 'batch' or 'max_pool'");
+    const ConvForm how = form == "image" ? ConvForm::Image : form == "batch" ? ConvForm::Batch : ConvForm::MaxPool;
+    return run_conv(x, k, b, relu, "amx", how, thread_count);
   }, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("relu"), py::arg("form") = "image",
      "The bf16 3x3 convolution on AMX tiles (TDPBF16PS) on an NHWC batch, image by image ('image'), in one batch call "
      "('batch') or with the fused 2x2 max pool ('max_pool'); raises RuntimeError without AMX-BF16.");
@@ -353,7 +341,7 @@ void register_bf16_testing(py::module_& testing, int (*thread_count)()) {
      "Plain twin: inputs and weights rounded to bf16, products summed in double.");
   testing.def("conv3x3_winograd_int14", [thread_count](const FloatArray& x, const FloatArray& k, const FloatArray& b,
                                                        bool relu) {
-    return run_conv(x, k, b, relu, "winograd_int14", thread_count);
+    return run_conv(x, k, b, relu, "winograd_int14", ConvForm::Image, thread_count);
   }, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("relu"),
      "Winograd F(4x4, 3x3) with int14 products (vpdpwssd) on an NHWC batch.");
   testing.def("conv3x3_winograd_int14_reference", [](const FloatArray& x, const FloatArray& k, const FloatArray& b,

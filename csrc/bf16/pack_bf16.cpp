@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "bf16/kernels_bf16.h"
+#include "hwio_weights.h"
 
 namespace fastvgg {
 
@@ -27,25 +28,17 @@ void pack_conv3x3_bf16(const float* kernel_hwio, int in_channels, int out_channe
                        int threads) {
   std::fill(packed, packed + packed_conv3x3_bf16_size(in_channels, out_channels), std::uint16_t(0));
   const int in_blocks = channel_blocks(in_channels);
-#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
-  for (int kh = 0; kh < 3; ++kh)
-    for (int kw = 0; kw < 3; ++kw)
-      for (int ic = 0; ic < in_channels; ++ic)
-        for (int oc = 0; oc < out_channels; ++oc)
-          packed[packed_conv3x3_bf16_index(in_blocks, kh, kw, ic, oc)] =
-              round_to_bf16(kernel_hwio[((std::size_t(kh) * 3 + kw) * in_channels + ic) * out_channels + oc]);
+  for_each_hwio_weight(in_channels, out_channels, threads, [&](std::size_t i, int kh, int kw, int ic, int oc) {
+    packed[packed_conv3x3_bf16_index(in_blocks, kh, kw, ic, oc)] = round_to_bf16(kernel_hwio[i]);
+  });
 }
 
 void unpack_conv3x3_bf16(const std::uint16_t* packed, int in_channels, int out_channels, float* kernel_hwio,
                          int threads) {
   const int in_blocks = channel_blocks(in_channels);
-#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
-  for (int kh = 0; kh < 3; ++kh)
-    for (int kw = 0; kw < 3; ++kw)
-      for (int ic = 0; ic < in_channels; ++ic)
-        for (int oc = 0; oc < out_channels; ++oc)
-          kernel_hwio[((std::size_t(kh) * 3 + kw) * in_channels + ic) * out_channels + oc] =
-              bf16_to_float(packed[packed_conv3x3_bf16_index(in_blocks, kh, kw, ic, oc)]);
+  for_each_hwio_weight(in_channels, out_channels, threads, [&](std::size_t i, int kh, int kw, int ic, int oc) {
+    kernel_hwio[i] = bf16_to_float(packed[packed_conv3x3_bf16_index(in_blocks, kh, kw, ic, oc)]);
+  });
 }
 
 namespace {
@@ -81,24 +74,16 @@ std::size_t packed_conv3x3_amx_size(int in_channels, int out_channels) {
 void pack_conv3x3_amx(const float* kernel_hwio, int in_channels, int out_channels, std::uint16_t* packed,
                       int threads) {
   std::fill(packed, packed + packed_conv3x3_amx_size(in_channels, out_channels), std::uint16_t(0));
-#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
-  for (int kh = 0; kh < 3; ++kh)
-    for (int kw = 0; kw < 3; ++kw)
-      for (int ic = 0; ic < in_channels; ++ic)
-        for (int oc = 0; oc < out_channels; ++oc)
-          packed[packed_conv3x3_amx_index(in_channels, kh, kw, ic, oc)] =
-              round_to_bf16(kernel_hwio[((std::size_t(kh) * 3 + kw) * in_channels + ic) * out_channels + oc]);
+  for_each_hwio_weight(in_channels, out_channels, threads, [&](std::size_t i, int kh, int kw, int ic, int oc) {
+    packed[packed_conv3x3_amx_index(in_channels, kh, kw, ic, oc)] = round_to_bf16(kernel_hwio[i]);
+  });
 }
 
 void unpack_conv3x3_amx(const std::uint16_t* packed, int in_channels, int out_channels, float* kernel_hwio,
                         int threads) {
-#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
-  for (int kh = 0; kh < 3; ++kh)
-    for (int kw = 0; kw < 3; ++kw)
-      for (int ic = 0; ic < in_channels; ++ic)
-        for (int oc = 0; oc < out_channels; ++oc)
-          kernel_hwio[((std::size_t(kh) * 3 + kw) * in_channels + ic) * out_channels + oc] =
-              bf16_to_float(packed[packed_conv3x3_amx_index(in_channels, kh, kw, ic, oc)]);
+  for_each_hwio_weight(in_channels, out_channels, threads, [&](std::size_t i, int kh, int kw, int ic, int oc) {
+    kernel_hwio[i] = bf16_to_float(packed[packed_conv3x3_amx_index(in_channels, kh, kw, ic, oc)]);
+  });
 }
 
 std::size_t packed_dense_bf16_size(int depth, int cols) {
