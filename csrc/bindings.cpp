@@ -506,7 +506,14 @@ PYBIND11_MODULE(_core, m) {
                // The bf16 set's methods in place of the fp32 ones; pooling and layout stay fp32's.
                return std::make_unique<CpuExecutor>(graph, p, bf16_kernel_table(active_kernels()));
              }
-             return std::make_unique<CpuExecutor>(graph, parse_precision(precision), active_kernels());
+             if (p == Precision::Bf16x3) {
+               const KernelTable* amx = amx_bf16x3_kernel_table(active_kernels());
+               if (!amx)
+                 throw std::runtime_error("precision='bf16x3' is not available here: " + amx_unavailable_reason() +
+                                          ". Use precision='fast' (float32, about 4x more accurate).");
+               return std::make_unique<CpuExecutor>(graph, p, *amx);
+             }
+             return std::make_unique<CpuExecutor>(graph, p, active_kernels());
            }),
            py::arg("graph"), py::arg("precision") = "fast")
       .def_property_readonly("graph", &CpuExecutor::graph, py::return_value_policy::reference_internal)

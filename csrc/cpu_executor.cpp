@@ -21,14 +21,15 @@ const char* precision_name(Precision precision) {
     case Precision::Fast: return "fast";
     case Precision::Highest: return "highest";
     case Precision::Bf16: return "bf16";
+    case Precision::Bf16x3: return "bf16x3";
   }
   return "?";
 }
 
 Precision parse_precision(const std::string& name) {
-  for (Precision p : {Precision::Fast, Precision::Highest, Precision::Bf16})
+  for (Precision p : {Precision::Fast, Precision::Highest, Precision::Bf16, Precision::Bf16x3})
     if (name == precision_name(p)) return p;
-  throw std::invalid_argument("unknown precision '" + name + "'; expected 'fast', 'highest' or 'bf16'");
+  throw std::invalid_argument("unknown precision '" + name + "'; expected 'fast', 'highest', 'bf16' or 'bf16x3'");
 }
 
 int check_output_requests(const Graph& graph, const std::vector<OutputRequest>& outputs) {
@@ -100,6 +101,8 @@ enum class ConvChoice { None, Direct, Winograd, Pointwise };
 // 2.7-4.6 ms Winograd on that layer); from one full channel block on it wins 2-2.8x.
 // bf16: the AVX512_BF16 set's Winograd is F(4x4) with int14 products, chosen from the same depth
 // on; the AMX set has none (its Winograd slot's run is nullptr) and runs every layer directly.
+// bf16x3: the slot holds the bf16x3 AMX direct kernel (amx_bf16x3_kernel_table), chosen from
+// the same depth on.
 ConvChoice choose_conv(const Op& op, Precision precision, const KernelTable& kernels) {
   if (!op.is_convolution()) return ConvChoice::None;
   if (op.kernel_size == 1) return ConvChoice::Pointwise;

@@ -11,6 +11,23 @@ requires_bf16 = pytest.mark.skipif(bool(BF16_UNAVAILABLE), reason=f"bf16 kernels
 AMX_UNAVAILABLE = _core.testing.amx_unavailable_reason()
 requires_amx = pytest.mark.skipif(bool(AMX_UNAVAILABLE), reason=f"AMX kernels skipped: {AMX_UNAVAILABLE}")
 
+# Awkward shapes (n, h, w, in, out) for the AMX kernels' tiles: 16 output positions along the
+# padded rows (width + 2) x 16 output channels, 32 input channels deep, two of each a step.
+# Widths whose padded rows make the positions end inside a tile pair or on its edge (1, 14, 30),
+# a single pixel, channels around 32 (1, 31, 33, 65: zero padding in the last block of 32; up to
+# 3: im2col), output blocks that leave a lone block (16, 48, 17).
+AMX_AWKWARD_SHAPES = [
+    (1, 7, 13, 3, 5),
+    (3, 13, 7, 17, 33),
+    (2, 1, 1, 32, 16),
+    (1, 2, 14, 31, 48),
+    (1, 6, 30, 33, 64),
+    (1, 5, 28, 1, 1),
+    (2, 4, 16, 64, 17),
+    (1, 3, 43, 65, 96),
+    (1, 14, 14, 96, 32),
+]
+
 
 def bf16_round(a):
     """float32 -> bf16 -> float32 as vcvtneps2bf16 does it (Intel SDM): round to nearest, ties to

@@ -24,7 +24,7 @@ Linux's permission for the tile state).
 import numpy as np
 import pytest
 
-from bf16_checks import bf16_round, requires_amx, requires_bf16
+from bf16_checks import AMX_AWKWARD_SHAPES, bf16_round, requires_amx, requires_bf16
 from fastvgg import _core
 from kernel_checks import UNIT_ROUNDOFF, VGG_CHANNEL_PAIRS, assert_within, conv3x3_float64, gamma, random_array
 
@@ -155,24 +155,7 @@ def test_conv3x3_bf16_keeps_nan():
     assert np.isnan(y[0, 1:4, 1:4]).all() and not np.isnan(y[0, 0]).any()
 
 
-# The AMX tiles: 16 output positions along the padded rows (width + 2) x 16 output channels, 32
-# input channels deep, two of each a step. Widths whose padded rows make the positions end
-# inside a tile pair or on its edge (1, 14, 30), a single pixel, channels around 32 (1, 31, 33,
-# 65: zero padding in the last block of 32), output blocks that leave a lone block (16, 48, 17).
-@pytest.mark.parametrize(
-    "n, h, w, cin, cout",
-    [
-        (1, 7, 13, 3, 5),
-        (3, 13, 7, 17, 33),
-        (2, 1, 1, 32, 16),
-        (1, 2, 14, 31, 48),
-        (1, 6, 30, 33, 64),
-        (1, 5, 28, 1, 1),
-        (2, 4, 16, 64, 17),
-        (1, 3, 43, 65, 96),
-        (1, 14, 14, 96, 32),
-    ],
-)
+@pytest.mark.parametrize("n, h, w, cin, cout", AMX_AWKWARD_SHAPES)
 @pytest.mark.parametrize("relu", [True, False])
 @requires_amx
 def test_conv3x3_amx_awkward_shapes(n, h, w, cin, cout, relu):

@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 
 import fastvgg
-from bf16_checks import BF16_UNAVAILABLE
+from bf16_checks import AMX_UNAVAILABLE, BF16_UNAVAILABLE
 from helpers import noise_images
 
 # bf16 runs this CPU's bf16 set (the AMX one where it has AMX), skipped without AVX512_BF16.
 PRECISIONS = ["fast", "highest", pytest.param("bf16", marks=pytest.mark.skipif(
-    bool(BF16_UNAVAILABLE), reason=f"bf16 kernels skipped: {BF16_UNAVAILABLE}"))]
+    bool(BF16_UNAVAILABLE), reason=f"bf16 kernels skipped: {BF16_UNAVAILABLE}")),
+              pytest.param("bf16x3", marks=pytest.mark.skipif(
+                  bool(AMX_UNAVAILABLE), reason=f"bf16x3 skipped: {AMX_UNAVAILABLE}"))]
 
 
 @pytest.fixture(scope="module", params=PRECISIONS)

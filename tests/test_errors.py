@@ -136,7 +136,7 @@ def test_model_set_weights_checks_every_array_before_writing():
 
 
 def test_unknown_precision():
-    with pytest.raises(ValueError, match=r"`precision` must be 'fast', 'highest' or 'bf16'.*'low'"):
+    with pytest.raises(ValueError, match=r"`precision` must be one of 'fast', 'highest', 'bf16', 'bf16x3'.*'low'"):
         fastvgg.VGG16(None, include_top=False, precision="low")
 
 

@@ -45,16 +45,16 @@ def layers_out(model):
     return model.extract(images(), ["block2_conv2:preact", "block5_pool", "fc1", "predictions"])
 
 
-from bf16_checks import BF16_UNAVAILABLE  # noqa: E402
+from bf16_checks import AMX_UNAVAILABLE, BF16_UNAVAILABLE  # noqa: E402
 
 BF16_SETS = [] if BF16_UNAVAILABLE else fastvgg._core.testing.bf16_kernel_sets()
 # Each bf16 set packs its own layout: a precision of "bf16 <set>" runs that set.
-PRECISIONS = ["fast", "highest"] + [f"bf16 {name}" for name in BF16_SETS]
+PRECISIONS = ["fast", "highest"] + [f"bf16 {name}" for name in BF16_SETS] + ([] if AMX_UNAVAILABLE else ["bf16x3"])
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_a_cached_model_predicts_and_returns_weights_bit_for_bit(weights_file, tmp_path, precision, monkeypatch):
-    if precision.startswith("bf16"):
+    if precision.startswith("bf16 "):
         monkeypatch.setenv("FASTVGG_BF16_KERNELS", precision.split()[1])
         precision = "bf16"
     plain = build(weights_file, False, precision)

@@ -70,14 +70,18 @@ struct Bf16ConvAlgorithm {
   const char* method;     // the method's (and layout's) name in its set
 };
 constexpr Bf16ConvAlgorithm kConvAlgorithms[] = {
-    {"direct", "direct_bf16"}, {"winograd_int14", "winograd_f4x4_int14"}, {"amx", "direct_bf16_amx"}};
+    {"direct", "direct_bf16"},
+    {"winograd_int14", "winograd_f4x4_int14"},
+    {"amx", "direct_bf16_amx"},
+    {"amx_x3", "direct_bf16x3_amx"}};
 
 // The runnable set's method of that name, or nullptr.
 const Conv3x3Method* find_conv_method(const std::string& method_name) {
   for (const Bf16KernelSet* set : bf16_kernel_sets())
     for (const Conv3x3Method* method : {&set->conv3x3_direct, &set->conv3x3_winograd})
       if (method->run != nullptr && method_name == method->name) return method;
-  return nullptr;
+  const Conv3x3Method* x3 = amx_x3_conv_method();
+  return x3 && method_name == x3->name ? x3 : nullptr;
 }
 
 const Conv3x3Method& conv_method_for(const std::string& algorithm) {
@@ -86,10 +90,11 @@ const Conv3x3Method& conv_method_for(const std::string& algorithm) {
     require_bf16();
     if (const Conv3x3Method* method = find_conv_method(a.method)) return *method;
     throw std::runtime_error(std::string("the bf16 convolution '") + algorithm + "' cannot run here: " +
-                             (algorithm == "amx" ? amx_unavailable_reason() : bf16_unavailable_reason()));
+                             (algorithm.rfind("amx", 0) == 0 ? amx_unavailable_reason() : bf16_unavailable_reason()));
   }
   throw py::value_error("unknown algorithm '" + algorithm +
-                        "'; expected 'direct' (bf16), 'winograd_int14' or 'amx' (bf16 on AMX tiles)");
+                        "'; expected 'direct' (bf16), 'winograd_int14', 'amx' (bf16 on AMX tiles) or 'amx_x3' "
+                        "(bf16x3 on AMX tiles)");
 }
 
 // The packed weights and block-padded bias of one conv layer for one method.
@@ -114,6 +119,13 @@ struct PackedConv {
 // (run_batch), or that with the 2x2 max pool (run_batch_max_pool; the result is then
 // floor(h/2) x floor(w/2)).
 enum class ConvForm { Image, Batch, MaxPool };
+
+ConvForm conv_form(const std::string& form) {
+  if (form == "image") return ConvForm::Image;
+  if (form == "batch") return ConvForm::Batch;
+  if (form == "max_pool") return ConvForm::MaxPool;
+  throw py::value_error("unknown form '" + form + "'; expected 'image', 'batch' or 'max_pool'");
+}
 
 FloatArray run_conv(const FloatArray& x, const FloatArray& kernel, const FloatArray& bias, bool relu,
                     const std::string& algorithm, ConvForm form, int (*thread_count)()) {
@@ -289,11 +301,13 @@ FloatArray unpack_roundtrip(const FloatArray& kernel, const std::string& method_
   for (const Bf16ConvAlgorithm& a : kConvAlgorithms) known = known || method_name == a.method;
   if (!known)
     throw py::value_error("unknown method '" + method_name +
-                          "'; expected 'direct_bf16', 'winograd_f4x4_int14', 'direct_bf16_amx' or 'dense_bf16'");
+                          "'; expected 'direct_bf16', 'winograd_f4x4_int14', 'direct_bf16_amx', 'direct_bf16x3_amx' or "
+                          "'dense_bf16'");
   const Conv3x3Method* method = find_conv_method(method_name);
   if (!method)
     throw std::runtime_error("the bf16 method '" + method_name + "' cannot run here: " +
-                             (method_name == "direct_bf16_amx" ? amx_unavailable_reason() : bf16_unavailable_reason()));
+                             (method_name.find("_amx") != std::string::npos ? amx_unavailable_reason()
+                                                                            : bf16_unavailable_reason()));
   require_shape(kernel, {3, 3, -1, -1}, "kernel (HWIO)");
   const int in_c = positive_int(kernel.shape(2), "channels"), out_c = positive_int(kernel.shape(3), "filters");
   FloatArray result({3, 3, in_c, out_c});
@@ -317,13 +331,20 @@ void register_bf16_testing(py::module_& testing, int (*thread_count)()) {
      "The bf16 3x3 convolution (vdpbf16ps) on an NHWC batch; raises RuntimeError where the CPU lacks AVX512_BF16.");
   testing.def("conv3x3_bf16_amx", [thread_count](const FloatArray& x, const FloatArray& k, const FloatArray& b, bool relu,
                                                  const std::string& form) {
-    if (form != "image" && form != "batch" && form != "max_pool")
-      throw py::value_error("unknown form '" + form + "'; expected 'image', 'batch' or 'max_pool'");
-    const ConvForm how = form == "image" ? ConvForm::Image : form == "batch" ? ConvForm::Batch : ConvForm::MaxPool;
-    return run_conv(x, k, b, relu, "amx", how, thread_count);
+    return run_conv(x, k, b, relu, "amx", conv_form(form), thread_count);
   }, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("relu"), py::arg("form") = "image",
      "The bf16 3x3 convolution on AMX tiles (TDPBF16PS) on an NHWC batch, image by image ('image'), in one batch call "
      "('batch') or with the fused 2x2 max pool ('max_pool'); raises RuntimeError without AMX-BF16.");
+  testing.def("conv3x3_bf16x3_amx", [thread_count](const FloatArray& x, const FloatArray& k, const FloatArray& b,
+                                                   bool relu, const std::string& form) {
+    return run_conv(x, k, b, relu, "amx_x3", conv_form(form), thread_count);
+  }, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("relu"), py::arg("form") = "image",
+     "precision='bf16x3''s 3x3 convolution on AMX tiles: inputs and weights as bf16 hi + lo, three products; forms as "
+     "conv3x3_bf16_amx's. RuntimeError without AMX-BF16.");
+  testing.def("conv3x3_bf16x3_reference", [](const FloatArray& x, const FloatArray& k, const FloatArray& b, bool relu) {
+    return run_reference_conv(x, k, b, relu, &reference::conv3x3_bf16x3);
+  }, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("relu"),
+     "Plain twin of the bf16x3 AMX convolution: hi*hi + lo*hi + hi*lo of the split inputs and weights, in double.");
   testing.def("conv3x3_bf16_split_reference", [](const FloatArray& x, const FloatArray& k, const FloatArray& b, bool relu) {
     return run_reference_conv(x, k, b, relu, &reference::conv3x3_bf16_split);
   }, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("relu"),

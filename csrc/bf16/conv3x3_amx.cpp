@@ -113,17 +113,23 @@ inline __m512 widen(__m256bh rounded) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)rounded), 16));
 }
 
-// x - hi, exact in fp32; 0 where hi is infinite or NaN (hi carries those).
-inline __m512 low_part(__m512 x, __m512 hi) {
-  const __mmask16 special = _mm512_fpclass_ps_mask(hi, 0x01 | 0x08 | 0x10 | 0x80);  // NaN, +-inf
-  return _mm512_maskz_sub_ps(__mmask16(~special), x, hi);
+// x as hi + lo: hi = bf16(x), lo = bf16(x - hi) (x - hi is exact in fp32). Where hi is infinite
+// or NaN, hi = 0 and lo = bf16(x) carries it instead: with the weights' lo parts (bf16x3) a
+// non-finite hi would also meet them, and inf * 0 (a weight exact in bf16) is NaN where fp32
+// gives inf.
+inline void split(__m512 x, __m256bh& hi, __m256bh& lo) {
+  hi = _mm512_cvtneps_pbh(x);
+  const __m512 hi_value = widen(hi);
+  const __mmask16 special = _mm512_fpclass_ps_mask(hi_value, 0x01 | 0x08 | 0x10 | 0x80);  // NaN, +-inf
+  lo = _mm512_cvtneps_pbh(_mm512_mask_mov_ps(_mm512_sub_ps(x, hi_value), special, x));
+  hi = (__m256bh)_mm256_maskz_mov_epi16(__mmask16(~special), (__m256i)hi);
 }
 
 // 32 fp32 values (two vectors) as one 64-byte row of hi parts and one of lo parts.
 inline void store_split(__m512 a, __m512 b, std::uint16_t* hi_row, std::uint16_t* lo_row) {
-  const __m256bh a_hi = _mm512_cvtneps_pbh(a), b_hi = _mm512_cvtneps_pbh(b);
-  const __m256bh a_lo = _mm512_cvtneps_pbh(low_part(a, widen(a_hi)));
-  const __m256bh b_lo = _mm512_cvtneps_pbh(low_part(b, widen(b_hi)));
+  __m256bh a_hi, a_lo, b_hi, b_lo;
+  split(a, a_hi, a_lo);
+  split(b, b_hi, b_lo);
   // The first 16 values in the low 32 bytes of the row, the next 16 in the high.
   _mm512_storeu_si512(hi_row, _mm512_inserti64x4(_mm512_castsi256_si512((__m256i)a_hi), (__m256i)b_hi, 1));
   _mm512_storeu_si512(lo_row, _mm512_inserti64x4(_mm512_castsi256_si512((__m256i)a_lo), (__m256i)b_lo, 1));
@@ -207,9 +213,12 @@ void convert_band(const BlockedImage& in, const Geometry& g, const Band& band) {
 }
 
 // C for positions [q0, q0 + 32) x output blocks (w0, w1) of a converted band: 4 tiles into
-// `bounce` as [block j][M tile m][16 positions][16 channels].
+// `bounce` as [block j][M tile m][16 positions][16 channels]. With kSplitWeights the weights'
+// lo parts follow their hi parts at `weight_lo_offset` elements, and each step adds hi * w_lo
+// to hi * w_hi + lo * w_hi (lo * w_lo, below 2^-16 of the product, is left out).
+template <bool kSplitWeights>
 inline void tile_pair(const Band& band, const Geometry& g, std::ptrdiff_t q0, const std::uint16_t* w0,
-                      const std::uint16_t* w1, float* bounce) {
+                      const std::uint16_t* w1, std::ptrdiff_t weight_lo_offset, float* bounce) {
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
@@ -230,6 +239,7 @@ inline void tile_pair(const Band& band, const Geometry& g, std::ptrdiff_t q0, co
     // With im2col the taps are inside K: one step per block, no shift.
     const std::ptrdiff_t shift = std::ptrdiff_t(tap / 3) * g.padded_width + tap % 3;
     const std::uint16_t* a = band.at(c, q0 + shift);
+    const std::ptrdiff_t here = b_offset(step);
     const std::ptrdiff_t next = b_offset(step + 1 < steps ? step + 1 : step);
     // hi parts, then lo parts, against the same two weight tiles.
     _tile_loadd(4, a, 64);
@@ -238,8 +248,23 @@ inline void tile_pair(const Band& band, const Geometry& g, std::ptrdiff_t q0, co
     _tile_dpbf16ps(1, 5, 6);
     _tile_dpbf16ps(2, 4, 7);
     _tile_dpbf16ps(3, 5, 7);
-    _tile_loadd(4, a + band.lo_offset, 64);
-    _tile_loadd(5, a + band.lo_offset + kTileElements, 64);
+    if constexpr (kSplitWeights) {
+      // The hi parts again, against the weights' lo parts: one more pair of A loads and of B
+      // loads a step, for half again the products.
+      _tile_loadd(4, a + band.lo_offset, 64);
+      _tile_loadd(5, a + band.lo_offset + kTileElements, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 5, 6);
+      _tile_dpbf16ps(2, 4, 7);
+      _tile_dpbf16ps(3, 5, 7);
+      _tile_loadd(6, w0 + weight_lo_offset + here, 64);
+      _tile_loadd(7, w1 + weight_lo_offset + here, 64);
+      _tile_loadd(4, a, 64);
+      _tile_loadd(5, a + kTileElements, 64);
+    } else {
+      _tile_loadd(4, a + band.lo_offset, 64);
+      _tile_loadd(5, a + band.lo_offset + kTileElements, 64);
+    }
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(1, 5, 6);
     if (step + 1 < steps) _tile_loadd(6, w0 + next, 64);
@@ -278,12 +303,14 @@ inline GroupWeights group_weights(const std::uint16_t* weights, const Geometry& 
   return {w0, two ? w0 + g.weights_per_out_block : w0, two ? 2 : 1};
 }
 
+template <bool kSplitWeights>
 void run_images(const BlockedImage* in, const void* packed, const float* bias, bool relu, const BlockedImage* out,
                 int images, bool pool, int threads, KernelScratch& scratch) {
   if (images < 1) return;
   const auto* weights = static_cast<const std::uint16_t*>(packed);
   const Geometry g(in[0], out[0].channels);
   const int groups = (g.out_blocks + 1) / 2;
+  const std::ptrdiff_t weight_lo_offset = kSplitWeights ? g.out_blocks * g.weights_per_out_block : 0;
   const std::ptrdiff_t tile_pairs = (g.positions + kPairPositions - 1) / kPairPositions;
   // Pooled: one item per pooled row, its tile pairs covering the two rows.
   const int pooled_rows = g.height / 2, pooled_width = g.width / 2;
@@ -350,7 +377,7 @@ void run_images(const BlockedImage* in, const void* packed, const float* bias, b
       }
       if (!pool) {
         const std::ptrdiff_t q0 = part * kPairPositions;
-        tile_pair(converted, g, q0, w.w0, w.w1, bounce);
+        tile_pair<kSplitWeights>(converted, g, q0, w.w0, w.w1, weight_lo_offset, bounce);
         for (int j = 0; j < w.blocks; ++j) {
           const int ob = 2 * group + j;
           const __m512 b = _mm512_loadu_ps(bias + ob * kChannelBlock);
@@ -370,7 +397,8 @@ void run_images(const BlockedImage* in, const void* packed, const float* bias, b
       // Pooled row `part`: conv rows 2 part and 2 part + 1.
       const std::ptrdiff_t slab = 2 * part * g.padded_width;
       for (std::ptrdiff_t s = 0; s < slab_pairs; ++s)
-        tile_pair(converted, g, slab + s * kPairPositions, w.w0, w.w1, bounce + s * 4 * kTileFloats);
+        tile_pair<kSplitWeights>(converted, g, slab + s * kPairPositions, w.w0, w.w1, weight_lo_offset,
+                                bounce + s * 4 * kTileFloats);
       // Position r of the slab for block j, as the unfused kernel writes it (bias, ReLU).
       auto value = [&](int j, std::ptrdiff_t r, __m512 b) {
         const std::ptrdiff_t pair = r / kPairPositions, in_pair = r % kPairPositions;
@@ -399,17 +427,32 @@ void run_images(const BlockedImage* in, const void* packed, const float* bias, b
 
 void conv3x3(const BlockedImage& in, const void* packed, const float* bias, bool relu, const BlockedImage& out,
              int threads, KernelScratch& scratch) {
-  run_images(&in, packed, bias, relu, &out, 1, /*pool=*/false, threads, scratch);
+  run_images<false>(&in, packed, bias, relu, &out, 1, /*pool=*/false, threads, scratch);
 }
 
 void conv3x3_batch(const BlockedImage* in, const void* packed, const float* bias, bool relu, const BlockedImage* out,
                    int images, int threads, KernelScratch& scratch) {
-  run_images(in, packed, bias, relu, out, images, /*pool=*/false, threads, scratch);
+  run_images<false>(in, packed, bias, relu, out, images, /*pool=*/false, threads, scratch);
 }
 
 void conv3x3_batch_max_pool(const BlockedImage* in, const void* packed, const float* bias, bool relu,
                             const BlockedImage* pooled, int images, int threads, KernelScratch& scratch) {
-  run_images(in, packed, bias, relu, pooled, images, /*pool=*/true, threads, scratch);
+  run_images<false>(in, packed, bias, relu, pooled, images, /*pool=*/true, threads, scratch);
+}
+
+void conv3x3_x3(const BlockedImage& in, const void* packed, const float* bias, bool relu, const BlockedImage& out,
+                int threads, KernelScratch& scratch) {
+  run_images<true>(&in, packed, bias, relu, &out, 1, /*pool=*/false, threads, scratch);
+}
+
+void conv3x3_x3_batch(const BlockedImage* in, const void* packed, const float* bias, bool relu,
+                      const BlockedImage* out, int images, int threads, KernelScratch& scratch) {
+  run_images<true>(in, packed, bias, relu, out, images, /*pool=*/false, threads, scratch);
+}
+
+void conv3x3_x3_batch_max_pool(const BlockedImage* in, const void* packed, const float* bias, bool relu,
+                               const BlockedImage* pooled, int images, int threads, KernelScratch& scratch) {
+  run_images<true>(in, packed, bias, relu, pooled, images, /*pool=*/true, threads, scratch);
 }
 
 }  // namespace amxbf16

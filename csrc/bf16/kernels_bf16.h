@@ -91,6 +91,14 @@ const KernelTable& bf16_kernel_table(const KernelTable& fp32);
 // The same with a named set's methods.
 const KernelTable& bf16_kernel_table(const KernelTable& fp32, const Bf16KernelSet& set);
 
+// precision="bf16x3" (CPUs with AMX-BF16): `fp32`'s table whose Winograd slot (the method
+// picked from 16 input channels on) holds the AMX kernel with bf16x3 products
+// ("direct_bf16x3_amx"; isa_name "amx_bf16x3"); the first layer keeps fp32's direct kernel.
+// nullptr where AMX cannot run (amx_unavailable_reason says why).
+const KernelTable* amx_bf16x3_kernel_table(const KernelTable& fp32);
+// Its convolution method, or nullptr where AMX cannot run.
+const Conv3x3Method* amx_x3_conv_method();
+
 // Packers (pack_bf16.cpp): plain C++, shared by every CPU that runs the set. Sizes count
 // uint16 elements.
 std::size_t packed_conv3x3_bf16_size(int in_channels, int out_channels);
@@ -103,6 +111,13 @@ void pack_conv3x3_amx(const float* kernel_hwio, int in_channels, int out_channel
                       int threads);
 void unpack_conv3x3_amx(const std::uint16_t* packed, int in_channels, int out_channels, float* kernel_hwio,
                         int threads);
+// The weights as hi + lo bf16 pairs (precision="bf16x3"): the layout above twice, every hi part
+// then every lo part. The unpacked kernel is hi + lo, within 2^-16 of each weight.
+std::size_t packed_conv3x3_amx_x3_size(int in_channels, int out_channels);
+void pack_conv3x3_amx_x3(const float* kernel_hwio, int in_channels, int out_channels, std::uint16_t* packed,
+                         int threads);
+void unpack_conv3x3_amx_x3(const std::uint16_t* packed, int in_channels, int out_channels, float* kernel_hwio,
+                           int threads);
 std::size_t packed_dense_bf16_size(int depth, int cols);
 // Rows [first_row, first_row + row_count); the buffer must start zeroed (padding columns and the
 // odd row of an odd depth stay 0), rows may come in any number of pieces.
@@ -146,6 +161,15 @@ void conv3x3_batch(const BlockedImage* in, const void* packed_weights, const flo
                    const BlockedImage* out, int images, int threads, KernelScratch& scratch);
 void conv3x3_batch_max_pool(const BlockedImage* in, const void* packed_weights, const float* bias, bool relu,
                             const BlockedImage* pooled, int images, int threads, KernelScratch& scratch);
+// "bf16x3": activations and weights both carried as hi + lo, three products per multiply-add
+// (hi*hi + lo*hi + hi*lo; lo*lo, under 2^-16 of the product, is left out): fp32-class sums,
+// conv3x3_bf16x3's products. Weights packed by pack_conv3x3_amx_x3.
+void conv3x3_x3(const BlockedImage& in, const void* packed_weights, const float* bias, bool relu,
+                const BlockedImage& out, int threads, KernelScratch& scratch);
+void conv3x3_x3_batch(const BlockedImage* in, const void* packed_weights, const float* bias, bool relu,
+                      const BlockedImage* out, int images, int threads, KernelScratch& scratch);
+void conv3x3_x3_batch_max_pool(const BlockedImage* in, const void* packed_weights, const float* bias, bool relu,
+                               const BlockedImage* pooled, int images, int threads, KernelScratch& scratch);
 }  // namespace amxbf16
 
 // Plain twins on NHWC arrays and Keras layouts: inputs and weights rounded by round_to_bf16,
@@ -154,9 +178,14 @@ namespace reference {
 void conv3x3_bf16(const float* x, int images, int height, int width, int in_channels, const float* kernel_hwio,
                   const float* bias, int out_channels, bool relu, float* y);
 // The AMX kernel's twin: weights rounded to bf16, each input x replaced by hi + lo with
-// hi = bf16(x), lo = bf16(x - hi) (lo = 0 where x is infinite or NaN), products in double.
+// hi = bf16(x), lo = bf16(x - hi) (hi = 0, lo = bf16(x) where bf16(x) is infinite or NaN), products
+// in double.
 void conv3x3_bf16_split(const float* x, int images, int height, int width, int in_channels,
                         const float* kernel_hwio, const float* bias, int out_channels, bool relu, float* y);
+// The bf16x3 kernel's twin: inputs and weights each replaced by hi + lo, the products
+// hi*hi + lo*hi + hi*lo summed in double.
+void conv3x3_bf16x3(const float* x, int images, int height, int width, int in_channels, const float* kernel_hwio,
+                    const float* bias, int out_channels, bool relu, float* y);
 void dense_bf16(const float* x, int rows, int depth, const float* kernel, const float* bias, int cols, bool relu,
                 float* y);
 // Winograd F(4x4) with the int14 quantisation of the kernel, all in double: U = G g G^T and

@@ -19,22 +19,35 @@ std::vector<float> rounded_copy(const float* values, std::size_t count) {
   return out;
 }
 
+// Each value's hi = bf16(v) and lo = bf16(v - hi); where bf16(v) is infinite or NaN, hi = 0 and
+// lo = bf16(v) (the AMX kernel's split).
+struct SplitValues {
+  std::vector<float> hi, lo;
+  SplitValues(const float* values, std::size_t count) : hi(count), lo(count) {
+    for (std::size_t i = 0; i < count; ++i) {
+      const float rounded = bf16_to_float(round_to_bf16(values[i]));
+      const bool finite = std::isfinite(rounded);
+      hi[i] = finite ? rounded : 0.0f;
+      lo[i] = finite ? bf16_to_float(round_to_bf16(values[i] - rounded)) : rounded;
+    }
+  }
+};
+
 // x as hi + lo (two bf16 values), summed in double: exact.
 std::vector<double> split_copy(const float* values, std::size_t count) {
+  const SplitValues split(values, count);
   std::vector<double> out(count);
-  for (std::size_t i = 0; i < count; ++i) {
-    const float hi = bf16_to_float(round_to_bf16(values[i]));
-    const float lo = std::isfinite(hi) ? bf16_to_float(round_to_bf16(values[i] - hi)) : 0.0f;
-    out[i] = double(hi) + double(lo);
-  }
+  for (std::size_t i = 0; i < count; ++i) out[i] = double(split.hi[i]) + double(split.lo[i]);
   return out;
 }
 
-template <typename Input>
-void conv3x3_rounded(const std::vector<Input>& xr, int images, int height, int width, int in_channels,
-                     const std::vector<float>& kr, const float* bias, int out_channels, bool relu, float* y) {
+// bias + sum over taps and channels of product(x index, kernel index), in double, rounded to
+// float once (then ReLU): the shared walk of every twin below.
+template <typename Product>
+void conv3x3_sum(int images, int height, int width, int in_channels, const float* bias, int out_channels, bool relu,
+                 float* y, Product product) {
   for (int n = 0; n < images; ++n) {
-    const Input* image = xr.data() + std::ptrdiff_t(n) * height * width * in_channels;
+    const std::ptrdiff_t image = std::ptrdiff_t(n) * height * width * in_channels;
     float* result = y + std::ptrdiff_t(n) * height * width * out_channels;
     for (int oy = 0; oy < height; ++oy)
       for (int ox = 0; ox < width; ++ox)
@@ -46,9 +59,9 @@ void conv3x3_rounded(const std::vector<Input>& xr, int images, int height, int w
             for (int kw = 0; kw < 3; ++kw) {
               const int ix = ox + kw - 1;
               if (ix < 0 || ix >= width) continue;
-              const Input* src = image + (std::ptrdiff_t(iy) * width + ix) * in_channels;
-              const float* w = kr.data() + (std::ptrdiff_t(kh * 3 + kw) * in_channels) * out_channels + oc;
-              for (int ic = 0; ic < in_channels; ++ic) sum += double(src[ic]) * double(w[std::ptrdiff_t(ic) * out_channels]);
+              const std::ptrdiff_t src = image + (std::ptrdiff_t(iy) * width + ix) * in_channels;
+              const std::ptrdiff_t w = (std::ptrdiff_t(kh * 3 + kw) * in_channels) * out_channels + oc;
+              for (int ic = 0; ic < in_channels; ++ic) sum += product(src + ic, w + std::ptrdiff_t(ic) * out_channels);
             }
           }
           const float value = float(sum);
@@ -56,6 +69,14 @@ void conv3x3_rounded(const std::vector<Input>& xr, int images, int height, int w
         }
   }
 }
+
+template <typename Input>
+void conv3x3_rounded(const std::vector<Input>& xr, int images, int height, int width, int in_channels,
+                     const std::vector<float>& kr, const float* bias, int out_channels, bool relu, float* y) {
+  conv3x3_sum(images, height, width, in_channels, bias, out_channels, relu, y,
+              [&](std::ptrdiff_t i, std::ptrdiff_t k) { return double(xr[std::size_t(i)]) * double(kr[std::size_t(k)]); });
+}
+
 }  // namespace
 
 void conv3x3_bf16(const float* x, int images, int height, int width, int in_channels, const float* kernel_hwio,
@@ -70,6 +91,16 @@ void conv3x3_bf16_split(const float* x, int images, int height, int width, int i
   conv3x3_rounded(split_copy(x, std::size_t(images) * height * width * in_channels), images, height, width,
                   in_channels, rounded_copy(kernel_hwio, std::size_t(9) * in_channels * out_channels), bias,
                   out_channels, relu, y);
+}
+
+void conv3x3_bf16x3(const float* x, int images, int height, int width, int in_channels, const float* kernel_hwio,
+                    const float* bias, int out_channels, bool relu, float* y) {
+  const SplitValues xs(x, std::size_t(images) * height * width * in_channels);
+  const SplitValues ks(kernel_hwio, std::size_t(9) * in_channels * out_channels);
+  conv3x3_sum(images, height, width, in_channels, bias, out_channels, relu, y, [&](std::ptrdiff_t i, std::ptrdiff_t k) {
+    const std::size_t xi = std::size_t(i), ki = std::size_t(k);
+    return double(xs.hi[xi]) * ks.hi[ki] + double(xs.lo[xi]) * ks.hi[ki] + double(xs.hi[xi]) * ks.lo[ki];
+  });
 }
 
 void dense_bf16(const float* x, int rows, int depth, const float* kernel, const float* bias, int cols, bool relu,

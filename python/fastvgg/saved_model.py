@@ -20,9 +20,8 @@ import numpy as np
 from . import _core
 from .keras_model import LayerSpec, ModelSpec, read_kernel_weights, read_model
 from .layers import Conv2D, Dense, InputLayer, Layer, _float32
-from .models import Model
+from .models import PRECISIONS, Model
 
-PRECISIONS = ("fast", "highest", "bf16")
 
 
 def load_model(
@@ -48,7 +47,7 @@ def load_model(
     Args:
         filepath: the ``.keras`` or ``.h5`` file, or the SavedModel directory (read through its
             ``keras_metadata.pb``; see fastvgg.tf_saved_model).
-        precision: "fast" (Winograd 3x3 convolutions where they pay), "highest" or "bf16" (see
+        precision: "fast" (Winograd 3x3 convolutions where they pay), "highest", "bf16" or "bf16x3" (see
             ``fastvgg.VGG16``).
         device: "cpu" (default), "cuda" or "auto", as for ``fastvgg.VGG16``. The GPU executor
             runs every layer listed above (tested through its CPU emulator; see the README's
@@ -65,7 +64,7 @@ def load_model(
             and never reads the convolution and dense arrays from the model file.
     """
     if precision not in PRECISIONS:
-        raise ValueError(f"`precision` must be 'fast', 'highest' or 'bf16'. Received: precision={precision!r}")
+        raise ValueError(f"`precision` must be one of {', '.join(map(repr, PRECISIONS))}. Received: precision={precision!r}")
     from .cuda import resolve_device
 
     resolved = resolve_device(device)  # an unknown device or an unusable GPU fails before the file is read
