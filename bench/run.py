@@ -196,7 +196,7 @@ def onnxruntime_runner(onnx_path: str, threads: int):
     return lambda x: session.run(["output"], {"input": x})[0]
 
 
-PEERS = ["fastvgg", "fastvgg bf16", "fastvgg bf16 int14", "keras predict", "keras tf.function", "onnxruntime", "openvino f32", "openvino default", "torch"]
+PEERS = ["fastvgg", "fastvgg bf16x3", "fastvgg bf16", "fastvgg bf16 int14", "keras predict", "keras tf.function", "onnxruntime", "openvino f32", "openvino default", "torch"]
 PEER_MODULES = {"onnxruntime": ("onnx", "onnxruntime"), "openvino f32": ("onnx", "openvino"),
                 "openvino default": ("onnx", "openvino"), "torch": ("torch",)}
 
@@ -220,8 +220,20 @@ def bf16_sets():
     return _core.testing.bf16_kernel_sets() if hasattr(_core.testing, "bf16_kernel_sets") else []
 
 
+def amx_unavailable():
+    """Why this CPU or build cannot run precision='bf16x3' (AMX), or None."""
+    from fastvgg import _core
+
+    if not hasattr(_core.testing, "amx_unavailable_reason"):
+        return "this build has no AMX kernels"
+    return _core.testing.amx_unavailable_reason() or None
+
+
 def installed(name: str) -> bool:
     import importlib.util
+
+    if name == "fastvgg bf16x3":
+        return amx_unavailable() is None
 
     if name == "fastvgg bf16":
         return bf16_unavailable() is None
@@ -236,6 +248,8 @@ def skip_reason(name: str) -> str:
     """A contender left out of the run, and why: fastvgg bf16 needs CPU features, a peer its package."""
     if name == "fastvgg bf16":
         return f"{name} ({bf16_unavailable()})"
+    if name == "fastvgg bf16x3":
+        return f"{name} ({amx_unavailable()})"
     if name == "fastvgg bf16 int14":
         return f"{name} ({bf16_unavailable() or 'it is what fastvgg bf16 runs here'})"
     return f"{name} (not installed)"
@@ -272,7 +286,7 @@ def _make_runner(name, build, layers, keras_model, h5_path, onnx_path, include_t
     import tensorflow as tf
 
     if name.startswith("fastvgg"):
-        precision = "bf16" if name.startswith("fastvgg bf16") else "fast"
+        precision = {"fastvgg": "fast", "fastvgg bf16x3": "bf16x3"}.get(name, "bf16")
         # FASTVGG_BF16_KERNELS is read when the model's executor is made.
         previous = os.environ.get("FASTVGG_BF16_KERNELS")
         if name == "fastvgg bf16 int14":
@@ -399,8 +413,9 @@ def goals(medians, lines):
     peer (at most 0.4 at batch 1, a third at batch 32) and fastvgg bf16 against OpenVINO's
     default precision (at most half)."""
     lines += ["### Against the goals (ratios of this run's medians; lower is faster)", "",
-              "| model | batch | fastvgg fp32 / fastest fp32 peer | goal | fastvgg bf16 / OpenVINO default | goal |",
-              "|---|---|---|---|---|---|"]
+              "| model | batch | fastvgg fp32 / fastest fp32 peer | goal | fastvgg bf16 / OpenVINO default | goal "
+              "| fastvgg bf16x3 / fastest fp32 peer |",
+              "|---|---|---|---|---|---|---|"]
     for title, batch in dict.fromkeys((t, b) for t, b, _ in medians):
         get = lambda name: medians.get((title, batch, name))
         peers = {name: get(name) for name in FP32_PEERS if get(name)}
@@ -411,7 +426,8 @@ def goals(medians, lines):
         else:
             fp32 = "n/a"
         bf16 = f"{get('fastvgg bf16') / get('openvino default'):.2f}" if get("fastvgg bf16") and get("openvino default") else "n/a"
-        lines.append(f"| {title} | {batch} | {fp32} | {fp32_goal} | {bf16} | 0.50 |")
+        x3 = f"{get('fastvgg bf16x3') / peers[fastest]:.2f}" if get("fastvgg bf16x3") and get("fastvgg") and peers else "n/a"
+        lines.append(f"| {title} | {batch} | {fp32} | {fp32_goal} | {bf16} | 0.50 | {x3} |")
     lines.append("")
 
 
@@ -503,13 +519,15 @@ def per_layer(threads: int, quick: bool, lines):
               "so Winograd layers can pass the peak. The bf16 columns time the bf16 kernel set's direct "
               "convolution (vdpbf16ps) on the same layer, % of the bf16 peak; int14: its Winograd F(4x4) with "
               "int14 products (vpdpwssd, the same peak). AMX: the AMX set's direct convolution (TDPBF16PS, "
-              "activations as bf16 hi + lo, so twice the products: % of the AMX peak counts them both).", "",
+              "activations as bf16 hi + lo, so twice the products: % of the AMX peak counts them both). "
+              "bf16x3: the AMX convolution of precision='bf16x3' (activations and weights as hi + lo, three products; "
+              "% of the AMX peak counts all three; block1_conv1 there runs the fp32 direct kernel, as in a model).", "",
               f"| layer | algorithm | ms ({threads}T) | GFLOP/s | % of peak | ms (1T) | {threads}T/1T speedup "
               f"| bf16 direct ms ({threads}T) | bf16 GFLOP/s | % of bf16 peak | int14 winograd ms ({threads}T) | int14 GFLOP/s "
-              f"| AMX ms ({threads}T) | AMX GFLOP/s | % of AMX peak |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              f"| AMX ms ({threads}T) | AMX GFLOP/s | % of AMX peak | bf16x3 ms ({threads}T) | % of AMX peak |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     total = {1: 0.0, threads: 0.0}
-    bf16_total = int14_total = amx_total = 0.0
+    bf16_total = int14_total = amx_total = x3_total = 0.0
     for name, (size, cin, cout) in zip(CONV_NAMES, VGG16_CONVS):
         x = np.maximum(rng.standard_normal((1, size, size, cin)), 0).astype(np.float32)
         kernel = (rng.standard_normal((3, 3, cin, cout)) * np.sqrt(2.0 / (9 * (cin + cout)))).astype(np.float32)
@@ -532,15 +550,22 @@ def per_layer(threads: int, quick: bool, lines):
             bf16_gflops = flop / bf16_s / 1e9
             bf16_cells = (f"{bf16_s * 1e3:.2f} | {bf16_gflops:.0f} | {100 * bf16_gflops / bf16_peak:.0f}% "
                           f"| {int14_s * 1e3:.2f} | {flop / int14_s / 1e9:.0f}")
-        amx_cells = "n/a | n/a | n/a"
+        amx_cells = "n/a | n/a | n/a | n/a | n/a"
         if tile_peak:
             amx_s = _core.testing.time_conv3x3_bf16(x, kernel, bias, repeats, "amx")
             amx_total += amx_s
             amx_cells = f"{amx_s * 1e3:.2f} | {flop / amx_s / 1e9:.0f} | {100 * 2 * flop / amx_s / 1e9 / tile_peak:.0f}%"
+            if algorithm == "direct":  # bf16x3 keeps the fp32 direct kernel on the first layer
+                x3_s, x3_pct = ms[threads], "(fp32)"
+            else:
+                x3_s = _core.testing.time_conv3x3_bf16(x, kernel, bias, repeats, "amx_x3")
+                x3_pct = f"{100 * 3 * flop / x3_s / 1e9 / tile_peak:.0f}%"
+            x3_total += x3_s
+            amx_cells += f" | {x3_s * 1e3:.2f} | {x3_pct}"
         lines.append(f"| {name} | {algorithm} | {ms[threads] * 1e3:.2f} | {gflops:.0f} | {pct} | {ms[1] * 1e3:.2f} "
                      f"| {ms[1] / ms[threads]:.2f} | {bf16_cells} | {amx_cells} |")
     bf16_sum = f"{bf16_total * 1e3:.1f} | | | {int14_total * 1e3:.1f} |" if bf16_peak else "n/a | | | n/a |"
-    amx_sum = f"{amx_total * 1e3:.1f} | |" if tile_peak else "n/a | |"
+    amx_sum = f"{amx_total * 1e3:.1f} | | | {x3_total * 1e3:.1f} |" if tile_peak else "n/a | | | n/a |"
     lines.append(f"| all convs | | {total[threads] * 1e3:.1f} | | | {total[1] * 1e3:.1f} | {total[1] / total[threads]:.2f} "
                  f"| {bf16_sum} | {amx_sum} |")
     _core.set_num_threads(threads)
@@ -594,7 +619,7 @@ def child(name: str, model_dir: str, threads: int) -> None:
         # "fastvgg" and the bf16 ones unpack the .h5 file; "fastvgg cached" maps the packed
         # cache that an earlier process wrote (FASTVGG_PACKED_CACHE, set by the parent);
         # "fastvgg bf16 int14" runs the AVX512_BF16 set (FASTVGG_BF16_KERNELS, set by the parent).
-        precision = "bf16" if name.startswith("fastvgg bf16") else "fast"
+        precision = {"fastvgg": "fast", "fastvgg cached": "fast", "fastvgg bf16x3": "bf16x3"}.get(name, "bf16")
         cache = os.environ["FASTVGG_PACKED_CACHE"] if name == "fastvgg cached" else False
         run = lambda x, m=fastvgg.VGG16(h5, precision=precision, packed_cache=cache): m.predict(x, batch_size=1)
     elif name.startswith("keras"):

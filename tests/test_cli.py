@@ -131,3 +131,14 @@ def test_console_script_is_installed_with_the_package():
         pytest.skip("fastvgg is not installed (tests run from the source tree); `pip install .` adds the script")
     result = subprocess.run([script, "info"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and f"fastvgg {fastvgg.__version__}" in result.stdout
+
+
+def test_precision_choices_are_the_api_s():
+    # The CLI writes the choices out (its --help imports no extension); they must not drift.
+    from fastvgg.__main__ import _parser
+    from fastvgg.models import PRECISIONS
+
+    subparsers = next(a for a in _parser()._actions if a.choices and "features" in a.choices)
+    for command in ("predict", "features"):
+        option = next(a for a in subparsers.choices[command]._actions if "--precision" in a.option_strings)
+        assert tuple(option.choices) == PRECISIONS

@@ -339,7 +339,7 @@ void register_bf16_testing(py::module_& testing, int (*thread_count)()) {
                                                    bool relu, const std::string& form) {
     return run_conv(x, k, b, relu, "amx_x3", conv_form(form), thread_count);
   }, py::arg("x"), py::arg("kernel"), py::arg("bias"), py::arg("relu"), py::arg("form") = "image",
-     "precision='bf16x3''s 3x3 convolution on AMX tiles: inputs and weights as bf16 hi + lo, three products; forms as "
+     "The 3x3 convolution of precision='bf16x3' on AMX tiles: inputs and weights as bf16 hi + lo, three products; forms as "
      "conv3x3_bf16_amx's. RuntimeError without AMX-BF16.");
   testing.def("conv3x3_bf16x3_reference", [](const FloatArray& x, const FloatArray& k, const FloatArray& b, bool relu) {
     return run_reference_conv(x, k, b, relu, &reference::conv3x3_bf16x3);

@@ -219,7 +219,12 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         "--weights", default="imagenet",
         help="'imagenet' (default; downloaded once if not cached), a Keras weights file, or 'none' for random weights",
     )
-    parser.add_argument("--precision", choices=("fast", "highest"), default="fast")
+    # fastvgg.models.PRECISIONS, written out so that --help does not import the extension.
+    parser.add_argument(
+        "--precision", choices=("fast", "highest", "bf16", "bf16x3"), default="fast",
+        help="as fastvgg.VGG16's precision: 'fast' (default, float32), 'highest', 'bf16' (AVX512_BF16 or AMX) or "
+             "'bf16x3' (AMX)",
+    )
     parser.add_argument("--batch-size", type=int, default=32)
 
 

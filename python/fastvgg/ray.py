@@ -71,7 +71,7 @@ class Extractor:
             (the default): True, except for a model file that preprocesses its input itself
             (Rescaling or Normalization first, or preprocess_input inside it).
         image_column: the batch's column of images (``read_images`` calls it "image").
-        precision: "fast" or "highest", as for ``fastvgg.VGG16``.
+        precision: "fast", "highest", "bf16" or "bf16x3", as for ``fastvgg.VGG16``.
         num_threads: the model's threads; default: the CPUs Ray assigned to the actor, or
             fastvgg's default outside Ray.
         seed: the seed of random weights (``weights=None``), for tests and benchmarks.
