@@ -224,53 +224,60 @@ inline void tile_pair(const Band& band, const Geometry& g, std::ptrdiff_t q0, co
   _tile_zero(2);
   _tile_zero(3);
   // Steps (input block c, tap) in order c-major, so one block's rows serve its 9 taps from the
-  // L1. The weight tiles of step s + 1 are loaded while step s's last products run: tiles have
-  // no renaming, so a load into a tile waits for the products reading it, and loading both
-  // weight tiles at the top of each step left the tile unit idle for an L2 round trip per step.
+  // L1. Tiles have no renaming: a load into a tile waits until the products reading it are
+  // done. So each load is issued as soon as the last product reading that tile has gone in,
+  // with other products between it and the first product that needs it: the A tile of M tile
+  // 0 (tile 4) is free after two products, tile 5 after four, and the next step's tiles are
+  // loaded in the same way behind this step's last products.
   const int steps = g.pair_blocks * g.taps;
   auto b_offset = [&](int step) {
     const int c = step / g.taps, tap = step % g.taps;
     return (std::ptrdiff_t(tap) * g.pair_blocks + c) * kTileElements;
   };
+  auto a_rows = [&](int step) {
+    const int c = step / g.taps, tap = step % g.taps;
+    // With im2col the taps are inside K: one step per block, no shift.
+    return band.at(c, q0 + std::ptrdiff_t(tap / 3) * g.padded_width + tap % 3);
+  };
+  _tile_loadd(4, a_rows(0), 64);
+  _tile_loadd(5, a_rows(0) + kTileElements, 64);
   _tile_loadd(6, w0 + b_offset(0), 64);
   _tile_loadd(7, w1 + b_offset(0), 64);
   for (int step = 0; step < steps; ++step) {
-    const int c = step / g.taps, tap = step % g.taps;
-    // With im2col the taps are inside K: one step per block, no shift.
-    const std::ptrdiff_t shift = std::ptrdiff_t(tap / 3) * g.padded_width + tap % 3;
-    const std::uint16_t* a = band.at(c, q0 + shift);
+    const std::uint16_t* a = a_rows(step);
     const std::ptrdiff_t here = b_offset(step);
-    const std::ptrdiff_t next = b_offset(step + 1 < steps ? step + 1 : step);
-    // hi parts, then lo parts, against the same two weight tiles.
-    _tile_loadd(4, a, 64);
-    _tile_loadd(5, a + kTileElements, 64);
+    const bool more = step + 1 < steps;
+    const std::uint16_t* a_next = more ? a_rows(step + 1) : a;
+    const std::ptrdiff_t next = more ? b_offset(step + 1) : here;
+    // hi parts (in 4, 5) against the weights (6, 7).
     _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 5, 6);
     _tile_dpbf16ps(2, 4, 7);
+    _tile_loadd(4, a + band.lo_offset, 64);
+    _tile_dpbf16ps(1, 5, 6);
     _tile_dpbf16ps(3, 5, 7);
+    _tile_loadd(5, a + band.lo_offset + kTileElements, 64);
+    // lo parts against the same weights.
     if constexpr (kSplitWeights) {
-      // The hi parts again, against the weights' lo parts: one more pair of A loads and of B
-      // loads a step, for half again the products.
-      _tile_loadd(4, a + band.lo_offset, 64);
-      _tile_loadd(5, a + band.lo_offset + kTileElements, 64);
+      // Then the hi parts again, against the weights' lo parts.
       _tile_dpbf16ps(0, 4, 6);
       _tile_dpbf16ps(1, 5, 6);
-      _tile_dpbf16ps(2, 4, 7);
-      _tile_dpbf16ps(3, 5, 7);
       _tile_loadd(6, w0 + weight_lo_offset + here, 64);
-      _tile_loadd(7, w1 + weight_lo_offset + here, 64);
+      _tile_dpbf16ps(2, 4, 7);
       _tile_loadd(4, a, 64);
+      _tile_dpbf16ps(3, 5, 7);
+      _tile_loadd(7, w1 + weight_lo_offset + here, 64);
       _tile_loadd(5, a + kTileElements, 64);
-    } else {
-      _tile_loadd(4, a + band.lo_offset, 64);
-      _tile_loadd(5, a + band.lo_offset + kTileElements, 64);
     }
     _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 5, 6);
-    if (step + 1 < steps) _tile_loadd(6, w0 + next, 64);
     _tile_dpbf16ps(2, 4, 7);
+    if (more) _tile_loadd(4, a_next, 64);
+    _tile_dpbf16ps(1, 5, 6);
+    if (more) _tile_loadd(6, w0 + next, 64);
     _tile_dpbf16ps(3, 5, 7);
-    if (step + 1 < steps) _tile_loadd(7, w1 + next, 64);
+    if (more) {
+      _tile_loadd(5, a_next + kTileElements, 64);
+      _tile_loadd(7, w1 + next, 64);
+    }
   }
   _tile_stored(0, bounce, 64);
   _tile_stored(1, bounce + kTileFloats, 64);
