@@ -104,6 +104,15 @@ def test_info_names_version_kernels_and_threads():
     assert f"kernels: {fastvgg._core.active_isa()}" in out
     assert "threads: 2" in out
     assert "cuda: not built" in out
+    # Every precision, with the kernel set it runs here or why it cannot.
+    isa = fastvgg._core.active_isa()
+    assert f"precision fast: {isa}" in out and f"precision highest: {isa}" in out
+    from bf16_checks import AMX_UNAVAILABLE, BF16_UNAVAILABLE
+
+    bf16 = "precision bf16: unavailable (" if BF16_UNAVAILABLE else "precision bf16: " + fastvgg._core.testing.bf16_kernel_sets()[0]
+    assert bf16 in out
+    assert (f"precision bf16x3: unavailable (precision='bf16x3' is not available here: {AMX_UNAVAILABLE}"
+            if AMX_UNAVAILABLE else "precision bf16x3: amx_bf16x3") in out
 
 
 @pytest.mark.parametrize(

@@ -154,6 +154,15 @@ def _info(args) -> int:
     print(f"fastvgg {fastvgg.__version__}")
     print(f"kernels: {_core.active_isa()} (this CPU supports: {', '.join(_core.available_isas())})")
     print(f"threads: {fastvgg.get_num_threads()}")
+    # Each precision's kernel set, from an executor of an empty graph: exactly what a model gets.
+    from fastvgg.models import PRECISIONS
+
+    for precision in PRECISIONS:
+        try:
+            runs = _core.CpuExecutor(_core.Graph(3), precision).kernel_set
+        except RuntimeError as error:
+            runs = f"unavailable ({error})"
+        print(f"precision {precision}: {runs}")
     from fastvgg import cuda
 
     usable, detail = cuda.cuda_status()
