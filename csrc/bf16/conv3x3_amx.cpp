@@ -17,6 +17,10 @@
 // activations alone, 4.6e-3 from the weights alone, 6.1e-3 from both). The twin is
 // reference::conv3x3_bf16_split.
 //
+// precision="bf16x3" (kSplitWeights) carries the weights as hi + lo too and adds hi * w_lo:
+// three products per multiply-add, each value to 16 significant bits (~5e-6 relative per
+// layer, ~4x fp32 Winograd's error). Twin: reference::conv3x3_bf16x3.
+//
 // The GEMM: rows (M) are output pixels, columns (N) output channels, depth (K) the 32 input
 // channels of one bf16 block, repeated over the 9 taps and the input blocks. Each thread first
 // converts the positions its band of work reads to bf16 blocks of 32 channels, in the order of
@@ -28,7 +32,8 @@
 // the border columns (x = W, W+1) are computed and dropped: 2/(W+2) of the work.
 //
 // Register use: 4 accumulator tiles (2 M tiles x 2 N tiles: 32 positions x 32 output channels),
-// 2 A and 2 B tiles; each B tile serves the hi and the lo parts of both M tiles.
+// 2 A and 2 B tiles; each B tile serves the hi and the lo parts of both M tiles (bf16x3: the A
+// tiles are loaded with the hi parts again for the weights' lo parts).
 //
 // Fused 2x2 max pool: a work item is then two output rows (one pooled row) of one group of
 // output channels; its tile pairs cover positions [2y (W+2), (2y+2)(W+2)) (up to 31 more, whose

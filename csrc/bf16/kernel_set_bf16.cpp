@@ -202,9 +202,9 @@ const KernelTable* amx_bf16x3_kernel_table(const KernelTable& fp32) {
     if (entry.first == &fp32) return entry.second.get();
   auto table = std::make_unique<KernelTable>(fp32);
   table->isa_name = "amx_bf16x3";
-  // In the slot of the fp32 Winograd, which "fast" (and so "bf16x3") picks from one full channel block on; the
-  // first layer (3 channels) keeps the fp32 direct kernel, exact and faster there (0.84 against
-  // 1.15 ms at 224x224 on the Xeon of bench/results-xeon-amx.md), as "highest" keeps it for all.
+  // In the slot of the fp32 Winograd, which "fast" and "bf16x3" pick from one full channel block
+  // on; the first layer (3 channels) keeps the fp32 direct kernel, exact and faster there (0.84
+  // against 1.15 ms at 224x224 on the Xeon of bench/results-xeon-amx.md).
   table->conv3x3_winograd = *conv;
   tables.emplace_back(&fp32, std::move(table));
   return tables.back().second.get();
