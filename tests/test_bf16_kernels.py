@@ -24,7 +24,7 @@ Linux's permission for the tile state).
 import numpy as np
 import pytest
 
-from bf16_checks import AMX_AWKWARD_SHAPES, bf16_round, requires_amx, requires_bf16
+from bf16_checks import AMX_AWKWARD_SHAPES, BF16_UNAVAILABLE, bf16_round, requires_amx, requires_bf16
 from fastvgg import _core
 from kernel_checks import UNIT_ROUNDOFF, VGG_CHANNEL_PAIRS, assert_within, conv3x3_float64, gamma, random_array
 
@@ -264,20 +264,41 @@ def check_dense(rng, rows, depth, cols, relu):
     assert_within(fast, reference.astype(np.float64), 2 * bound, "bf16 dense vs its reference")
 
 
-# The tile is 6 rows x 4 panels of 16 columns, the depth cut in blocks of 512 pairs; odd depths
-# leave half a pair; the binding packs the rows in two pieces split at an odd row.
+# Each set's dense method, picked as a model picks it (the testing binding runs the set that
+# FASTVGG_BF16_KERNELS names). Both sets run the vdpbf16ps kernel today: an AMX one was tried
+# (4x faster at 32 rows, 13-20% slower at one row, which streams the weights from memory) and
+# not adopted, since one kernel must serve every row count for an image's bits to be the same
+# alone and in a batch.
+@pytest.fixture(params=_core.testing.bf16_kernel_sets() if not BF16_UNAVAILABLE else ["none"])
+def dense_set(request, monkeypatch):
+    monkeypatch.setenv("FASTVGG_BF16_KERNELS", request.param)
+    return request.param
+
+
+# The tile is 6 rows x 4 panels of 16 columns, the depth cut in blocks of 512 pairs; rows
+# around multiples of 16 and depths around 32 and 64 for kernels with 16 x 32 tiles. Odd
+# depths leave half a pair; the binding packs the rows in two pieces split at an odd row.
 @pytest.mark.parametrize(
     "rows, depth, cols",
-    [(1, 1, 1), (1, 2, 16), (7, 33, 17), (6, 64, 64), (13, 1025, 40), (2, 2049, 81), (1, 3, 1000), (32, 512, 10)],
+    [(1, 1, 1), (1, 2, 16), (7, 33, 17), (6, 64, 64), (13, 1025, 40), (2, 2049, 81), (1, 3, 1000), (32, 512, 10),
+     (15, 31, 33), (16, 32, 32), (17, 63, 48), (31, 65, 1), (33, 96, 17), (40, 100, 50)],
 )
 @pytest.mark.parametrize("relu", [True, False])
-def test_dense_bf16_shapes(rows, depth, cols, relu):
+def test_dense_bf16_shapes(dense_set, rows, depth, cols, relu):
     check_dense(np.random.default_rng([rows, depth, cols]), rows, depth, cols, relu)
 
 
-def test_dense_bf16_vgg_head_shape():
+def test_dense_bf16_vgg_head_shape(dense_set):
     # fc2's shape (4096 -> 4096) at batch 2: a depth of many pair blocks and 64 panel groups.
     check_dense(np.random.default_rng(4096), 2, 4096, 4096, relu=True)
+
+
+def test_dense_bf16_rows_get_the_same_bits_alone_and_in_a_batch(dense_set):
+    rng = np.random.default_rng(77)
+    x, kernel, bias = random_array(rng, (37, 300)), random_array(rng, (300, 70)), random_array(rng, (70,))
+    batch = testing.dense_bf16(x, kernel, bias, False)
+    for r in (0, 15, 16, 36):
+        np.testing.assert_array_equal(testing.dense_bf16(x[r:r + 1], kernel, bias, False)[0], batch[r])
 
 
 @pytest.mark.parametrize(
