@@ -29,7 +29,7 @@ enum class Precision {
   // CPUs with AMX-BF16: every 3x3 convolution from 16 input channels on AMX tiles, activations
   // and weights each carried as two bf16 values (hi + lo), three exact products summed in
   // float32 (~5e-6 relative error per layer, ~1.2e-5 on block5_pool: about 4x fast's, while
-  // running VGG16's convolutions ~1.35x faster on the Xeon of bench/results-xeon-amx.md).
+  // running VGG16's convolutions ~1.5x faster on the Xeon of bench/results-xeon-amx.md).
   // Everything else as fast; get_weights gives the weights as loaded.
   Bf16x3,
 };

@@ -652,7 +652,7 @@ def VGG16(
             (about 2e-3). ``FASTVGG_BF16_KERNELS=avx512_bf16`` (or ``amx_bf16``) picks one.
             "bf16x3" (CPUs with AMX-BF16) runs the 3x3 convolutions on AMX tiles with activations
             and weights each as two bf16 values, three products a multiply-add: about 1.2e-5
-            relative error on block5_pool (fast: 3e-6), convolutions ~1.35x faster than fast's;
+            relative error on block5_pool (fast: 3e-6), convolutions ~1.5x faster than fast's;
             get_weights gives the weights as loaded.
         device: "cpu" (default), "cuda" (an NVIDIA GPU; a clear error with the reason when none
             is usable, see fastvgg.cuda_status()) or "auto" (the GPU when usable, else the CPU).
