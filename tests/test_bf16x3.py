@@ -10,6 +10,7 @@ for three times the terms, and to the unrounded float64 convolution by that plus
 the magnitude; it must also lie over ten times closer to its twin than to the AMX bf16 kernel's
 (weights rounded once), so the weights' lo parts really take part.
 
+NaN, infinity and the border columns: tests/test_bf16_kernels.py, for both AMX kernels.
 Skipped, with the reason printed, where the CPU or Linux offers no AMX-BF16.
 """
 
@@ -103,20 +104,6 @@ def test_conv3x3_bf16x3_bands_and_forms(h, w, cin):
     np.testing.assert_array_equal(testing.conv3x3_bf16x3_amx(x, kernel, bias, True, "batch"), image_by_image)
     np.testing.assert_array_equal(testing.conv3x3_bf16x3_amx(x, kernel, bias, True, "max_pool"),
                                   testing.max_pool2x2(image_by_image, _core.available_isas()[0]))
-
-
-@requires_amx
-def test_conv3x3_bf16x3_keeps_nan_and_infinity():
-    # Weights exact in bf16 (lo = 0): an infinite input stays infinite, not inf * 0 = NaN (its hi
-    # part is 0 and its lo part carries the infinity).
-    x = np.ones((1, 4, 5, 3), np.float32)
-    x[0, 2, 2, 1] = np.nan
-    x[0, 0, 4, 0] = np.inf
-    kernel = np.ones((3, 3, 3, 4), np.float32)
-    y = testing.conv3x3_bf16x3_amx(x, kernel, np.zeros(4, np.float32), True)
-    assert np.isnan(y[0, 1:4, 1:4]).all() and not np.isnan(y[0, 0]).any()
-    assert np.isposinf(y[0, 0, 3:5]).all() and np.isposinf(y[0, 1, 4]).all()
-    assert y[0, 0, 0, 0] == 12.0 and y[0, 3, 4, 3] == 12.0
 
 
 @requires_amx
