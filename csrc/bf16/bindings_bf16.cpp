@@ -7,6 +7,7 @@
 
 #include <omp.h>
 #include <pybind11/numpy.h>
+#include <pybind11/stl.h>  // bf16_kernel_sets returns a std::vector<std::string>
 
 #include <algorithm>
 #include <stdexcept>
