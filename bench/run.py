@@ -234,7 +234,6 @@ def installed(name: str) -> bool:
 
     if name == "fastvgg bf16x3":
         return amx_unavailable() is None
-
     if name == "fastvgg bf16":
         return bf16_unavailable() is None
     if name == "fastvgg bf16 int14":

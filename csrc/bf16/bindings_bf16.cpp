@@ -69,12 +69,18 @@ ConvShape check_conv(const FloatArray& x, const FloatArray& kernel, const FloatA
 struct Bf16ConvAlgorithm {
   const char* algorithm;  // the testing API's name
   const char* method;     // the method's (and layout's) name in its set
+  bool amx;               // runs on AMX tiles: amx_unavailable_reason says why it cannot
 };
 constexpr Bf16ConvAlgorithm kConvAlgorithms[] = {
-    {"direct", "direct_bf16"},
-    {"winograd_int14", "winograd_f4x4_int14"},
-    {"amx", "direct_bf16_amx"},
-    {"amx_x3", "direct_bf16x3_amx"}};
+    {"direct", "direct_bf16", false},
+    {"winograd_int14", "winograd_f4x4_int14", false},
+    {"amx", "direct_bf16_amx", true},
+    {"amx_x3", "direct_bf16x3_amx", true}};
+
+// Why the method of `a` cannot run here.
+std::string unavailable_reason(const Bf16ConvAlgorithm& a) {
+  return a.amx ? amx_unavailable_reason() : bf16_unavailable_reason();
+}
 
 // The runnable set's method of that name, or nullptr.
 const Conv3x3Method* find_conv_method(const std::string& method_name) {
@@ -91,7 +97,7 @@ const Conv3x3Method& conv_method_for(const std::string& algorithm) {
     require_bf16();
     if (const Conv3x3Method* method = find_conv_method(a.method)) return *method;
     throw std::runtime_error(std::string("the bf16 convolution '") + algorithm + "' cannot run here: " +
-                             (algorithm.rfind("amx", 0) == 0 ? amx_unavailable_reason() : bf16_unavailable_reason()));
+                             unavailable_reason(a));
   }
   throw py::value_error("unknown algorithm '" + algorithm +
                         "'; expected 'direct' (bf16), 'winograd_int14', 'amx' (bf16 on AMX tiles) or 'amx_x3' "
@@ -298,17 +304,16 @@ FloatArray unpack_roundtrip(const FloatArray& kernel, const std::string& method_
     set.dense.unpack(packed.data(), depth, cols, rp, threads);
     return result;
   }
-  bool known = false;
-  for (const Bf16ConvAlgorithm& a : kConvAlgorithms) known = known || method_name == a.method;
+  const Bf16ConvAlgorithm* known = nullptr;
+  for (const Bf16ConvAlgorithm& a : kConvAlgorithms)
+    if (method_name == a.method) known = &a;
   if (!known)
     throw py::value_error("unknown method '" + method_name +
                           "'; expected 'direct_bf16', 'winograd_f4x4_int14', 'direct_bf16_amx', 'direct_bf16x3_amx' or "
                           "'dense_bf16'");
   const Conv3x3Method* method = find_conv_method(method_name);
   if (!method)
-    throw std::runtime_error("the bf16 method '" + method_name + "' cannot run here: " +
-                             (method_name.find("_amx") != std::string::npos ? amx_unavailable_reason()
-                                                                            : bf16_unavailable_reason()));
+    throw std::runtime_error("the bf16 method '" + method_name + "' cannot run here: " + unavailable_reason(*known));
   require_shape(kernel, {3, 3, -1, -1}, "kernel (HWIO)");
   const int in_c = positive_int(kernel.shape(2), "channels"), out_c = positive_int(kernel.shape(3), "filters");
   FloatArray result({3, 3, in_c, out_c});

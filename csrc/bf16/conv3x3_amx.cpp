@@ -261,9 +261,10 @@ inline void tile_pair(const Band& band, const Geometry& g, std::ptrdiff_t q0, co
     _tile_dpbf16ps(1, 5, 6);
     _tile_dpbf16ps(3, 5, 7);
     _tile_loadd(5, a + band.lo_offset + kTileElements, 64);
-    // lo parts against the same weights.
+    // 4, 5 now hold the lo parts. Without kSplitWeights the four products below take them
+    // against the same weights. With it they are taken here, and the four below take the hi
+    // parts (loaded again) against the weights' lo parts.
     if constexpr (kSplitWeights) {
-      // Then the hi parts again, against the weights' lo parts.
       _tile_dpbf16ps(0, 4, 6);
       _tile_dpbf16ps(1, 5, 6);
       _tile_loadd(6, w0 + weight_lo_offset + here, 64);

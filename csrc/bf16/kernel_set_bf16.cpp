@@ -23,22 +23,20 @@ namespace fastvgg {
 namespace {
 
 // kernels.h's methods count bytes and take untyped buffers; the bf16 layouts count uint16.
-std::size_t direct_bytes(int in_c, int out_c) { return packed_conv3x3_bf16_size(in_c, out_c) * sizeof(std::uint16_t); }
-void direct_pack(const float* kernel, int in_c, int out_c, void* packed, int threads) {
-  pack_conv3x3_bf16(kernel, in_c, out_c, static_cast<std::uint16_t*>(packed), threads);
-}
-void direct_unpack(const void* packed, int in_c, int out_c, float* kernel, int threads) {
-  unpack_conv3x3_bf16(static_cast<const std::uint16_t*>(packed), in_c, out_c, kernel, threads);
-}
-std::size_t winograd_bytes(int in_c, int out_c) {
-  return packed_winograd_int14_size(in_c, out_c) * sizeof(std::uint16_t);
-}
-void winograd_pack(const float* kernel, int in_c, int out_c, void* packed, int threads) {
-  pack_winograd_int14(kernel, in_c, out_c, static_cast<std::uint16_t*>(packed), threads);
-}
-void winograd_unpack(const void* packed, int in_c, int out_c, float* kernel, int threads) {
-  unpack_winograd_int14(static_cast<const std::uint16_t*>(packed), in_c, out_c, kernel, threads);
-}
+// One adapter per 3x3 layout: its size, packer and unpacker over uint16 elements.
+template <std::size_t (*Size)(int, int), void (*Pack)(const float*, int, int, std::uint16_t*, int),
+          void (*Unpack)(const std::uint16_t*, int, int, float*, int)>
+struct Uint16Conv {
+  static std::size_t bytes(int in_c, int out_c) { return Size(in_c, out_c) * sizeof(std::uint16_t); }
+  static void pack(const float* kernel, int in_c, int out_c, void* packed, int threads) {
+    Pack(kernel, in_c, out_c, static_cast<std::uint16_t*>(packed), threads);
+  }
+  static void unpack(const void* packed, int in_c, int out_c, float* kernel, int threads) {
+    Unpack(static_cast<const std::uint16_t*>(packed), in_c, out_c, kernel, threads);
+  }
+};
+using DirectLayout = Uint16Conv<packed_conv3x3_bf16_size, pack_conv3x3_bf16, unpack_conv3x3_bf16>;
+using WinogradLayout = Uint16Conv<packed_winograd_int14_size, pack_winograd_int14, unpack_winograd_int14>;
 std::size_t dense_bytes(int depth, int cols) { return packed_dense_bf16_size(depth, cols) * sizeof(std::uint16_t); }
 void dense_pack_rows(const float* rows, int first_row, int row_count, int depth, int cols, void* packed, int threads) {
   pack_dense_rows_bf16(rows, first_row, row_count, depth, cols, static_cast<std::uint16_t*>(packed), threads);
@@ -48,35 +46,21 @@ void dense_unpack(const void* packed, int depth, int cols, float* kernel, int th
 }
 
 #if FASTVGG_HAVE_AMXBF16
-std::size_t amx_direct_bytes(int in_c, int out_c) {
-  return packed_conv3x3_amx_size(in_c, out_c) * sizeof(std::uint16_t);
-}
-void amx_direct_pack(const float* kernel, int in_c, int out_c, void* packed, int threads) {
-  pack_conv3x3_amx(kernel, in_c, out_c, static_cast<std::uint16_t*>(packed), threads);
-}
-void amx_direct_unpack(const void* packed, int in_c, int out_c, float* kernel, int threads) {
-  unpack_conv3x3_amx(static_cast<const std::uint16_t*>(packed), in_c, out_c, kernel, threads);
-}
-std::size_t amx_x3_bytes(int in_c, int out_c) {
-  return packed_conv3x3_amx_x3_size(in_c, out_c) * sizeof(std::uint16_t);
-}
-void amx_x3_pack(const float* kernel, int in_c, int out_c, void* packed, int threads) {
-  pack_conv3x3_amx_x3(kernel, in_c, out_c, static_cast<std::uint16_t*>(packed), threads);
-}
-void amx_x3_unpack(const void* packed, int in_c, int out_c, float* kernel, int threads) {
-  unpack_conv3x3_amx_x3(static_cast<const std::uint16_t*>(packed), in_c, out_c, kernel, threads);
-}
+using AmxLayout = Uint16Conv<packed_conv3x3_amx_size, pack_conv3x3_amx, unpack_conv3x3_amx>;
+using AmxX3Layout = Uint16Conv<packed_conv3x3_amx_x3_size, pack_conv3x3_amx_x3, unpack_conv3x3_amx_x3>;
 // precision="bf16x3"'s 3x3 convolution on AMX. Its unpack gives hi + lo, within 2^-16 of each
 // weight: not exact, so the executor keeps the correction get_weights needs (as for Winograd).
-const Conv3x3Method kAmxX3Conv = {"direct_bf16x3_amx", amx_x3_bytes, amx_x3_pack, amx_x3_unpack, false,
-                                  amxbf16::conv3x3_x3, amxbf16::conv3x3_x3_batch, amxbf16::conv3x3_x3_batch_max_pool};
+const Conv3x3Method kAmxX3Conv = {"direct_bf16x3_amx", AmxX3Layout::bytes, AmxX3Layout::pack, AmxX3Layout::unpack,
+                                  false, amxbf16::conv3x3_x3, amxbf16::conv3x3_x3_batch,
+                                  amxbf16::conv3x3_x3_batch_max_pool};
 #endif
 
 #if FASTVGG_HAVE_AVX512BF16
 const Bf16KernelSet kAvx512Bf16Set = {
     "avx512_bf16",
-    {"direct_bf16", direct_bytes, direct_pack, direct_unpack, false, avx512bf16::conv3x3},
-    {"winograd_f4x4_int14", winograd_bytes, winograd_pack, winograd_unpack, false, avx512bf16::conv3x3_winograd_int14,
+    {"direct_bf16", DirectLayout::bytes, DirectLayout::pack, DirectLayout::unpack, false, avx512bf16::conv3x3},
+    {"winograd_f4x4_int14", WinogradLayout::bytes, WinogradLayout::pack, WinogradLayout::unpack, false,
+     avx512bf16::conv3x3_winograd_int14,
      /*run_batch=*/nullptr, avx512bf16::conv3x3_winograd_int14_max_pool},
     {"dense_bf16", dense_bytes, dense_pack_rows, dense_unpack, avx512bf16::dense},
     avx512bf16::round_floats,
@@ -89,7 +73,7 @@ const Bf16KernelSet kAvx512Bf16Set = {
 // fuses a following 2x2 max pool, as the fp32 Winograd one does.
 const Bf16KernelSet kAmxBf16Set = {
     "amx_bf16",
-    {"direct_bf16_amx", amx_direct_bytes, amx_direct_pack, amx_direct_unpack, false, amxbf16::conv3x3,
+    {"direct_bf16_amx", AmxLayout::bytes, AmxLayout::pack, AmxLayout::unpack, false, amxbf16::conv3x3,
      amxbf16::conv3x3_batch, amxbf16::conv3x3_batch_max_pool},
     {"none", nullptr, nullptr, nullptr, false, nullptr},
     {"dense_bf16", dense_bytes, dense_pack_rows, dense_unpack, avx512bf16::dense},
@@ -145,6 +129,21 @@ std::string requested_set_name() {
   return name ? std::string(name) : std::string();
 }
 
+// `fp32`'s table with `adapt` applied, one per (fp32 table, variant) pair (a bf16 set or the
+// bf16x3 method: at most nine), made once and never freed: executors point at their table.
+template <typename Adapt>
+const KernelTable& derived_table(const KernelTable& fp32, const void* variant, Adapt adapt) {
+  static std::mutex mutex;
+  static std::vector<std::tuple<const KernelTable*, const void*, std::unique_ptr<KernelTable>>> tables;
+  const std::lock_guard<std::mutex> lock(mutex);
+  for (const auto& entry : tables)
+    if (std::get<0>(entry) == &fp32 && std::get<1>(entry) == variant) return *std::get<2>(entry);
+  auto table = std::make_unique<KernelTable>(fp32);
+  adapt(*table);
+  tables.emplace_back(&fp32, variant, std::move(table));
+  return *std::get<2>(tables.back());
+}
+
 }  // namespace
 
 std::vector<const Bf16KernelSet*> bf16_kernel_sets() {
@@ -191,27 +190,15 @@ const Conv3x3Method* amx_x3_conv_method() {
 }
 
 const KernelTable* amx_bf16x3_kernel_table(const KernelTable& fp32) {
-#if FASTVGG_HAVE_AMXBF16
   const Conv3x3Method* conv = amx_x3_conv_method();
   if (!conv) return nullptr;
-  // One table per fp32 table (at most three), never freed: executors point at them.
-  static std::mutex mutex;
-  static std::vector<std::pair<const KernelTable*, std::unique_ptr<KernelTable>>> tables;
-  const std::lock_guard<std::mutex> lock(mutex);
-  for (const auto& entry : tables)
-    if (entry.first == &fp32) return entry.second.get();
-  auto table = std::make_unique<KernelTable>(fp32);
-  table->isa_name = "amx_bf16x3";
-  // In the slot of the fp32 Winograd, which "fast" and "bf16x3" pick from one full channel block
-  // on; the first layer (3 channels) keeps the fp32 direct kernel, exact and faster there (0.84
-  // against 1.15 ms at 224x224 on the Xeon of bench/results-xeon-amx.md).
-  table->conv3x3_winograd = *conv;
-  tables.emplace_back(&fp32, std::move(table));
-  return tables.back().second.get();
-#else
-  (void)fp32;
-  return nullptr;
-#endif
+  return &derived_table(fp32, conv, [conv](KernelTable& table) {
+    table.isa_name = "amx_bf16x3";
+    // In the slot of the fp32 Winograd, which "fast" and "bf16x3" pick from one full channel
+    // block on; the first layer (3 channels) keeps the fp32 direct kernel, exact and faster
+    // there (0.84 against 1.15 ms at 224x224 on the Xeon of bench/results-xeon-amx.md).
+    table.conv3x3_winograd = *conv;
+  });
 }
 
 const KernelTable& bf16_kernel_table(const KernelTable& fp32) {
@@ -221,19 +208,12 @@ const KernelTable& bf16_kernel_table(const KernelTable& fp32) {
 }
 
 const KernelTable& bf16_kernel_table(const KernelTable& fp32, const Bf16KernelSet& set) {
-  // One table per (fp32 table, set) pair (at most six), never freed: executors point at them.
-  static std::mutex mutex;
-  static std::vector<std::tuple<const KernelTable*, const Bf16KernelSet*, std::unique_ptr<KernelTable>>> tables;
-  const std::lock_guard<std::mutex> lock(mutex);
-  for (const auto& entry : tables)
-    if (std::get<0>(entry) == &fp32 && std::get<1>(entry) == &set) return *std::get<2>(entry);
-  auto table = std::make_unique<KernelTable>(fp32);
-  table->isa_name = set.name;
-  table->conv3x3_direct = set.conv3x3_direct;
-  table->conv3x3_winograd = set.conv3x3_winograd;
-  table->dense = set.dense;
-  tables.emplace_back(&fp32, &set, std::move(table));
-  return *std::get<2>(tables.back());
+  return derived_table(fp32, &set, [&set](KernelTable& table) {
+    table.isa_name = set.name;
+    table.conv3x3_direct = set.conv3x3_direct;
+    table.conv3x3_winograd = set.conv3x3_winograd;
+    table.dense = set.dense;
+  });
 }
 
 }  // namespace fastvgg

@@ -14,6 +14,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -41,6 +42,20 @@ inline float bf16_to_float(std::uint16_t value) {
   float result;
   std::memcpy(&result, &bits, sizeof result);
   return result;
+}
+
+// value as two bf16 values, hi = bf16(value) and lo = bf16(value - hi) (value - hi is exact in
+// fp32). Where bf16(value) is infinite or NaN, hi = 0 and lo carries it, so that no product of
+// a hi part is inf * 0 (bf16x3 multiplies hi parts by the other side's lo parts, often 0). The
+// AMX kernel's vector conversion (conv3x3_amx.cpp) follows the same rule.
+struct Bf16Pair {
+  std::uint16_t hi, lo;
+};
+inline Bf16Pair split_to_bf16(float value) {
+  const std::uint16_t rounded = round_to_bf16(value);
+  const float rounded_value = bf16_to_float(rounded);
+  if (!std::isfinite(rounded_value)) return {0, rounded};
+  return {rounded, round_to_bf16(value - rounded_value)};
 }
 
 // Winograd F(4x4, 3x3) with 14-bit integer products (winograd_int14.cpp): transformed values

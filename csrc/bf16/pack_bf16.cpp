@@ -86,9 +86,8 @@ void unpack_conv3x3_amx(const std::uint16_t* packed, int in_channels, int out_ch
   });
 }
 
-// The weights as two bf16 values each, hi = bf16(w) and lo = bf16(w - hi) (where hi is infinite
-// or NaN: hi = 0 and lo = bf16(w), as the AMX kernel splits activations): every hi in the
-// layout above, then every lo in the same layout.
+// The weights as two bf16 values each (split_to_bf16, the rule the AMX kernel splits
+// activations by): every hi in the layout above, then every lo in the same layout.
 std::size_t packed_conv3x3_amx_x3_size(int in_channels, int out_channels) {
   return 2 * packed_conv3x3_amx_size(in_channels, out_channels);
 }
@@ -99,11 +98,9 @@ void pack_conv3x3_amx_x3(const float* kernel_hwio, int in_channels, int out_chan
   std::fill(packed, packed + 2 * lo_offset, std::uint16_t(0));
   for_each_hwio_weight(in_channels, out_channels, threads, [&](std::size_t i, int kh, int kw, int ic, int oc) {
     const std::size_t at = packed_conv3x3_amx_index(in_channels, kh, kw, ic, oc);
-    const std::uint16_t hi = round_to_bf16(kernel_hwio[i]);
-    const float hi_value = bf16_to_float(hi);
-    const bool finite = std::isfinite(hi_value);
-    packed[at] = finite ? hi : std::uint16_t(0);
-    packed[lo_offset + at] = finite ? round_to_bf16(kernel_hwio[i] - hi_value) : hi;
+    const Bf16Pair parts = split_to_bf16(kernel_hwio[i]);
+    packed[at] = parts.hi;
+    packed[lo_offset + at] = parts.lo;
   });
 }
 

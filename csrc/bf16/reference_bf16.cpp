@@ -19,16 +19,14 @@ std::vector<float> rounded_copy(const float* values, std::size_t count) {
   return out;
 }
 
-// Each value's hi = bf16(v) and lo = bf16(v - hi); where bf16(v) is infinite or NaN, hi = 0 and
-// lo = bf16(v) (the AMX kernel's split).
+// Each value's hi and lo parts (split_to_bf16), as floats.
 struct SplitValues {
   std::vector<float> hi, lo;
   SplitValues(const float* values, std::size_t count) : hi(count), lo(count) {
     for (std::size_t i = 0; i < count; ++i) {
-      const float rounded = bf16_to_float(round_to_bf16(values[i]));
-      const bool finite = std::isfinite(rounded);
-      hi[i] = finite ? rounded : 0.0f;
-      lo[i] = finite ? bf16_to_float(round_to_bf16(values[i] - rounded)) : rounded;
+      const Bf16Pair parts = split_to_bf16(values[i]);
+      hi[i] = bf16_to_float(parts.hi);
+      lo[i] = bf16_to_float(parts.lo);
     }
   }
 };

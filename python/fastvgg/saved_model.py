@@ -23,7 +23,6 @@ from .layers import Conv2D, Dense, InputLayer, Layer, _float32
 from .models import PRECISIONS, Model
 
 
-
 def load_model(
     filepath: Union[str, "os.PathLike[str]"],
     *,
